@@ -1,0 +1,56 @@
+"""The gateway application: create_app(settings) for tests and embedding, main() for `python -m gateway`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+import uvicorn
+from fastapi import FastAPI
+
+from gateway import errors
+from gateway.api_router import router
+from gateway.jobs import Jobs
+from gateway.prompts import Tokenizers
+from gateway.queue_client import QueueClient
+from gateway.serving import Completions
+from shared.logging import configure as configure_logging
+from shared.settings import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+        app.state.redis = client
+        tokenizers = Tokenizers(settings)
+        # Load tokenizers of prepared models now, so the first request does not pay for it.
+        for model in settings.models:
+            if (settings.model_dir(model) / "tokenizer_config.json").is_file():
+                await asyncio.to_thread(tokenizers.get, model)
+        app.state.completions = Completions(settings, QueueClient(client), tokenizers)
+        app.state.jobs = Jobs(app.state.completions)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    app = FastAPI(title="llmfleet gateway", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.started = time.time()
+    errors.install(app)
+    app.include_router(router)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gateway")
+    settings = Settings()
+    parser.add_argument("--host", default=settings.gateway_host)
+    parser.add_argument("--port", type=int, default=settings.gateway_port)
+    args = parser.parse_args(argv)
+    configure_logging(settings.log_level, process="gateway")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)

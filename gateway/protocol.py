@@ -1,0 +1,111 @@
+"""OpenAI-compatible request bodies, with bounds on every field.
+
+A parameter we do not implement is refused with a 400 that names it, rather than silently ignored; parameters
+that only matter at a non-default value (n, logprobs, presence/frequency penalties …) are accepted at their
+default. The repetition control we implement is `repetition_penalty` (as in vLLM and TGI)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.errors import APIError
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = Field(default=None, max_length=64)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+_DEFAULT_ONLY = {
+    # name: the only value we accept
+    "n": 1,
+    "best_of": 1,
+    "logprobs": None,
+    "top_logprobs": None,
+    "echo": False,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=0, le=100_000)] = 0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=8)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    """Benchmarks only: generate exactly max_tokens (as vLLM accepts it)."""
+    user: Annotated[str, Field(max_length=256)] | None = None
+
+    # Accepted only at their default (see _DEFAULT_ONLY).
+    n: int | None = None
+    best_of: int | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    echo: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name in self.model_extra or {}:
+            raise APIError(400, f"Unsupported parameter: '{name}'.", param=name, code="unsupported_parameter")
+        for name, accepted in _DEFAULT_ONLY.items():
+            value = getattr(self, name)
+            if value is not None and value != accepted and not (accepted is None and value is False):
+                raise APIError(
+                    400,
+                    f"Unsupported value for '{name}': only {accepted!r} is supported"
+                    + ("; use 'repetition_penalty' instead." if name.endswith("_penalty") else "."),
+                    param=name,
+                    code="unsupported_value",
+                )
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens

@@ -1,0 +1,176 @@
+"""The logic of the OpenAI endpoints: a request body becomes an InferenceRequest on the queue, and what the
+worker writes back becomes an OpenAI response, whole or as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import structlog
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from gateway.errors import APIError
+from gateway.prompts import Tokenizers, chat_token_ids, completion_token_ids, output_budget
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.queue_client import QueueClient
+from shared.protocol import FinalResult, InferenceRequest, SamplingParams, TokenDelta, new_request_id
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+Kind = Literal["chat", "text"]
+
+_FAILURE_STATUS = {"expired": 504, "cancelled": 499, "error": 500}
+
+
+def usage(final: FinalResult) -> dict:
+    return {
+        "prompt_tokens": final.prompt_tokens,
+        "completion_tokens": final.completion_tokens,
+        "total_tokens": final.prompt_tokens + final.completion_tokens,
+    }
+
+
+def failure(final: FinalResult) -> APIError:
+    return APIError(
+        _FAILURE_STATUS.get(final.finish_reason, 500),
+        f"Request {final.finish_reason}: {final.error or 'no reason given'}.",
+        code=f"request_{final.finish_reason}",
+    )
+
+
+class Completions:
+    def __init__(self, settings: Settings, queue: QueueClient, tokenizers: Tokenizers):
+        self.settings = settings
+        self.queue = queue
+        self.tokenizers = tokenizers
+
+    def model_or_404(self, model: str):
+        spec = self.settings.models.get(model)
+        if spec is None:
+            raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        return spec
+
+    def build(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest) -> InferenceRequest:
+        spec = self.model_or_404(body.model)
+        tokenizer = self.tokenizers.get(body.model)
+        ids = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
+        max_tokens = output_budget(len(ids), body.requested_max_tokens, spec.max_context, self.settings)
+        now = time.time()
+        return InferenceRequest(
+            id=new_request_id(),
+            model=body.model,
+            prompt_token_ids=ids,
+            sampling=SamplingParams(
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                repetition_penalty=body.repetition_penalty,
+                seed=body.seed,
+                stop=body.stop_list(),
+                ignore_eos=body.ignore_eos,
+            ),
+            stream=body.stream,
+            created=now,
+            deadline=now + self.settings.request_timeout_s,
+        )
+
+    async def create(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request):
+        request = self.build(kind, body)
+        structlog.contextvars.bind_contextvars(request_id=request.id)
+        await self.queue.submit(request)
+        headers = {"x-request-id": request.id}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(self._events(kind, request, include_usage), headers=headers, ping=15)
+        final = await self._final_unless_disconnected(request, http)
+        if final.finish_reason not in ("stop", "length"):
+            raise failure(final)
+        return JSONResponse(whole_response(kind, request, final), headers=headers)
+
+    async def _final_unless_disconnected(self, request: InferenceRequest, http: Request) -> FinalResult:
+        async def final() -> FinalResult:
+            async for event in self.queue.follow(request):
+                if isinstance(event, FinalResult):
+                    return event
+            raise AssertionError("follow() always ends with a final record")
+
+        async def disconnected() -> None:
+            # Raced against the ASGI disconnect event, as vLLM does: polling is_disconnected() breaks under
+            # middleware that consumes the receive channel.
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+
+        waiting = asyncio.ensure_future(final())
+        watching = asyncio.ensure_future(disconnected())
+        done, _ = await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+        watching.cancel()
+        if waiting in done:
+            return waiting.result()
+        waiting.cancel()
+        await self.queue.cancel(request.id)
+        log.info("request.client_disconnected")
+        raise APIError(499, "Client closed the request.", code="client_disconnected")
+
+    async def _events(self, kind: Kind, request: InferenceRequest, include_usage: bool) -> AsyncIterator[dict]:
+        finished = False
+        try:
+            yield {"data": json.dumps(_chunk(kind, request, "", None, first=True))}
+            async for event in self.queue.follow(request):
+                if isinstance(event, TokenDelta):
+                    if event.text:
+                        yield {"data": json.dumps(_chunk(kind, request, event.text, None))}
+                    continue
+                finished = True
+                if event.finish_reason not in ("stop", "length"):
+                    yield {"data": json.dumps(failure(event).body())}
+                    return
+                yield {"data": json.dumps(_chunk(kind, request, "", event.finish_reason))}
+                if include_usage:
+                    yield {"data": json.dumps(_usage_chunk(kind, request, event))}
+                yield {"data": "[DONE]"}
+        finally:
+            if not finished:
+                # The client went away (or we are shutting down): free the worker's slot.
+                await asyncio.shield(self.queue.cancel(request.id))
+                log.info("request.stream_closed_early")
+
+
+def _ids(kind: Kind, request: InferenceRequest) -> dict:
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    return {"id": f"{prefix}-{request.id}", "created": int(request.created), "model": request.model}
+
+
+def _chunk(kind: Kind, request: InferenceRequest, text: str, finish_reason: str | None, first: bool = False) -> dict:
+    if kind == "chat":
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**_ids(kind, request), "object": "chat.completion.chunk", "choices": [choice]}
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {**_ids(kind, request), "object": "text_completion", "choices": [choice]}
+
+
+def _usage_chunk(kind: Kind, request: InferenceRequest, final: FinalResult) -> dict:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {**_ids(kind, request), "object": obj, "choices": [], "usage": usage(final)}
+
+
+def whole_response(kind: Kind, request: InferenceRequest, final: FinalResult) -> dict:
+    if kind == "chat":
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": final.text},
+            "logprobs": None,
+            "finish_reason": final.finish_reason,
+        }
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": final.text, "logprobs": None, "finish_reason": final.finish_reason}
+        obj = "text_completion"
+    return {**_ids(kind, request), "object": obj, "choices": [choice], "usage": usage(final)}

@@ -1,0 +1,70 @@
+"""Messages the gateway and the workers exchange through Redis (see shared.keys for where each one lives)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+FinishReason = Literal["stop", "length", "cancelled", "expired", "error"]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class SamplingParams(BaseModel):
+    max_tokens: int
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k cut."""
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class InferenceRequest(BaseModel):
+    id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    stream: bool = True
+    """False: the worker writes only the final record, no per-step deltas."""
+    created: float = Field(default_factory=time.time)
+    deadline: float
+    """Unix time after which the request ends `expired` instead of starting or continuing."""
+
+
+class TokenDelta(BaseModel):
+    text: str
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    queued_s: float = 0.0
+    """From acceptance by the gateway until a worker started it."""
+    ttft_s: float | None = None
+    """From acceptance until the first token was produced."""
+    total_s: float = 0.0
+
+
+class FinalResult(BaseModel):
+    id: str
+    model: str
+    text: str = ""
+    finish_reason: FinishReason
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Timings = Field(default_factory=Timings)
+    worker: str | None = None
+    finished: float = Field(default_factory=time.time)

@@ -1,0 +1,98 @@
+"""The one typed settings object. Read once at start-up (env vars prefixed LLMFLEET_, or a YAML file named by
+LLMFLEET_CONFIG), then passed down; nothing else reads os.environ for configuration."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, PositiveInt
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+class ModelSpec(BaseModel):
+    """One served model. Without `path`, the model is built from the embedded GGUF into models_dir."""
+
+    path: Path | None = None
+    quantization: Literal["gptq", "none"] = "gptq"
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    bits: int = 4
+    group_size: int = 64
+    desc_act: bool = False
+    max_context: PositiveInt = 8192
+
+
+class BatchLimits(BaseModel):
+    max_running: PositiveInt = 32
+    """Requests decoded together in one step."""
+    max_prefill_tokens: PositiveInt = 512
+    """Prompt tokens prefilled in one step; longer prompts are prefilled in chunks between decode steps."""
+    kv_budget_tokens: PositiveInt = 65536
+    """Tokens of KV cache the worker may hold across all running requests."""
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("LLMFLEET_CONFIG")
+        if not path:
+            return {}
+        return yaml.safe_load(Path(path).read_text()) or {}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMFLEET_", env_nested_delimiter="__", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6380/0"
+    models_dir: Path = Path.home() / ".cache" / "llmfleet" / "models"
+    models: dict[str, ModelSpec] = Field(default_factory=lambda: {DEFAULT_MODEL: ModelSpec()})
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Request bounds.
+    max_output_tokens: PositiveInt = 2048
+    default_max_tokens: PositiveInt = 256
+    request_timeout_s: float = 600.0
+    """A request not finished this long after it was accepted ends expired."""
+
+    # Retention of what the worker writes back.
+    result_ttl_s: PositiveInt = 3600
+    token_stream_ttl_s: PositiveInt = 600
+
+    batch: BatchLimits = Field(default_factory=BatchLimits)
+    torch_threads: int = 0
+    """0: one per core."""
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    log_level: str = "INFO"
+
+    def model_dir(self, name: str) -> Path:
+        """Where the served form of model `name` lives, prepared or not (worker.model_store builds it)."""
+        spec = self.models[name]
+        if spec.path is not None:
+            return spec.path
+        if spec.quantization == "gptq":
+            act = "-act" if spec.desc_act else ""
+            return self.models_dir / f"{name}-gptq-{spec.bits}b-g{spec.group_size}{act}"
+        return self.dense_model_dir(name)
+
+    def dense_model_dir(self, name: str) -> Path:
+        """The plain HF checkpoint converted from the embedded GGUF (the input of quantization)."""
+        return self.models_dir / f"{name}-bf16"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlSource(settings_cls)

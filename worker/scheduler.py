@@ -1,0 +1,221 @@
+"""Continuous batching: requests join the running batch at the next step and leave the step they finish.
+
+Each step decodes one token for every running sequence and, within a token budget, prefills prompt chunks of
+new ones in the same forward pass, so a long prompt never freezes the streams that are already running."""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings
+from worker.llama_runner import LlamaRunner, PrefillChunk
+from worker.sampling import choose_tokens, new_generator
+from worker.text_output import TextOutput
+
+
+@dataclass
+class Sequence:
+    request: InferenceRequest
+    slot: int
+    output: TextOutput
+    generator: torch.Generator | None
+    started: float
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+@dataclass
+class StepEvent:
+    request_id: str
+    delta: str = ""
+    completion_tokens: int = 0
+    final: FinalResult | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: LlamaRunner,
+        tokenizer,
+        eos_token_ids: frozenset[int],
+        max_prefill_tokens: int,
+        model_name: str,
+        worker_id: str,
+    ):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_prefill_tokens = max_prefill_tokens
+        self.model_name = model_name
+        self.worker_id = worker_id
+        self.waiting: deque[InferenceRequest] = deque()
+        self.running: dict[str, Sequence] = {}
+        self._free_slots = list(range(runner.slots))
+        self._cancelled: set[str] = set()
+
+    # -- intake ------------------------------------------------------------------------------------------------
+    def add(self, request: InferenceRequest) -> None:
+        self.waiting.append(request)
+
+    def cancel(self, request_id: str) -> None:
+        self._cancelled.add(request_id)
+
+    @property
+    def free_capacity(self) -> int:
+        return len(self._free_slots) - len(self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def request_ids(self) -> list[str]:
+        return [r.id for r in self.waiting] + list(self.running)
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def step(self) -> list[StepEvent]:
+        now = time.time()
+        events = self._drop_cancelled_and_expired(now)
+        self._admit(now)
+        decoding = [s for s in self.running.values() if s.decoding]
+        prefilling = self._plan_prefills()
+        if not decoding and not prefilling:
+            return events
+        logits = self.runner.step(
+            decode_slots=[s.slot for s in decoding],
+            decode_tokens=[s.generated[-1] for s in decoding],
+            decode_positions=[len(s.prompt) + len(s.generated) - 1 for s in decoding],
+            prefills=[chunk for _, chunk in prefilling],
+        )
+        # Rows of chunks that do not finish their prompt carry no next token.
+        rows = list(range(len(decoding))) + [len(decoding) + i for i, (s, _) in enumerate(prefilling) if s.decoding]
+        sampled = decoding + [s for s, _ in prefilling if s.decoding]
+        if rows != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(rows)]
+        tokens = choose_tokens(
+            logits,
+            [s.request.sampling for s in sampled],
+            [s.generator for s in sampled],
+            [s.prompt + s.generated if s.request.sampling.repetition_penalty != 1.0 else [] for s in sampled],
+        )
+        now = time.time()
+        for seq, token in zip(sampled, tokens):
+            events.append(self._advance(seq, token, now))
+        return events
+
+    def _drop_cancelled_and_expired(self, now: float) -> list[StepEvent]:
+        events = []
+        for request in list(self.waiting):
+            reason = self._end_reason(request, now)
+            if reason:
+                self.waiting.remove(request)
+                self._cancelled.discard(request.id)
+                events.append(StepEvent(request.id, final=self._final(request, reason, now)))
+        for seq in list(self.running.values()):
+            reason = self._end_reason(seq.request, now)
+            if reason:
+                events.append(self._finish(seq, reason, now))
+        self._cancelled.clear()
+        return events
+
+    def _end_reason(self, request: InferenceRequest, now: float) -> FinishReason | None:
+        if request.id in self._cancelled:
+            return "cancelled"
+        if now > request.deadline:
+            return "expired"
+        return None
+
+    def _admit(self, now: float) -> None:
+        while self.waiting and self._free_slots:
+            request = self.waiting.popleft()
+            slot = heapq.heappop(self._free_slots)
+            self.running[request.id] = Sequence(
+                request=request,
+                slot=slot,
+                output=TextOutput(self.tokenizer, request.sampling.stop),
+                generator=new_generator(request.sampling),
+                started=now,
+            )
+
+    def _plan_prefills(self) -> list[tuple[Sequence, PrefillChunk]]:
+        """Prompt chunks for this step, oldest request first, within the prefill token budget."""
+        budget = self.max_prefill_tokens
+        planned = []
+        for seq in self.running.values():
+            if seq.decoding or budget <= 0:
+                continue
+            n = min(budget, len(seq.prompt) - seq.prefilled)
+            planned.append((seq, PrefillChunk(seq.slot, seq.prompt[seq.prefilled : seq.prefilled + n], seq.prefilled)))
+            seq.prefilled += n
+            budget -= n
+        return planned
+
+    def _advance(self, seq: Sequence, token: int, now: float) -> StepEvent:
+        sampling = seq.request.sampling
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if token in self.eos_token_ids and not sampling.ignore_eos:
+            return self._finish(seq, "stop", now)
+        seq.generated.append(token)
+        delta = seq.output.add(token)
+        if seq.output.stopped:
+            return self._finish(seq, "stop", now, delta)
+        at_capacity = len(seq.prompt) + len(seq.generated) >= self.runner.capacity
+        if len(seq.generated) >= sampling.max_tokens or at_capacity:
+            return self._finish(seq, "length", now, delta)
+        return StepEvent(seq.request.id, delta=delta, completion_tokens=len(seq.generated))
+
+    def _finish(self, seq: Sequence, reason: FinishReason, now: float, delta: str = "") -> StepEvent:
+        del self.running[seq.request.id]
+        heapq.heappush(self._free_slots, seq.slot)
+        delta += seq.output.finish()
+        final = self._final(
+            seq.request,
+            reason,
+            now,
+            text=seq.output.text,
+            completion_tokens=len(seq.generated),
+            started=seq.started,
+            first_token_at=seq.first_token_at,
+        )
+        return StepEvent(seq.request.id, delta=delta, completion_tokens=len(seq.generated), final=final)
+
+    def _final(
+        self,
+        request: InferenceRequest,
+        reason: FinishReason,
+        now: float,
+        text: str = "",
+        completion_tokens: int = 0,
+        started: float | None = None,
+        first_token_at: float | None = None,
+    ) -> FinalResult:
+        return FinalResult(
+            id=request.id,
+            model=self.model_name,
+            text=text,
+            finish_reason=reason,
+            error={"expired": "request deadline passed", "cancelled": "cancelled by the client"}.get(reason),
+            prompt_tokens=len(request.prompt_token_ids),
+            completion_tokens=completion_tokens,
+            timings=Timings(
+                queued_s=(started or now) - request.created,
+                ttft_s=None if first_token_at is None else first_token_at - request.created,
+                total_s=now - request.created,
+            ),
+            worker=self.worker_id,
+            finished=now,
+        )

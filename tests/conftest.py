@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from shared.settings import DEFAULT_MODEL, Settings
+from tests.fleet import Fleet, RedisServer
+
+MODEL = DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def model_dir(settings: Settings):
+    """The default model, built once into the shared cache (minutes the first time, then instant)."""
+    subprocess.run([sys.executable, "-m", "worker", "--prepare-only", "--model", MODEL], check=True)
+    return settings.model_dir(MODEL)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fleet(redis_server, model_dir, tmp_path_factory):
+    """One worker and two gateway replicas on one Redis, shared by the tests that only send requests."""
+    fleet = Fleet(redis_server, tmp_path_factory.mktemp("logs"))
+    fleet.worker(MODEL)
+    fleet.gateway()
+    fleet.gateway()
+    yield fleet
+    fleet.close()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(fleet) -> str:
+    return fleet.procs[1].url
+
+
+@pytest.fixture(scope="session")
+def second_gateway_url(fleet) -> str:
+    return fleet.procs[2].url
+
+
+@pytest.fixture(scope="session")
+def client(gateway_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)

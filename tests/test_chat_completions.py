@@ -1,0 +1,130 @@
+"""Chat completions through the real gateway, Redis and worker, with the official openai client."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.conftest import MODEL
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_answers_the_capital_of_france(client):
+    reply = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=30)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason == "stop"
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.model == MODEL
+
+
+def test_streams_tokens_as_they_are_generated_with_usage(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, max_tokens=30, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 3, "tokens must arrive in several chunks, not at once"
+    assert "Paris" in "".join(pieces)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(usage) == 1 and usage[0].completion_tokens > 0
+    whole = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=30)
+    assert "".join(pieces) == whole.choices[0].message.content
+
+
+def test_sse_wire_format_ends_with_done(gateway_url):
+    body = {"model": MODEL, "messages": FRANCE, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=60) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        data = [line for line in reply.iter_lines() if line.startswith("data:")]
+    assert data[-1] == "data: [DONE]"
+
+
+def test_max_tokens_ends_with_length(client):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=5
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+
+
+def test_greedy_is_deterministic(client):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    texts = {
+        client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    }
+    assert len(texts) == 1
+
+
+def test_seed_makes_sampling_reproducible(client):
+    messages = [{"role": "user", "content": "Invent a name for a cat."}]
+
+    def sample(seed):
+        return (
+            client.chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                temperature=1.0,
+                top_p=0.95,
+                seed=seed,
+                max_tokens=16,
+                extra_body={"top_k": 50, "repetition_penalty": 1.1},
+            )  # fmt: skip
+            .choices[0]
+            .message.content
+        )
+
+    assert sample(7) == sample(7)
+
+
+def test_stop_sequence_cuts_the_text_and_is_not_returned(client):
+    messages = [{"role": "user", "content": "Count from one to ten in words, separated by commas."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=40, stop=stop, stream=True
+    )
+    pieces = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert pieces == text[: text.find(stop)]
+
+
+# Words the model greedily repeats after "The word is w. …" (checked one by one), so each stream's text tells
+# whose it is: a token of one request in another's stream would show up as a foreign word.
+WORDS = ["apple", "river", "candle", "lemon", "violin", "pepper", "castle", "rocket",
+         "garden", "silver", "island", "pencil", "thunder", "mirror", "forest", "cookie"]  # fmt: skip
+
+
+def test_sixteen_concurrent_streams_complete_without_interleaving(client):
+    def stream(word: str) -> tuple[str, str | None]:
+        prompt = f"The word is {word}. " * 3 + "The word is"
+        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True)
+        text, finish = "", None
+        for chunk in chunks:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    with ThreadPoolExecutor(len(WORDS)) as pool:
+        results = list(pool.map(stream, WORDS))
+    for word, (text, finish) in zip(WORDS, results):
+        assert finish in ("length", "stop")
+        assert text.split()[0].strip(".") == word, (word, text)
+        assert not [other for other in WORDS if other != word and other in text], (word, text)
+
+
+def test_lists_the_served_model(client):
+    assert MODEL in [m.id for m in client.models.list().data]

@@ -1,0 +1,34 @@
+"""Plain-prompt completions (/v1/completions) through the whole path."""
+
+from __future__ import annotations
+
+from tests.conftest import MODEL
+
+
+def test_completion_continues_the_prompt(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    choice = reply.choices[0]
+    assert "Paris" in choice.text
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == 5
+
+
+def test_completion_streams(client):
+    chunks = list(
+        client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=10, temperature=0, stream=True)
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    whole = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=10, temperature=0)
+    assert text == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_completion_stop_string(client):
+    reply = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=20, temperature=0, stop=[","])
+    assert "," not in reply.choices[0].text
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_completion_accepts_token_ids(client):
+    reply = client.completions.create(model=MODEL, prompt=[504, 3575, 282, 4649, 314], max_tokens=4, temperature=0)
+    assert reply.usage.prompt_tokens == 5

@@ -55,3 +55,14 @@ def second_gateway_url(fleet) -> str:
 @pytest.fixture(scope="session")
 def client(gateway_url) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def loaded_model(settings, model_dir):
+    """The default model loaded in this process, for tests of the worker's parts."""
+    import torch
+
+    from worker import model_loader
+
+    model_loader.configure_torch(settings)
+    return model_loader.load(model_dir, settings.models[MODEL], torch.device("cpu"))

@@ -1,0 +1,83 @@
+"""Continuous batching on the real model: join at the next step, leave at once, never start what ended."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shared.protocol import InferenceRequest, SamplingParams
+from worker.llama_runner import LlamaRunner
+from worker.scheduler import Scheduler
+
+PROMPT = [1, 504, 3575, 282, 4649, 314]
+
+
+@pytest.fixture
+def scheduler(loaded_model):
+    runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
+    return Scheduler(runner, loaded_model.tokenizer, loaded_model.eos_token_ids, 16, "m", "w")
+
+
+def request(rid: str, max_tokens: int, prompt=PROMPT, deadline_in: float = 60) -> InferenceRequest:
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return InferenceRequest(
+        id=rid, model="m", prompt_token_ids=list(prompt), sampling=sampling, deadline=time.time() + deadline_in
+    )
+
+
+def ids(events):
+    return {e.request_id for e in events}
+
+
+def test_a_request_joins_the_running_batch_and_leaves_when_done(scheduler):
+    scheduler.add(request("a", 12))
+    for _ in range(3):
+        assert ids(scheduler.step()) == {"a"}
+    scheduler.add(request("b", 3))
+    assert ids(scheduler.step()) == {"a", "b"}, "b is prefilled in the same step that decodes a"
+    finals = {}
+    while scheduler.has_work:
+        for event in scheduler.step():
+            if event.final:
+                finals[event.request_id] = event.final
+    assert finals["b"].completion_tokens == 3
+    assert finals["a"].completion_tokens == 12
+    assert finals["b"].finished < finals["a"].finished, "b leaves without waiting for a"
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(scheduler):
+    scheduler.add(request("a", 30))
+    scheduler.step()
+    scheduler.add(request("long", 2, prompt=PROMPT * 16))  # 96 tokens, budget 16 per step
+    steps_with_a = 0
+    while "long" in scheduler.running or any(r.id == "long" for r in scheduler.waiting):
+        events = scheduler.step()
+        steps_with_a += "a" in ids(events)
+    assert steps_with_a >= 6, "a got a token in every step of the long prefill"
+
+
+def test_a_cancelled_queued_request_never_starts(scheduler):
+    scheduler.add(request("a", 5))
+    scheduler.cancel("a")
+    (event,) = scheduler.step()
+    assert event.final.finish_reason == "cancelled"
+    assert event.final.completion_tokens == 0
+    assert not scheduler.has_work
+
+
+def test_a_running_request_cancelled_stops_at_the_next_step_and_frees_its_slot(scheduler):
+    scheduler.add(request("a", 50))
+    scheduler.step()
+    scheduler.step()
+    scheduler.cancel("a")
+    (event,) = scheduler.step()
+    assert event.final.finish_reason == "cancelled"
+    assert scheduler.free_capacity == 4
+
+
+def test_a_request_past_its_deadline_is_expired_not_started(scheduler):
+    scheduler.add(request("late", 5, deadline_in=-1))
+    (event,) = scheduler.step()
+    assert event.final.finish_reason == "expired"
+    assert event.final.completion_tokens == 0

@@ -29,7 +29,8 @@ class Child:
     started: float = field(default=0.0)
 
     def start(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(self.argv, env=env)
+        # Own session: a terminal's Ctrl-C reaches only the supervisor, which stops children in order.
+        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
         self.started = time.time()
 
     def alive(self) -> bool:
@@ -82,7 +83,7 @@ class Supervisor:
     def __init__(self, settings: Settings, workers: int, state_dir: Path):
         self.settings = settings
         self.workers = workers
-        self.state_dir = state_dir
+        self.state_dir = state_dir.resolve()
         self.children: list[Child] = []
         self._stopping = False
 

@@ -21,6 +21,7 @@ log = structlog.get_logger(__name__)
 
 HEARTBEAT_INTERVAL_S = 1.0
 IDLE_BLOCK_MS = 500
+STOP_RETRY_LIMIT_S = 2.0
 
 
 def ensure_group(client: redis.Redis, model: str) -> None:
@@ -41,8 +42,11 @@ class WorkerService:
         self.worker_id = worker_id
         self._entries: dict[str, tuple[str, bool]] = {}  # request id -> (stream entry id, streams deltas)
         self._last_heartbeat = 0.0
+        self._watched: list[str] = []  # request ids whose cancel flags the current round trip reads
+        self._stop = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         ensure_group(self.redis, self.model)
         log.info("worker.serving", model=self.model, worker=self.worker_id)
         while not (stop.is_set() and not self.scheduler.has_work):
@@ -58,6 +62,8 @@ class WorkerService:
                 replies = self._round_trip(events, accept_new)
                 break
             except (redis.ConnectionError, redis.TimeoutError) as error:
+                if self._stop.is_set() and backoff >= STOP_RETRY_LIMIT_S:
+                    raise SystemExit("stopping, and Redis is unreachable: what is unacknowledged stays pending") from None
                 log.warning("worker.redis_unavailable", error=str(error), retry_in_s=backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

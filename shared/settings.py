@@ -31,8 +31,8 @@ class BatchLimits(BaseModel):
     """Requests decoded together in one step."""
     max_prefill_tokens: PositiveInt = 512
     """Prompt tokens prefilled in one step; longer prompts are prefilled in chunks between decode steps."""
-    kv_budget_tokens: PositiveInt = 65536
-    """Tokens of KV cache the worker may hold across all running requests."""
+    prefix_cache_tokens: int = Field(default=32768, ge=0)
+    """Tokens of finished sequences' KV kept for prefix reuse (LRU); 0 turns the prefix cache off."""
 
 
 class _YamlSource(PydanticBaseSettingsSource):

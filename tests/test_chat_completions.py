@@ -84,6 +84,10 @@ def test_seed_makes_sampling_reproducible(client):
             .message.content
         )
 
+    # The first call fills the prefix cache; the two compared calls then run the same arithmetic. (A cache hit
+    # or another batch composition changes bf16 logits in the last bits, which can flip a sampled token: as in
+    # vLLM, a seed reproduces a sample under the same conditions, not bit-exactly across all of them.)
+    sample(7)
     assert sample(7) == sample(7)
 
 

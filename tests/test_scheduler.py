@@ -81,3 +81,44 @@ def test_a_request_past_its_deadline_is_expired_not_started(scheduler):
     (event,) = scheduler.step()
     assert event.final.finish_reason == "expired"
     assert event.final.completion_tokens == 0
+
+
+def run_to_end(scheduler: Scheduler, req: InferenceRequest):
+    scheduler.add(req)
+    while scheduler.has_work:
+        for event in scheduler.step():
+            if event.final:
+                return scheduler, event.final
+    raise AssertionError("no final")
+
+
+def cached_scheduler(loaded_model, cache_tokens: int) -> Scheduler:
+    runner = LlamaRunner(loaded_model.model, slots=8, capacity=512)
+    return Scheduler(
+        runner, loaded_model.tokenizer, loaded_model.eos_token_ids, 512, "m", "w",
+        max_running=4, prefix_cache_tokens=cache_tokens,
+    )  # fmt: skip
+
+
+def test_the_next_turn_reuses_the_previous_turns_kv_and_greedy_output_is_unchanged(loaded_model):
+    tok = loaded_model.tokenizer
+    turn1 = tok("The history of the printing press begins in", add_special_tokens=False)["input_ids"] * 3
+    with_cache = cached_scheduler(loaded_model, 4096)
+    _, first = run_to_end(with_cache, request("t1", 12, prompt=turn1))
+    turn2 = turn1 + tok(first.text + " Tell me more.", add_special_tokens=False)["input_ids"]
+
+    run_to_end(with_cache, request("t2", 12, prompt=turn2))
+    assert with_cache.reused_tokens_total >= len(turn1)
+    _, cached = run_to_end(with_cache, request("t2-again", 12, prompt=turn2))
+    _, uncached = run_to_end(cached_scheduler(loaded_model, 0), request("t2", 12, prompt=turn2))
+    assert cached.text == uncached.text
+
+
+def test_concurrent_requests_sharing_a_system_prompt_compute_it_once(loaded_model):
+    system = list(range(1000, 1048))
+    scheduler = cached_scheduler(loaded_model, 4096)
+    scheduler.add(request("a", 8, prompt=system + [5, 6, 7]))
+    scheduler.step()
+    scheduler.add(request("b", 8, prompt=system + [9, 10]))
+    scheduler.step()
+    assert scheduler.running["b"].reused == len(system)

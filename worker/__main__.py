@@ -27,14 +27,19 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
     spec = settings.models[model]
     path = model_store.prepare(settings, model)
     loaded = model_loader.load(path, spec, model_loader.pick_device(settings.device))
-    runner = LlamaRunner(loaded.model, slots=settings.batch.max_running, capacity=spec.max_context)
+    batch = settings.batch
+    # With a prefix cache, as many extra slots as running ones park finished sequences for reuse.
+    slots = batch.max_running * (2 if batch.prefix_cache_tokens else 1)
+    runner = LlamaRunner(loaded.model, slots=slots, capacity=spec.max_context)
     scheduler = Scheduler(
         runner,
         loaded.tokenizer,
         loaded.eos_token_ids,
-        max_prefill_tokens=settings.batch.max_prefill_tokens,
+        max_prefill_tokens=batch.max_prefill_tokens,
         model_name=model,
         worker_id=worker_id,
+        max_running=batch.max_running,
+        prefix_cache_tokens=batch.prefix_cache_tokens,
     )
     warm_up(runner)
     return scheduler

@@ -63,6 +63,12 @@ class LlamaRunner:
         self._positions = torch.arange(capacity, device=self.device)
 
     @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Give slot `target` the KV of the first `length` positions of slot `source` (prefix reuse)."""
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[target, :, :length].copy_(cache[source, :, :length])
+
+    @torch.inference_mode()
     def step(
         self,
         decode_slots: list[int],

@@ -5,7 +5,6 @@ new ones in the same forward pass, so a long prompt never freezes the streams th
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings
+from worker.kv_slots import KVSlots
 from worker.llama_runner import LlamaRunner, PrefillChunk
 from worker.sampling import choose_tokens, new_generator
 from worker.text_output import TextOutput
@@ -26,6 +26,10 @@ class Sequence:
     generator: torch.Generator | None
     started: float
     prefilled: int = 0
+    reused: int = 0
+    """Prompt tokens whose KV was copied from the prefix cache instead of computed."""
+    kv_len: int = 0
+    """Positions of prompt + generated whose KV is in the slot."""
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
 
@@ -36,6 +40,9 @@ class Sequence:
     @property
     def decoding(self) -> bool:
         return self.prefilled == len(self.prompt)
+
+    def kv_tokens(self) -> list[int]:
+        return (self.prompt + self.generated)[: self.kv_len]
 
 
 @dataclass
@@ -55,7 +62,11 @@ class Scheduler:
         max_prefill_tokens: int,
         model_name: str,
         worker_id: str,
+        max_running: int | None = None,
+        prefix_cache_tokens: int = 0,
     ):
+        """max_running defaults to every runner slot; with a prefix cache, give the runner more slots than
+        max_running so finished sequences can stay parked for reuse."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -64,8 +75,11 @@ class Scheduler:
         self.worker_id = worker_id
         self.waiting: deque[InferenceRequest] = deque()
         self.running: dict[str, Sequence] = {}
-        self._free_slots = list(range(runner.slots))
+        self.max_running = max_running or runner.slots
+        self.slots = KVSlots(runner.slots, prefix_cache_tokens)
         self._cancelled: set[str] = set()
+        self.prompt_tokens_total = 0
+        self.reused_tokens_total = 0
 
     # -- intake ------------------------------------------------------------------------------------------------
     def add(self, request: InferenceRequest) -> None:
@@ -76,7 +90,7 @@ class Scheduler:
 
     @property
     def free_capacity(self) -> int:
-        return len(self._free_slots) - len(self.waiting)
+        return self.max_running - len(self.running) - len(self.waiting)
 
     @property
     def has_work(self) -> bool:
@@ -111,6 +125,10 @@ class Scheduler:
             [s.generator for s in sampled],
             [s.prompt + s.generated if s.request.sampling.repetition_penalty != 1.0 else [] for s in sampled],
         )
+        for seq in decoding:
+            seq.kv_len += 1
+        for seq, _ in prefilling:
+            seq.kv_len = seq.prefilled
         now = time.time()
         for seq, token in zip(sampled, tokens):
             events.append(self._advance(seq, token, now))
@@ -139,15 +157,28 @@ class Scheduler:
         return None
 
     def _admit(self, now: float) -> None:
-        while self.waiting and self._free_slots:
+        while self.waiting and len(self.running) < self.max_running:
             request = self.waiting.popleft()
-            slot = heapq.heappop(self._free_slots)
+            prompt = request.prompt_token_ids
+            source, reused = (None, 0)
+            if self.slots.cache_tokens:
+                source, reused = self.slots.longest_prefix(
+                    prompt, ((s.slot, s.kv_tokens()) for s in self.running.values())
+                )
+            slot = self.slots.acquire(source)
+            if reused and slot != source:
+                self.runner.copy_prefix(source, slot, reused)
+            self.prompt_tokens_total += len(prompt)
+            self.reused_tokens_total += reused
             self.running[request.id] = Sequence(
                 request=request,
                 slot=slot,
                 output=TextOutput(self.tokenizer, request.sampling.stop),
                 generator=new_generator(request.sampling),
                 started=now,
+                prefilled=reused,
+                reused=reused,
+                kv_len=reused,
             )
 
     def _plan_prefills(self) -> list[tuple[Sequence, PrefillChunk]]:
@@ -180,7 +211,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float, delta: str = "") -> StepEvent:
         del self.running[seq.request.id]
-        heapq.heappush(self._free_slots, seq.slot)
+        self.slots.park(seq.slot, seq.kv_tokens())
         delta += seq.output.finish()
         final = self._final(
             seq.request,

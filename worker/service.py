@@ -63,7 +63,9 @@ class WorkerService:
                 break
             except (redis.ConnectionError, redis.TimeoutError) as error:
                 if self._stop.is_set() and backoff >= STOP_RETRY_LIMIT_S:
-                    raise SystemExit("stopping, and Redis is unreachable: what is unacknowledged stays pending") from None
+                    raise SystemExit(
+                        "stopping, and Redis is unreachable: what is unacknowledged stays pending"
+                    ) from None
                 log.warning("worker.redis_unavailable", error=str(error), retry_in_s=backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

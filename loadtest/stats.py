@@ -14,6 +14,7 @@ class RequestTrace:
     token_times: list[float] = field(default_factory=list)
     ended: float = 0.0
     completion_tokens: int = 0
+    text: str = ""
     error: str | None = None
 
 

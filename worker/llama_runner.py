@@ -94,16 +94,27 @@ class LlamaRunner:
         cos = self.cos[pos].unsqueeze(1)
         sin = self.sin[pos].unsqueeze(1)
 
-        decode_mask = None
+        # Row of each new token's K/V, per kv head, in the cache viewed as [slots * n_kv * capacity, head_dim]:
+        # computed once per step, then every layer writes with one index_copy_.
+        heads = torch.arange(self.n_kv, device=device)
+        kv_rows = ((slot_idx.unsqueeze(1) * self.n_kv + heads) * self.capacity + pos.unsqueeze(1)).reshape(-1)
+
         if n_decode:
-            # Decode attention runs over slots [0, width): rows of slots not decoding this step see only
-            # position 0 (a harmless dummy), so slot holes cost a little compute but no copies.
-            width = max(decode_slots) + 1
+            # Decode attention runs over slots [0, width). When the decoding slots are exactly 0..n-1 (the usual
+            # case) queries map to cache rows directly; otherwise rows of slots not decoding see only position 0
+            # (a harmless dummy), so slot holes cost a little compute but no copies.
+            contiguous = decode_slots == list(range(n_decode))
+            width = n_decode if contiguous else max(decode_slots) + 1
             kv_len = max(decode_positions) + 1
             limit = torch.zeros(width, dtype=torch.long, device=device)
             limit[slot_idx[:n_decode]] = pos[:n_decode]
-            decode_mask = (self._positions[:kv_len].unsqueeze(0) <= limit.unsqueeze(1)).view(width, 1, 1, kv_len)
+            visible = self._positions[:kv_len].unsqueeze(0) <= limit.unsqueeze(1)
+            decode_bias = torch.zeros(width, 1, 1, kv_len, device=device).masked_fill_(
+                ~visible.view(width, 1, 1, kv_len), float("-inf")
+            )
             decode_rows = slot_idx[:n_decode]
+            group = self.n_heads // self.n_kv
+            scale = self.head_dim**-0.5
 
         hidden = self.embed(ids)
         for layer_no, layer in enumerate(self.layers):
@@ -115,21 +126,22 @@ class LlamaRunner:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache, v_cache = self.k_cache[layer_no], self.v_cache[layer_no]
-            k_cache[slot_idx, :, pos] = k
-            v_cache[slot_idx, :, pos] = v
+            k_cache.view(-1, self.head_dim).index_copy_(0, kv_rows, k.reshape(-1, self.head_dim))
+            v_cache.view(-1, self.head_dim).index_copy_(0, kv_rows, v.reshape(-1, self.head_dim))
 
             out = torch.empty_like(q)
             if n_decode:
-                q_dec = q.new_zeros(width, self.n_heads, 1, self.head_dim)
-                q_dec[decode_rows] = q[:n_decode].unsqueeze(2)
-                o = F.scaled_dot_product_attention(
-                    q_dec,
-                    k_cache[:width, :, :kv_len],
-                    v_cache[:width, :, :kv_len],
-                    attn_mask=decode_mask,
-                    enable_gqa=True,
-                )
-                out[:n_decode] = o[decode_rows].squeeze(2)
+                # Grouped-query attention for one query token per sequence, as two small batched matmuls: much
+                # cheaper on CPU than the flash kernel, which is built for long query blocks.
+                q_dec = q[:n_decode].view(n_decode, self.n_kv, group, self.head_dim)
+                if not contiguous:
+                    q_dec = q.new_zeros(width, self.n_kv, group, self.head_dim).index_copy_(0, decode_rows, q_dec)
+                scores = torch.matmul(q_dec, k_cache[:width, :, :kv_len].transpose(2, 3)).float() * scale
+                probs = torch.softmax(scores + decode_bias, dim=-1).to(q.dtype)
+                o = torch.matmul(probs, v_cache[:width, :, :kv_len])
+                if not contiguous:
+                    o = o[decode_rows]
+                out[:n_decode] = o.view(n_decode, self.n_heads, self.head_dim)
             offset = n_decode
             for chunk in prefills:
                 n = len(chunk.tokens)

@@ -31,7 +31,7 @@ def create_app(settings: Settings) -> FastAPI:
         for model in settings.models:
             if (settings.model_dir(model) / "tokenizer_config.json").is_file():
                 await asyncio.to_thread(tokenizers.get, model)
-        app.state.completions = Completions(settings, QueueClient(client), tokenizers)
+        app.state.completions = Completions(settings, QueueClient(client, settings), tokenizers)
         app.state.jobs = Jobs(app.state.completions)
         try:
             yield

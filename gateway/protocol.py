@@ -62,6 +62,8 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     """Benchmarks only: generate exactly max_tokens (as vLLM accepts it)."""
     user: Annotated[str, Field(max_length=256)] | None = None
+    conversation_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """Affinity hint (also accepted as the X-Conversation-Id header): turns of one conversation reuse one cache."""
 
     # Accepted only at their default (see _DEFAULT_ONLY).
     n: int | None = None

@@ -11,18 +11,18 @@ import redis.asyncio as aioredis
 
 from gateway.errors import APIError
 from shared import keys
-from shared.protocol import FinalResult, InferenceRequest, TokenDelta
+from shared.protocol import LIVE_WINDOW_S, FinalResult, InferenceRequest, TokenDelta
+from shared.settings import Settings
 
-LIVE_WINDOW_S = 5.0
-"""A worker whose last heartbeat is older than this is not counted as live."""
 FOLLOW_BLOCK_MS = 1000
 CANCEL_TTL_S = 3600
 GRACE_AFTER_DEADLINE_S = 5.0
 
 
 class QueueClient:
-    def __init__(self, client: aioredis.Redis):
+    def __init__(self, client: aioredis.Redis, settings: Settings):
         self.redis = client
+        self.settings = settings
 
     async def live_workers(self, model: str) -> int:
         return await self.redis.zcount(keys.live_workers(model), time.time() - LIVE_WINDOW_S, "+inf")
@@ -35,7 +35,24 @@ class QueueClient:
                 code="no_live_worker",
                 headers={"Retry-After": "5"},
             )
-        await self.redis.xadd(keys.requests(request.model), {"r": request.model_dump_json()})
+        await self.redis.xadd(await self._route(request), {"r": request.model_dump_json()})
+
+    async def _route(self, request: InferenceRequest) -> str:
+        """The stream for this request: the own stream of the worker that served this conversation's last turn
+        if it is live and has a free slot (its KV cache holds the prefix), else the shared stream."""
+        shared = keys.requests(request.model)
+        if not (self.settings.affinity and request.conversation):
+            return shared
+        worker = await self.redis.get(keys.affinity(request.model, request.conversation))
+        if worker is None:
+            return shared
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zscore(keys.live_workers(request.model), worker)
+            pipe.hget(keys.load(request.model), worker)
+            seen, load = await pipe.execute()
+        if seen is None or seen < time.time() - LIVE_WINDOW_S or int(load or 0) >= self.settings.batch.max_running:
+            return shared
+        return keys.worker_requests(request.model, worker)
 
     async def follow(self, request: InferenceRequest) -> AsyncIterator[TokenDelta | FinalResult]:
         """Token deltas as the worker writes them, then the final record (always last)."""

@@ -14,6 +14,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from gateway.conversations import HEADER as CONVERSATION_HEADER
+from gateway.conversations import conversation_key
 from gateway.errors import APIError
 from gateway.prompts import Tokenizers, chat_token_ids, completion_token_ids, output_budget
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
@@ -56,7 +58,9 @@ class Completions:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
         return spec
 
-    def build(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest) -> InferenceRequest:
+    def build(
+        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, conversation_header: str | None = None
+    ) -> InferenceRequest:
         spec = self.model_or_404(body.model)
         tokenizer = self.tokenizers.get(body.model)
         ids = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
@@ -79,10 +83,11 @@ class Completions:
             stream=body.stream,
             created=now,
             deadline=now + self.settings.request_timeout_s,
+            conversation=conversation_key(body, conversation_header),
         )
 
     async def create(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request):
-        request = self.build(kind, body)
+        request = self.build(kind, body, http.headers.get(CONVERSATION_HEADER))
         structlog.contextvars.bind_contextvars(request_id=request.id)
         await self.queue.submit(request)
         headers = {"x-request-id": request.id}

@@ -10,6 +10,11 @@ from pydantic import BaseModel, Field
 
 FinishReason = Literal["stop", "length", "cancelled", "expired", "error"]
 
+HEARTBEAT_INTERVAL_S = 1.0
+LIVE_WINDOW_S = 5.0
+"""A worker whose last heartbeat is older than this is not live: gateways stop routing to it, and any other
+worker may adopt what waits in its own stream."""
+
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
@@ -42,6 +47,8 @@ class InferenceRequest(BaseModel):
     created: float = Field(default_factory=time.time)
     deadline: float
     """Unix time after which the request ends `expired` instead of starting or continuing."""
+    conversation: str | None = None
+    """Affinity key: turns with the same key go to the worker that served the last one, when it can take them."""
 
 
 class TokenDelta(BaseModel):
@@ -67,4 +74,5 @@ class FinalResult(BaseModel):
     completion_tokens: int = 0
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
+    conversation: str | None = None
     finished: float = Field(default_factory=time.time)

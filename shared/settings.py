@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     token_stream_ttl_s: PositiveInt = 600
 
     batch: BatchLimits = Field(default_factory=BatchLimits)
+    affinity: bool = True
+    """Route a conversation's next turn to the worker that holds its prefix (when live and not full)."""
+    affinity_ttl_s: PositiveInt = 600
     torch_threads: int = 0
     """0: one per core."""
 

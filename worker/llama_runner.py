@@ -7,7 +7,14 @@ The weights and layer modules are the transformers model's own; only the attenti
 
 KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor. A sequence owns a slot from its first
 prompt chunk to its end. The tensors come from torch.empty, so memory is only touched (and resident) for the
-positions actually written.
+positions actually written; positions never written are masked out of every score.
+
+Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
+or whether its prefix came from the cache. The linear layers already compute each row independently of the
+others; attention is written so it does too: every query row (decode or prefill) is one small matmul over
+head_dim, a float32 softmax, and one matmul over keys padded to a multiple of ATTENTION_BLOCK, so reductions
+group the same way whatever the batch. That is what makes greedy output repeatable under load and the prefix
+cache exact.
 """
 
 from __future__ import annotations
@@ -15,7 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+ATTENTION_BLOCK = 64
+
+
+def _padded(n: int) -> int:
+    return -(-n // ATTENTION_BLOCK) * ATTENTION_BLOCK
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,7 @@ class LlamaRunner:
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.slots = slots
-        self.capacity = capacity
+        self.capacity = capacity = _padded(capacity)
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
 
@@ -61,6 +73,13 @@ class LlamaRunner:
         self.cos = emb.cos().to(self.dtype).to(self.device)
         self.sin = emb.sin().to(self.dtype).to(self.device)
         self._positions = torch.arange(capacity, device=self.device)
+
+    def _causal_hidden(self, chunk: PrefillChunk, group: int) -> torch.Tensor:
+        """[n * group, kv_len] mask of the keys each query row of a prompt chunk must not see."""
+        end = chunk.start + len(chunk.tokens)
+        kv_len = min(_padded(end), self.capacity)
+        query_pos = self._positions[chunk.start : end].repeat_interleave(group)
+        return self._positions[:kv_len].unsqueeze(0) > query_pos.unsqueeze(1)
 
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
@@ -99,22 +118,20 @@ class LlamaRunner:
         heads = torch.arange(self.n_kv, device=device)
         kv_rows = ((slot_idx.unsqueeze(1) * self.n_kv + heads) * self.capacity + pos.unsqueeze(1)).reshape(-1)
 
+        group = self.n_heads // self.n_kv
+        scale = self.head_dim**-0.5
         if n_decode:
             # Decode attention runs over slots [0, width). When the decoding slots are exactly 0..n-1 (the usual
             # case) queries map to cache rows directly; otherwise rows of slots not decoding see only position 0
             # (a harmless dummy), so slot holes cost a little compute but no copies.
             contiguous = decode_slots == list(range(n_decode))
             width = n_decode if contiguous else max(decode_slots) + 1
-            kv_len = max(decode_positions) + 1
+            kv_len = min(_padded(max(decode_positions) + 1), self.capacity)
             limit = torch.zeros(width, dtype=torch.long, device=device)
             limit[slot_idx[:n_decode]] = pos[:n_decode]
-            visible = self._positions[:kv_len].unsqueeze(0) <= limit.unsqueeze(1)
-            decode_bias = torch.zeros(width, 1, 1, kv_len, device=device).masked_fill_(
-                ~visible.view(width, 1, 1, kv_len), float("-inf")
-            )
+            decode_hidden = (self._positions[:kv_len].unsqueeze(0) > limit.unsqueeze(1)).view(width, 1, 1, kv_len)
             decode_rows = slot_idx[:n_decode]
-            group = self.n_heads // self.n_kv
-            scale = self.head_dim**-0.5
+        prefill_hidden = [self._causal_hidden(chunk, group) for chunk in prefills]
 
         hidden = self.embed(ids)
         for layer_no, layer in enumerate(self.layers):
@@ -131,30 +148,26 @@ class LlamaRunner:
 
             out = torch.empty_like(q)
             if n_decode:
-                # Grouped-query attention for one query token per sequence, as two small batched matmuls: much
-                # cheaper on CPU than the flash kernel, which is built for long query blocks.
                 q_dec = q[:n_decode].view(n_decode, self.n_kv, group, self.head_dim)
                 if not contiguous:
                     q_dec = q.new_zeros(width, self.n_kv, group, self.head_dim).index_copy_(0, decode_rows, q_dec)
-                scores = torch.matmul(q_dec, k_cache[:width, :, :kv_len].transpose(2, 3)).float() * scale
-                probs = torch.softmax(scores + decode_bias, dim=-1).to(q.dtype)
-                o = torch.matmul(probs, v_cache[:width, :, :kv_len])
+                o = _attention(q_dec, k_cache[:width, :, :kv_len], v_cache[:width, :, :kv_len], decode_hidden, scale)
                 if not contiguous:
                     o = o[decode_rows]
                 out[:n_decode] = o.view(n_decode, self.n_heads, self.head_dim)
             offset = n_decode
-            for chunk in prefills:
+            for chunk, hidden_keys in zip(prefills, prefill_hidden):
                 n = len(chunk.tokens)
-                end = chunk.start + n
-                q_pre = q[offset : offset + n].transpose(0, 1).unsqueeze(0)
-                k_pre = k_cache[chunk.slot : chunk.slot + 1, :, :end]
-                v_pre = v_cache[chunk.slot : chunk.slot + 1, :, :end]
-                if chunk.start == 0:
-                    o = F.scaled_dot_product_attention(q_pre, k_pre, v_pre, is_causal=True, enable_gqa=True)
-                else:
-                    mask = self._positions[:end].unsqueeze(0) <= self._positions[chunk.start : end].unsqueeze(1)
-                    o = F.scaled_dot_product_attention(q_pre, k_pre, v_pre, attn_mask=mask, enable_gqa=True)
-                out[offset : offset + n] = o.squeeze(0).transpose(0, 1)
+                keys_len = hidden_keys.shape[-1]
+                # [n, heads] -> [kv_heads, n * group]: each kv head's query rows, as in the decode layout.
+                q_pre = q[offset : offset + n].view(n, self.n_kv, group, self.head_dim).transpose(0, 1)
+                q_pre = q_pre.reshape(self.n_kv, n * group, self.head_dim)
+                o = _attention(
+                    q_pre, k_cache[chunk.slot, :, :keys_len], v_cache[chunk.slot, :, :keys_len], hidden_keys, scale
+                )
+                out[offset : offset + n] = (
+                    o.view(self.n_kv, n, group, self.head_dim).transpose(0, 1).reshape(n, self.n_heads, self.head_dim)
+                )
                 offset += n
 
             hidden = hidden + attn.o_proj(out.view(n_tokens, self.n_heads * self.head_dim))
@@ -167,3 +180,10 @@ class LlamaRunner:
             rows.append(offset - 1)
         last = hidden[torch.tensor(rows, device=device)]
         return self.lm_head(self.norm(last)).float()
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ) v per row, with `hidden` keys excluded. q [..., rows, d], k/v [..., keys, d]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)

@@ -248,5 +248,6 @@ class Scheduler:
                 total_s=now - request.created,
             ),
             worker=self.worker_id,
+            conversation=request.conversation,
             finished=now,
         )

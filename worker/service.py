@@ -13,21 +13,22 @@ import structlog
 from pydantic import ValidationError
 
 from shared import keys
-from shared.protocol import FinalResult, InferenceRequest, TokenDelta
+from shared.protocol import HEARTBEAT_INTERVAL_S, FinalResult, InferenceRequest, TokenDelta
 from shared.settings import Settings
+from worker import own_stream
 from worker.scheduler import Scheduler, StepEvent
 
 log = structlog.get_logger(__name__)
 
-HEARTBEAT_INTERVAL_S = 1.0
+ADOPT_INTERVAL_S = 5.0
 IDLE_BLOCK_MS = 500
 STOP_RETRY_LIMIT_S = 2.0
 
 
-def ensure_group(client: redis.Redis, model: str) -> None:
+def ensure_group(client: redis.Redis, stream: str) -> None:
     try:
         # Id 0, not $: requests queued before the first worker came up are served too.
-        client.xgroup_create(keys.requests(model), keys.WORKER_GROUP, id="0", mkstream=True)
+        client.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
     except redis.ResponseError as error:
         if "BUSYGROUP" not in str(error):
             raise
@@ -40,20 +41,40 @@ class WorkerService:
         self.scheduler = scheduler
         self.redis = client
         self.worker_id = worker_id
-        self._entries: dict[str, tuple[str, bool]] = {}  # request id -> (stream entry id, streams deltas)
+        self._entries: dict[str, tuple[str, str, bool]] = {}  # request id -> (stream, entry id, streams deltas)
+        self._own = keys.worker_requests(model, worker_id)
         self._last_heartbeat = 0.0
+        self._last_adoption = 0.0
         self._watched: list[str] = []  # request ids whose cancel flags the current round trip reads
         self._stop = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
-        ensure_group(self.redis, self.model)
+        ensure_group(self.redis, keys.requests(self.model))
+        ensure_group(self.redis, self._own)
         log.info("worker.serving", model=self.model, worker=self.worker_id)
+        handed_back = False
         while not (stop.is_set() and not self.scheduler.has_work):
+            if stop.is_set() and not handed_back:
+                self._leave_fleet()
+                handed_back = True
             events = self.scheduler.step() if self.scheduler.has_work else []
             self._exchange(events, accept_new=not stop.is_set())
-        self.redis.zrem(keys.live_workers(self.model), self.worker_id)
+            if time.time() - self._last_adoption > ADOPT_INTERVAL_S and not stop.is_set():
+                own_stream.adopt_orphans(self.redis, self.model)
+                self._last_adoption = time.time()
+        if not handed_back:
+            self._leave_fleet()
+        self.redis.delete(self._own)
         log.info("worker.stopped", worker=self.worker_id)
+
+    def _leave_fleet(self) -> None:
+        """Stop being routed to, and give what waits in the own stream back to the shared one."""
+        self.redis.zrem(keys.live_workers(self.model), self.worker_id)
+        self.redis.hdel(keys.load(self.model), self.worker_id)
+        still_mine = frozenset(entry_id for stream, entry_id, _ in self._entries.values() if stream == self._own)
+        moved = own_stream.move_to_shared(self.redis, self.model, self.worker_id, keep=still_mine)
+        log.info("worker.leaving", handed_back=moved, finishing=len(self._entries))
 
     def _exchange(self, events: list[StepEvent], accept_new: bool) -> None:
         backoff = 0.1
@@ -72,8 +93,10 @@ class WorkerService:
         for request_id, flag in zip(self._watched, replies["cancel"] or []):
             if flag is not None:
                 self.scheduler.cancel(request_id)
-        arrived = [(entry_id, fields) for _, entries in replies["new"] or [] for entry_id, fields in entries]
-        accepted = [r for r in (self._accept(entry_id, fields) for entry_id, fields in arrived) if r is not None]
+        arrived = [
+            (stream, entry_id, fields) for stream, entries in replies["new"] or [] for entry_id, fields in entries
+        ]
+        accepted = [r for r in (self._accept(*entry) for entry in arrived) if r is not None]
         if accepted:
             # A request cancelled while it waited in the stream must never start.
             flags = self.redis.mget([keys.cancel(r.id) for r in accepted])
@@ -86,7 +109,7 @@ class WorkerService:
         pipe = self.redis.pipeline(transaction=False)
         settings = self.settings
         for event in events:
-            entry_id, streams = self._entries.get(event.request_id, (None, False))
+            _, _, streams = self._entries.get(event.request_id, (None, None, False))
             out = keys.output(event.request_id)
             if streams and (event.delta or event.final is None):
                 pipe.xadd(
@@ -96,21 +119,22 @@ class WorkerService:
                 if event.completion_tokens <= 1:
                     pipe.expire(out, settings.token_stream_ttl_s)
             if event.final is not None:
-                self._write_final(pipe, event.final, entry_id)
+                self._write_final(pipe, event.final)
         self._watched = self.scheduler.request_ids()
         n_before = len(pipe.command_stack)
         if self._watched:
             pipe.mget([keys.cancel(i) for i in self._watched])
         now = time.time()
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S and not self._stop.is_set():
             pipe.zadd(keys.live_workers(self.model), {self.worker_id: now})
+            pipe.hset(keys.load(self.model), self.worker_id, len(self.scheduler.running) + len(self.scheduler.waiting))
             self._last_heartbeat = now
         capacity = self.scheduler.free_capacity if accept_new else 0
         if capacity > 0:
             block = None if self.scheduler.has_work else IDLE_BLOCK_MS
-            pipe.xreadgroup(
-                keys.WORKER_GROUP, self.worker_id, {keys.requests(self.model): ">"}, count=capacity, block=block
-            )
+            # Own stream first: those are turns whose prefix this worker holds in cache.
+            streams = {self._own: ">", keys.requests(self.model): ">"}
+            pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, streams, count=capacity, block=block)
         elif not self.scheduler.has_work:
             time.sleep(IDLE_BLOCK_MS / 1000)
         replies = pipe.execute()
@@ -119,18 +143,19 @@ class WorkerService:
             "new": replies[-1] if capacity > 0 else None,
         }
 
-    def _write_final(self, pipe, final: FinalResult, entry_id: str | None) -> None:
+    def _write_final(self, pipe, final: FinalResult) -> None:
         body = final.model_dump_json()
         out = keys.output(final.id)
         pipe.xadd(out, {"f": body})
         pipe.expire(out, self.settings.token_stream_ttl_s)
         # NX: should two workers ever finish the same request, the first result stands.
         pipe.set(keys.result(final.id), body, nx=True, ex=self.settings.result_ttl_s)
+        stream, entry_id, _ = self._entries.pop(final.id, (None, None, False))
         if entry_id is not None:
-            stream = keys.requests(self.model)
             pipe.xack(stream, keys.WORKER_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
-        self._entries.pop(final.id, None)
+        if final.conversation and self.settings.affinity:
+            pipe.set(keys.affinity(self.model, final.conversation), self.worker_id, ex=self.settings.affinity_ttl_s)
         log.info(
             "request.finished",
             request_id=final.id,
@@ -140,16 +165,16 @@ class WorkerService:
             total_s=round(final.timings.total_s, 4),
         )
 
-    def _accept(self, entry_id: str, fields: dict) -> InferenceRequest | None:
+    def _accept(self, stream: str, entry_id: str, fields: dict) -> InferenceRequest | None:
         """The request in a stream entry, or None when it can only be answered (or dropped) at once."""
         try:
             request = InferenceRequest.model_validate_json(fields.get("r", ""))
         except ValidationError as error:
             # Unreadable entry: nobody can be told, so only drop it from the group.
             log.error("request.unreadable", entry_id=entry_id, error=str(error))
-            self.redis.xack(keys.requests(self.model), keys.WORKER_GROUP, entry_id)
+            self.redis.xack(stream, keys.WORKER_GROUP, entry_id)
             return None
-        self._entries[request.id] = (entry_id, request.stream)
+        self._entries[request.id] = (stream, entry_id, request.stream)
         needed = len(request.prompt_token_ids) + request.sampling.max_tokens
         capacity = self.scheduler.runner.capacity
         if needed > capacity:
@@ -162,7 +187,7 @@ class WorkerService:
                 worker=self.worker_id,
             )
             pipe = self.redis.pipeline(transaction=False)
-            self._write_final(pipe, final, entry_id)
+            self._write_final(pipe, final)
             pipe.execute()
             return None
         log.info("request.started", request_id=request.id, prompt_tokens=len(request.prompt_token_ids))

@@ -1,0 +1,53 @@
+"""Across the fleet, a conversation's next turn goes to the worker that holds its prefix, while that worker can
+take it; when it dies the conversation carries on elsewhere."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import pytest
+
+from shared import keys
+from shared.protocol import FinalResult
+from tests.conftest import MODEL
+from tests.fleet import Fleet, RedisServer
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory, model_dir):
+    redis_server = RedisServer(tmp_path_factory.mktemp("redis-affinity")).start()
+    fleet = Fleet(redis_server, tmp_path_factory.mktemp("logs-affinity"), LLMFLEET_TORCH_THREADS="1")
+    workers = [fleet.worker(MODEL), fleet.worker(MODEL)]
+    gateway = fleet.gateway()
+    yield redis_server, workers, gateway.url
+    fleet.close()
+    redis_server.stop()
+
+
+def turn(url: str, redis_client, messages: list[dict], conversation: str) -> tuple[str, str]:
+    reply = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0},
+        headers={"X-Conversation-Id": conversation},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    final = FinalResult.model_validate_json(redis_client.get(keys.result(reply.headers["x-request-id"])))
+    return reply.json()["choices"][0]["message"]["content"], final.worker
+
+
+def test_turns_follow_the_worker_that_holds_the_conversation_and_move_on_when_it_dies(two_workers):
+    redis_server, workers, url = two_workers
+    client = redis_server.client()
+    messages = [{"role": "system", "content": "You are a helpful assistant. " * 20}, {"role": "user", "content": "Hi!"}]
+    answer, first = turn(url, client, messages, "conv-1")
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me a joke."}]
+    answer, second = turn(url, client, messages, "conv-1")
+    assert second == first
+
+    [holder] = [w for w in workers if w.worker_id == first]
+    holder.stop(signal.SIGKILL)
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Another one."}]
+    _, third = turn(url, client, messages, "conv-1")
+    assert third != first

@@ -1,0 +1,106 @@
+"""Quantization fidelity: is the served GPTQ model as good as bf16? Speed must not be bought with quality.
+
+    python -m loadtest.fidelity
+
+Prints perplexity on a held-out public-domain text shipped with the repo (loadtest/data/heldout.txt: the US
+Declaration of Independence and the Gettysburg Address; not in the calibration set), the share of a fixed probe
+set whose greedy answers are unchanged, and weight memory, for GPTQ against bf16."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from shared.settings import DEFAULT_MODEL, ModelSpec, Settings
+from worker import model_loader
+
+HELDOUT = Path(__file__).with_name("data") / "heldout.txt"
+PROBES = [
+    "What is the capital of France?", "How many legs does a spider have?", "What is 12 times 12?",
+    "Name the largest planet in our solar system.", "What colour is the sky on a clear day?",
+    "Who wrote Romeo and Juliet?", "What is the boiling point of water in Celsius?",
+    "Translate 'thank you' into French.",
+    "What is the opposite of hot?", "Give me a synonym for happy.", "What language is spoken in Brazil?",
+    "How many days are in a week?", "What do bees make?", "What is the chemical symbol for water?",
+    "Which ocean is the largest?", "What is the square root of 81?", "Name a primary colour.",
+    "What gas do plants absorb from the air?", "What is the freezing point of water in Fahrenheit?",
+    "How many continents are there?",
+]  # fmt: skip
+PROBE_TOKENS = 24
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window + 1].unsqueeze(0)
+        logits = model(chunk[:, :-1]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+        nll += float(loss)
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+@torch.inference_mode()
+def greedy_answers(model, tokenizer) -> list[str]:
+    answers = []
+    for question in PROBES:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**ids, max_new_tokens=PROBE_TOKENS, do_sample=False, pad_token_id=2)
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return answers
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:  # tied embeddings count once
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.fidelity")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    model_loader.configure_torch(settings)
+    text = HELDOUT.read_text()
+    figures = {}
+    for label, path, spec in (
+        ("bf16", settings.dense_model_dir(args.model), ModelSpec(quantization="none")),
+        ("gptq", settings.model_dir(args.model), settings.models[args.model]),
+    ):
+        loaded = model_loader.load(path, spec, torch.device("cpu"))
+        figures[label] = {
+            "ppl": perplexity(loaded.model, loaded.tokenizer, text),
+            "answers": greedy_answers(loaded.model, loaded.tokenizer),
+            "bytes": weight_bytes(loaded.model),
+        }
+    base, quant = figures["bf16"], figures["gptq"]
+    same = sum(a == b for a, b in zip(base["answers"], quant["answers"]))
+    first_words = sum(a.split()[:3] == b.split()[:3] for a, b in zip(base["answers"], quant["answers"]))
+    spec = settings.models[args.model]
+    print(f"quantization: GPTQ {spec.bits}-bit, group {spec.group_size}, act-order {spec.desc_act}")
+    print("| figure | bf16 | GPTQ | ratio | target |\n|---|---|---|---|---|")
+    ratio = quant["ppl"] / base["ppl"]
+    print(f"| perplexity (held-out) | {base['ppl']:.2f} | {quant['ppl']:.2f} | {ratio:.3f} | ≤ 1.03 |")
+    print(f"| probe answers unchanged ({PROBE_TOKENS} greedy tokens) | – | {same}/{len(PROBES)} | "
+          f"{same / len(PROBES):.2f} | ≥ 0.90 |")  # fmt: skip
+    print(
+        f"| probe answers, same first 3 words | – | {first_words}/{len(PROBES)} | {first_words / len(PROBES):.2f} | – |"
+    )
+    print(f"| weight memory MiB | {base['bytes'] / 2**20:.0f} | {quant['bytes'] / 2**20:.0f} | "
+          f"{quant['bytes'] / base['bytes']:.3f} | ≤ 0.35 |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -44,15 +44,28 @@ class WorkerService:
         self._last_heartbeat = 0.0
         self._watched: list[str] = []  # request ids whose cancel flags the current round trip reads
         self._stop = threading.Event()
+        self.serving = False
+        """True from the first read of the stream until the drain ends (worker.http_server's /ready)."""
+
+    @property
+    def draining(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def last_progress(self) -> float:
+        """When the loop last wrote its heartbeat: it does so at least every HEARTBEAT_INTERVAL_S while alive."""
+        return self._last_heartbeat
 
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
         ensure_group(self.redis, self.model)
+        self.serving = True
         log.info("worker.serving", model=self.model, worker=self.worker_id)
         while not (stop.is_set() and not self.scheduler.has_work):
             events = self.scheduler.step() if self.scheduler.has_work else []
             self._exchange(events, accept_new=not stop.is_set())
         self.redis.zrem(keys.live_workers(self.model), self.worker_id)
+        self.serving = False
         log.info("worker.stopped", worker=self.worker_id)
 
     def _exchange(self, events: list[StepEvent], accept_new: bool) -> None:
@@ -131,6 +144,7 @@ class WorkerService:
             pipe.xack(stream, keys.WORKER_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
         self._entries.pop(final.id, None)
+        self.scheduler.metrics.final(final)
         log.info(
             "request.finished",
             request_id=final.id,

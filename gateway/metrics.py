@@ -22,6 +22,7 @@ class RequestCounter:
 
     def __init__(self, app: ASGIApp):
         self.app = app
+        metrics.RATE_LIMIT_REJECTIONS.labels("")  # exported at 0 from the start, as open mode never refuses
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):

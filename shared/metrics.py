@@ -105,7 +105,12 @@ KV_CACHE_USAGE = Gauge(
 BATCH_SIZE = Histogram(
     "llmfleet:batch_size", "Sequences in one forward step.", ["model_name"], buckets=BATCH_BUCKETS, registry=WORKER
 )
-PROMPT_TOKENS = Counter("llmfleet:prompt_tokens", "Prompt tokens prefilled (computed, not reused from the prefix cache).", ["model_name"], registry=WORKER)
+PROMPT_TOKENS = Counter(
+    "llmfleet:prompt_tokens",
+    "Prompt tokens prefilled (computed, not reused from the prefix cache).",
+    ["model_name"],
+    registry=WORKER,
+)
 GENERATION_TOKENS = Counter("llmfleet:generation_tokens", "Tokens generated.", ["model_name"], registry=WORKER)
 PREFIX_CACHE_QUERIES = Counter(
     "llmfleet:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["model_name"], registry=WORKER

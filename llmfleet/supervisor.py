@@ -107,10 +107,12 @@ class Supervisor:
                 subprocess.run([python, "-m", "worker", "--model", model, "--prepare-only"], env=env, check=True)
             gateway = Child("gateway", [python, "-m", "gateway"])
             self.children.append(gateway)
+            port = self.settings.worker_http_port - 1
             for i, model in enumerate(m for m in self.settings.models for _ in range(self.workers)):
-                # Each worker's own /metrics, /health and /ready port: worker_http_port + i.
-                port = {"LLMFLEET_WORKER_HTTP_PORT": str(self.settings.worker_http_port + i)}
-                self.children.append(Child(f"worker-{i}", [python, "-m", "worker", "--model", model], port))
+                # Each worker's own /metrics, /health and /ready port: the next free one from worker_http_port.
+                port = next(p for p in range(port + 1, 65536) if not port_open(self.settings.worker_http_host, p))
+                extra = {"LLMFLEET_WORKER_HTTP_PORT": str(port)}
+                self.children.append(Child(f"worker-{i}", [python, "-m", "worker", "--model", model], extra))
             for child in self.children[-(1 + self.workers * len(self.settings.models)) :]:
                 child.start(env)
             base = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     worker_http_host: str = "127.0.0.1"
     worker_http_port: int = 8001
-    """A worker's /metrics, /health and /ready. `llmfleet up` gives worker i the port worker_http_port + i."""
+    """A worker's /metrics, /health and /ready. `llmfleet up` gives each worker the next free port from here."""
     worker_stall_s: float = 120.0
     """A serving worker whose loop has not come round for this long answers /health with 503."""
     log_level: str = "INFO"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Body, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway import metrics
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -27,6 +29,12 @@ async def ready(request: Request):
     except Exception as error:  # any failure to reach Redis means we cannot serve
         raise APIError(503, f"Redis is not reachable: {type(error).__name__}.", code="not_ready") from None
     return {"status": "ready"}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request) -> Response:
+    body = await metrics.render(request.app.state.settings, _completions(request).queue)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models")

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from gateway import errors
 from gateway.api_router import router
 from gateway.jobs import Jobs
+from gateway.metrics import RequestCounter
 from gateway.prompts import Tokenizers
 from gateway.queue_client import QueueClient
 from gateway.serving import Completions
@@ -43,6 +44,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.started = time.time()
     errors.install(app)
     app.include_router(router)
+    # Added last, so it is the outermost middleware and sees every response, refusals by others included.
+    app.add_middleware(RequestCounter)
     return app
 
 

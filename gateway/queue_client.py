@@ -27,8 +27,24 @@ class QueueClient:
     async def live_workers(self, model: str) -> int:
         return await self.redis.zcount(keys.live_workers(model), time.time() - LIVE_WINDOW_S, "+inf")
 
+    async def stream_stats(self, model: str) -> tuple[int, int, int]:
+        """(entries in the model's stream, pending in group `workers`, not yet delivered) — see shared.metrics."""
+        stream = keys.requests(model)
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except aioredis.ResponseError:  # no such stream yet: nothing was ever queued
+            return 0, 0, 0
+        depth = await self.redis.xlen(stream)
+        group = next((g for g in groups if g["name"] == keys.WORKER_GROUP), None)
+        if group is None:
+            return depth, 0, depth
+        pending = group["pending"]
+        # Redis cannot always compute the lag; workers XDEL what they ack, so the rest of the stream is the lag.
+        lag = group.get("lag")
+        return depth, pending, lag if lag is not None else max(depth - pending, 0)
+
     async def submit(self, request: InferenceRequest) -> None:
-        if not await self.live_workers(request.model):
+        if self.settings.require_live_worker and not await self.live_workers(request.model):
             raise APIError(
                 503,
                 f"No worker is serving model '{request.model}' right now.",

@@ -87,6 +87,7 @@ class Completions:
         )
 
     async def create(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request):
+        http.state.model_name = body.model  # a label of llmfleet:requests_total (gateway.metrics)
         request = self.build(kind, body, http.headers.get(CONVERSATION_HEADER))
         structlog.contextvars.bind_contextvars(request_id=request.id)
         await self.queue.submit(request)

@@ -24,13 +24,15 @@ RESTART_BACKOFF_S = 2.0
 class Child:
     name: str
     argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    """Added to the supervisor's environment for this child only."""
     process: subprocess.Popen | None = None
     restarts: int = 0
     started: float = field(default=0.0)
 
     def start(self, env: dict[str, str]) -> None:
         # Own session: a terminal's Ctrl-C reaches only the supervisor, which stops children in order.
-        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True)
+        self.process = subprocess.Popen(self.argv, env={**env, **self.env}, start_new_session=True)
         self.started = time.time()
 
     def alive(self) -> bool:
@@ -105,13 +107,21 @@ class Supervisor:
                 subprocess.run([python, "-m", "worker", "--model", model, "--prepare-only"], env=env, check=True)
             gateway = Child("gateway", [python, "-m", "gateway"])
             self.children.append(gateway)
+            port = self.settings.worker_http_port - 1
             for i, model in enumerate(m for m in self.settings.models for _ in range(self.workers)):
-                self.children.append(Child(f"worker-{i}", [python, "-m", "worker", "--model", model]))
+                # Each worker's own /metrics, /health and /ready port: the next free one from worker_http_port.
+                port = next(p for p in range(port + 1, 65536) if not port_open(self.settings.worker_http_host, p))
+                extra = {"LLMFLEET_WORKER_HTTP_PORT": str(port)}
+                self.children.append(Child(f"worker-{i}", [python, "-m", "worker", "--model", model], extra))
             for child in self.children[-(1 + self.workers * len(self.settings.models)) :]:
                 child.start(env)
             base = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
             wait_until(lambda: http_ok(f"{base}/health"), 60, "the gateway")
             print(f"llmfleet is up: {base}/v1  (models: {', '.join(self.settings.models)}; Ctrl-C stops)", flush=True)
+            for child in self.children:
+                if "LLMFLEET_WORKER_HTTP_PORT" in child.env:
+                    port = child.env["LLMFLEET_WORKER_HTTP_PORT"]
+                    print(f"  {child.name}: http://127.0.0.1:{port}/metrics", flush=True)
             self._watch(env)
         finally:
             self._stop_all()

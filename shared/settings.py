@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     default_max_tokens: PositiveInt = 256
     request_timeout_s: float = 600.0
     """A request not finished this long after it was accepted ends expired."""
+    require_live_worker: bool = True
+    """Refuse (503) a request for a model no worker serves. False where workers scale from zero on the queue."""
 
     # Retention of what the worker writes back.
     result_ttl_s: PositiveInt = 3600
@@ -73,6 +75,11 @@ class Settings(BaseSettings):
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
+    worker_http_host: str = "127.0.0.1"
+    worker_http_port: int = 8001
+    """A worker's /metrics, /health and /ready. `llmfleet up` gives each worker the next free port from here."""
+    worker_stall_s: float = 120.0
+    """A serving worker whose loop has not come round for this long answers /health with 503."""
     log_level: str = "INFO"
 
     def model_dir(self, name: str) -> Path:

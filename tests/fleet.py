@@ -109,10 +109,13 @@ class Fleet:
 
     def worker(self, model: str, wait: bool = True, **env: str) -> Proc:
         worker_id = f"test-worker-{len(self.procs)}-{os.getpid()}"
+        port = free_port()
+        env = {"LLMFLEET_WORKER_HTTP_PORT": str(port), **env}
         proc = self._spawn(
             "worker", [sys.executable, "-m", "worker", "--model", model, "--id", worker_id], {**self.env, **env}
         )
         proc.worker_id = worker_id
+        proc.url = f"http://127.0.0.1:{port}"  # /metrics, /health, /ready
         if wait:
             client = self.redis_server.client()
             wait_until(

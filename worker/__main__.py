@@ -15,6 +15,7 @@ import structlog
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
 from worker import model_loader, model_store
+from worker.http_server import WorkerHTTPServer
 from worker.llama_runner import LlamaRunner
 from worker.scheduler import Scheduler
 from worker.service import WorkerService
@@ -75,11 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
+    http = WorkerHTTPServer(settings.worker_http_host, settings.worker_http_port, settings.worker_stall_s).start()
+    log.info("worker.http", host=settings.worker_http_host, port=http.port)
     scheduler = build_scheduler(settings, args.model, worker_id)
     client = redis.Redis.from_url(
         settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
     )
-    WorkerService(settings, args.model, scheduler, client, worker_id).run(stop)
+    http.service = WorkerService(settings, args.model, scheduler, client, worker_id)
+    try:
+        http.service.run(stop)
+    finally:
+        http.stop()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.metrics import WorkerMetrics
 from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings
 from worker.kv_slots import KVSlots
 from worker.llama_runner import LlamaRunner, PrefillChunk
@@ -32,6 +33,7 @@ class Sequence:
     """Positions of prompt + generated whose KV is in the slot."""
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
+    last_token_at: float = 0.0
 
     @property
     def prompt(self) -> list[int]:
@@ -80,6 +82,7 @@ class Scheduler:
         self._cancelled: set[str] = set()
         self.prompt_tokens_total = 0
         self.reused_tokens_total = 0
+        self.metrics = WorkerMetrics(model_name)
 
     # -- intake ------------------------------------------------------------------------------------------------
     def add(self, request: InferenceRequest) -> None:
@@ -101,6 +104,12 @@ class Scheduler:
 
     # -- one step ----------------------------------------------------------------------------------------------
     def step(self) -> list[StepEvent]:
+        events = self._step()
+        held = sum(s.kv_len for s in self.running.values())
+        self.metrics.occupancy(len(self.running), len(self.waiting), held, self.runner.slots * self.runner.capacity)
+        return events
+
+    def _step(self) -> list[StepEvent]:
         now = time.time()
         events = self._drop_cancelled_and_expired(now)
         self._admit(now)
@@ -130,6 +139,7 @@ class Scheduler:
         for seq, _ in prefilling:
             seq.kv_len = seq.prefilled
         now = time.time()
+        self.metrics.step(len(decoding) + len(prefilling), sum(len(c.tokens) for _, c in prefilling), len(sampled))
         for seq, token in zip(sampled, tokens):
             events.append(self._advance(seq, token, now))
         return events
@@ -170,6 +180,7 @@ class Scheduler:
                 self.runner.copy_prefix(source, slot, reused)
             self.prompt_tokens_total += len(prompt)
             self.reused_tokens_total += reused
+            self.metrics.prefix_lookup(len(prompt), reused)
             self.running[request.id] = Sequence(
                 request=request,
                 slot=slot,
@@ -198,6 +209,9 @@ class Scheduler:
         sampling = seq.request.sampling
         if seq.first_token_at is None:
             seq.first_token_at = now
+        else:
+            self.metrics.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
         if token in self.eos_token_ids and not sampling.ignore_eos:
             return self._finish(seq, "stop", now)
         seq.generated.append(token)

@@ -47,11 +47,23 @@ class WorkerService:
         self._last_adoption = 0.0
         self._watched: list[str] = []  # request ids whose cancel flags the current round trip reads
         self._stop = threading.Event()
+        self.serving = False
+        """True from the first read of the stream until the drain ends (worker.http_server's /ready)."""
+
+    @property
+    def draining(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def last_progress(self) -> float:
+        """When the loop last wrote its heartbeat: it does so at least every HEARTBEAT_INTERVAL_S while alive."""
+        return self._last_heartbeat
 
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
         ensure_group(self.redis, keys.requests(self.model))
         ensure_group(self.redis, self._own)
+        self.serving = True
         log.info("worker.serving", model=self.model, worker=self.worker_id)
         handed_back = False
         while not (stop.is_set() and not self.scheduler.has_work):
@@ -66,6 +78,7 @@ class WorkerService:
         if not handed_back:
             self._leave_fleet()
         self.redis.delete(self._own)
+        self.serving = False
         log.info("worker.stopped", worker=self.worker_id)
 
     def _leave_fleet(self) -> None:
@@ -125,9 +138,11 @@ class WorkerService:
         if self._watched:
             pipe.mget([keys.cancel(i) for i in self._watched])
         now = time.time()
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S and not self._stop.is_set():
-            pipe.zadd(keys.live_workers(self.model), {self.worker_id: now})
-            pipe.hset(keys.load(self.model), self.worker_id, len(self.scheduler.running) + len(self.scheduler.waiting))
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            if not self._stop.is_set():  # a draining worker is alive but no longer offered work
+                pipe.zadd(keys.live_workers(self.model), {self.worker_id: now})
+                load = len(self.scheduler.running) + len(self.scheduler.waiting)
+                pipe.hset(keys.load(self.model), self.worker_id, load)
             self._last_heartbeat = now
         capacity = self.scheduler.free_capacity if accept_new else 0
         if capacity > 0:
@@ -154,6 +169,7 @@ class WorkerService:
         if entry_id is not None:
             pipe.xack(stream, keys.WORKER_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
+        self.scheduler.metrics.final(final)
         if final.conversation and self.settings.affinity:
             pipe.set(keys.affinity(self.model, final.conversation), self.worker_id, ex=self.settings.affinity_ttl_s)
         log.info(

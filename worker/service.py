@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import redis
 import structlog
@@ -25,12 +26,13 @@ STOP_RETRY_LIMIT_S = 2.0
 
 
 def ensure_group(client: redis.Redis, model: str) -> None:
-    try:
-        # Id 0, not $: requests queued before the first worker came up are served too.
-        client.xgroup_create(keys.requests(model), keys.WORKER_GROUP, id="0", mkstream=True)
-    except redis.ResponseError as error:
-        if "BUSYGROUP" not in str(error):
-            raise
+    for stream in (keys.requests(model), keys.batch_requests(model)):
+        try:
+            # Id 0, not $: requests queued before the first worker came up are served too.
+            client.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
 
 
 class WorkerService:
@@ -44,12 +46,16 @@ class WorkerService:
         self._last_heartbeat = 0.0
         self._watched: list[str] = []  # request ids whose cancel flags the current round trip reads
         self._stop = threading.Event()
+        # Batch entries read in the same round trip as interactive ones wait here (in this worker's pending
+        # list) until a slot beyond the interactive reserve is free; they never queue ahead of interactive work.
+        self._batch_backlog: deque[tuple[str, dict]] = deque()
+        self._from_batch: set[str] = set()
 
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
         ensure_group(self.redis, self.model)
         log.info("worker.serving", model=self.model, worker=self.worker_id)
-        while not (stop.is_set() and not self.scheduler.has_work):
+        while not (stop.is_set() and not self.scheduler.has_work and not self._batch_backlog):
             events = self.scheduler.step() if self.scheduler.has_work else []
             self._exchange(events, accept_new=not stop.is_set())
         self.redis.zrem(keys.live_workers(self.model), self.worker_id)
@@ -72,8 +78,20 @@ class WorkerService:
         for request_id, flag in zip(self._watched, replies["cancel"] or []):
             if flag is not None:
                 self.scheduler.cancel(request_id)
-        arrived = [(entry_id, fields) for _, entries in replies["new"] or [] for entry_id, fields in entries]
+        arrived = []
+        for stream, entries in replies["new"] or []:
+            if stream == keys.batch_requests(self.model):
+                self._batch_backlog.extend(entries)
+            else:
+                arrived.extend(entries)
         accepted = [r for r in (self._accept(entry_id, fields) for entry_id, fields in arrived) if r is not None]
+        reserve = self.settings.jobs.interactive_reserve if accept_new else 0
+        spare = self.scheduler.free_capacity - len(accepted) - reserve
+        while self._batch_backlog and spare > 0:
+            request = self._accept(*self._batch_backlog.popleft(), from_batch=True)
+            if request is not None:
+                accepted.append(request)
+                spare -= 1
         if accepted:
             # A request cancelled while it waited in the stream must never start.
             flags = self.redis.mget([keys.cancel(r.id) for r in accepted])
@@ -107,11 +125,12 @@ class WorkerService:
             self._last_heartbeat = now
         capacity = self.scheduler.free_capacity if accept_new else 0
         if capacity > 0:
-            block = None if self.scheduler.has_work else IDLE_BLOCK_MS
-            pipe.xreadgroup(
-                keys.WORKER_GROUP, self.worker_id, {keys.requests(self.model): ">"}, count=capacity, block=block
-            )
-        elif not self.scheduler.has_work:
+            block = None if self.scheduler.has_work or self._batch_backlog else IDLE_BLOCK_MS
+            streams = {keys.requests(self.model): ">"}
+            if not self._batch_backlog and capacity > settings.jobs.interactive_reserve:
+                streams[keys.batch_requests(self.model)] = ">"
+            pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, streams, count=capacity, block=block)
+        elif not self.scheduler.has_work and not self._batch_backlog:
             time.sleep(IDLE_BLOCK_MS / 1000)
         replies = pipe.execute()
         return {
@@ -127,7 +146,9 @@ class WorkerService:
         # NX: should two workers ever finish the same request, the first result stands.
         pipe.set(keys.result(final.id), body, nx=True, ex=self.settings.result_ttl_s)
         if entry_id is not None:
-            stream = keys.requests(self.model)
+            from_batch = final.id in self._from_batch
+            self._from_batch.discard(final.id)
+            stream = keys.batch_requests(self.model) if from_batch else keys.requests(self.model)
             pipe.xack(stream, keys.WORKER_GROUP, entry_id)
             pipe.xdel(stream, entry_id)
         self._entries.pop(final.id, None)
@@ -140,16 +161,19 @@ class WorkerService:
             total_s=round(final.timings.total_s, 4),
         )
 
-    def _accept(self, entry_id: str, fields: dict) -> InferenceRequest | None:
+    def _accept(self, entry_id: str, fields: dict, from_batch: bool = False) -> InferenceRequest | None:
         """The request in a stream entry, or None when it can only be answered (or dropped) at once."""
         try:
             request = InferenceRequest.model_validate_json(fields.get("r", ""))
         except ValidationError as error:
             # Unreadable entry: nobody can be told, so only drop it from the group.
             log.error("request.unreadable", entry_id=entry_id, error=str(error))
-            self.redis.xack(keys.requests(self.model), keys.WORKER_GROUP, entry_id)
+            stream = keys.batch_requests(self.model) if from_batch else keys.requests(self.model)
+            self.redis.xack(stream, keys.WORKER_GROUP, entry_id)
             return None
         self._entries[request.id] = (entry_id, request.stream)
+        if from_batch:
+            self._from_batch.add(request.id)
         needed = len(request.prompt_token_ids) + request.sampling.max_tokens
         capacity = self.scheduler.runner.capacity
         if needed > capacity:

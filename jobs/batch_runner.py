@@ -27,7 +27,7 @@ from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-LEASE_TTL_S = 5.0
+LEASE_TTL_S = 10.0
 """A run refreshes its lease at least every WAIT_MS; one whose lease lapsed this long is taken as dead."""
 WAIT_MS = 1000
 ENDPOINT_KINDS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "text"}

@@ -5,6 +5,8 @@ line is dispatched and recorded at most once in Redis, and only the holder of th
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as aioredis
 from arq import cron
 from arq.connections import RedisSettings
@@ -20,7 +22,7 @@ from jobs.store import BatchStore
 from shared import keys
 from shared.settings import Settings
 
-RECLAIM_EVERY_S = 2
+RECLAIM_EVERY_S = 3
 HEALTH_CHECK_INTERVAL_S = 10
 
 
@@ -34,7 +36,12 @@ def build_worker(settings: Settings, max_jobs: int = 10) -> Worker:
         ctx["settings"] = settings
         ctx["client"] = client
         ctx["store"] = BatchStore(client)
-        ctx["completions"] = Completions(settings, QueueClient(client), Tokenizers(settings))
+        tokenizers = Tokenizers(settings)
+        # Loaded now, not inside a batch run, where a slow first load would stall its lease refresh.
+        for model in settings.models:
+            if (settings.model_dir(model) / "tokenizer_config.json").is_file():
+                await asyncio.to_thread(tokenizers.get, model)
+        ctx["completions"] = Completions(settings, QueueClient(client), tokenizers)
 
     async def shutdown(ctx: dict) -> None:
         await ctx["client"].aclose()

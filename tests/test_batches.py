@@ -13,11 +13,18 @@ from tests.conftest import MODEL
 from tests.fleet import wait_until
 
 CHAT = "/v1/chat/completions"
+TEXT = "/v1/completions"
 
 
-def chat_line(i: int, max_tokens: int, **extra) -> str:
+def text_line(i: int, max_tokens: int, **extra) -> str:
+    """A plain completion with a prompt of a few tokens: these tests are about the batch, not the model."""
+    body = {"model": MODEL, "prompt": f"{i},", "max_tokens": max_tokens, "temperature": 0, **extra}
+    return json.dumps({"custom_id": f"req-{i:04d}", "method": "POST", "url": TEXT, "body": body})
+
+
+def chat_line(i: int, max_tokens: int) -> str:
     body = {"model": MODEL, "messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": max_tokens,
-            "temperature": 0, **extra}  # fmt: skip
+            "temperature": 0}  # fmt: skip
     return json.dumps({"custom_id": f"req-{i:04d}", "method": "POST", "url": CHAT, "body": body})
 
 
@@ -29,9 +36,9 @@ def jobs(fleet):
     holder["proc"].stop()
 
 
-def submit(client: openai.OpenAI, lines: list[str]):
+def submit(client: openai.OpenAI, lines: list[str], endpoint: str = TEXT):
     upload = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
-    return client.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
+    return client.batches.create(input_file_id=upload.id, endpoint=endpoint, completion_window="24h")
 
 
 def wait_for(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = 240):
@@ -45,12 +52,12 @@ def output(client: openai.OpenAI, batch) -> list[dict]:
 
 
 def test_batch_with_malformed_lines_gives_one_output_line_each_in_input_order(client, jobs):
-    lines = [chat_line(i, 1 + i % 4) for i in range(200)]
+    lines = [text_line(i, 1 + i % 4) for i in range(200)]
     lines[3] = "{not json"
-    lines[50] = json.dumps({"method": "POST", "url": CHAT, "body": {"model": MODEL, "prompt": "x"}})
-    lines[99] = chat_line(99, 2).replace(CHAT, "/v1/embeddings")
-    lines[150] = chat_line(150, 2, temperature=7)
-    lines[199] = chat_line(199, 2).replace(MODEL, "no-such-model")
+    lines[50] = json.dumps({"method": "POST", "url": TEXT, "body": {"model": MODEL, "prompt": "x"}})
+    lines[99] = text_line(99, 2).replace(TEXT, "/v1/embeddings")
+    lines[150] = text_line(150, 2, temperature=7)
+    lines[199] = text_line(199, 2).replace(MODEL, "no-such-model")
     batch = submit(client, lines)
     assert batch.status == "validating"
     assert batch.request_counts.total == 0
@@ -70,7 +77,7 @@ def test_batch_with_malformed_lines_gives_one_output_line_each_in_input_order(cl
 
 
 def test_cancelled_batch_accounts_for_every_line(client, jobs):
-    batch = submit(client, [chat_line(i, 48, ignore_eos=True) for i in range(60)])
+    batch = submit(client, [text_line(i, 16, ignore_eos=True) for i in range(60)])
     wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed > 0, 60, "first lines", 0.2)
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
     done = wait_for(client, batch.id, ("cancelled",))
@@ -82,7 +89,7 @@ def test_cancelled_batch_accounts_for_every_line(client, jobs):
 
 
 def test_batch_survives_kill_9_of_its_arq_process(client, fleet, jobs):
-    lines = [chat_line(i, 24, ignore_eos=True) for i in range(64)]
+    lines = [text_line(i, 24, ignore_eos=True) for i in range(64)]
     batch = submit(client, lines)
     wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 8, 60, "some lines", 0.1)
     jobs["proc"].stop(signal.SIGKILL)
@@ -96,7 +103,14 @@ def test_batch_survives_kill_9_of_its_arq_process(client, fleet, jobs):
     assert (done.request_counts.completed, done.request_counts.failed) == (64, 0)
 
 
-def test_batch_of_another_api_key_and_unknown_files_are_404(client, jobs):
+def test_chat_batch_lines_get_the_synchronous_chat_response(client, jobs):
+    done = wait_for(client, submit(client, [chat_line(i, 3) for i in range(3)], CHAT).id, ("completed",))
+    rows = output(client, done)
+    assert [row["response"]["body"]["object"] for row in rows] == ["chat.completion"] * 3
+    assert all(row["response"]["body"]["choices"][0]["message"]["role"] == "assistant" for row in rows)
+
+
+def test_unknown_batches_and_files_are_404_and_bad_batches_400(client, jobs):
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")
     with pytest.raises(openai.NotFoundError):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import metrics
 from gateway.errors import APIError
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
 
@@ -59,17 +59,61 @@ async def completions(body: CompletionRequest, request: Request):
     return await _completions(request).create("text", body, request)
 
 
+def _owner(request: Request) -> str | None:
+    """The API key id that authentication set (None in open mode): jobs, files and batches belong to it."""
+    return getattr(request.state, "key_id", None)
+
+
 @router.post("/v1/jobs", status_code=202)
-async def submit_job(request: Request, body: dict = Body(...)):
-    job = await request.app.state.jobs.submit(body)
+async def submit_job(
+    request: Request,
+    body: dict = Body(...),
+    idempotency_key: str | None = Header(default=None, max_length=255),
+):
+    job = await request.app.state.jobs.submit(body, _owner(request), idempotency_key)
     return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
 
 
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, request: Request) -> dict:
-    return await request.app.state.jobs.get(job_id)
+    return await request.app.state.jobs.get(job_id, _owner(request))
 
 
 @router.delete("/v1/jobs/{job_id}")
 async def cancel_job(job_id: str, request: Request) -> dict:
-    return await request.app.state.jobs.cancel(job_id)
+    return await request.app.state.jobs.cancel(job_id, _owner(request))
+
+
+@router.post("/v1/files")
+async def upload_file(request: Request) -> dict:
+    try:
+        form = await request.form()
+    except Exception:  # malformed multipart body: the client's fault
+        raise APIError(400, "The body must be multipart/form-data.", code="invalid_value") from None
+    return await request.app.state.batches.upload(form.get("file"), form.get("purpose"), _owner(request))
+
+
+@router.get("/v1/files/{file_id}")
+async def get_file(file_id: str, request: Request) -> dict:
+    return await request.app.state.batches.file(file_id, _owner(request))
+
+
+@router.get("/v1/files/{file_id}/content")
+async def get_file_content(file_id: str, request: Request) -> Response:
+    content = await request.app.state.batches.file_content(file_id, _owner(request))
+    return Response(content, media_type="application/jsonl")
+
+
+@router.post("/v1/batches")
+async def create_batch(body: BatchCreateRequest, request: Request) -> dict:
+    return await request.app.state.batches.create(body, _owner(request))
+
+
+@router.get("/v1/batches/{batch_id}")
+async def get_batch(batch_id: str, request: Request) -> dict:
+    return await request.app.state.batches.get(batch_id, _owner(request))
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+async def cancel_batch(batch_id: str, request: Request) -> dict:
+    return await request.app.state.batches.cancel(batch_id, _owner(request))

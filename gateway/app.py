@@ -13,11 +13,14 @@ from fastapi import FastAPI
 
 from gateway import errors
 from gateway.api_router import router
+from gateway.batches import Batches
 from gateway.jobs import Jobs
 from gateway.metrics import RequestCounter
 from gateway.prompts import Tokenizers
 from gateway.queue_client import QueueClient
 from gateway.serving import Completions
+from jobs.enqueue import arq_pool
+from jobs.store import BatchStore
 from shared.logging import configure as configure_logging
 from shared.settings import Settings
 
@@ -34,9 +37,12 @@ def create_app(settings: Settings) -> FastAPI:
                 await asyncio.to_thread(tokenizers.get, model)
         app.state.completions = Completions(settings, QueueClient(client, settings), tokenizers)
         app.state.jobs = Jobs(app.state.completions)
+        arq = await arq_pool(settings)
+        app.state.batches = Batches(settings, BatchStore(client), arq)
         try:
             yield
         finally:
+            await arq.aclose()
             await client.aclose()
 
     app = FastAPI(title="llmfleet gateway", lifespan=lifespan)

@@ -2,14 +2,24 @@
 
 A job is an ordinary inference request on the stream plus a record (keys.job) that remembers what was asked,
 so its status can be derived from what the worker wrote: a final record means it ended, output on its token
-stream means it is running, neither means it is still queued."""
+stream means it is running, neither means it is still queued (or, past its deadline, expired).
+
+Retention: a result is shown for `result_ttl_s` after it was written; after that, and for
+`jobs.expired_visible_s` more, the job reads `expired`. A job belongs to the API key that submitted it
+(`request.state.key_id`, None in open mode); any other key gets a 404, as if it did not exist."""
 
 from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
 
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.queue_client import GRACE_AFTER_DEADLINE_S
 from gateway.serving import Completions, Kind, failure, whole_response
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest
@@ -23,15 +33,20 @@ _STATUS = {
 }
 
 
+IDEMPOTENCY_RACE_WAIT_S = 2.0
+
+
 class JobRecord(BaseModel):
     kind: Kind
     request: InferenceRequest
+    owner: str | None = None
 
 
-def parse_body(body: object) -> tuple[Kind, ChatCompletionRequest | CompletionRequest]:
+def parse_body(body: object, kind: Kind | None = None) -> tuple[Kind, ChatCompletionRequest | CompletionRequest]:
+    """A chat or completion body, validated as the synchronous endpoint would (kind guessed from `messages`)."""
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_value")
-    kind: Kind = "chat" if "messages" in body else "text"
+    kind = kind or ("chat" if "messages" in body else "text")
     model = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
         return kind, model.model_validate({**body, "stream": False})
@@ -45,36 +60,77 @@ class Jobs:
     def __init__(self, completions: Completions):
         self.completions = completions
         self.redis = completions.queue.redis
-        self.ttl_s = completions.settings.result_ttl_s
+        settings = completions.settings
+        self.result_ttl_s = settings.result_ttl_s
+        # The record outlives the request's deadline and its result's retention, so that it can read `expired`.
+        self.record_ttl_s = int(settings.request_timeout_s) + settings.result_ttl_s + settings.jobs.expired_visible_s
 
-    async def submit(self, body: object) -> dict:
+    async def submit(self, body: object, owner: str | None, idempotency_key: str | None = None) -> dict:
+        """The new job's view; with an idempotency key already used by this owner, the earlier job's view."""
         kind, parsed = parse_body(body)
         request = self.completions.build(kind, parsed)
         # Jobs stream deltas internally so that a running job is visible as running.
         request = request.model_copy(update={"stream": True})
-        record = JobRecord(kind=kind, request=request)
-        await self.redis.set(keys.job(request.id), record.model_dump_json(), ex=self.ttl_s)
-        await self.completions.queue.submit(request)
+        if idempotency_key is not None:
+            earlier = await self._claim_idempotency_key(owner, idempotency_key, body, request.id)
+            if earlier is not None:
+                return earlier
+        record = JobRecord(kind=kind, request=request, owner=owner)
+        await self.redis.set(keys.job(request.id), record.model_dump_json(), ex=self.record_ttl_s)
+        try:
+            await self.completions.queue.submit(request)
+        except APIError:
+            # Not accepted (no live worker): a retry with the same key must be able to try again.
+            await self.redis.delete(keys.job(request.id))
+            if idempotency_key is not None:
+                await self.redis.delete(keys.idempotency(owner, idempotency_key))
+            raise
         return self._view(record, "queued", None)
 
-    async def get(self, job_id: str) -> dict:
-        record = await self._record(job_id)
+    async def _claim_idempotency_key(self, owner: str | None, key: str, body: object, job_id: str) -> dict | None:
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+        name = keys.idempotency(owner, key)
+        if await self.redis.set(name, f"{job_id} {digest}", nx=True, ex=self.record_ttl_s):
+            return None
+        earlier_id, earlier_digest = (await self.redis.get(name) or " ").split(" ")
+        if earlier_digest != digest:
+            raise APIError(
+                422,
+                "This Idempotency-Key was already used with a different request body.",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
+        # The first submit may still be between claiming the key and writing its record.
+        deadline = time.monotonic() + IDEMPOTENCY_RACE_WAIT_S
+        while not await self.redis.exists(keys.job(earlier_id)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return await self.get(earlier_id, owner)
+
+    async def get(self, job_id: str, owner: str | None) -> dict:
+        record = await self._record(job_id, owner)
         final = await self.completions.queue.result(job_id)
         if final is not None:
+            if time.time() > final.finished + self.result_ttl_s:
+                return self._view(record, "expired", None)
             return self._view(record, _STATUS[final.finish_reason], final)
-        started = await self.redis.exists(keys.output(job_id))
-        return self._view(record, "running" if started else "queued", None)
+        if await self.redis.exists(keys.output(job_id)):
+            return self._view(record, "running", None)
+        # Nothing written and past its deadline: it never ran in time, or its result has been dropped.
+        if time.time() > record.request.deadline + GRACE_AFTER_DEADLINE_S:
+            return self._view(record, "expired", None)
+        return self._view(record, "queued", None)
 
-    async def cancel(self, job_id: str) -> dict:
-        await self._record(job_id)
+    async def cancel(self, job_id: str, owner: str | None) -> dict:
+        await self._record(job_id, owner)
         await self.completions.queue.cancel(job_id)
-        return await self.get(job_id)
+        return await self.get(job_id, owner)
 
-    async def _record(self, job_id: str) -> JobRecord:
+    async def _record(self, job_id: str, owner: str | None) -> JobRecord:
         body = await self.redis.get(keys.job(job_id))
-        if body is None:
+        record = None if body is None else JobRecord.model_validate_json(body)
+        if record is None or record.owner != owner:
             raise APIError(404, f"No job with id '{job_id}'.", param="job_id", code="job_not_found")
-        return JobRecord.model_validate_json(body)
+        return record
 
     def _view(self, record: JobRecord, status: str, final: FinalResult | None) -> dict:
         request = record.request

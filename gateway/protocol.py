@@ -111,3 +111,13 @@ class CompletionRequest(_SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class BatchCreateRequest(BaseModel):
+    """POST /v1/batches, as OpenAI's Batch API has it."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_file_id: Annotated[str, Field(min_length=1, max_length=256)]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    completion_window: Literal["24h"]
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None

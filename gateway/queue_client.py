@@ -78,7 +78,7 @@ class QueueClient:
             reply = await self.redis.xread({out: last}, block=FOLLOW_BLOCK_MS, count=256)
             if not reply:
                 if time.time() > request.deadline + GRACE_AFTER_DEADLINE_S:
-                    yield await self._expired(request)
+                    yield await self.expire(request)
                     return
                 continue
             for entry_id, fields in reply[0][1]:
@@ -95,7 +95,7 @@ class QueueClient:
     async def cancel(self, request_id: str) -> None:
         await self.redis.set(keys.cancel(request_id), "1", ex=CANCEL_TTL_S)
 
-    async def _expired(self, request: InferenceRequest) -> FinalResult:
+    async def expire(self, request: InferenceRequest) -> FinalResult:
         # No worker wrote an end in time (none took it, or its worker died): record the expiry, unless a
         # result landed in the meantime, and tell any worker that still holds it to drop it.
         await self.cancel(request.id)

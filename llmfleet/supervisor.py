@@ -1,5 +1,6 @@
 """Runs the whole service on one machine without containers: Redis (own port, own data dir, AOF on), the
-gateway and N workers as child processes. Workers that die are restarted; Ctrl-C stops everything cleanly."""
+gateway, N workers and the arq job layer (python -m jobs) as child processes. Children that die are restarted;
+Ctrl-C stops everything cleanly."""
 
 from __future__ import annotations
 
@@ -105,15 +106,15 @@ class Supervisor:
             for model in self.settings.models:
                 print(f"preparing model {model} (first run only: convert + quantize, a few minutes)…", flush=True)
                 subprocess.run([python, "-m", "worker", "--model", model, "--prepare-only"], env=env, check=True)
-            gateway = Child("gateway", [python, "-m", "gateway"])
-            self.children.append(gateway)
+            services = [Child("gateway", [python, "-m", "gateway"]), Child("jobs", [python, "-m", "jobs"])]
             port = self.settings.worker_http_port - 1
             for i, model in enumerate(m for m in self.settings.models for _ in range(self.workers)):
                 # Each worker's own /metrics, /health and /ready port: the next free one from worker_http_port.
                 port = next(p for p in range(port + 1, 65536) if not port_open(self.settings.worker_http_host, p))
                 extra = {"LLMFLEET_WORKER_HTTP_PORT": str(port)}
-                self.children.append(Child(f"worker-{i}", [python, "-m", "worker", "--model", model], extra))
-            for child in self.children[-(1 + self.workers * len(self.settings.models)) :]:
+                services.append(Child(f"worker-{i}", [python, "-m", "worker", "--model", model], extra))
+            for child in services:
+                self.children.append(child)
                 child.start(env)
             base = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
             wait_until(lambda: http_ok(f"{base}/health"), 60, "the gateway")

@@ -5,6 +5,8 @@ or with --start, on a fresh local fleet per variant, so one invocation compares 
     python -m loadtest multiturn --start --variants cache-on cache-off
     python -m loadtest multiturn --start --workers 2 --variants cache-on affinity-off
 
+    python -m loadtest batch-mix --concurrency 8 --batch-lines 256   # needs `python -m jobs` (llmfleet up)
+
 Every run writes JSON and a Markdown table to loadtest/out/.
 """
 
@@ -18,6 +20,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from loadtest import batch_workload
 from loadtest.local_fleet import local_fleet
 from loadtest.stats import table
 from loadtest.workload import run_chat, run_multiturn
@@ -85,6 +88,38 @@ def _multiturn(args: argparse.Namespace) -> tuple[list[dict], str]:
     return results, "\n".join([head, "|---" * (args.turns + 2) + "|", *rows])
 
 
+def _batch_mix(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """Interactive chat alone, then next to a running batch: what a batch costs interactive TTFT."""
+    summaries, runs = [], []
+    for c in args.concurrency:
+        for with_batch in (False, True):
+            summary, batch = asyncio.run(_interactive_next_to_batch(args, c, with_batch))
+            summaries.append(summary)
+            runs.append({**summary.as_dict(), "batch": None if batch is None else vars(batch)})
+            print(table([summary]).splitlines()[-1], flush=True)
+            if batch is not None:
+                print(f"  batch: {batch.completed}/{batch.lines} lines {batch.status} in {batch.wall_s:.1f}s "
+                      f"({batch.lines_per_s:.1f} lines/s)", flush=True)  # fmt: skip
+    return runs, table(summaries)
+
+
+async def _interactive_next_to_batch(args: argparse.Namespace, concurrency: int, with_batch: bool):
+    batch_client = batch_id = None
+    started = time.perf_counter()
+    if with_batch:
+        batch_client, batch_id = await batch_workload.submit(
+            args.url, args.model, args.batch_lines, args.batch_max_tokens, args.seed
+        )
+        await asyncio.sleep(2.0)  # let the batch fill the worker before interactive traffic starts
+    label = f"interactive + batch of {args.batch_lines}" if with_batch else "interactive alone"
+    summary = await run_chat(
+        args.url, args.model, concurrency, max(concurrency * args.requests_per_user, 8), args.max_tokens,
+        True, args.seed, label,
+    )  # fmt: skip
+    batch = await batch_workload.wait_done(batch_client, batch_id, started) if with_batch else None
+    return summary, batch
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest")
     workloads = parser.add_subparsers(dest="workload", required=True)
@@ -109,6 +144,17 @@ def main(argv: list[str] | None = None) -> None:
     multiturn.add_argument("--concurrency", type=int, default=4)
     multiturn.add_argument("--turns", type=int, default=4)
     multiturn.add_argument("--max-tokens", type=int, default=32)
+    mix = workloads.add_parser("batch-mix", help="interactive chat alone and next to a batch (/v1/batches)")
+    mix.set_defaults(run=_batch_mix)
+    mix.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    mix.add_argument("--model", default=DEFAULT_MODEL)
+    mix.add_argument("--seed", type=int, default=1234)
+    mix.add_argument("--out", default="loadtest/out")
+    mix.add_argument("--concurrency", type=int, nargs="+", default=[8])
+    mix.add_argument("--requests-per-user", type=int, default=4)
+    mix.add_argument("--max-tokens", type=int, default=64)
+    mix.add_argument("--batch-lines", type=int, default=256)
+    mix.add_argument("--batch-max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
 
     runs, report = args.run(args)

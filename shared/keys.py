@@ -6,15 +6,27 @@ worker_requests  The same, for one worker only: where the gateway routes a conve
            worker that holds its prefix in cache is live and not full (affinity is a hint, never a trap).
 affinity   Conversation key -> the worker that served its last turn (TTL), written by that worker.
 load       Hash per model: worker id -> requests it is running or holding, written with its heartbeat.
+batch_requests  The same, for batch lines (XADD by the arq batch runner): workers drain `requests` first and
+           give batch work only the slots interactive traffic leaves free.
 output     One stream per request, written by the worker that runs it: field "d" holds a JSON `TokenDelta`
            per step, and the last entry holds field "f", the JSON `FinalResult`. Any gateway can follow it.
 result     The `FinalResult` again, as a plain key with a TTL, written once (SET NX) before the XACK.
 cancel     Set by a gateway when the client goes away; the worker drops the request at its next step.
 job        An async job's record (kind, the InferenceRequest, owner), written by the gateway that accepted it.
+idempotency  An Idempotency-Key (per owner) -> "job id body-hash", so a retried POST /v1/jobs returns the same job.
+file       An uploaded or produced file's metadata (JSON); file_content holds its bytes.
+batch      Hash: a batch's record ("meta" JSON), status, timestamps and progress counters (total/completed/failed).
+batch_dispatched  Hash line index -> request id of every batch line put on a stream (HSETNX, with the XADD).
+batch_output      Hash line index -> that line's output JSON (HSETNX: each line is written exactly once).
+batch_lease       The running batch runner's token, with a short TTL it keeps refreshing; gone = runner dead.
+active_batches    Set of batches not yet finished; the reclaim cron restarts those without a lease.
+ARQ_QUEUE  The arq queue the job layer (python -m jobs) consumes; arq keeps its own keys under "arq:".
 live       Sorted set per model: worker id -> time of its last heartbeat. Gateways count the recent ones.
 """
 
 PREFIX = "llmfleet"
+ARQ_QUEUE = f"{PREFIX}:arq:queue"
+ACTIVE_BATCHES = f"{PREFIX}:batches:active"
 WORKER_GROUP = "workers"
 
 
@@ -57,3 +69,35 @@ def job(job_id: str) -> str:
 
 def live_workers(model: str) -> str:
     return f"{PREFIX}:live:{model}"
+
+
+def batch_requests(model: str) -> str:
+    return f"{PREFIX}:batch-requests:{model}"
+
+
+def idempotency(owner: str | None, key: str) -> str:
+    return f"{PREFIX}:idempotency:{owner or '-'}:{key}"
+
+
+def file(file_id: str) -> str:
+    return f"{PREFIX}:file:{file_id}"
+
+
+def file_content(file_id: str) -> str:
+    return f"{PREFIX}:file-content:{file_id}"
+
+
+def batch(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_dispatched(batch_id: str) -> str:
+    return f"{PREFIX}:batch-dispatched:{batch_id}"
+
+
+def batch_output(batch_id: str) -> str:
+    return f"{PREFIX}:batch-output:{batch_id}"
+
+
+def batch_lease(batch_id: str) -> str:
+    return f"{PREFIX}:batch-lease:{batch_id}"

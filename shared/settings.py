@@ -35,6 +35,21 @@ class BatchLimits(BaseModel):
     """Tokens of finished sequences' KV kept for prefix reuse (LRU); 0 turns the prefix cache off."""
 
 
+class JobLimits(BaseModel):
+    """Async jobs and batches (gateway.jobs, gateway.batches, the arq process `python -m jobs`)."""
+
+    expired_visible_s: PositiveInt = 86400
+    """How long a job whose result is gone still reads `expired` (instead of 404)."""
+    batch_in_flight: PositiveInt = 16
+    """Lines of one batch on the streams at once, so one huge batch cannot flood the queue."""
+    batch_window_s: PositiveInt = 86400
+    """OpenAI's completion_window ("24h"): lines not done by then end with a `batch_expired` error."""
+    max_file_bytes: PositiveInt = 100 * 1024 * 1024
+    max_batch_lines: PositiveInt = 50000
+    interactive_reserve: int = Field(default=4, ge=0)
+    """Batch slots a worker keeps free for interactive requests."""
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
         return None, field_name, False
@@ -70,6 +85,7 @@ class Settings(BaseSettings):
     affinity: bool = True
     """Route a conversation's next turn to the worker that holds its prefix (when live and not full)."""
     affinity_ttl_s: PositiveInt = 600
+    jobs: JobLimits = Field(default_factory=JobLimits)
     torch_threads: int = 0
     """0: one per core."""
 

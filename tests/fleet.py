@@ -132,6 +132,15 @@ class Fleet:
         _raise_if_died(proc)
         return proc
 
+    def jobs_worker(self, wait: bool = True, **env: str) -> Proc:
+        """An arq process of the job layer (python -m jobs)."""
+        proc = self._spawn("jobs", [sys.executable, "-m", "jobs"], {**self.env, **env})
+        if wait:
+            client = self.redis_server.client()
+            wait_until(lambda: client.exists(f"{keys.ARQ_QUEUE}:health-check") or _died(proc), 60, "the arq worker")
+            _raise_if_died(proc)
+        return proc
+
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.stop(signal.SIGKILL if proc.process.poll() is None else signal.SIGTERM, timeout=10)

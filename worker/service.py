@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import redis
 import structlog
@@ -58,15 +59,18 @@ class WorkerService:
     def last_progress(self) -> float:
         """When the loop last wrote its heartbeat: it does so at least every HEARTBEAT_INTERVAL_S while alive."""
         return self._last_heartbeat
+        # Batch entries read in the same round trip as interactive ones wait here (in this worker's pending
+        # list) until a slot beyond the interactive reserve is free; they never queue ahead of interactive work.
+        self._batch_backlog: deque[tuple[str, dict]] = deque()
 
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
-        ensure_group(self.redis, keys.requests(self.model))
-        ensure_group(self.redis, self._own)
+        for stream in (keys.requests(self.model), self._own, keys.batch_requests(self.model)):
+            ensure_group(self.redis, stream)
         self.serving = True
         log.info("worker.serving", model=self.model, worker=self.worker_id)
         handed_back = False
-        while not (stop.is_set() and not self.scheduler.has_work):
+        while not (stop.is_set() and not self.scheduler.has_work and not self._batch_backlog):
             if stop.is_set() and not handed_back:
                 self._leave_fleet()
                 handed_back = True
@@ -106,10 +110,21 @@ class WorkerService:
         for request_id, flag in zip(self._watched, replies["cancel"] or []):
             if flag is not None:
                 self.scheduler.cancel(request_id)
-        arrived = [
-            (stream, entry_id, fields) for stream, entries in replies["new"] or [] for entry_id, fields in entries
-        ]
+        batch_stream = keys.batch_requests(self.model)
+        arrived = []
+        for stream, entries in replies["new"] or []:
+            if stream == batch_stream:
+                self._batch_backlog.extend(entries)
+            else:
+                arrived.extend((stream, entry_id, fields) for entry_id, fields in entries)
         accepted = [r for r in (self._accept(*entry) for entry in arrived) if r is not None]
+        reserve = self.settings.jobs.interactive_reserve if accept_new else 0
+        spare = self.scheduler.free_capacity - len(accepted) - reserve
+        while self._batch_backlog and spare > 0:
+            request = self._accept(batch_stream, *self._batch_backlog.popleft())
+            if request is not None:
+                accepted.append(request)
+                spare -= 1
         if accepted:
             # A request cancelled while it waited in the stream must never start.
             flags = self.redis.mget([keys.cancel(r.id) for r in accepted])
@@ -146,11 +161,14 @@ class WorkerService:
             self._last_heartbeat = now
         capacity = self.scheduler.free_capacity if accept_new else 0
         if capacity > 0:
-            block = None if self.scheduler.has_work else IDLE_BLOCK_MS
-            # Own stream first: those are turns whose prefix this worker holds in cache.
+            block = None if self.scheduler.has_work or self._batch_backlog else IDLE_BLOCK_MS
+            # Own stream first (turns whose prefix this worker holds in cache), then the shared one; batch lines
+            # only when interactive traffic leaves slots beyond the reserve.
             streams = {self._own: ">", keys.requests(self.model): ">"}
+            if not self._batch_backlog and capacity > settings.jobs.interactive_reserve:
+                streams[keys.batch_requests(self.model)] = ">"
             pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, streams, count=capacity, block=block)
-        elif not self.scheduler.has_work:
+        elif not self.scheduler.has_work and not self._batch_backlog:
             time.sleep(IDLE_BLOCK_MS / 1000)
         replies = pipe.execute()
         return {

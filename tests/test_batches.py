@@ -1,0 +1,119 @@
+"""Batches through the openai client's files and batches calls, run by a real arq process (python -m jobs)."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+
+import openai
+import pytest
+
+from tests.conftest import MODEL
+from tests.fleet import wait_until
+
+CHAT = "/v1/chat/completions"
+TEXT = "/v1/completions"
+
+
+def text_line(i: int, max_tokens: int, **extra) -> str:
+    """A plain completion with a prompt of a few tokens: these tests are about the batch, not the model."""
+    body = {"model": MODEL, "prompt": f"{i},", "max_tokens": max_tokens, "temperature": 0, **extra}
+    return json.dumps({"custom_id": f"req-{i:04d}", "method": "POST", "url": TEXT, "body": body})
+
+
+def chat_line(i: int, max_tokens: int) -> str:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": max_tokens,
+            "temperature": 0}  # fmt: skip
+    return json.dumps({"custom_id": f"req-{i:04d}", "method": "POST", "url": CHAT, "body": body})
+
+
+@pytest.fixture(scope="module")
+def jobs(fleet):
+    """The module's arq process; a test may kill it and put a new one here."""
+    holder = {"proc": fleet.jobs_worker(LLMFLEET_JOBS__BATCH_IN_FLIGHT="24")}
+    yield holder
+    holder["proc"].stop()
+
+
+def submit(client: openai.OpenAI, lines: list[str], endpoint: str = TEXT):
+    upload = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+    return client.batches.create(input_file_id=upload.id, endpoint=endpoint, completion_window="24h")
+
+
+def wait_for(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = 240):
+    return wait_until(
+        lambda: (b := client.batches.retrieve(batch_id)).status in statuses and b, timeout, f"batch in {statuses}", 0.3
+    )
+
+
+def output(client: openai.OpenAI, batch) -> list[dict]:
+    return [json.loads(raw) for raw in client.files.content(batch.output_file_id).text.splitlines()]
+
+
+def test_batch_with_malformed_lines_gives_one_output_line_each_in_input_order(client, jobs):
+    lines = [text_line(i, 1 + i % 4) for i in range(200)]
+    lines[3] = "{not json"
+    lines[50] = json.dumps({"method": "POST", "url": TEXT, "body": {"model": MODEL, "prompt": "x"}})
+    lines[99] = text_line(99, 2).replace(TEXT, "/v1/embeddings")
+    lines[150] = text_line(150, 2, temperature=7)
+    lines[199] = text_line(199, 2).replace(MODEL, "no-such-model")
+    batch = submit(client, lines)
+    assert batch.status == "validating"
+    assert batch.request_counts.total == 0
+
+    done = wait_for(client, batch.id, ("completed",))
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (200, 195, 5)
+    rows = output(client, done)
+    assert len(rows) == 200
+    failed = {i: row["error"]["code"] for i, row in enumerate(rows) if row["error"]}
+    assert failed == {3: "invalid_json", 50: "missing_custom_id", 99: "invalid_url", 150: "invalid_value",
+                      199: "model_not_found"}  # fmt: skip
+    answered = [row for row in rows if not row["error"]]
+    assert [row["custom_id"] for row in answered] == [f"req-{i:04d}" for i in range(200) if i not in failed]
+    assert all(row["response"]["status_code"] == 200 for row in answered)
+    assert all(row["response"]["body"]["usage"]["completion_tokens"] >= 1 for row in answered)
+    assert rows[150]["custom_id"] == "req-0150"
+
+
+def test_cancelled_batch_accounts_for_every_line(client, jobs):
+    batch = submit(client, [text_line(i, 16, ignore_eos=True) for i in range(60)])
+    wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed > 0, 60, "first lines", 0.2)
+    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    done = wait_for(client, batch.id, ("cancelled",))
+    rows = output(client, done)
+    assert len(rows) == 60
+    assert 0 < done.request_counts.completed < 60
+    assert done.request_counts.completed + done.request_counts.failed == 60
+    assert {row["error"]["code"] for row in rows if row["error"]} <= {"batch_cancelled", "request_cancelled"}
+
+
+def test_batch_survives_kill_9_of_its_arq_process(client, fleet, jobs):
+    lines = [text_line(i, 24, ignore_eos=True) for i in range(64)]
+    batch = submit(client, lines)
+    wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 8, 60, "some lines", 0.1)
+    jobs["proc"].stop(signal.SIGKILL)
+    assert client.batches.retrieve(batch.id).status == "in_progress"
+    jobs["proc"] = fleet.jobs_worker(LLMFLEET_JOBS__BATCH_IN_FLIGHT="24")
+
+    done = wait_for(client, batch.id, ("completed",))
+    rows = output(client, done)
+    assert [row["custom_id"] for row in rows] == [f"req-{i:04d}" for i in range(64)]
+    assert all(row["error"] is None and row["response"]["body"]["usage"]["completion_tokens"] == 24 for row in rows)
+    assert (done.request_counts.completed, done.request_counts.failed) == (64, 0)
+
+
+def test_chat_batch_lines_get_the_synchronous_chat_response(client, jobs):
+    done = wait_for(client, submit(client, [chat_line(i, 3) for i in range(3)], CHAT).id, ("completed",))
+    rows = output(client, done)
+    assert [row["response"]["body"]["object"] for row in rows] == ["chat.completion"] * 3
+    assert all(row["response"]["body"]["choices"][0]["message"]["role"] == "assistant" for row in rows)
+
+
+def test_unknown_batches_and_files_are_404_and_bad_batches_400(client, jobs):
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.NotFoundError):
+        client.files.content("file-nope")
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h")

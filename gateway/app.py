@@ -7,7 +7,6 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 
@@ -15,7 +14,7 @@ from gateway import errors
 from gateway.api_router import router
 from gateway.jobs import Jobs
 from gateway.prompts import Tokenizers
-from gateway.queue_client import QueueClient
+from gateway.queue_client import QueueClient, connect
 from gateway.serving import Completions
 from shared.logging import configure as configure_logging
 from shared.settings import Settings
@@ -24,7 +23,7 @@ from shared.settings import Settings
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+        client = connect(settings.redis_url)
         app.state.redis = client
         tokenizers = Tokenizers(settings)
         # Load tokenizers of prepared models now, so the first request does not pay for it.
@@ -53,4 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=settings.gateway_port)
     args = parser.parse_args(argv)
     configure_logging(settings.log_level, process="gateway")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+    # On SIGTERM uvicorn stops accepting; open streams get drain_grace_s to end (gateway.serving).
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.delivery.drain_grace_s) + 1,
+    )

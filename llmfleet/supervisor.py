@@ -43,7 +43,7 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def redis_command(url: str, data_dir: Path) -> list[str] | None:
+def redis_command(url: str, data_dir: Path, appendfsync: str = "everysec") -> list[str] | None:
     """The redis-server command line for a local Redis we own, or None if the URL points at one already up."""
     parsed = urlparse(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
@@ -57,7 +57,7 @@ def redis_command(url: str, data_dir: Path) -> list[str] | None:
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
         binary, "--port", str(port), "--bind", host, "--dir", str(data_dir),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+        "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "", "--daemonize", "no",
         "--logfile", str(data_dir / "redis.log"),
     ]  # fmt: skip
 
@@ -90,7 +90,7 @@ class Supervisor:
     def run(self) -> int:
         env = dict(os.environ)
         python = sys.executable
-        redis_argv = redis_command(self.settings.redis_url, self.state_dir / "redis")
+        redis_argv = redis_command(self.settings.redis_url, self.state_dir / "redis", self.settings.redis_appendfsync)
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         try:
@@ -106,7 +106,10 @@ class Supervisor:
             gateway = Child("gateway", [python, "-m", "gateway"])
             self.children.append(gateway)
             for i, model in enumerate(m for m in self.settings.models for _ in range(self.workers)):
-                self.children.append(Child(f"worker-{i}", [python, "-m", "worker", "--model", model]))
+                argv = [python, "-m", "worker", "--model", model]
+                if self.settings.worker_http_port:
+                    argv += ["--http-port", str(self.settings.worker_http_port + i)]
+                self.children.append(Child(f"worker-{i}", argv))
             for child in self.children[-(1 + self.workers * len(self.settings.models)) :]:
                 child.start(env)
             base = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
@@ -143,6 +146,6 @@ class Supervisor:
             for child in group:
                 if child.process is not None:
                     try:
-                        child.process.wait(timeout=30)
+                        child.process.wait(timeout=self.settings.delivery.drain_grace_s + 10)
                     except subprocess.TimeoutExpired:
                         child.process.kill()

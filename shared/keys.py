@@ -8,6 +8,8 @@ result     The `FinalResult` again, as a plain key with a TTL, written once (SET
 cancel     Set by a gateway when the client goes away; the worker drops the request at its next step.
 job        An async job's record (kind, the InferenceRequest, owner), written by the gateway that accepted it.
 live       Sorted set per model: worker id -> time of its last heartbeat. Gateways count the recent ones.
+dead       Dead-letter stream per model: requests delivered more than `delivery.max_deliveries` times (field
+           "r" the request entry as it was, "reason", "deliveries"); each also ends `failed` in its result.
 """
 
 PREFIX = "llmfleet"
@@ -36,3 +38,7 @@ def job(job_id: str) -> str:
 
 def live_workers(model: str) -> str:
     return f"{PREFIX}:live:{model}"
+
+
+def dead_letters(model: str) -> str:
+    return f"{PREFIX}:dead:{model}"

@@ -35,6 +35,19 @@ class BatchLimits(BaseModel):
     """Tokens of finished sequences' KV kept for prefix reuse (LRU); 0 turns the prefix cache off."""
 
 
+class DeliverySettings(BaseModel):
+    """What keeps an accepted request alive through worker crashes, restarts and deploys (README: Delivery
+    guarantees)."""
+
+    reclaim_idle_s: float = Field(10.0, gt=0)
+    """A request whose worker has not touched it this long (its worker died) is reclaimed by a live worker."""
+    max_deliveries: PositiveInt = 3
+    """A request delivered more times than this goes to the dead-letter stream and ends failed."""
+    drain_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM a worker finishes what it holds for this long, then hands the rest back; a gateway waits this
+    long for its open streams."""
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
         return None, field_name, False
@@ -65,11 +78,16 @@ class Settings(BaseSettings):
     token_stream_ttl_s: PositiveInt = 600
 
     batch: BatchLimits = Field(default_factory=BatchLimits)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    """AOF fsync policy of the Redis that `llmfleet up` starts (README: Delivery guarantees)."""
     torch_threads: int = 0
     """0: one per core."""
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
+    worker_http_port: int = 0
+    """Port of a worker's /health and /ready (worker N of `llmfleet up` gets port + N); 0: no HTTP server."""
     log_level: str = "INFO"
 
     def model_dir(self, name: str) -> Path:

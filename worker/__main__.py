@@ -15,6 +15,7 @@ import structlog
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
 from worker import model_loader, model_store
+from worker.http_server import WorkerHTTPServer
 from worker.llama_runner import LlamaRunner
 from worker.scheduler import Scheduler
 from worker.service import WorkerService
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--id", default=None, help="worker id (default: host-pid-random)")
+    parser.add_argument("--http-port", type=int, default=None, help="port of /health and /ready (0: none)")
     parser.add_argument("--prepare-only", action="store_true", help="build the model directory if needed, then exit")
     args = parser.parse_args(argv)
 
@@ -75,11 +77,30 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
+    service: WorkerService | None = None
+
+    def ready() -> tuple[int, dict]:
+        # Ready once the model is loaded and warm, until the drain starts.
+        if service is None or service.draining:
+            return 503, {"status": "draining" if service else "loading", "worker": worker_id}
+        return 200, {"status": "ready", **service.state()}
+
+    def health() -> tuple[int, dict]:
+        return 200, {"status": "ok", **(service.state() if service else {"worker": worker_id})}
+
+    http_port = settings.worker_http_port if args.http_port is None else args.http_port
+    http = None
+    if http_port:
+        http = WorkerHTTPServer(settings.gateway_host, http_port, {"/health": health, "/ready": ready}).start()
+
     scheduler = build_scheduler(settings, args.model, worker_id)
     client = redis.Redis.from_url(
         settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
     )
-    WorkerService(settings, args.model, scheduler, client, worker_id).run(stop)
+    service = WorkerService(settings, args.model, scheduler, client, worker_id)
+    service.run(stop)
+    if http is not None:
+        http.stop()
 
 
 if __name__ == "__main__":

@@ -64,6 +64,12 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
 
+    def kill(self) -> None:
+        """SIGKILL: what was written within the fsync window may be lost."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
 
 def _pings(client: redis.Redis) -> bool:
     try:
@@ -78,6 +84,7 @@ class Proc:
     log: Path
     url: str | None = None
     worker_id: str | None = None
+    http_url: str | None = None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
@@ -107,12 +114,14 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
-    def worker(self, model: str, wait: bool = True, **env: str) -> Proc:
+    def worker(self, model: str, wait: bool = True, http: bool = False, **env: str) -> Proc:
         worker_id = f"test-worker-{len(self.procs)}-{os.getpid()}"
-        proc = self._spawn(
-            "worker", [sys.executable, "-m", "worker", "--model", model, "--id", worker_id], {**self.env, **env}
-        )
+        argv = [sys.executable, "-m", "worker", "--model", model, "--id", worker_id]
+        port = free_port() if http else 0
+        proc = self._spawn("worker", [*argv, "--http-port", str(port)], {**self.env, **env})
         proc.worker_id = worker_id
+        if http:
+            proc.http_url = f"http://127.0.0.1:{port}"
         if wait:
             client = self.redis_server.client()
             wait_until(

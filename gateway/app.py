@@ -7,7 +7,6 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 
@@ -17,7 +16,7 @@ from gateway.batches import Batches
 from gateway.jobs import Jobs
 from gateway.metrics import RequestCounter
 from gateway.prompts import Tokenizers
-from gateway.queue_client import QueueClient
+from gateway.queue_client import QueueClient, connect
 from gateway.serving import Completions
 from jobs.enqueue import arq_pool
 from jobs.store import BatchStore
@@ -28,7 +27,7 @@ from shared.settings import Settings
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+        client = connect(settings.redis_url)
         app.state.redis = client
         tokenizers = Tokenizers(settings)
         # Load tokenizers of prepared models now, so the first request does not pay for it.
@@ -62,4 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=settings.gateway_port)
     args = parser.parse_args(argv)
     configure_logging(settings.log_level, process="gateway")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+    # On SIGTERM uvicorn stops accepting; open streams get drain_grace_s to end (gateway.serving).
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.delivery.drain_grace_s) + 1,
+    )

@@ -1,13 +1,21 @@
 """The gateway's side of the Redis protocol (shared.keys): submit a request, follow its output, cancel it.
 
-Nothing here is held in gateway memory between calls, so any gateway replica can follow any request."""
+Nothing here is held in gateway memory between calls, so any gateway replica can follow any request.
+Redis going away is waited out: the client retries each command with backoff (`connect`), and `follow` keeps
+following until the request's deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import APIError
 from shared import keys
@@ -17,6 +25,20 @@ from shared.settings import Settings
 FOLLOW_BLOCK_MS = 1000
 CANCEL_TTL_S = 3600
 GRACE_AFTER_DEADLINE_S = 5.0
+COMMAND_RETRIES = 6
+"""Per command, with backoff 0.1 s doubling up to 2 s: about 8 s of Redis outage before a call fails (503)."""
+
+log = structlog.get_logger(__name__)
+
+
+def connect(redis_url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        redis_url,
+        decode_responses=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), COMMAND_RETRIES),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
 
 
 class QueueClient:
@@ -71,11 +93,20 @@ class QueueClient:
         return keys.worker_requests(request.model, worker)
 
     async def follow(self, request: InferenceRequest) -> AsyncIterator[TokenDelta | FinalResult]:
-        """Token deltas as the worker writes them, then the final record (always last)."""
+        """Token deltas as the worker writes them, then the final record (always last).
+
+        Each token is yielded once: a reclaimed request's new worker resumes after the tokens already written,
+        and should two workers ever write the same positions, only the first is relayed."""
         out = keys.output(request.id)
         last = "0-0"
+        relayed, flushed = 0, False
         while True:
-            reply = await self.redis.xread({out: last}, block=FOLLOW_BLOCK_MS, count=256)
+            try:
+                reply = await self.redis.xread({out: last}, block=FOLLOW_BLOCK_MS, count=256)
+            except (RedisConnectionError, RedisTimeoutError) as error:
+                log.warning("gateway.redis_unavailable", error=str(error))
+                reply = None
+                await asyncio.sleep(FOLLOW_BLOCK_MS / 1000)
             if not reply:
                 if time.time() > request.deadline + GRACE_AFTER_DEADLINE_S:
                     yield await self.expire(request)
@@ -86,7 +117,12 @@ class QueueClient:
                 if "f" in fields:
                     yield FinalResult.model_validate_json(fields["f"])
                     return
-                yield TokenDelta.model_validate_json(fields["d"])
+                delta = TokenDelta.model_validate_json(fields["d"])
+                # A delta without tokens is the text held back until the end (stop-string prefixes).
+                if delta.completion_tokens > relayed or (not delta.token_ids and not flushed):
+                    relayed = delta.completion_tokens
+                    flushed = not delta.token_ids
+                    yield delta
 
     async def result(self, request_id: str) -> FinalResult | None:
         body = await self.redis.get(keys.result(request_id))

@@ -94,7 +94,13 @@ class Completions:
         headers = {"x-request-id": request.id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(self._events(kind, request, include_usage), headers=headers, ping=15)
+            return EventSourceResponse(
+                self._events(kind, request, include_usage),
+                headers=headers,
+                ping=15,
+                # A gateway told to stop lets open streams finish for this long before it cuts them.
+                shutdown_grace_period=self.settings.delivery.drain_grace_s,
+            )
         final = await self._final_unless_disconnected(request, http)
         if final.finish_reason not in ("stop", "length"):
             raise failure(final)

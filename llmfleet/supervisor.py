@@ -46,7 +46,7 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def redis_command(url: str, data_dir: Path) -> list[str] | None:
+def redis_command(url: str, data_dir: Path, appendfsync: str = "everysec") -> list[str] | None:
     """The redis-server command line for a local Redis we own, or None if the URL points at one already up."""
     parsed = urlparse(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
@@ -60,7 +60,7 @@ def redis_command(url: str, data_dir: Path) -> list[str] | None:
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
         binary, "--port", str(port), "--bind", host, "--dir", str(data_dir),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+        "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "", "--daemonize", "no",
         "--logfile", str(data_dir / "redis.log"),
     ]  # fmt: skip
 
@@ -93,7 +93,7 @@ class Supervisor:
     def run(self) -> int:
         env = dict(os.environ)
         python = sys.executable
-        redis_argv = redis_command(self.settings.redis_url, self.state_dir / "redis")
+        redis_argv = redis_command(self.settings.redis_url, self.state_dir / "redis", self.settings.redis_appendfsync)
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         try:
@@ -154,6 +154,6 @@ class Supervisor:
             for child in group:
                 if child.process is not None:
                     try:
-                        child.process.wait(timeout=30)
+                        child.process.wait(timeout=self.settings.delivery.drain_grace_s + 10)
                     except subprocess.TimeoutExpired:
                         child.process.kill()

@@ -22,6 +22,8 @@ batch_lease       The running batch runner's token, with a short TTL it keeps re
 active_batches    Set of batches not yet finished; the reclaim cron restarts those without a lease.
 ARQ_QUEUE  The arq queue the job layer (python -m jobs) consumes; arq keeps its own keys under "arq:".
 live       Sorted set per model: worker id -> time of its last heartbeat. Gateways count the recent ones.
+dead       Dead-letter stream per model: requests delivered more than `delivery.max_deliveries` times (field
+           "r" the request entry as it was, "reason", "deliveries"); each also ends `failed` in its result.
 """
 
 PREFIX = "llmfleet"
@@ -101,3 +103,7 @@ def batch_output(batch_id: str) -> str:
 
 def batch_lease(batch_id: str) -> str:
     return f"{PREFIX}:batch-lease:{batch_id}"
+
+
+def dead_letters(model: str) -> str:
+    return f"{PREFIX}:dead:{model}"

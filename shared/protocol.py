@@ -49,11 +49,18 @@ class InferenceRequest(BaseModel):
     """Unix time after which the request ends `expired` instead of starting or continuing."""
     conversation: str | None = None
     """Affinity key: turns with the same key go to the worker that served the last one, when it can take them."""
+    resume_token_ids: list[int] = Field(default_factory=list)
+    """Set only by a worker that reclaims a request: the tokens its output stream already carries, which the
+    new run takes as given and continues from (never sent again)."""
 
 
 class TokenDelta(BaseModel):
     text: str
     completion_tokens: int
+    """Tokens generated so far, this delta's included: a reader relays a delta only if this exceeds what it has
+    relayed, so deltas written twice (a reclaimed request) are never shown twice."""
+    token_ids: list[int] = Field(default_factory=list)
+    """The tokens this delta adds, so a worker that reclaims the request can resume from them."""
 
 
 class Timings(BaseModel):

@@ -50,6 +50,19 @@ class JobLimits(BaseModel):
     """Batch slots a worker keeps free for interactive requests."""
 
 
+class DeliverySettings(BaseModel):
+    """What keeps an accepted request alive through worker crashes, restarts and deploys (README: Delivery
+    guarantees)."""
+
+    reclaim_idle_s: float = Field(10.0, gt=0)
+    """A request whose worker has not touched it this long (its worker died) is reclaimed by a live worker."""
+    max_deliveries: PositiveInt = 3
+    """A request delivered more times than this goes to the dead-letter stream and ends failed."""
+    drain_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM a worker finishes what it holds for this long, then hands the rest back; a gateway waits this
+    long for its open streams."""
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
         return None, field_name, False
@@ -86,6 +99,9 @@ class Settings(BaseSettings):
     """Route a conversation's next turn to the worker that holds its prefix (when live and not full)."""
     affinity_ttl_s: PositiveInt = 600
     jobs: JobLimits = Field(default_factory=JobLimits)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    """AOF fsync policy of the Redis that `llmfleet up` starts (README: Delivery guarantees)."""
     torch_threads: int = 0
     """0: one per core."""
 

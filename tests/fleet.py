@@ -64,6 +64,12 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
 
+    def kill(self) -> None:
+        """SIGKILL: what was written within the fsync window may be lost."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
 
 def _pings(client: redis.Redis) -> bool:
     try:
@@ -107,7 +113,7 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
-    def worker(self, model: str, wait: bool = True, **env: str) -> Proc:
+    def worker(self, model: str, wait: bool = True, http: bool = False, **env: str) -> Proc:
         worker_id = f"test-worker-{len(self.procs)}-{os.getpid()}"
         port = free_port()
         env = {"LLMFLEET_WORKER_HTTP_PORT": str(port), **env}

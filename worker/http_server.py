@@ -31,7 +31,8 @@ class WorkerHTTPServer:
                     self._reply(200, generate_latest(metrics.WORKER), CONTENT_TYPE_LATEST)
                 elif path == "/health":
                     ok, status = owner.alive()
-                    self._json(200 if ok else 503, {"status": status})
+                    state = owner.service.state() if owner.service else {}
+                    self._json(200 if ok else 503, {"status": status, **state})
                 elif path == "/ready":
                     ok, status = owner.ready()
                     self._json(200 if ok else 503, {"status": status})

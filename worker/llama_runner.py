@@ -6,8 +6,9 @@ layers run once per step for everybody, and each sequence keeps its own position
 The weights and layer modules are the transformers model's own; only the attention bookkeeping is ours.
 
 KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor. A sequence owns a slot from its first
-prompt chunk to its end. The tensors come from torch.empty, so memory is only touched (and resident) for the
-positions actually written; positions never written are masked out of every score.
+prompt chunk to its end. On the CPU the tensors live in anonymous memory maps: zeros that become resident only
+where positions are written, so a large capacity costs nothing until used, and no position ever holds garbage
+(a NaN there would poison the masked-out keys' zero weights).
 
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
 or whether its prefix came from the cache. The linear layers already compute each row independently of the
@@ -19,11 +20,21 @@ cache exact.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
 
 ATTENTION_BLOCK = 64
+
+
+def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    # The tensor keeps the map alive: torch.frombuffer holds a reference to the buffer it wraps.
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
 def _padded(n: int) -> int:
@@ -60,8 +71,8 @@ class LlamaRunner:
         self.device = self.embed.weight.device
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
-        self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.k_cache = [_zeros_on_demand(shape, self.dtype, self.device) for _ in self.layers]
+        self.v_cache = [_zeros_on_demand(shape, self.dtype, self.device) for _ in self.layers]
 
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))

@@ -16,6 +16,9 @@ from shared.protocol import LIVE_WINDOW_S
 log = structlog.get_logger(__name__)
 
 ADOPT_LOCK_S = 30
+HANDED_BACK = "handed_back"
+"""Field on a re-queued entry: how many times it was handed back. The worker that reads it resumes it from its
+output stream (it may have streamed part of its answer) and counts the hand-backs as deliveries."""
 
 
 def move_to_shared(client: redis.Redis, model: str, worker_id: str, keep: frozenset[str] = frozenset()) -> int:
@@ -26,7 +29,7 @@ def move_to_shared(client: redis.Redis, model: str, worker_id: str, keep: frozen
     if moving:
         pipe = client.pipeline(transaction=True)
         for entry_id, fields in moving:
-            pipe.xadd(keys.requests(model), fields)
+            pipe.xadd(keys.requests(model), {**fields, HANDED_BACK: str(int(fields.get(HANDED_BACK, 0)) + 1)})
             pipe.xdel(own, entry_id)
         pipe.execute()
     return len(moving)

@@ -40,8 +40,14 @@ class Sequence:
         return self.request.prompt_token_ids
 
     @property
+    def prefill_ids(self) -> list[int]:
+        """What goes into the cache before the next token is sampled: the prompt and, for a resumed request,
+        the tokens an earlier run already produced."""
+        return self.prompt + self.request.resume_token_ids
+
+    @property
     def decoding(self) -> bool:
-        return self.prefilled == len(self.prompt)
+        return self.prefilled == len(self.prefill_ids)
 
     def kv_tokens(self) -> list[int]:
         return (self.prompt + self.generated)[: self.kv_len]
@@ -53,6 +59,7 @@ class StepEvent:
     delta: str = ""
     completion_tokens: int = 0
     final: FinalResult | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -91,6 +98,13 @@ class Scheduler:
     def cancel(self, request_id: str) -> None:
         self._cancelled.add(request_id)
 
+    def release(self, request_id: str) -> None:
+        """Forget a request without an end of our own (another worker now owns it) and free its slot."""
+        self.waiting = deque(r for r in self.waiting if r.id != request_id)
+        seq = self.running.pop(request_id, None)
+        if seq is not None:
+            self.slots.release(seq.slot)
+
     @property
     def free_capacity(self) -> int:
         return self.max_running - len(self.running) - len(self.waiting)
@@ -112,7 +126,7 @@ class Scheduler:
     def _step(self) -> list[StepEvent]:
         now = time.time()
         events = self._drop_cancelled_and_expired(now)
-        self._admit(now)
+        events += self._admit(now)
         decoding = [s for s in self.running.values() if s.decoding]
         prefilling = self._plan_prefills()
         if not decoding and not prefilling:
@@ -166,10 +180,11 @@ class Scheduler:
             return "expired"
         return None
 
-    def _admit(self, now: float) -> None:
+    def _admit(self, now: float) -> list[StepEvent]:
+        events = []
         while self.waiting and len(self.running) < self.max_running:
             request = self.waiting.popleft()
-            prompt = request.prompt_token_ids
+            prompt = request.prompt_token_ids + request.resume_token_ids
             source, reused = (None, 0)
             if self.slots.cache_tokens:
                 source, reused = self.slots.longest_prefix(
@@ -181,7 +196,7 @@ class Scheduler:
             self.prompt_tokens_total += len(prompt)
             self.reused_tokens_total += reused
             self.metrics.prefix_lookup(len(prompt), reused)
-            self.running[request.id] = Sequence(
+            seq = self.running[request.id] = Sequence(
                 request=request,
                 slot=slot,
                 output=TextOutput(self.tokenizer, request.sampling.stop),
@@ -191,6 +206,24 @@ class Scheduler:
                 reused=reused,
                 kv_len=reused,
             )
+            if request.resume_token_ids:
+                ended = self._resume(seq, now)
+                if ended is not None:
+                    events.append(ended)
+        return events
+
+    def _resume(self, seq: Sequence, now: float) -> StepEvent | None:
+        """Replay the tokens an earlier run streamed, so text and stop-string state continue exactly where the
+        reader is (their text was relayed already: it is not released again). Ends the request if they did."""
+        for token in seq.request.resume_token_ids:
+            seq.generated.append(token)
+            seq.output.add(token)
+        seq.first_token_at = now
+        if seq.output.stopped:
+            return self._finish(seq, "stop", now)
+        if len(seq.generated) >= seq.request.sampling.max_tokens:
+            return self._finish(seq, "length", now)
+        return None
 
     def _plan_prefills(self) -> list[tuple[Sequence, PrefillChunk]]:
         """Prompt chunks for this step, oldest request first, within the prefill token budget."""
@@ -199,8 +232,9 @@ class Scheduler:
         for seq in self.running.values():
             if seq.decoding or budget <= 0:
                 continue
-            n = min(budget, len(seq.prompt) - seq.prefilled)
-            planned.append((seq, PrefillChunk(seq.slot, seq.prompt[seq.prefilled : seq.prefilled + n], seq.prefilled)))
+            ids = seq.prefill_ids
+            n = min(budget, len(ids) - seq.prefilled)
+            planned.append((seq, PrefillChunk(seq.slot, ids[seq.prefilled : seq.prefilled + n], seq.prefilled)))
             seq.prefilled += n
             budget -= n
         return planned
@@ -217,13 +251,15 @@ class Scheduler:
         seq.generated.append(token)
         delta = seq.output.add(token)
         if seq.output.stopped:
-            return self._finish(seq, "stop", now, delta)
+            return self._finish(seq, "stop", now, delta, [token])
         at_capacity = len(seq.prompt) + len(seq.generated) >= self.runner.capacity
         if len(seq.generated) >= sampling.max_tokens or at_capacity:
-            return self._finish(seq, "length", now, delta)
-        return StepEvent(seq.request.id, delta=delta, completion_tokens=len(seq.generated))
+            return self._finish(seq, "length", now, delta, [token])
+        return StepEvent(seq.request.id, delta=delta, completion_tokens=len(seq.generated), token_ids=[token])
 
-    def _finish(self, seq: Sequence, reason: FinishReason, now: float, delta: str = "") -> StepEvent:
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, now: float, delta: str = "", token_ids: list[int] | None = None
+    ) -> StepEvent:
         del self.running[seq.request.id]
         self.slots.park(seq.slot, seq.kv_tokens())
         delta += seq.output.finish()
@@ -236,7 +272,9 @@ class Scheduler:
             started=seq.started,
             first_token_at=seq.first_token_at,
         )
-        return StepEvent(seq.request.id, delta=delta, completion_tokens=len(seq.generated), final=final)
+        return StepEvent(
+            seq.request.id, delta=delta, completion_tokens=len(seq.generated), final=final, token_ids=token_ids or []
+        )
 
     def _final(
         self,

@@ -1,13 +1,21 @@
-"""The worker's loop: take requests from the model's stream, step the scheduler, write results back.
+"""The worker's loop: take requests from the model's streams, step the scheduler, write results back.
 
 One Redis round trip per step carries everything: the step's token deltas and final records, the acks, the
-cancellation checks, the heartbeat and the read of new work (which blocks only while the worker is idle)."""
+cancellation checks, the heartbeat (with the refresh of the entries this worker holds and the reclaim of dead
+workers' entries) and the read of new work (which blocks only while the worker is idle).
+
+Streams read, in priority order: this worker's own stream (conversation turns whose prefix it holds in cache,
+see worker.own_stream), the model's shared stream, and batch lines only in slots that interactive traffic leaves.
+
+Redis going away is waited out with backoff; SIGTERM drains: no new work, what is running finishes within
+`delivery.drain_grace_s`, the rest is handed back for other workers to resume, then the worker deregisters."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 import redis
 import structlog
@@ -17,6 +25,7 @@ from shared import keys
 from shared.protocol import HEARTBEAT_INTERVAL_S, FinalResult, InferenceRequest, TokenDelta
 from shared.settings import Settings
 from worker import own_stream
+from worker.reclaim import OWN_OR_REPORT_LOST, resume_point
 from worker.scheduler import Scheduler, StepEvent
 
 log = structlog.get_logger(__name__)
@@ -24,6 +33,7 @@ log = structlog.get_logger(__name__)
 ADOPT_INTERVAL_S = 5.0
 IDLE_BLOCK_MS = 500
 STOP_RETRY_LIMIT_S = 2.0
+MAX_BACKOFF_S = 5.0
 
 
 def ensure_group(client: redis.Redis, stream: str) -> None:
@@ -35,21 +45,45 @@ def ensure_group(client: redis.Redis, stream: str) -> None:
             raise
 
 
+@dataclass
+class Held:
+    """A request this worker runs: its stream entry, acknowledged only once its final record is written."""
+
+    stream: str
+    entry_id: str
+    streams: bool
+
+
+@dataclass
+class Replies:
+    watched: list[str] = field(default_factory=list)
+    cancel: list = field(default_factory=list)
+    lost: bool = False
+    owned: set[str] = field(default_factory=set)
+    claimed: dict[str, list] = field(default_factory=dict)
+    new: list = field(default_factory=list)
+
+
 class WorkerService:
     def __init__(self, settings: Settings, model: str, scheduler: Scheduler, client: redis.Redis, worker_id: str):
         self.settings = settings
         self.model = model
+        self.stream = keys.requests(model)
+        self.batch_stream = keys.batch_requests(model)
+        self.own = keys.worker_requests(model, worker_id)
         self.scheduler = scheduler
         self.redis = client
         self.worker_id = worker_id
-        self._entries: dict[str, tuple[str, str, bool]] = {}  # request id -> (stream, entry id, streams deltas)
-        self._own = keys.worker_requests(model, worker_id)
+        self._held: dict[str, Held] = {}  # request id -> its entry
+        # Batch entries read in the same round trip as interactive ones wait here (in this worker's pending
+        # list) until a slot beyond the interactive reserve is free; they never queue ahead of interactive work.
+        self._batch_backlog: deque[tuple[str, dict]] = deque()
         self._last_heartbeat = 0.0
         self._last_adoption = 0.0
-        self._watched: list[str] = []  # request ids whose cancel flags the current round trip reads
         self._stop = threading.Event()
+        self._own_or_report_lost = client.register_script(OWN_OR_REPORT_LOST)
         self.serving = False
-        """True from the first read of the stream until the drain ends (worker.http_server's /ready)."""
+        """True from the first read of the streams until the drain ends (worker.http_server's /ready)."""
 
     @property
     def draining(self) -> bool:
@@ -57,139 +91,201 @@ class WorkerService:
 
     @property
     def last_progress(self) -> float:
-        """When the loop last wrote its heartbeat: it does so at least every HEARTBEAT_INTERVAL_S while alive."""
+        """When the loop last came round a heartbeat: at least every HEARTBEAT_INTERVAL_S while alive."""
         return self._last_heartbeat
-        # Batch entries read in the same round trip as interactive ones wait here (in this worker's pending
-        # list) until a slot beyond the interactive reserve is free; they never queue ahead of interactive work.
-        self._batch_backlog: deque[tuple[str, dict]] = deque()
+
+    def state(self) -> dict:
+        return {
+            "worker": self.worker_id,
+            "model": self.model,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_slots": self.scheduler.free_capacity,
+            "draining": self.draining,
+        }
 
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
-        for stream in (keys.requests(self.model), self._own, keys.batch_requests(self.model)):
-            ensure_group(self.redis, stream)
+        self._with_retry(self._ensure_groups)
         self.serving = True
         log.info("worker.serving", model=self.model, worker=self.worker_id)
-        handed_back = False
-        while not (stop.is_set() and not self.scheduler.has_work and not self._batch_backlog):
-            if stop.is_set() and not handed_back:
-                self._leave_fleet()
-                handed_back = True
+        drain_until = None
+        while True:
+            if stop.is_set():
+                if drain_until is None:
+                    drain_until = time.time() + self.settings.delivery.drain_grace_s
+                    self._with_retry(self._leave_fleet)
+                    log.info("worker.draining", running=len(self.scheduler.running), grace_s=drain_until - time.time())
+                if not self.scheduler.has_work and not self._batch_backlog:
+                    break
+                if time.time() >= drain_until:
+                    self._hand_back()
+                    break
             events = self.scheduler.step() if self.scheduler.has_work else []
             self._exchange(events, accept_new=not stop.is_set())
-            if time.time() - self._last_adoption > ADOPT_INTERVAL_S and not stop.is_set():
-                own_stream.adopt_orphans(self.redis, self.model)
+            if not stop.is_set() and time.time() - self._last_adoption > ADOPT_INTERVAL_S:
+                self._with_retry(lambda: own_stream.adopt_orphans(self.redis, self.model))
                 self._last_adoption = time.time()
-        if not handed_back:
-            self._leave_fleet()
-        self.redis.delete(self._own)
+        # Anything still in the own stream (handed back above, or arrived since) goes to the shared one.
+        self._with_retry(lambda: own_stream.move_to_shared(self.redis, self.model, self.worker_id))
+        self._with_retry(lambda: self.redis.delete(self.own))
         self.serving = False
         log.info("worker.stopped", worker=self.worker_id)
 
+    def _ensure_groups(self) -> None:
+        for stream in (self.stream, self.own, self.batch_stream):
+            ensure_group(self.redis, stream)
+
     def _leave_fleet(self) -> None:
-        """Stop being routed to, and give what waits in the own stream back to the shared one."""
+        """Stop being routed to, and give what waits unread in the own stream back to the shared one."""
         self.redis.zrem(keys.live_workers(self.model), self.worker_id)
         self.redis.hdel(keys.load(self.model), self.worker_id)
-        still_mine = frozenset(entry_id for stream, entry_id, _ in self._entries.values() if stream == self._own)
+        still_mine = frozenset(h.entry_id for h in self._held.values() if h.stream == self.own)
         moved = own_stream.move_to_shared(self.redis, self.model, self.worker_id, keep=still_mine)
-        log.info("worker.leaving", handed_back=moved, finishing=len(self._entries))
+        log.info("worker.leaving", handed_back=moved, finishing=len(self._held))
 
-    def _exchange(self, events: list[StepEvent], accept_new: bool) -> None:
+    # -- Redis, with backoff ---------------------------------------------------------------------------------
+    def _with_retry(self, call):
         backoff = 0.1
         while True:
             try:
-                replies = self._round_trip(events, accept_new)
-                break
+                return call()
             except (redis.ConnectionError, redis.TimeoutError) as error:
                 if self._stop.is_set() and backoff >= STOP_RETRY_LIMIT_S:
-                    raise SystemExit(
-                        "stopping, and Redis is unreachable: what is unacknowledged stays pending"
-                    ) from None
+                    # What is not acknowledged stays pending in the group, for another worker to reclaim.
+                    raise SystemExit("stopping, and Redis is unreachable") from None
                 log.warning("worker.redis_unavailable", error=str(error), retry_in_s=backoff)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-        for request_id, flag in zip(self._watched, replies["cancel"] or []):
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except redis.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                # Redis came back without our data (no AOF, or a fresh instance): recreate the groups.
+                log.warning("worker.group_missing", stream=self.stream)
+                self._ensure_groups()
+
+    # -- one exchange per step -------------------------------------------------------------------------------
+    def _exchange(self, events: list[StepEvent], accept_new: bool) -> None:
+        finished = {e.request_id for e in events if e.final is not None}
+        heartbeat = time.time() - self._last_heartbeat >= HEARTBEAT_INTERVAL_S
+        # Built again on every attempt (a failed pipeline is reset) and state changes only once it went through.
+        replies = self._with_retry(lambda: self._round_trip(events, finished, heartbeat, accept_new))
+        for request_id in finished:
+            self._held.pop(request_id, None)
+        if heartbeat:
+            self._last_heartbeat = time.time()
+        for request_id, flag in zip(replies.watched, replies.cancel):
             if flag is not None:
                 self.scheduler.cancel(request_id)
-        batch_stream = keys.batch_requests(self.model)
-        arrived = []
-        for stream, entries in replies["new"] or []:
-            if stream == batch_stream:
+        if replies.lost:
+            self._release_lost(replies.owned, finished)
+        fresh, handed_back = [], []
+        for stream, entries in replies.new:
+            if stream == self.batch_stream:
                 self._batch_backlog.extend(entries)
-            else:
-                arrived.extend((stream, entry_id, fields) for entry_id, fields in entries)
-        accepted = [r for r in (self._accept(*entry) for entry in arrived) if r is not None]
+                continue
+            for entry_id, fields in entries:
+                # Entries another worker handed back may have streamed part of their answer: resume those.
+                (handed_back if own_stream.HANDED_BACK in fields else fresh).append((stream, entry_id, fields))
+        accepted = [self._accept(*entry) for entry in fresh]
+        accepted += self._take_over(
+            self.stream, [(e, f) for _, e, f in handed_back] + replies.claimed.get(self.stream, [])
+        )
+        accepted += self._take_over(self.batch_stream, replies.claimed.get(self.batch_stream, []))
+        accepted = [r for r in accepted if r is not None]
         reserve = self.settings.jobs.interactive_reserve if accept_new else 0
         spare = self.scheduler.free_capacity - len(accepted) - reserve
         while self._batch_backlog and spare > 0:
-            request = self._accept(batch_stream, *self._batch_backlog.popleft())
+            request = self._accept(self.batch_stream, *self._batch_backlog.popleft())
             if request is not None:
                 accepted.append(request)
                 spare -= 1
         if accepted:
             # A request cancelled while it waited in the stream must never start.
-            flags = self.redis.mget([keys.cancel(r.id) for r in accepted])
+            flags = self._with_retry(lambda: self.redis.mget([keys.cancel(r.id) for r in accepted]))
             for request, flag in zip(accepted, flags):
                 self.scheduler.add(request)
                 if flag is not None:
                     self.scheduler.cancel(request.id)
 
-    def _round_trip(self, events: list[StepEvent], accept_new: bool) -> dict:
+    def _round_trip(self, events: list[StepEvent], finished: set[str], heartbeat: bool, accept_new: bool) -> Replies:
         pipe = self.redis.pipeline(transaction=False)
-        settings = self.settings
         for event in events:
-            _, _, streams = self._entries.get(event.request_id, (None, None, False))
-            out = keys.output(event.request_id)
-            if streams and (event.delta or event.final is None):
-                pipe.xadd(
-                    out,
-                    {"d": TokenDelta(text=event.delta, completion_tokens=event.completion_tokens).model_dump_json()},
-                )
-                if event.completion_tokens <= 1:
-                    pipe.expire(out, settings.token_stream_ttl_s)
+            held = self._held.get(event.request_id)
+            if held is not None and held.streams and (event.delta or event.final is None):
+                self._write_delta(pipe, event)
             if event.final is not None:
-                self._write_final(pipe, event.final)
-        self._watched = self.scheduler.request_ids()
-        n_before = len(pipe.command_stack)
-        if self._watched:
-            pipe.mget([keys.cancel(i) for i in self._watched])
-        now = time.time()
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+                self._write_final(pipe, event.final, held)
+        slots: dict[str, int] = {}
+
+        def add(name: str, command) -> None:
+            slots[name] = len(pipe.command_stack)
+            command()
+
+        watched = self.scheduler.request_ids()
+        if watched:
+            add("cancel", lambda: pipe.mget([keys.cancel(i) for i in watched]))
+        capacity = self.scheduler.free_capacity if accept_new else 0
+        held_streams: dict[str, list[str]] = {}
+        if heartbeat:
             if not self._stop.is_set():  # a draining worker is alive but no longer offered work
-                pipe.zadd(keys.live_workers(self.model), {self.worker_id: now})
+                pipe.zadd(keys.live_workers(self.model), {self.worker_id: time.time()})
                 load = len(self.scheduler.running) + len(self.scheduler.waiting)
                 pipe.hset(keys.load(self.model), self.worker_id, load)
-            self._last_heartbeat = now
-        capacity = self.scheduler.free_capacity if accept_new else 0
+            for rid, h in self._held.items():
+                if rid not in finished:
+                    held_streams.setdefault(h.stream, []).append(h.entry_id)
+            for stream, entry_ids in held_streams.items():
+                add(f"owned:{stream}", lambda s=stream, ids=entry_ids: self._own_or_report_lost(
+                    keys=[s], args=[keys.WORKER_GROUP, self.worker_id, *ids], client=pipe
+                ))  # fmt: skip
+            if capacity > 0:
+                idle_ms = int(self.settings.delivery.reclaim_idle_s * 1000)
+                for stream in (self.stream, self.batch_stream):
+                    add(f"claimed:{stream}", lambda s=stream: pipe.xautoclaim(
+                        s, keys.WORKER_GROUP, self.worker_id, idle_ms, start_id="0-0", count=capacity
+                    ))  # fmt: skip
         if capacity > 0:
             block = None if self.scheduler.has_work or self._batch_backlog else IDLE_BLOCK_MS
-            # Own stream first (turns whose prefix this worker holds in cache), then the shared one; batch lines
-            # only when interactive traffic leaves slots beyond the reserve.
-            streams = {self._own: ">", keys.requests(self.model): ">"}
-            if not self._batch_backlog and capacity > settings.jobs.interactive_reserve:
-                streams[keys.batch_requests(self.model)] = ">"
-            pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, streams, count=capacity, block=block)
+            streams = {self.own: ">", self.stream: ">"}
+            if not self._batch_backlog and capacity > self.settings.jobs.interactive_reserve:
+                streams[self.batch_stream] = ">"
+            add("new", lambda: pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, streams, count=capacity, block=block))
         elif not self.scheduler.has_work and not self._batch_backlog:
             time.sleep(IDLE_BLOCK_MS / 1000)
         replies = pipe.execute()
-        return {
-            "cancel": replies[n_before] if self._watched else None,
-            "new": replies[-1] if capacity > 0 else None,
-        }
+        result = Replies(watched=watched)
+        if "cancel" in slots:
+            result.cancel = replies[slots["cancel"]]
+        for stream in held_streams:
+            result.lost = True
+            result.owned.update(replies[slots[f"owned:{stream}"]])
+        for stream in (self.stream, self.batch_stream):
+            if f"claimed:{stream}" in slots:
+                result.claimed[stream] = replies[slots[f"claimed:{stream}"]][1]
+        if "new" in slots:
+            result.new = replies[slots["new"]] or []
+        return result
 
-    def _write_final(self, pipe, final: FinalResult) -> None:
+    def _write_delta(self, pipe, event: StepEvent) -> None:
+        out = keys.output(event.request_id)
+        delta = TokenDelta(text=event.delta, completion_tokens=event.completion_tokens, token_ids=event.token_ids)
+        pipe.xadd(out, {"d": delta.model_dump_json()})
+        pipe.expire(out, self.settings.token_stream_ttl_s)
+
+    def _write_final(self, pipe, final: FinalResult, held: Held | None) -> None:
         body = final.model_dump_json()
         out = keys.output(final.id)
         pipe.xadd(out, {"f": body})
         pipe.expire(out, self.settings.token_stream_ttl_s)
         # NX: should two workers ever finish the same request, the first result stands.
         pipe.set(keys.result(final.id), body, nx=True, ex=self.settings.result_ttl_s)
-        stream, entry_id, _ = self._entries.pop(final.id, (None, None, False))
-        if entry_id is not None:
-            pipe.xack(stream, keys.WORKER_GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-        self.scheduler.metrics.final(final)
+        if held is not None:
+            pipe.xack(held.stream, keys.WORKER_GROUP, held.entry_id)
+            pipe.xdel(held.stream, held.entry_id)
         if final.conversation and self.settings.affinity:
             pipe.set(keys.affinity(self.model, final.conversation), self.worker_id, ex=self.settings.affinity_ttl_s)
+        self.scheduler.metrics.final(final)
         log.info(
             "request.finished",
             request_id=final.id,
@@ -199,30 +295,129 @@ class WorkerService:
             total_s=round(final.timings.total_s, 4),
         )
 
-    def _accept(self, stream: str, entry_id: str, fields: dict) -> InferenceRequest | None:
-        """The request in a stream entry, or None when it can only be answered (or dropped) at once."""
+    def _end_now(self, final: FinalResult, held: Held, *extra) -> None:
+        """Write a final record (and whatever else goes with it) for a request that never reaches the batch."""
+
+        def write() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for command in extra:
+                command(pipe)
+            self._write_final(pipe, final, held)
+            pipe.execute()
+
+        self._with_retry(write)
+        self._held.pop(final.id, None)
+
+    # -- intake ----------------------------------------------------------------------------------------------
+    def _parse(self, stream: str, entry_id: str, fields: dict | None) -> InferenceRequest | None:
         try:
-            request = InferenceRequest.model_validate_json(fields.get("r", ""))
+            return InferenceRequest.model_validate_json((fields or {}).get("r", ""))
         except ValidationError as error:
             # Unreadable entry: nobody can be told, so only drop it from the group.
             log.error("request.unreadable", entry_id=entry_id, error=str(error))
-            self.redis.xack(stream, keys.WORKER_GROUP, entry_id)
+            self._with_retry(lambda: self.redis.xack(stream, keys.WORKER_GROUP, entry_id))
             return None
-        self._entries[request.id] = (stream, entry_id, request.stream)
+
+    def _accept(self, stream: str, entry_id: str, fields: dict | None) -> InferenceRequest | None:
+        """The request in a stream entry, or None when it can only be answered (or dropped) at once."""
+        request = self._parse(stream, entry_id, fields)
+        if request is None:
+            return None
+        held = self._held[request.id] = Held(stream, entry_id, request.stream)
         needed = len(request.prompt_token_ids) + request.sampling.max_tokens
         capacity = self.scheduler.runner.capacity
         if needed > capacity:
-            final = FinalResult(
-                id=request.id,
-                model=self.model,
-                finish_reason="error",
-                error=f"prompt plus max_tokens ({needed}) exceeds this worker's context ({capacity})",
-                prompt_tokens=len(request.prompt_token_ids),
-                worker=self.worker_id,
-            )
-            pipe = self.redis.pipeline(transaction=False)
-            self._write_final(pipe, final)
-            pipe.execute()
+            message = f"prompt plus max_tokens ({needed}) exceeds this worker's context ({capacity})"
+            self._end_now(self._failed(request, message), held)
             return None
         log.info("request.started", request_id=request.id, prompt_tokens=len(request.prompt_token_ids))
         return request
+
+    def _failed(self, request: InferenceRequest, reason: str) -> FinalResult:
+        return FinalResult(
+            id=request.id,
+            model=self.model,
+            finish_reason="error",
+            error=reason,
+            prompt_tokens=len(request.prompt_token_ids),
+            worker=self.worker_id,
+            conversation=request.conversation,
+        )
+
+    def _take_over(self, stream: str, entries: list) -> list[InferenceRequest | None]:
+        """Requests that another worker started (reclaimed from a dead one, or handed back): dead-letter the
+        poison ones, acknowledge the finished ones, resume the others from the tokens already streamed."""
+        parsed = [(entry_id, fields, self._parse(stream, entry_id, fields)) for entry_id, fields in entries]
+        parsed = [(entry_id, fields, r) for entry_id, fields, r in parsed if r is not None]
+        if not parsed:
+            return []
+
+        def look() -> list:
+            pipe = self.redis.pipeline(transaction=False)
+            for entry_id, _, request in parsed:
+                pipe.xpending_range(stream, keys.WORKER_GROUP, min=entry_id, max=entry_id, count=1)
+                pipe.xrange(keys.output(request.id))
+            return pipe.execute()
+
+        replies = self._with_retry(look)
+        taken = []
+        for i, (entry_id, fields, request) in enumerate(parsed):
+            pending, output = replies[2 * i], replies[2 * i + 1]
+            deliveries = pending[0]["times_delivered"] if pending else 1
+            deliveries += int(fields.get(own_stream.HANDED_BACK, 0))
+            point = resume_point(output)
+            log.info("request.reclaimed", request_id=request.id, deliveries=deliveries, resumed=len(point.token_ids))
+            if request.id in self._held:  # ours all along: we stalled past the idle timeout
+                continue
+            if point.finished:
+                self._with_retry(lambda e=entry_id: self._ack(stream, e))
+                continue
+            if deliveries > self.settings.delivery.max_deliveries:
+                self._dead_letter(stream, entry_id, fields, request, deliveries)
+                continue
+            resumed = request.model_copy(update={"resume_token_ids": point.token_ids})
+            taken.append(self._accept(stream, entry_id, {"r": resumed.model_dump_json()}))
+        return taken
+
+    def _ack(self, stream: str, entry_id: str) -> None:
+        self.redis.pipeline(transaction=False).xack(stream, keys.WORKER_GROUP, entry_id).xdel(
+            stream, entry_id
+        ).execute()
+
+    def _dead_letter(self, stream: str, entry_id: str, fields: dict, request: InferenceRequest, deliveries: int):
+        reason = (
+            f"delivered {deliveries} times without finishing (its workers died); "
+            f"moved to the dead-letter stream {keys.dead_letters(self.model)}"
+        )
+        log.error("request.dead_lettered", request_id=request.id, deliveries=deliveries)
+        record = {"r": fields["r"], "entry_id": entry_id, "reason": reason, "deliveries": deliveries}
+        self._end_now(
+            self._failed(request, reason),
+            Held(stream, entry_id, request.stream),
+            lambda pipe: pipe.xadd(keys.dead_letters(self.model), record),
+        )
+
+    def _release_lost(self, owned: set[str], finished: set[str]) -> None:
+        for request_id, held in list(self._held.items()):
+            if request_id not in finished and held.entry_id not in owned:
+                log.warning("request.lost_to_another_worker", request_id=request_id)
+                self.scheduler.release(request_id)
+                del self._held[request_id]
+
+    def _hand_back(self) -> None:
+        """Drain time is up: make what is still running claimable by other workers at once, resuming from the
+        tokens already streamed (IDLE set past the reclaim timeout; JUSTID: not counted as a delivery). Entries
+        of the own stream go back to the shared stream when the loop ends (run)."""
+        by_stream: dict[str, list[str]] = {}
+        for held in self._held.values():
+            by_stream.setdefault(held.stream, []).append(held.entry_id)
+        log.warning("worker.handing_back", requests=len(self._held))
+        idle_ms = int(self.settings.delivery.reclaim_idle_s * 1000) + 1
+        for stream, entry_ids in by_stream.items():
+            if stream != self.own:
+                self._with_retry(lambda s=stream, ids=entry_ids: self.redis.xclaim(
+                    s, keys.WORKER_GROUP, self.worker_id, 0, ids, idle=idle_ms, justid=True
+                ))  # fmt: skip
+        for request_id in list(self._held):
+            self.scheduler.release(request_id)
+        self._held.clear()

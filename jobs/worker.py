@@ -41,7 +41,7 @@ def build_worker(settings: Settings, max_jobs: int = 10) -> Worker:
         for model in settings.models:
             if (settings.model_dir(model) / "tokenizer_config.json").is_file():
                 await asyncio.to_thread(tokenizers.get, model)
-        ctx["completions"] = Completions(settings, QueueClient(client), tokenizers)
+        ctx["completions"] = Completions(settings, QueueClient(client, settings), tokenizers)
 
     async def shutdown(ctx: dict) -> None:
         await ctx["client"].aclose()

@@ -53,15 +53,15 @@ async def completions(body: CompletionRequest, request: Request):
 
 @router.post("/v1/jobs", status_code=202)
 async def submit_job(request: Request, body: dict = Body(...)):
-    job = await request.app.state.jobs.submit(body)
+    job = await request.app.state.jobs.submit(body, request.state.api_key)
     return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
 
 
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, request: Request) -> dict:
-    return await request.app.state.jobs.get(job_id)
+    return await request.app.state.jobs.get(job_id, request.state.key_id)
 
 
 @router.delete("/v1/jobs/{job_id}")
 async def cancel_job(job_id: str, request: Request) -> dict:
-    return await request.app.state.jobs.cancel(job_id)
+    return await request.app.state.jobs.cancel(job_id, request.state.key_id)

@@ -2,12 +2,16 @@
 
 A job is an ordinary inference request on the stream plus a record (keys.job) that remembers what was asked,
 so its status can be derived from what the worker wrote: a final record means it ended, output on its token
-stream means it is running, neither means it is still queued."""
+stream means it is running, neither means it is still queued.
+
+A job belongs to the API key that submitted it: any other key gets the same 404 as for an id that does not
+exist, so ids cannot be probed."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ValidationError
 
+from gateway.api_keys import ApiKey
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.serving import Completions, Kind, failure, whole_response
@@ -26,6 +30,8 @@ _STATUS = {
 class JobRecord(BaseModel):
     kind: Kind
     request: InferenceRequest
+    owner: str | None = None
+    """The id of the API key that submitted it (None in open mode)."""
 
 
 def parse_body(body: object) -> tuple[Kind, ChatCompletionRequest | CompletionRequest]:
@@ -47,34 +53,42 @@ class Jobs:
         self.redis = completions.queue.redis
         self.ttl_s = completions.settings.result_ttl_s
 
-    async def submit(self, body: object) -> dict:
+    async def submit(self, body: object, key: ApiKey | None) -> dict:
         kind, parsed = parse_body(body)
         request = self.completions.build(kind, parsed)
         # Jobs stream deltas internally so that a running job is visible as running.
         request = request.model_copy(update={"stream": True})
-        record = JobRecord(kind=kind, request=request)
+        record = JobRecord(kind=kind, request=request, owner=key.id if key else None)
+        # Written before queueing so that a fast worker's result always has its record; a job refused by
+        # the limits or the queue leaves none.
         await self.redis.set(keys.job(request.id), record.model_dump_json(), ex=self.ttl_s)
-        await self.completions.queue.submit(request)
+        try:
+            # No connection waits on a job, so it holds no concurrency slot; it counts against rpm and tpm.
+            await self.completions.enqueue(request, key, hold_slot=False)
+        except BaseException:
+            await self.redis.delete(keys.job(request.id))
+            raise
         return self._view(record, "queued", None)
 
-    async def get(self, job_id: str) -> dict:
-        record = await self._record(job_id)
+    async def get(self, job_id: str, key_id: str | None) -> dict:
+        record = await self._record(job_id, key_id)
         final = await self.completions.queue.result(job_id)
         if final is not None:
             return self._view(record, _STATUS[final.finish_reason], final)
         started = await self.redis.exists(keys.output(job_id))
         return self._view(record, "running" if started else "queued", None)
 
-    async def cancel(self, job_id: str) -> dict:
-        await self._record(job_id)
+    async def cancel(self, job_id: str, key_id: str | None) -> dict:
+        await self._record(job_id, key_id)
         await self.completions.queue.cancel(job_id)
-        return await self.get(job_id)
+        return await self.get(job_id, key_id)
 
-    async def _record(self, job_id: str) -> JobRecord:
+    async def _record(self, job_id: str, key_id: str | None) -> JobRecord:
         body = await self.redis.get(keys.job(job_id))
-        if body is None:
+        record = None if body is None else JobRecord.model_validate_json(body)
+        if record is None or record.owner != key_id:
             raise APIError(404, f"No job with id '{job_id}'.", param="job_id", code="job_not_found")
-        return JobRecord.model_validate_json(body)
+        return record
 
     def _view(self, record: JobRecord, status: str, final: FinalResult | None) -> dict:
         request = record.request

@@ -12,30 +12,47 @@ import redis.asyncio as aioredis
 from gateway.errors import APIError
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest, TokenDelta
+from shared.settings import Settings
 
 LIVE_WINDOW_S = 5.0
 """A worker whose last heartbeat is older than this is not counted as live."""
 FOLLOW_BLOCK_MS = 1000
 CANCEL_TTL_S = 3600
 GRACE_AFTER_DEADLINE_S = 5.0
+QUEUE_FULL_RETRY_AFTER_S = 10
 
 
 class QueueClient:
-    def __init__(self, client: aioredis.Redis):
+    def __init__(self, client: aioredis.Redis, settings: Settings):
         self.redis = client
+        self.settings = settings
 
     async def live_workers(self, model: str) -> int:
         return await self.redis.zcount(keys.live_workers(model), time.time() - LIVE_WINDOW_S, "+inf")
 
     async def submit(self, request: InferenceRequest) -> None:
-        if not await self.live_workers(request.model):
+        """Queue `request`, unless no worker serves its model (503) or its queue is at its bound (503)."""
+        stream = keys.requests(request.model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(keys.live_workers(request.model), time.time() - LIVE_WINDOW_S, "+inf")
+            # Workers XDEL what they finish, so the length is what is queued or running.
+            pipe.xlen(stream)
+            live, depth = await pipe.execute()
+        if not live:
             raise APIError(
                 503,
                 f"No worker is serving model '{request.model}' right now.",
                 code="no_live_worker",
                 headers={"Retry-After": "5"},
             )
-        await self.redis.xadd(keys.requests(request.model), {"r": request.model_dump_json()})
+        if depth >= self.settings.models[request.model].max_queue_depth:
+            raise APIError(
+                503,
+                f"The queue for model '{request.model}' is full. Please try again later.",
+                code="queue_full",
+                headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+            )
+        await self.redis.xadd(stream, {"r": request.model_dump_json()})
 
     async def follow(self, request: InferenceRequest) -> AsyncIterator[TokenDelta | FinalResult]:
         """Token deltas as the worker writes them, then the final record (always last)."""

@@ -8,6 +8,11 @@ result     The `FinalResult` again, as a plain key with a TTL, written once (SET
 cancel     Set by a gateway when the client goes away; the worker drops the request at its next step.
 job        An async job's record (kind, the InferenceRequest, owner), written by the gateway that accepted it.
 live       Sorted set per model: worker id -> time of its last heartbeat. Gateways count the recent ones.
+api_key    Hash per API key id: name, limits, salt, salted hash of the secret, created, revoked. The secret
+           itself is never stored. api_keys is the set of every id, for `llmfleet keys list`.
+rpm        Sorted set per key id: one member per request admitted in the last minute (score: its time).
+tpm        Hash per key id: the token bucket ("level", "at"); output tokens are charged into it as generated.
+inflight   Sorted set per key id: request id -> time its lease lapses (so a crashed gateway leaks nothing).
 """
 
 PREFIX = "llmfleet"
@@ -36,3 +41,23 @@ def job(job_id: str) -> str:
 
 def live_workers(model: str) -> str:
     return f"{PREFIX}:live:{model}"
+
+
+def api_key(key_id: str) -> str:
+    return f"{PREFIX}:apikey:{key_id}"
+
+
+def api_keys() -> str:
+    return f"{PREFIX}:apikeys"
+
+
+def rate_requests(key_id: str) -> str:
+    return f"{PREFIX}:rpm:{key_id}"
+
+
+def rate_tokens(key_id: str) -> str:
+    return f"{PREFIX}:tpm:{key_id}"
+
+
+def inflight(key_id: str) -> str:
+    return f"{PREFIX}:inflight:{key_id}"

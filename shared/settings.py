@@ -24,6 +24,9 @@ class ModelSpec(BaseModel):
     group_size: int = 64
     desc_act: bool = False
     max_context: PositiveInt = 8192
+    max_queue_depth: PositiveInt = 512
+    """Requests queued or running for this model (XLEN of its stream) above which the gateway refuses new ones
+    with 503 + Retry-After instead of queueing them."""
 
 
 class BatchLimits(BaseModel):
@@ -33,6 +36,17 @@ class BatchLimits(BaseModel):
     """Prompt tokens prefilled in one step; longer prompts are prefilled in chunks between decode steps."""
     prefix_cache_tokens: int = Field(default=32768, ge=0)
     """Tokens of finished sequences' KV kept for prefix reuse (LRU); 0 turns the prefix cache off."""
+
+
+class Protection(BaseModel):
+    """What the gateway refuses before anything is queued."""
+
+    auth: Literal["keys", "open"] = "keys"
+    """keys: every /v1 request needs `Authorization: Bearer <key>` (see `llmfleet keys`). open: no
+    authentication and no per-key limits, for local development only (`llmfleet up` runs it by default)."""
+    max_body_bytes: PositiveInt = 1_048_576
+    deny_patterns: list[str] = Field(default_factory=list)
+    """Regular expressions (Python syntax, case-insensitive); a prompt matching any is refused with a 400."""
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -65,6 +79,7 @@ class Settings(BaseSettings):
     token_stream_ttl_s: PositiveInt = 600
 
     batch: BatchLimits = Field(default_factory=BatchLimits)
+    protection: Protection = Field(default_factory=Protection)
     torch_threads: int = 0
     """0: one per core."""
 

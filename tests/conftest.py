@@ -3,11 +3,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import httpx
 import openai
 import pytest
 
 from shared.settings import DEFAULT_MODEL, Settings
-from tests.fleet import Fleet, RedisServer
+from tests.fleet import Fleet, RedisServer, create_api_key
 
 MODEL = DEFAULT_MODEL
 
@@ -33,7 +34,8 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fleet(redis_server, model_dir, tmp_path_factory):
-    """One worker and two gateway replicas on one Redis, shared by the tests that only send requests."""
+    """One worker and two gateway replicas on one Redis, shared by the tests that only send requests. API keys
+    are required (the default), as in production."""
     fleet = Fleet(redis_server, tmp_path_factory.mktemp("logs"))
     fleet.worker(MODEL)
     fleet.gateway()
@@ -53,8 +55,26 @@ def second_gateway_url(fleet) -> str:
 
 
 @pytest.fixture(scope="session")
-def client(gateway_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+def api_key(fleet) -> str:
+    """A key with limits no test reaches, created through `llmfleet keys create`."""
+    return create_api_key(fleet.redis_server)
+
+
+@pytest.fixture(scope="session")
+def auth_headers(api_key) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture(scope="session")
+def client(gateway_url, api_key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(gateway_url, auth_headers):
+    """Raw HTTP to the first gateway, authenticated."""
+    with httpx.Client(base_url=gateway_url, headers=auth_headers, timeout=60) as session:
+        yield session
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ subprocesses, exactly as `llmfleet up` runs them. Never touches the machine's ow
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -132,6 +133,16 @@ class Fleet:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.stop(signal.SIGKILL if proc.process.poll() is None else signal.SIGTERM, timeout=10)
+
+
+def create_api_key(redis_server: RedisServer, name: str = "tests", rpm: int = 1_000_000, tpm: int = 1_000_000_000,
+                   max_concurrency: int = 1000) -> str:  # fmt: skip
+    """A new API key, made the way an operator makes one: `llmfleet keys create`."""
+    argv = [sys.executable, "-m", "llmfleet.cli", "keys", "create", "--name", name, "--rpm", str(rpm),
+            "--tpm", str(tpm), "--max-concurrency", str(max_concurrency), "--json"]  # fmt: skip
+    env = {**os.environ, "LLMFLEET_REDIS_URL": redis_server.url}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, timeout=60)
+    return json.loads(done.stdout)["key"]
 
 
 def _died(proc: Proc) -> bool:

@@ -10,15 +10,15 @@ from tests.fleet import wait_until
 FRANCE = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
 
 
-def test_job_submitted_to_one_gateway_is_read_through_another(gateway_url, second_gateway_url):
-    submitted = httpx.post(f"{gateway_url}/v1/jobs", json=FRANCE, timeout=30)
+def test_job_submitted_to_one_gateway_is_read_through_another(gateway_url, second_gateway_url, auth_headers):
+    submitted = httpx.post(f"{gateway_url}/v1/jobs", json=FRANCE, headers=auth_headers, timeout=30)
     assert submitted.status_code == 202
     job = submitted.json()
     assert submitted.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] in ("queued", "running")
 
     def completed():
-        view = httpx.get(f"{second_gateway_url}/v1/jobs/{job['id']}", timeout=10).json()
+        view = httpx.get(f"{second_gateway_url}/v1/jobs/{job['id']}", headers=auth_headers, timeout=10).json()
         return view if view["status"] == "completed" else None
 
     view = wait_until(completed, 60, "the job to complete")
@@ -28,7 +28,7 @@ def test_job_submitted_to_one_gateway_is_read_through_another(gateway_url, secon
     assert result["usage"]["completion_tokens"] > 0
 
 
-def test_unknown_job_is_404(gateway_url):
-    reply = httpx.get(f"{gateway_url}/v1/jobs/nope", timeout=10)
+def test_unknown_job_is_404(http):
+    reply = http.get("/v1/jobs/nope")
     assert reply.status_code == 404
     assert reply.json()["error"]["code"] == "job_not_found"

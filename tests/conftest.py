@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -52,6 +53,27 @@ def gateway_url(fleet) -> str:
 @pytest.fixture(scope="session")
 def second_gateway_url(fleet) -> str:
     return fleet.procs[2].url
+
+
+PARKED = "parked"
+"""A second model name in `strict_gateway` (same files as MODEL) that no worker serves unless a test fakes one."""
+DENIED = r"open\s+sesame"
+STRICT_MAX_BODY_BYTES = 65536
+
+
+@pytest.fixture(scope="session")
+def strict_gateway(fleet, model_dir) -> str:
+    """A third gateway on the shared Redis with tight bounds: a deny-list, a small body limit, at most 8 output
+    tokens (so fuzzed requests are quick for the worker), and the model PARKED whose queue bound is 2."""
+    models = {MODEL: {}, PARKED: {"path": str(model_dir), "max_queue_depth": 2}}
+    proc = fleet.gateway(
+        LLMFLEET_MODELS=json.dumps(models),
+        LLMFLEET_PROTECTION__DENY_PATTERNS=json.dumps([DENIED]),
+        LLMFLEET_PROTECTION__MAX_BODY_BYTES=str(STRICT_MAX_BODY_BYTES),
+        LLMFLEET_MAX_OUTPUT_TOKENS="8",
+        LLMFLEET_DEFAULT_MAX_TOKENS="4",
+    )
+    return proc.url
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from tests.conftest import MODEL
-from tests.fleet import wait_until
+from tests.fleet import create_api_key, wait_until
 
 FRANCE = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
 
@@ -32,3 +32,14 @@ def test_unknown_job_is_404(http):
     reply = http.get("/v1/jobs/nope")
     assert reply.status_code == 404
     assert reply.json()["error"]["code"] == "job_not_found"
+
+
+def test_a_job_is_invisible_to_another_key(fleet, gateway_url, second_gateway_url, auth_headers):
+    job = httpx.post(f"{gateway_url}/v1/jobs", json=FRANCE, headers=auth_headers, timeout=30).json()
+    other = {"Authorization": f"Bearer {create_api_key(fleet.redis_server, name='other-tenant')}"}
+    for url in (gateway_url, second_gateway_url):
+        read = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=other, timeout=10)
+        assert read.status_code == 404 and read.json()["error"]["code"] == "job_not_found"
+        cancel = httpx.delete(f"{url}/v1/jobs/{job['id']}", headers=other, timeout=10)
+        assert cancel.status_code == 404
+    assert httpx.get(f"{gateway_url}/v1/jobs/{job['id']}", headers=auth_headers, timeout=10).status_code == 200

@@ -177,11 +177,17 @@ class Completions:
                     yield {"data": json.dumps(_usage_chunk(kind, request, event))}
                 yield {"data": "[DONE]"}
         finally:
-            if not finished:
-                # The client went away (or we are shutting down): free the worker's slot.
-                await asyncio.shield(self.queue.cancel(request.id))
-                log.info("request.stream_closed_early")
-            await asyncio.shield(_settle(admission, generated))
+            # One shielded step: a second cancellation would otherwise stop the cleanup halfway.
+            await asyncio.shield(self._end_stream(request, finished, admission, generated))
+
+    async def _end_stream(
+        self, request: InferenceRequest, finished: bool, admission: Admission | None, generated: int
+    ) -> None:
+        if not finished:
+            # The client went away (or we are shutting down): free the worker's slot.
+            await self.queue.cancel(request.id)
+            log.info("request.stream_closed_early")
+        await _settle(admission, generated)
 
 
 async def _settle(admission: Admission | None, completion_tokens: int) -> None:

@@ -61,7 +61,8 @@ def test_concurrent_requests_beyond_the_limit_are_refused_until_one_ends(fleet, 
     long = {**TINY, "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{gateway_url}/v1/completions", json=long, headers=headers, timeout=120) as running:
         assert running.status_code == 200
-        next(running.iter_lines())
+        lines = running.iter_lines()  # held: dropping the iterator would close the connection
+        next(lines)
         refused = httpx.post(f"{second_gateway_url}/v1/completions", json=TINY, headers=headers, timeout=120)
         assert assert_openai_error(refused, 429)["code"] == "concurrency_limit_exceeded"
         assert refused.headers["retry-after"]

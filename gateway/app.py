@@ -7,21 +7,27 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 
+import structlog
 import uvicorn
 from fastapi import FastAPI
 
 from gateway import errors
+from gateway.api_keys import ApiKeys
 from gateway.api_router import router
 from gateway.batches import Batches
+from gateway.http_guards import Authentication, BodyLimit, SecurityHeaders
 from gateway.jobs import Jobs
 from gateway.metrics import RequestCounter
 from gateway.prompts import Tokenizers
-from gateway.queue_client import QueueClient, connect
+from gateway.queue_client import GRACE_AFTER_DEADLINE_S, QueueClient, connect
+from gateway.rate_limits import RateLimiter
 from gateway.serving import Completions
 from jobs.enqueue import arq_pool
 from jobs.store import BatchStore
 from shared.logging import configure as configure_logging
 from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -34,7 +40,9 @@ def create_app(settings: Settings) -> FastAPI:
         for model in settings.models:
             if (settings.model_dir(model) / "tokenizer_config.json").is_file():
                 await asyncio.to_thread(tokenizers.get, model)
-        app.state.completions = Completions(settings, QueueClient(client, settings), tokenizers)
+        app.state.api_keys = ApiKeys(client)
+        limiter = RateLimiter(client, lease_s=settings.request_timeout_s + GRACE_AFTER_DEADLINE_S)
+        app.state.completions = Completions(settings, QueueClient(client, settings), tokenizers, limiter)
         app.state.jobs = Jobs(app.state.completions)
         arq = await arq_pool(settings)
         app.state.batches = Batches(settings, BatchStore(client), arq)
@@ -44,11 +52,19 @@ def create_app(settings: Settings) -> FastAPI:
             await arq.aclose()
             await client.aclose()
 
-    app = FastAPI(title="llmfleet gateway", lifespan=lifespan)
+    # No /docs: the security headers forbid the scripts it needs. The schema stays at /openapi.json.
+    app = FastAPI(title="llmfleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.started = time.time()
     errors.install(app)
     app.include_router(router)
+    protection = settings.protection
+    # Added innermost first: headers wrap everything, authentication runs before any body is read.
+    app.add_middleware(BodyLimit, max_bytes=protection.max_body_bytes)
+    app.add_middleware(Authentication, state=app.state, open_mode=protection.auth == "open")
+    app.add_middleware(SecurityHeaders)
+    if protection.auth == "open":
+        log.warning("gateway.auth_open", note="no API keys required: local development only")
     # Added last, so it is the outermost middleware and sees every response, refusals by others included.
     app.add_middleware(RequestCounter)
     return app

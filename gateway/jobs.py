@@ -17,6 +17,7 @@ import time
 
 from pydantic import BaseModel, ValidationError
 
+from gateway.api_keys import ApiKey
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
@@ -40,6 +41,7 @@ class JobRecord(BaseModel):
     kind: Kind
     request: InferenceRequest
     owner: str | None = None
+    """The id of the API key that submitted it (None in open mode)."""
 
 
 def parse_body(body: object, kind: Kind | None = None) -> tuple[Kind, ChatCompletionRequest | CompletionRequest]:
@@ -65,8 +67,9 @@ class Jobs:
         # The record outlives the request's deadline and its result's retention, so that it can read `expired`.
         self.record_ttl_s = int(settings.request_timeout_s) + settings.result_ttl_s + settings.jobs.expired_visible_s
 
-    async def submit(self, body: object, owner: str | None, idempotency_key: str | None = None) -> dict:
+    async def submit(self, body: object, key: ApiKey | None, idempotency_key: str | None = None) -> dict:
         """The new job's view; with an idempotency key already used by this owner, the earlier job's view."""
+        owner = key.id if key else None
         kind, parsed = parse_body(body)
         request = self.completions.build(kind, parsed)
         # Jobs stream deltas internally so that a running job is visible as running.
@@ -78,9 +81,10 @@ class Jobs:
         record = JobRecord(kind=kind, request=request, owner=owner)
         await self.redis.set(keys.job(request.id), record.model_dump_json(), ex=self.record_ttl_s)
         try:
-            await self.completions.queue.submit(request)
-        except APIError:
-            # Not accepted (no live worker): a retry with the same key must be able to try again.
+            # No connection waits on a job, so it holds no concurrency slot; it counts against rpm and tpm.
+            await self.completions.enqueue(request, key, hold_slot=False)
+        except BaseException:
+            # Not accepted (limits, no live worker, full queue): a retry with the same key must be able to try again.
             await self.redis.delete(keys.job(request.id))
             if idempotency_key is not None:
                 await self.redis.delete(keys.idempotency(owner, idempotency_key))

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from gateway.errors import APIError
+from gateway.sanitize import clean_text
+
+Text = Annotated[str, AfterValidator(clean_text)]
+"""Any text a client sends: valid Unicode, NFC, no control characters (see gateway.sanitize)."""
 
 
 class StreamOptions(BaseModel):
@@ -21,14 +25,14 @@ class StreamOptions(BaseModel):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = Field(default=None, max_length=64)
+    content: Text | Annotated[list[TextPart], Field(max_length=256)]
+    name: Annotated[Text, Field(max_length=64)] | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -50,18 +54,22 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0, le=100_000)] = 0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=8)] | None = None
+    stop: (
+        Annotated[Text, Field(max_length=256)]
+        | Annotated[list[Annotated[Text, Field(min_length=1, max_length=256)]], Field(max_length=8)]
+        | None
+    ) = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     """Benchmarks only: generate exactly max_tokens (as vLLM accepts it)."""
-    user: Annotated[str, Field(max_length=256)] | None = None
+    user: Annotated[Text, Field(max_length=256)] | None = None
     conversation_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     """Affinity hint (also accepted as the X-Conversation-Id header): turns of one conversation reuse one cache."""
 
@@ -93,12 +101,27 @@ class _SamplingFields(BaseModel):
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]  # a stop string may be empty once control characters are stripped
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
+
+    @model_validator(mode="after")
+    def _check_roles_and_order(self):
+        """System/developer messages only lead; then the turns start and end with the user."""
+        roles = [m.role for m in self.messages]
+        leading = 0
+        while leading < len(roles) and roles[leading] in ("system", "developer"):
+            leading += 1
+        turns = roles[leading:]
+        if "system" in turns or "developer" in turns:
+            raise _order_error("System and developer messages must come before the conversation.")
+        if not turns or turns[0] != "user" or turns[-1] != "user":
+            raise _order_error("The conversation must start and end with a user message.")
+        return self
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -106,7 +129,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=1)]
+        | Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+    )
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -121,3 +148,7 @@ class BatchCreateRequest(BaseModel):
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
     completion_window: Literal["24h"]
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+
+
+def _order_error(message: str) -> APIError:
+    return APIError(400, message, param="messages", code="invalid_message_order")

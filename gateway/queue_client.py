@@ -41,6 +41,9 @@ def connect(redis_url: str) -> aioredis.Redis:
     )
 
 
+QUEUE_FULL_RETRY_AFTER_S = 10
+
+
 class QueueClient:
     def __init__(self, client: aioredis.Redis, settings: Settings):
         self.redis = client
@@ -66,12 +69,26 @@ class QueueClient:
         return depth, pending, lag if lag is not None else max(depth - pending, 0)
 
     async def submit(self, request: InferenceRequest) -> None:
-        if self.settings.require_live_worker and not await self.live_workers(request.model):
+        """Queue `request`, unless no worker serves its model (503) or its queue is at its bound (503)."""
+        stream = keys.requests(request.model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(keys.live_workers(request.model), time.time() - LIVE_WINDOW_S, "+inf")
+            # Workers XDEL what they finish, so the length is what is queued or running.
+            pipe.xlen(stream)
+            live, depth = await pipe.execute()
+        if self.settings.require_live_worker and not live:
             raise APIError(
                 503,
                 f"No worker is serving model '{request.model}' right now.",
                 code="no_live_worker",
                 headers={"Retry-After": "5"},
+            )
+        if depth >= self.settings.models[request.model].max_queue_depth:
+            raise APIError(
+                503,
+                f"The queue for model '{request.model}' is full. Please try again later.",
+                code="queue_full",
+                headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
             )
         await self.redis.xadd(await self._route(request), {"r": request.model_dump_json()})
 

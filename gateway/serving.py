@@ -14,12 +14,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from gateway.api_keys import ApiKey
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
 from gateway.errors import APIError
 from gateway.prompts import Tokenizers, chat_token_ids, completion_token_ids, output_budget
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import QueueClient
+from gateway.rate_limits import Admission, RateLimiter
+from gateway.sanitize import DenyList
 from shared.protocol import FinalResult, InferenceRequest, SamplingParams, TokenDelta, new_request_id
 from shared.settings import Settings
 
@@ -47,10 +50,12 @@ def failure(final: FinalResult) -> APIError:
 
 
 class Completions:
-    def __init__(self, settings: Settings, queue: QueueClient, tokenizers: Tokenizers):
+    def __init__(self, settings: Settings, queue: QueueClient, tokenizers: Tokenizers, limiter: RateLimiter):
         self.settings = settings
         self.queue = queue
         self.tokenizers = tokenizers
+        self.limiter = limiter
+        self.deny_list = DenyList(settings.protection.deny_patterns)
 
     def model_or_404(self, model: str):
         spec = self.settings.models.get(model)
@@ -64,6 +69,8 @@ class Completions:
         spec = self.model_or_404(body.model)
         tokenizer = self.tokenizers.get(body.model)
         ids = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
+        if self.deny_list.patterns:
+            self.deny_list.check(_prompt_texts(body, tokenizer, ids))
         max_tokens = output_budget(len(ids), body.requested_max_tokens, spec.max_context, self.settings)
         now = time.time()
         return InferenceRequest(
@@ -86,22 +93,49 @@ class Completions:
             conversation=conversation_key(body, conversation_header),
         )
 
+    async def enqueue(self, request: InferenceRequest, key: ApiKey | None, hold_slot: bool = True) -> Admission | None:
+        """Admit `request` against its key's limits (none in open mode), then queue it; a refusal raises."""
+        admission = None
+        if key is not None:
+            admission = await self.limiter.admit(key, request.id, len(request.prompt_token_ids), hold_slot)
+        try:
+            await self.queue.submit(request)
+        except BaseException:
+            if admission is not None:
+                await asyncio.shield(admission.refund(len(request.prompt_token_ids)))
+            raise
+        return admission
+
     async def create(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request):
         http.state.model_name = body.model  # a label of llmfleet:requests_total (gateway.metrics)
         request = self.build(kind, body, http.headers.get(CONVERSATION_HEADER))
+        key: ApiKey | None = getattr(http.state, "api_key", None)
         structlog.contextvars.bind_contextvars(request_id=request.id)
-        await self.queue.submit(request)
-        headers = {"x-request-id": request.id}
+        admission = await self.enqueue(request, key)
+        # Never the prompt at INFO; `user` is often an e-mail address, which the log processor masks.
+        log.info(
+            "request.accepted",
+            key_name=key.name if key else None,
+            user=body.user,
+            prompt_tokens=len(request.prompt_token_ids),
+            max_tokens=request.sampling.max_tokens,
+            stream=body.stream,
+        )
+        headers = {"x-request-id": request.id, **(admission.headers if admission else {})}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(
-                self._events(kind, request, include_usage),
+                self._events(kind, request, include_usage, admission),
                 headers=headers,
                 ping=15,
                 # A gateway told to stop lets open streams finish for this long before it cuts them.
                 shutdown_grace_period=self.settings.delivery.drain_grace_s,
             )
-        final = await self._final_unless_disconnected(request, http)
+        final = None
+        try:
+            final = await self._final_unless_disconnected(request, http)
+        finally:
+            await asyncio.shield(_settle(admission, final.completion_tokens if final else 0))
         if final.finish_reason not in ("stop", "length"):
             raise failure(final)
         return JSONResponse(whole_response(kind, request, final), headers=headers)
@@ -130,12 +164,18 @@ class Completions:
         log.info("request.client_disconnected")
         raise APIError(499, "Client closed the request.", code="client_disconnected")
 
-    async def _events(self, kind: Kind, request: InferenceRequest, include_usage: bool) -> AsyncIterator[dict]:
+    async def _events(
+        self, kind: Kind, request: InferenceRequest, include_usage: bool, admission: Admission | None
+    ) -> AsyncIterator[dict]:
         finished = False
+        generated = 0
         try:
             yield {"data": json.dumps(_chunk(kind, request, "", None, first=True))}
             async for event in self.queue.follow(request):
+                generated = event.completion_tokens
                 if isinstance(event, TokenDelta):
+                    if admission is not None:
+                        await admission.charge_output(generated)
                     if event.text:
                         yield {"data": json.dumps(_chunk(kind, request, event.text, None))}
                     continue
@@ -148,10 +188,33 @@ class Completions:
                     yield {"data": json.dumps(_usage_chunk(kind, request, event))}
                 yield {"data": "[DONE]"}
         finally:
-            if not finished:
-                # The client went away (or we are shutting down): free the worker's slot.
-                await asyncio.shield(self.queue.cancel(request.id))
-                log.info("request.stream_closed_early")
+            # One shielded step: a second cancellation would otherwise stop the cleanup halfway.
+            await asyncio.shield(self._end_stream(request, finished, admission, generated))
+
+    async def _end_stream(
+        self, request: InferenceRequest, finished: bool, admission: Admission | None, generated: int
+    ) -> None:
+        if not finished:
+            # The client went away (or we are shutting down): free the worker's slot.
+            await self.queue.cancel(request.id)
+            log.info("request.stream_closed_early")
+        await _settle(admission, generated)
+
+
+async def _settle(admission: Admission | None, completion_tokens: int) -> None:
+    """Charge a finished request's remaining output tokens to its key and free its concurrency slot."""
+    if admission is not None:
+        await admission.charge_output(completion_tokens, final=True)
+        await admission.release()
+
+
+def _prompt_texts(body: ChatCompletionRequest | CompletionRequest, tokenizer, ids: list[int]) -> list[str]:
+    """What the deny-list is matched against: the messages, the prompt, or the prompt token ids decoded."""
+    if isinstance(body, ChatCompletionRequest):
+        return [m.text() for m in body.messages]
+    if isinstance(body.prompt, list) and isinstance(body.prompt[0], int):
+        return [tokenizer.decode(ids)]
+    return [body.prompt if isinstance(body.prompt, str) else body.prompt[0]]
 
 
 def _ids(kind: Kind, request: InferenceRequest) -> dict:

@@ -1,8 +1,11 @@
-"""The `llmfleet` command."""
+"""The `llmfleet` command: `up` runs the service on this machine, `keys` manages API keys in its Redis."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime
+import json
 import os
 from pathlib import Path
 
@@ -12,7 +15,48 @@ from shared.settings import Settings
 def _up(args: argparse.Namespace) -> int:
     from llmfleet.supervisor import Supervisor
 
-    return Supervisor(Settings(), workers=args.workers, state_dir=Path(args.state_dir)).run()
+    return Supervisor(Settings(), workers=args.workers, state_dir=Path(args.state_dir), auth=args.auth).run()
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from gateway.api_keys import ApiKeys
+
+    async def run() -> int:
+        client = aioredis.Redis.from_url(Settings().redis_url, decode_responses=True)
+        try:
+            store = ApiKeys(client)
+            if args.action == "create":
+                key, secret = await store.create(args.name, args.rpm, args.tpm, args.max_concurrency)
+                if args.json:
+                    print(json.dumps({**key.model_dump(), "key": secret}))
+                else:
+                    print(f"created key {key.id} ({key.name}); it is shown only this once:\n{secret}")
+                return 0
+            if args.action == "list":
+                found = await store.list()
+                if args.json:
+                    print(json.dumps([k.model_dump() for k in found]))
+                for key in [] if args.json else found:
+                    state = f"revoked {_when(key.revoked)}" if key.revoked else "active"
+                    print(f"{key.id}  {key.name:<20} rpm={key.rpm} tpm={key.tpm} "
+                          f"concurrency={key.max_concurrency}  created {_when(key.created)}  {state}")  # fmt: skip
+                return 0
+            revoked = await store.revoke(args.id)
+            if revoked is None:
+                print(f"no key with id {args.id}")
+                return 1
+            print(f"revoked key {revoked.id} ({revoked.name})")
+            return 0
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def _when(timestamp: float | None) -> str:
+    return datetime.datetime.fromtimestamp(timestamp or 0, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _base_url(args: argparse.Namespace) -> str:
@@ -47,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="run Redis, the gateway, workers and the job layer on this machine")
     up.add_argument("--workers", type=int, default=1, help="workers per model")
     up.add_argument("--state-dir", default=".run", help="where the owned Redis keeps its data")
+    up.add_argument(
+        "--auth", choices=["open", "keys"], default="open",
+        help="open (default here, for local development): no API keys; keys: require `llmfleet keys` keys",
+    )  # fmt: skip
     up.set_defaults(func=_up)
 
     batch = commands.add_parser("batch", help="OpenAI-style batches").add_subparsers(dest="action", required=True)
@@ -65,6 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument("id")
     _client_options(get)
     get.set_defaults(func=_jobs_get)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys (in the Redis of LLMFLEET_REDIS_URL)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print it, once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--rpm", type=int, default=60, help="requests per minute")
+    create.add_argument("--tpm", type=int, default=100_000, help="tokens (prompt + output) per minute")
+    create.add_argument("--max-concurrency", type=int, default=8, help="requests in flight at once")
+    create.add_argument("--json", action="store_true")
+    listing = actions.add_parser("list", help="every key, without secrets")
+    listing.add_argument("--json", action="store_true")
+    revoke = actions.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("id")
+    keys.set_defaults(func=_keys)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

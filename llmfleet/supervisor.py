@@ -83,15 +83,16 @@ def http_ok(url: str) -> bool:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workers: int, state_dir: Path):
+    def __init__(self, settings: Settings, workers: int, state_dir: Path, auth: str = "open"):
         self.settings = settings
+        self.auth = auth
         self.workers = workers
         self.state_dir = state_dir.resolve()
         self.children: list[Child] = []
         self._stopping = False
 
     def run(self) -> int:
-        env = dict(os.environ)
+        env = {**os.environ, "LLMFLEET_PROTECTION__AUTH": self.auth}
         python = sys.executable
         redis_argv = redis_command(self.settings.redis_url, self.state_dir / "redis", self.settings.redis_appendfsync)
         signal.signal(signal.SIGTERM, self._request_stop)
@@ -123,6 +124,10 @@ class Supervisor:
                 if "LLMFLEET_WORKER_HTTP_PORT" in child.env:
                     port = child.env["LLMFLEET_WORKER_HTTP_PORT"]
                     print(f"  {child.name}: http://127.0.0.1:{port}/metrics", flush=True)
+            if self.auth == "open":
+                print("auth: OPEN, no API key needed (local development only; `--auth keys` requires keys)", flush=True)
+            else:
+                print("auth: API keys required (create one with `llmfleet keys create --name NAME`)", flush=True)
             self._watch(env)
         finally:
             self._stop_all()

@@ -24,6 +24,11 @@ ARQ_QUEUE  The arq queue the job layer (python -m jobs) consumes; arq keeps its 
 live       Sorted set per model: worker id -> time of its last heartbeat. Gateways count the recent ones.
 dead       Dead-letter stream per model: requests delivered more than `delivery.max_deliveries` times (field
            "r" the request entry as it was, "reason", "deliveries"); each also ends `failed` in its result.
+api_key    Hash per API key id: name, limits, salt, salted hash of the secret, created, revoked. The secret
+           itself is never stored. api_keys is the set of every id, for `llmfleet keys list`.
+rpm        Sorted set per key id: one member per request admitted in the last minute (score: its time).
+tpm        Hash per key id: the token bucket ("level", "at"); output tokens are charged into it as generated.
+inflight   Sorted set per key id: request id -> time its lease lapses (so a crashed gateway leaks nothing).
 """
 
 PREFIX = "llmfleet"
@@ -107,3 +112,23 @@ def batch_lease(batch_id: str) -> str:
 
 def dead_letters(model: str) -> str:
     return f"{PREFIX}:dead:{model}"
+
+
+def api_key(key_id: str) -> str:
+    return f"{PREFIX}:apikey:{key_id}"
+
+
+def api_keys() -> str:
+    return f"{PREFIX}:apikeys"
+
+
+def rate_requests(key_id: str) -> str:
+    return f"{PREFIX}:rpm:{key_id}"
+
+
+def rate_tokens(key_id: str) -> str:
+    return f"{PREFIX}:tpm:{key_id}"
+
+
+def inflight(key_id: str) -> str:
+    return f"{PREFIX}:inflight:{key_id}"

@@ -24,6 +24,9 @@ class ModelSpec(BaseModel):
     group_size: int = 64
     desc_act: bool = False
     max_context: PositiveInt = 8192
+    max_queue_depth: PositiveInt = 512
+    """Requests queued or running for this model (XLEN of its stream) above which the gateway refuses new ones
+    with 503 + Retry-After instead of queueing them."""
 
 
 class BatchLimits(BaseModel):
@@ -61,6 +64,17 @@ class DeliverySettings(BaseModel):
     drain_grace_s: float = Field(30.0, ge=0)
     """On SIGTERM a worker finishes what it holds for this long, then hands the rest back; a gateway waits this
     long for its open streams."""
+
+
+class Protection(BaseModel):
+    """What the gateway refuses before anything is queued."""
+
+    auth: Literal["keys", "open"] = "keys"
+    """keys: every /v1 request needs `Authorization: Bearer <key>` (see `llmfleet keys`). open: no
+    authentication and no per-key limits, for local development only (`llmfleet up` runs it by default)."""
+    max_body_bytes: PositiveInt = 1_048_576
+    deny_patterns: list[str] = Field(default_factory=list)
+    """Regular expressions (Python syntax, case-insensitive); a prompt matching any is refused with a 400."""
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -102,6 +116,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
     """AOF fsync policy of the Redis that `llmfleet up` starts (README: Delivery guarantees)."""
+    protection: Protection = Field(default_factory=Protection)
     torch_threads: int = 0
     """0: one per core."""
 

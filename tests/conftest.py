@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import httpx
 import openai
 import pytest
 
 from shared.settings import DEFAULT_MODEL, Settings
-from tests.fleet import Fleet, RedisServer
+from tests.fleet import Fleet, RedisServer, create_api_key
 
 MODEL = DEFAULT_MODEL
 
@@ -33,8 +35,9 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fleet(redis_server, model_dir, tmp_path_factory):
-    """One worker and two gateway replicas on one Redis, shared by the tests that only send requests."""
-    fleet = Fleet(redis_server, tmp_path_factory.mktemp("logs"))
+    """One worker and two gateway replicas on one Redis, shared by the tests that only send requests. API keys
+    are required (the default), as in production."""
+    fleet = Fleet(redis_server, tmp_path_factory.mktemp("logs"), LLMFLEET_PROTECTION__AUTH="keys")
     fleet.worker(MODEL)
     fleet.gateway()
     fleet.gateway()
@@ -52,9 +55,48 @@ def second_gateway_url(fleet) -> str:
     return fleet.procs[2].url
 
 
+PARKED = "parked"
+"""A second model name in `strict_gateway` (same files as MODEL) that no worker serves unless a test fakes one."""
+DENIED = r"open\s+sesame"
+STRICT_MAX_BODY_BYTES = 65536
+
+
 @pytest.fixture(scope="session")
-def client(gateway_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+def strict_gateway(fleet, model_dir) -> str:
+    """A third gateway on the shared Redis with tight bounds: a deny-list, a small body limit, at most 8 output
+    tokens (so fuzzed requests are quick for the worker), and the model PARKED whose queue bound is 2."""
+    models = {MODEL: {}, PARKED: {"path": str(model_dir), "max_queue_depth": 2}}
+    proc = fleet.gateway(
+        LLMFLEET_MODELS=json.dumps(models),
+        LLMFLEET_PROTECTION__DENY_PATTERNS=json.dumps([DENIED]),
+        LLMFLEET_PROTECTION__MAX_BODY_BYTES=str(STRICT_MAX_BODY_BYTES),
+        LLMFLEET_MAX_OUTPUT_TOKENS="8",
+        LLMFLEET_DEFAULT_MAX_TOKENS="4",
+    )
+    return proc.url
+
+
+@pytest.fixture(scope="session")
+def api_key(fleet) -> str:
+    """A key with limits no test reaches, created through `llmfleet keys create`."""
+    return create_api_key(fleet.redis_server)
+
+
+@pytest.fixture(scope="session")
+def auth_headers(api_key) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture(scope="session")
+def client(gateway_url, api_key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(gateway_url, auth_headers):
+    """Raw HTTP to the first gateway, authenticated."""
+    with httpx.Client(base_url=gateway_url, headers=auth_headers, timeout=60) as session:
+        yield session
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ subprocesses, exactly as `llmfleet up` runs them. Never touches the machine's ow
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -102,7 +103,14 @@ class Fleet:
     def __init__(self, redis_server: RedisServer, log_dir: Path, **env: str):
         self.redis_server = redis_server
         self.log_dir = log_dir
-        self.env = {**os.environ, "LLMFLEET_REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1", **env}
+        # Gateways run open (no API keys) unless a fleet asks for keys: tests of other parts need no credentials.
+        self.env = {
+            **os.environ,
+            "LLMFLEET_REDIS_URL": redis_server.url,
+            "PYTHONUNBUFFERED": "1",
+            "LLMFLEET_PROTECTION__AUTH": "open",
+            **env,
+        }
         self.procs: list[Proc] = []
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
@@ -150,6 +158,16 @@ class Fleet:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.stop(signal.SIGKILL if proc.process.poll() is None else signal.SIGTERM, timeout=10)
+
+
+def create_api_key(redis_server: RedisServer, name: str = "tests", rpm: int = 1_000_000, tpm: int = 1_000_000_000,
+                   max_concurrency: int = 1000) -> str:  # fmt: skip
+    """A new API key, made the way an operator makes one: `llmfleet keys create`."""
+    argv = [sys.executable, "-m", "llmfleet.cli", "keys", "create", "--name", name, "--rpm", str(rpm),
+            "--tpm", str(tpm), "--max-concurrency", str(max_concurrency), "--json"]  # fmt: skip
+    env = {**os.environ, "LLMFLEET_REDIS_URL": redis_server.url}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, timeout=60)
+    return json.loads(done.stdout)["key"]
 
 
 def _died(proc: Proc) -> bool:

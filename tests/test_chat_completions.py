@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
-
 from tests.conftest import MODEL
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -39,9 +37,9 @@ def test_streams_tokens_as_they_are_generated_with_usage(client):
     assert "".join(pieces) == whole.choices[0].message.content
 
 
-def test_sse_wire_format_ends_with_done(gateway_url):
+def test_sse_wire_format_ends_with_done(http):
     body = {"model": MODEL, "messages": FRANCE, "max_tokens": 5, "stream": True}
-    with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=60) as reply:
+    with http.stream("POST", "/v1/chat/completions", json=body) as reply:
         assert reply.headers["content-type"].startswith("text/event-stream")
         data = [line for line in reply.iter_lines() if line.startswith("data:")]
     assert data[-1] == "data: [DONE]"

@@ -26,13 +26,14 @@ def value(found: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def served(client, fleet, gateway_url):
+def served(client, fleet, gateway_url, auth_headers):
     """One finished streaming request and one refused one, then a scrape of the gateway and the worker."""
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
     )
     assert [c for c in stream]
-    httpx.post(f"{gateway_url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": -1}, timeout=10)
+    refused = {"model": MODEL, "prompt": "x", "max_tokens": -1}
+    httpx.post(f"{gateway_url}/v1/completions", json=refused, headers=auth_headers, timeout=10)
     worker = next(p for p in fleet.procs if p.worker_id)
     return samples(gateway_url), samples(worker.url)
 
@@ -45,7 +46,7 @@ def test_every_series_the_dashboard_queries_is_exported_by_a_gateway_or_a_worker
 
 def test_gateway_counts_requests_by_model_status_and_key_name(served):
     gateway, _ = served
-    assert value(gateway, "llmfleet:requests_total", model_name=MODEL, status="200", key_name="") >= 1
+    assert value(gateway, "llmfleet:requests_total", model_name=MODEL, status="200", key_name="tests") >= 1
     assert value(gateway, "llmfleet:requests_total", status="400") >= 1
     assert value(gateway, "llmfleet:live_workers", model_name=MODEL) >= 1
 
@@ -63,7 +64,7 @@ def test_worker_exports_latency_histograms_tokens_and_finish_reasons(served):
 
 def test_a_serving_worker_is_alive_and_ready(fleet):
     worker = next(p for p in fleet.procs if p.worker_id)
-    assert httpx.get(f"{worker.url}/health", timeout=5).json() == {"status": "ok"}
+    assert httpx.get(f"{worker.url}/health", timeout=5).json()["status"] == "ok"
     assert httpx.get(f"{worker.url}/ready", timeout=5).json() == {"status": "ready"}
     assert httpx.get(f"{worker.url}/nope", timeout=5).status_code == 404
 

@@ -1,0 +1,45 @@
+"""What every request meets before a route: security headers, a body size bound, UTF-8 bodies only."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL, STRICT_MAX_BODY_BYTES
+from tests.test_validation import assert_openai_error
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/nope")])
+def test_security_headers_are_on_every_response(gateway_url, auth_headers, method, path):
+    for headers in (auth_headers, {}):
+        reply = httpx.request(method, gateway_url + path, headers=headers, timeout=10)
+        assert reply.headers["x-content-type-options"] == "nosniff"
+        assert reply.headers["x-frame-options"] == "DENY"
+        assert "default-src 'none'" in reply.headers["content-security-policy"]
+        assert reply.headers["cache-control"] == "no-store"
+
+
+def test_a_body_over_the_limit_is_413(strict_gateway, auth_headers):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * STRICT_MAX_BODY_BYTES}]}
+    reply = httpx.post(f"{strict_gateway}/v1/chat/completions", json=body, headers=auth_headers, timeout=10)
+    assert assert_openai_error(reply, 413)["code"] == "request_too_large"
+
+
+def test_a_chunked_body_over_the_limit_is_413(strict_gateway, auth_headers):
+    def chunks():
+        yield b'{"model": "x", "prompt": "'
+        for _ in range(STRICT_MAX_BODY_BYTES // 1024 + 1):
+            yield b"y" * 1024
+        yield b'"}'
+
+    headers = {**auth_headers, "content-type": "application/json"}
+    reply = httpx.post(f"{strict_gateway}/v1/completions", content=chunks(), headers=headers, timeout=10)
+    assert_openai_error(reply, 413)
+
+
+def test_invalid_utf8_is_400(http):
+    body = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "caf\xe9 \xff"}]}'
+    reply = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert assert_openai_error(reply, 400)["code"] == "invalid_encoding"

@@ -1,0 +1,35 @@
+"""Logs never hold API keys or personal data, and never the prompt at INFO."""
+
+from __future__ import annotations
+
+import httpx
+
+from shared.logging import mask_text
+from tests.conftest import MODEL
+from tests.fleet import wait_until
+
+
+def test_mask_text_hides_keys_emails_phones_and_cards():
+    line = (
+        "key llmf-0a1b2c3d4e5f-s3cr3tS3cr3t_x Bearer abc.def sk-abcdefghijkl mail alice.b+x@example.co.uk "
+        "card 4111 1111 1111 1111 phone +1 (555) 123-4567 at 2026-01-02 port 127.0.0.1:8000"
+    )
+    masked = mask_text(line)
+    for secret in ("s3cr3tS3cr3t", "abc.def", "abcdefghijkl", "alice", "4111", "555"):
+        assert secret not in masked
+    assert "llmf-0a1b2c3d4e5f-***" in masked and "2026-01-02" in masked and "127.0.0.1:8000" in masked
+
+
+def test_gateway_log_lines_hold_no_secret_and_no_prompt(fleet, gateway_url, auth_headers):
+    prompt = "Zanzibar note: mail bob@example.org, call +44 20 7946 0958, card 4111-1111-1111-1111."
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "user": "alice.liddell@example.com"}
+    assert httpx.post(f"{gateway_url}/v1/completions", json=body, headers=auth_headers, timeout=120).status_code == 200
+    wrong = "llmf-0a1b2c3d4e5f-NotTheRealSecretAtAll"
+    httpx.get(f"{gateway_url}/v1/models", headers={"Authorization": f"Bearer {wrong}"}, timeout=10)
+    log = next(p.log for p in fleet.procs if p.url == gateway_url)
+    wait_until(lambda: "NotTheRealSecret" in log.read_text() or "llmf-0a1b2c3d4e5f-***" in log.read_text(), 10, "log")
+    text = log.read_text()
+    assert "[email]" in text and "llmf-0a1b2c3d4e5f-***" in text  # the lines were written, masked
+    api_key = auth_headers["Authorization"].split()[1]
+    for secret in ("alice.liddell", "NotTheRealSecret", api_key, "Zanzibar", "bob@example.org", "7946", "4111"):
+        assert secret not in text, secret

@@ -50,7 +50,10 @@ def failure(final: FinalResult) -> APIError:
 
 
 class Completions:
-    def __init__(self, settings: Settings, queue: QueueClient, tokenizers: Tokenizers, limiter: RateLimiter):
+    def __init__(
+        self, settings: Settings, queue: QueueClient, tokenizers: Tokenizers, limiter: RateLimiter | None = None
+    ):
+        """Without a limiter no per-key limits apply: the arq batch runner, bounded by jobs.batch_in_flight instead."""
         self.settings = settings
         self.queue = queue
         self.tokenizers = tokenizers
@@ -96,7 +99,7 @@ class Completions:
     async def enqueue(self, request: InferenceRequest, key: ApiKey | None, hold_slot: bool = True) -> Admission | None:
         """Admit `request` against its key's limits (none in open mode), then queue it; a refusal raises."""
         admission = None
-        if key is not None:
+        if key is not None and self.limiter is not None:
             admission = await self.limiter.admit(key, request.id, len(request.prompt_token_ids), hold_slot)
         try:
             await self.queue.submit(request)

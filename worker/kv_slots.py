@@ -8,6 +8,7 @@ sequences are prefix sources too, so concurrent requests that share a system pro
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -26,7 +27,7 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 class KVSlots:
     def __init__(self, slots: int, cache_tokens: int):
         self.cache_tokens = cache_tokens
-        self._free = list(range(slots))
+        self._free = list(range(slots))  # a heap: the lowest free slot first keeps the running ones dense
         self._parked: OrderedDict[int, list[int]] = OrderedDict()  # slot -> tokens in its KV, LRU first
         self.parked_tokens = 0
         self.evictions = 0
@@ -52,12 +53,12 @@ class KVSlots:
             return self._unpark(source)
         if not self._free:
             self._evict_lru()
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
     def park(self, slot: int, tokens: list[int]) -> None:
         """A sequence finished: keep its KV for reuse if the budget allows, else free the slot."""
         if len(tokens) < MIN_REUSE_TOKENS or len(tokens) > self.cache_tokens:
-            self._free.append(slot)
+            heapq.heappush(self._free, slot)
             return
         self._parked[slot] = tokens
         self.parked_tokens += len(tokens)
@@ -65,7 +66,7 @@ class KVSlots:
             self._evict_lru()
 
     def release(self, slot: int) -> None:
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def _unpark(self, slot: int) -> int:
         self.parked_tokens -= len(self._parked.pop(slot))
@@ -73,5 +74,5 @@ class KVSlots:
 
     def _evict_lru(self) -> None:
         slot = next(iter(self._parked))
-        self._free.append(self._unpark(slot))
+        heapq.heappush(self._free, self._unpark(slot))
         self.evictions += 1

@@ -132,16 +132,20 @@ class LlamaRunner:
         group = self.n_heads // self.n_kv
         scale = self.head_dim**-0.5
         if n_decode:
-            # Decode attention runs over slots [0, width). When the decoding slots are exactly 0..n-1 (the usual
-            # case) queries map to cache rows directly; otherwise rows of slots not decoding see only position 0
-            # (a harmless dummy), so slot holes cost a little compute but no copies.
-            contiguous = decode_slots == list(range(n_decode))
-            width = n_decode if contiguous else max(decode_slots) + 1
+            # Decode attention reads the decoding slots' cache rows. Slots 0..n-1 (the usual case) are a plain
+            # view; a few scattered slots are gathered (a copy of only their rows); many slots with holes are read
+            # as the range [0, width), where rows not decoding see only position 0, a harmless dummy.
             kv_len = min(_padded(max(decode_positions) + 1), self.capacity)
-            limit = torch.zeros(width, dtype=torch.long, device=device)
-            limit[slot_idx[:n_decode]] = pos[:n_decode]
-            decode_hidden = (self._positions[:kv_len].unsqueeze(0) > limit.unsqueeze(1)).view(width, 1, 1, kv_len)
             decode_rows = slot_idx[:n_decode]
+            if decode_slots == list(range(n_decode)):
+                layout, width = "view", n_decode
+            elif max(decode_slots) + 1 > 2 * n_decode:
+                layout, width = "gather", n_decode
+            else:
+                layout, width = "holes", max(decode_slots) + 1
+            limit = torch.zeros(width, dtype=torch.long, device=device)
+            limit[decode_rows if layout == "holes" else torch.arange(n_decode, device=device)] = pos[:n_decode]
+            decode_hidden = (self._positions[:kv_len].unsqueeze(0) > limit.unsqueeze(1)).view(width, 1, 1, kv_len)
         prefill_hidden = [self._causal_hidden(chunk, group) for chunk in prefills]
 
         hidden = self.embed(ids)
@@ -160,10 +164,14 @@ class LlamaRunner:
             out = torch.empty_like(q)
             if n_decode:
                 q_dec = q[:n_decode].view(n_decode, self.n_kv, group, self.head_dim)
-                if not contiguous:
+                if layout == "gather":
+                    keys, values = k_cache[decode_rows, :, :kv_len], v_cache[decode_rows, :, :kv_len]
+                else:
+                    keys, values = k_cache[:width, :, :kv_len], v_cache[:width, :, :kv_len]
+                if layout == "holes":
                     q_dec = q.new_zeros(width, self.n_kv, group, self.head_dim).index_copy_(0, decode_rows, q_dec)
-                o = _attention(q_dec, k_cache[:width, :, :kv_len], v_cache[:width, :, :kv_len], decode_hidden, scale)
-                if not contiguous:
+                o = _attention(q_dec, keys, values, decode_hidden, scale)
+                if layout == "holes":
                     o = o[decode_rows]
                 out[:n_decode] = o.view(n_decode, self.n_heads, self.head_dim)
             offset = n_decode

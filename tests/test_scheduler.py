@@ -57,6 +57,12 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(schedul
     assert steps_with_a >= 6, "a got a token in every step of the long prefill"
 
 
+def test_a_long_prompt_alone_is_prefilled_over_steps_that_sample_nothing(scheduler):
+    scheduler.add(request("long", 3, prompt=PROMPT * 16))  # 96 tokens, budget 16: five steps without a token
+    finals = [e.final for _ in range(12) for e in scheduler.step() if e.final]
+    assert [f.completion_tokens for f in finals] == [3]
+
+
 def test_a_cancelled_queued_request_never_starts(scheduler):
     scheduler.add(request("a", 5))
     scheduler.cancel("a")

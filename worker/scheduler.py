@@ -141,7 +141,7 @@ class Scheduler:
         rows = list(range(len(decoding))) + [len(decoding) + i for i, (s, _) in enumerate(prefilling) if s.decoding]
         sampled = decoding + [s for s, _ in prefilling if s.decoding]
         if rows != list(range(logits.shape[0])):
-            logits = logits[torch.tensor(rows)]
+            logits = logits[torch.tensor(rows, dtype=torch.long)]
         tokens = choose_tokens(
             logits,
             [s.request.sampling for s in sampled],

@@ -79,11 +79,18 @@ WORKLOADS: dict[str, Callable[[Server, argparse.Namespace], list[Summary]]] = {
 
 def _servers(args: argparse.Namespace, with_peers: bool = True) -> list[Callable]:
     """Factories of server context managers, llmfleet first, then each peer."""
+    logs = Path(args.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     if args.start:
-        ours = [lambda v=v: servers.llmfleet(v, args.workers, VARIANTS[v], args.model) for v in args.variants]
+        ours = [
+            lambda v=v: servers.llmfleet(v, args.workers, VARIANTS[v], args.model, logs / f"llmfleet-{v}.log")
+            for v in args.variants
+        ]
     else:
         ours = [lambda: servers.running(args.url, args.model)]
-    peers = [lambda p=p: servers.transformers_serve(p, args.model, args.peer_args) for p in args.peer]
+    peers = [
+        lambda p=p: servers.transformers_serve(p, args.model, args.peer_args, logs / f"{p}.log") for p in args.peer
+    ]
     return ours + (peers if with_peers else [])
 
 

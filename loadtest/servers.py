@@ -54,8 +54,8 @@ def running(url: str, model: str) -> Iterator[Server]:
 
 
 @contextmanager
-def llmfleet(variant: str, workers: int, env: dict[str, str], model: str) -> Iterator[Server]:
-    with local_fleet(workers, env) as (url, process):
+def llmfleet(variant: str, workers: int, env: dict[str, str], model: str, log: Path | None = None) -> Iterator[Server]:
+    with local_fleet(workers, env, log) as (url, process):
         label = f"llmfleet {variant}" + (f" x{workers}" if workers > 1 else "")
         yield Server(label, url, model, serving_processes=lambda: _workers_of(process.pid))
 

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import platform
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in [*WORKLOADS, "overhead", "relay", "report"]:
         commands.add_parser(name, parents=[options], aliases=["batch-mix"] if name == "mixed" else [])
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers this run started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.command == "batch-mix":  # the name this workload had before it ran peers too
         args.command = "mixed"
 

@@ -15,7 +15,7 @@ def _ms(value: float | None) -> str:
 
 
 def _sections(summaries: list[Summary], overhead: dict | None) -> list[str]:
-    parts = ["## All runs", table(summaries)]
+    parts = ["## All runs", table(summaries)] if summaries else []
     ratios = ratio_table(summaries)
     if ratios:
         parts += ["## llmfleet / peer", ratios]

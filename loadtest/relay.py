@@ -30,8 +30,9 @@ def relay_fleet(model: str, step_ms: float) -> Iterator[tuple[Server, psutil.Pro
     port, redis_port = free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     state = Path(tempfile.mkdtemp(prefix="llmfleet-relay-"))
+    # Loopback only and no API keys, as `llmfleet up` runs it.
     env = {**os.environ, "LLMFLEET_REDIS_URL": redis_url, "LLMFLEET_GATEWAY_PORT": str(port),
-           "LLMFLEET_LOG_LEVEL": "WARNING"}  # fmt: skip
+           "LLMFLEET_LOG_LEVEL": "WARNING", "LLMFLEET_PROTECTION__AUTH": "open"}  # fmt: skip
     children: list[subprocess.Popen] = []
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     try:

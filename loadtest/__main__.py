@@ -1,28 +1,37 @@
-"""python -m loadtest WORKLOAD: the benchmark. Either against a running service (--url, e.g. from scripts/start)
-or with --start, on a fresh local fleet per variant, so one invocation compares settings side by side.
+"""python -m loadtest WORKLOAD: the benchmark. Against a running service (--url, e.g. from scripts/start) or, with
+--start, a fresh local fleet per variant; --peer also starts each named peer in turn (one server at a time) and
+runs the same workload on it, so the report carries llmfleet/peer ratios.
 
     python -m loadtest chat --concurrency 1 8 32 --baseline generate
-    python -m loadtest multiturn --start --variants cache-on cache-off
+    python -m loadtest long --start --peer transformers-serve
     python -m loadtest multiturn --start --workers 2 --variants cache-on affinity-off
+    python -m loadtest mixed --start --peer transformers-serve   # chat alone, then next to a batch (/v1/batches)
+    python -m loadtest overhead --start          # TTFT through the gateway minus TTFT in-process, c=1
+    python -m loadtest relay                     # streamed tokens/s one gateway relays (synthetic worker)
+    python -m loadtest report --start --peer transformers-serve   # all of the above, one report
 
-    python -m loadtest batch-mix --concurrency 8 --batch-lines 256   # needs `python -m jobs` (llmfleet up)
-
-Every run writes JSON and a Markdown table to loadtest/out/.
+Every run writes JSON, Markdown and PNG plots to loadtest/out/.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
+import shlex
+import signal
+import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
 
-from loadtest import batch_workload
-from loadtest.local_fleet import local_fleet
-from loadtest.stats import table
+from loadtest import servers
+from loadtest.long_prompts import run_long
+from loadtest.memory import PeakRss
+from loadtest.mixed import run_mixed
+from loadtest.report import write_report
+from loadtest.servers import Server
+from loadtest.stats import Summary, table
 from loadtest.workload import run_chat, run_multiturn
 from shared.settings import DEFAULT_MODEL
 
@@ -34,137 +43,151 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
-def _fleets(args: argparse.Namespace):
-    """(variant name, context manager yielding a base URL) for each variant to run."""
-    if not args.start:
-        return [("running service", nullcontext(args.url))]
-    return [(name, local_fleet(args.workers, VARIANTS[name])) for name in args.variants]
-
-
-def _chat(args: argparse.Namespace) -> tuple[list[dict], str]:
-    summaries = []
-    for variant, fleet in _fleets(args):
-        with fleet as url:
-            for c in args.concurrency:
-                label = f"llmfleet {variant}"
-                summary = asyncio.run(
-                    run_chat(
-                        url,
-                        args.model,
-                        c,
-                        max(c * args.requests_per_user, 8),
-                        args.max_tokens,
-                        not args.no_force,
-                        args.seed,
-                        label,
-                    )  # fmt: skip
-                )
-                summaries.append(summary)
-                print(table([summary]).splitlines()[-1], flush=True)
-    if args.baseline == "generate":
-        from loadtest.generate_baseline import run_generate
-
-        summaries += run_generate(args.model, args.concurrency, args.max_tokens, args.seed)
-    return [s.as_dict() for s in summaries], table(summaries)
-
-
-def _multiturn(args: argparse.Namespace) -> tuple[list[dict], str]:
-    results = []
-    for variant, fleet in _fleets(args):
-        with fleet as url:
-            label = f"{variant}, {args.workers} worker(s)" if args.start else variant
-            result = asyncio.run(
-                run_multiturn(url, args.model, args.conversations, args.concurrency, args.turns, args.max_tokens, label)
-            )
-            results.append(result)
-            print(label, [round(v * 1000) if v is not None else None for v in result["ttft_p50_by_turn"]], flush=True)
-    head = "| variant | " + " | ".join(f"turn {i + 1} TTFT p50 ms" for i in range(args.turns)) + " | errors |"
-    rows = [
-        f"| {r['label']} | "
-        + " | ".join("-" if v is None else f"{v * 1000:.0f}" for v in r["ttft_p50_by_turn"])
-        + f" | {r['summary']['errors']} |"
-        for r in results
-    ]
-    return results, "\n".join([head, "|---" * (args.turns + 2) + "|", *rows])
-
-
-def _batch_mix(args: argparse.Namespace) -> tuple[list[dict], str]:
-    """Interactive chat alone, then next to a running batch: what a batch costs interactive TTFT."""
-    summaries, runs = [], []
-    for c in args.concurrency:
-        for with_batch in (False, True):
-            summary, batch = asyncio.run(_interactive_next_to_batch(args, c, with_batch))
-            summaries.append(summary)
-            runs.append({**summary.as_dict(), "batch": None if batch is None else vars(batch)})
-            print(table([summary]).splitlines()[-1], flush=True)
-            if batch is not None:
-                print(f"  batch: {batch.completed}/{batch.lines} lines {batch.status} in {batch.wall_s:.1f}s "
-                      f"({batch.lines_per_s:.1f} lines/s)", flush=True)  # fmt: skip
-    return runs, table(summaries)
-
-
-async def _interactive_next_to_batch(args: argparse.Namespace, concurrency: int, with_batch: bool):
-    batch_client = batch_id = None
-    started = time.perf_counter()
-    if with_batch:
-        batch_client, batch_id = await batch_workload.submit(
-            args.url, args.model, args.batch_lines, args.batch_max_tokens, args.seed
+def _chat(server: Server, args: argparse.Namespace) -> list[Summary]:
+    return [
+        asyncio.run(
+            run_chat(server, c, max(c * args.requests_per_user, 8), args.max_tokens, not args.no_force, args.seed)
         )
-        await asyncio.sleep(2.0)  # let the batch fill the worker before interactive traffic starts
-    label = f"interactive + batch of {args.batch_lines}" if with_batch else "interactive alone"
-    summary = await run_chat(
-        args.url, args.model, concurrency, max(concurrency * args.requests_per_user, 8), args.max_tokens,
-        True, args.seed, label,
+        for c in args.concurrency
+    ]
+
+
+def _long(server: Server, args: argparse.Namespace) -> list[Summary]:
+    run = run_long(server, args.model, args.long_concurrency, args.long_requests, args.max_tokens, args.seed)
+    return [asyncio.run(run)]
+
+
+def _multiturn(server: Server, args: argparse.Namespace) -> list[Summary]:
+    run = run_multiturn(server, args.conversations, args.multiturn_concurrency, args.turns, args.multiturn_max_tokens)
+    return [asyncio.run(run)]
+
+
+def _mixed(server: Server, args: argparse.Namespace) -> list[Summary]:
+    run = run_mixed(
+        server, args.interactive_concurrency, args.interactive_requests, args.batch, args.max_tokens,
+        args.batch_max_tokens, args.seed, args.batch_timeout,
     )  # fmt: skip
-    batch = await batch_workload.wait_done(batch_client, batch_id, started) if with_batch else None
-    return summary, batch
+    return asyncio.run(run)
+
+
+WORKLOADS: dict[str, Callable[[Server, argparse.Namespace], list[Summary]]] = {
+    "chat": _chat,
+    "long": _long,
+    "multiturn": _multiturn,
+    "mixed": _mixed,
+}
+
+
+def _servers(args: argparse.Namespace, with_peers: bool = True) -> list[Callable]:
+    """Factories of server context managers, llmfleet first, then each peer."""
+    logs = Path(args.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    if args.start:
+        ours = [
+            lambda v=v: servers.llmfleet(v, args.workers, VARIANTS[v], args.model, logs / f"llmfleet-{v}.log")
+            for v in args.variants
+        ]
+    else:
+        ours = [lambda: servers.running(args.url, args.model)]
+    peers = [
+        lambda p=p: servers.transformers_serve(p, args.model, args.peer_args, logs / f"{p}.log") for p in args.peer
+    ]
+    return ours + (peers if with_peers else [])
+
+
+def run_workloads(args: argparse.Namespace, names: list[str]) -> list[Summary]:
+    summaries: list[Summary] = []
+    for server_factory in _servers(args):
+        with server_factory() as server:
+            for name in names:
+                with PeakRss(server.serving_processes) as rss:
+                    results = WORKLOADS[name](server, args)
+                for summary in results:
+                    summary.extra["worker_rss"] = rss.as_dict()
+                    print(table([summary]).splitlines()[-1], flush=True)
+                summaries += results
+    return summaries
+
+
+def run_overhead(args: argparse.Namespace) -> dict:
+    from loadtest.overhead import engine_ttfts, overhead
+
+    with _servers(args, with_peers=False)[0]() as server:
+        gateway = asyncio.run(run_chat(server, 1, args.overhead_requests, args.max_tokens, True, args.seed))
+    # The fleet is stopped before the engine loads in this process: one model on the cores at a time.
+    engine = engine_ttfts(args.model, args.overhead_requests, args.max_tokens, args.seed)
+    return overhead(gateway.ttft, engine)
+
+
+def run_relay(args: argparse.Namespace) -> list[Summary]:
+    from loadtest.relay import run_relay as relay
+
+    return relay(args.model, args.relay_concurrency, args.requests_per_user, args.relay_max_tokens, args.relay_step_ms)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtest")
-    workloads = parser.add_subparsers(dest="workload", required=True)
-    for name, run in (("chat", _chat), ("multiturn", _multiturn)):
-        sub = workloads.add_parser(name)
-        sub.set_defaults(run=run)
-        sub.add_argument("--url", default="http://127.0.0.1:8000/v1")
-        sub.add_argument("--start", action="store_true", help="start a fresh local fleet for each variant")
-        sub.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
-        sub.add_argument("--workers", type=int, default=1)
-        sub.add_argument("--model", default=DEFAULT_MODEL)
-        sub.add_argument("--seed", type=int, default=1234)
-        sub.add_argument("--out", default="loadtest/out")
-    chat = workloads.choices["chat"]
-    chat.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    chat.add_argument("--requests-per-user", type=int, default=4)
-    chat.add_argument("--max-tokens", type=int, default=64)
-    chat.add_argument("--no-force", action="store_true", help="let EOS end answers early")
-    chat.add_argument("--baseline", choices=["none", "generate"], default="none")
-    multiturn = workloads.choices["multiturn"]
-    multiturn.add_argument("--conversations", type=int, default=8)
-    multiturn.add_argument("--concurrency", type=int, default=4)
-    multiturn.add_argument("--turns", type=int, default=4)
-    multiturn.add_argument("--max-tokens", type=int, default=32)
-    mix = workloads.add_parser("batch-mix", help="interactive chat alone and next to a batch (/v1/batches)")
-    mix.set_defaults(run=_batch_mix)
-    mix.add_argument("--url", default="http://127.0.0.1:8000/v1")
-    mix.add_argument("--model", default=DEFAULT_MODEL)
-    mix.add_argument("--seed", type=int, default=1234)
-    mix.add_argument("--out", default="loadtest/out")
-    mix.add_argument("--concurrency", type=int, nargs="+", default=[8])
-    mix.add_argument("--requests-per-user", type=int, default=4)
-    mix.add_argument("--max-tokens", type=int, default=64)
-    mix.add_argument("--batch-lines", type=int, default=256)
-    mix.add_argument("--batch-max-tokens", type=int, default=64)
+    options = argparse.ArgumentParser(add_help=False)
+    add = options.add_argument
+    add("--url", default="http://127.0.0.1:8000/v1", help="a running llmfleet (without --start)")
+    add("--start", action="store_true", help="start a fresh local fleet for each variant")
+    add("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    add("--workers", type=int, default=1)
+    add("--peer", nargs="*", default=[], choices=sorted(servers.PEERS), help="peers to run the same workload on")
+    add("--peer-args", default="", help="extra `transformers serve` arguments, e.g. '--cb-num-blocks 1024'")
+    add("--model", default=DEFAULT_MODEL)
+    add("--seed", type=int, default=1234)
+    add("--out", default="loadtest/out")
+    add("--max-tokens", type=int, default=64, help="forced output tokens (chat, long, mixed interactive)")
+    add("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="chat")
+    add("--requests-per-user", type=int, default=4, help="chat and relay")
+    add("--no-force", action="store_true", help="chat: let EOS end answers early")
+    add("--baseline", choices=["none", "generate"], default="none", help="chat: in-process plain generate")
+    add("--long-concurrency", type=int, default=8)
+    add("--long-requests", type=int, default=16)
+    add("--conversations", type=int, default=8)
+    add("--multiturn-concurrency", type=int, default=4)
+    add("--turns", type=int, default=4)
+    add("--multiturn-max-tokens", type=int, default=32)
+    add("--interactive-concurrency", type=int, default=4, help="mixed")
+    add("--interactive-requests", type=int, default=16, help="mixed")
+    add("--batch", "--batch-lines", type=int, default=32, help="mixed: batch requests all in flight at once")
+    add("--batch-max-tokens", type=int, default=128)
+    add("--batch-timeout", type=float, default=600, help="mixed: batch requests not done by then count as errors")
+    add("--overhead-requests", type=int, default=16)
+    add("--relay-concurrency", type=int, nargs="+", default=[8, 32, 128])
+    add("--relay-max-tokens", type=int, default=256)
+    add("--relay-step-ms", type=float, default=0.0, help="synthetic worker time per step; 0: as fast as it can")
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in [*WORKLOADS, "overhead", "relay", "report"]:
+        commands.add_parser(name, parents=[options], aliases=["batch-mix"] if name == "mixed" else [])
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers this run started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.command == "batch-mix":  # the name this workload had before it ran peers too
+        args.command = "mixed"
 
-    runs, report = args.run(args)
-    print(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    meta = {"argv": {k: v for k, v in vars(args).items() if k != "run"}, "host": platform.node()}
-    (out / f"{args.workload}-{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
-    (out / f"{args.workload}-{stamp}.md").write_text(report + "\n")
+    summaries: list[Summary] = []
+    overhead = None
+    if args.command in WORKLOADS:
+        summaries = run_workloads(args, [args.command])
+    if args.command == "report":
+        summaries = run_workloads(args, list(WORKLOADS))
+    if args.command in ("chat", "report") and args.baseline == "generate":
+        from loadtest.generate_baseline import run_generate
+
+        summaries += run_generate(args.model, args.concurrency, args.max_tokens, args.seed)
+    if args.command in ("relay", "report"):
+        summaries += run_relay(args)
+    if args.command in ("overhead", "report"):
+        overhead = run_overhead(args)
+    meta = {
+        "command": "python -m loadtest " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "argv": vars(args),
+        "host": platform.node(),
+    }
+    path = write_report(Path(args.out), f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}", meta, summaries, overhead)
+    print(path.read_text())
 
 
 if __name__ == "__main__":

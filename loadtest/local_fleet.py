@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -24,8 +24,9 @@ def _free_port() -> int:
 
 @contextmanager
 def local_fleet(workers: int = 1, env: dict[str, str] | None = None, log: Path | None = None):
-    """Yields the gateway's /v1 base URL of a fresh fleet; stops it (Ctrl-C semantics) on exit."""
-    port, redis_port = _free_port(), _free_port()
+    """Yields (the gateway's /v1 base URL, the `llmfleet up` process) of a fresh fleet; stops it (Ctrl-C
+    semantics) on exit."""
+    port, redis_port = free_port(), free_port()
     state = tempfile.mkdtemp(prefix="llmfleet-bench-")
     child_env = {
         **os.environ,
@@ -39,7 +40,7 @@ def local_fleet(workers: int = 1, env: dict[str, str] | None = None, log: Path |
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(base, process, workers)
-        yield f"{base}/v1"
+        yield f"{base}/v1", process
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -1,5 +1,5 @@
 """Drives an OpenAI-compatible server with the official async client: N concurrent streaming clients, fixed
-seed, forced output length where the server accepts it (`ignore_eos`, as vLLM does)."""
+seed, forced output length in the form the server accepts (loadtest.servers)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 
 import openai
 
+from loadtest.servers import Server
 from loadtest.stats import RequestTrace, Summary, percentile, summarise
 
 TOPICS = ["the ocean", "a lighthouse", "volcanoes", "the history of tea", "a robot learning to paint",
@@ -20,14 +21,18 @@ def chat_messages(rng: random.Random) -> list[dict]:
     return [{"role": "user", "content": f"Write a short story about {rng.choice(TOPICS)}."}]
 
 
-async def _one(
-    client: openai.AsyncOpenAI, model: str, messages: list[dict], max_tokens: int, force: bool
+def client_for(server: Server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.base_url, api_key="loadtest", max_retries=0, timeout=600)
+
+
+async def stream_one(
+    client: openai.AsyncOpenAI, server: Server, messages: list[dict], max_tokens: int, force: bool
 ) -> RequestTrace:
     trace = RequestTrace(started=time.perf_counter())
-    extra = {"ignore_eos": True} if force else {}
+    extra = server.forced(max_tokens) if force else {}
     try:
         stream = await client.chat.completions.create(
-            model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+            model=server.model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body=extra,
         )  # fmt: skip
         async for chunk in stream:
@@ -45,28 +50,37 @@ async def _one(
     return trace
 
 
-async def run_chat(
-    base_url: str, model: str, concurrency: int, requests: int, max_tokens: int, force: bool, seed: int, label: str
-) -> Summary:
-    rng = random.Random(seed)
-    prompts = [chat_messages(rng) for _ in range(requests)]
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="loadtest", max_retries=0, timeout=600)
+async def run_streams(
+    server: Server, prompts: list[list[dict]], concurrency: int, max_tokens: int, force: bool, workload: str
+) -> tuple[Summary, list[RequestTrace]]:
+    """`concurrency` users take the prompts in order, one streaming request at a time each."""
+    client = client_for(server)
     queue: asyncio.Queue = asyncio.Queue()
-    for p in prompts:
-        queue.put_nowait(p)
+    for item in enumerate(prompts):
+        queue.put_nowait(item)
     traces: list[RequestTrace] = []
 
     async def user() -> None:
         while not queue.empty():
-            traces.append(await _one(client, model, queue.get_nowait(), max_tokens, force))
+            index, messages = queue.get_nowait()
+            trace = await stream_one(client, server, messages, max_tokens, force)
+            trace.prompt_index = index
+            traces.append(trace)
 
     # One warm-up request so that first-use costs do not land in the figures.
-    await _one(client, model, prompts[0], 4, force)
+    await stream_one(client, server, prompts[0], 4, force)
     started = time.perf_counter()
     await asyncio.gather(*(user() for _ in range(concurrency)))
     wall = time.perf_counter() - started
     await client.close()
-    return summarise(label, concurrency, traces, wall)
+    return summarise(server.label, concurrency, traces, wall, workload, server.peer), traces
+
+
+async def run_chat(server: Server, concurrency: int, requests: int, max_tokens: int, force: bool, seed: int) -> Summary:
+    rng = random.Random(seed)
+    prompts = [chat_messages(rng) for _ in range(requests)]
+    summary, _ = await run_streams(server, prompts, concurrency, max_tokens, force, "chat")
+    return summary
 
 
 SYSTEM_PROMPT = (
@@ -78,12 +92,10 @@ TURNS = ["Can you recommend a classic novel?", "Who wrote it and when?", "What i
          "Is there a similar book you would suggest?", "How long would it take to read?"]  # fmt: skip
 
 
-async def run_multiturn(
-    base_url: str, model: str, conversations: int, concurrency: int, turns: int, max_tokens: int, label: str
-) -> dict:
+async def run_multiturn(server: Server, conversations: int, concurrency: int, turns: int, max_tokens: int) -> Summary:
     """Conversations of `turns` turns, each resending the whole history after a shared system prompt.
-    Returns TTFT p50 per turn index (seconds) and the summary over all turns."""
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="loadtest", max_retries=0, timeout=600)
+    The summary over all turns carries TTFT p50 per turn index (seconds) in extra["ttft_p50_by_turn"]."""
+    client = client_for(server)
     by_turn: list[list[float]] = [[] for _ in range(turns)]
     traces: list[RequestTrace] = []
     pending = list(range(conversations))
@@ -92,7 +104,7 @@ async def run_multiturn(
         messages = [{"role": "system", "content": SYSTEM_PROMPT}]
         for turn in range(turns):
             messages.append({"role": "user", "content": f"(conversation {index}) {TURNS[turn % len(TURNS)]}"})
-            trace = await _one(client, model, messages, max_tokens, force=True)
+            trace = await stream_one(client, server, messages, max_tokens, force=True)
             traces.append(trace)
             if trace.error:
                 return
@@ -107,8 +119,6 @@ async def run_multiturn(
     await asyncio.gather(*(user() for _ in range(concurrency)))
     wall = time.perf_counter() - started
     await client.close()
-    return {
-        "label": label,
-        "ttft_p50_by_turn": [percentile(values, 50) for values in by_turn],
-        "summary": summarise(label, concurrency, traces, wall).as_dict(),
-    }
+    summary = summarise(server.label, concurrency, traces, wall, "multiturn", server.peer)
+    summary.extra["ttft_p50_by_turn"] = [percentile(values, 50) for values in by_turn]
+    return summary

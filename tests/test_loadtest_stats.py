@@ -1,0 +1,20 @@
+"""The benchmark's own arithmetic: which gaps count as stalls during a long prefill, and llmfleet/peer ratios."""
+
+from loadtest.long_prompts import gaps_during_prefills
+from loadtest.stats import RequestTrace, ratio_table, summarise
+
+
+def test_only_gaps_of_other_streams_overlapping_a_probe_prefill_count():
+    probe = RequestTrace(started=10.0, first_token=12.0, token_times=[12.0, 12.1], ended=12.1, prompt_index=3)
+    running = RequestTrace(started=0.0, first_token=1.0, token_times=[9.0, 9.5, 11.5, 13.0, 13.1], prompt_index=0)
+    assert gaps_during_prefills([probe, running], probes={3}) == [2.0, 1.5]
+
+
+def test_ratio_rows_pair_llmfleet_with_the_peer_at_the_same_workload_and_concurrency():
+    def run(label: str, tokens: int, peer: bool, concurrency: int):
+        trace = RequestTrace(started=0.0, first_token=0.5, token_times=[0.5, 1.0], ended=1.0, completion_tokens=tokens)
+        return summarise(label, concurrency, [trace], 1.0, "chat", peer)
+
+    rows = ratio_table([run("ours", 40, False, 8), run("peer", 20, True, 8), run("peer", 5, True, 1)])
+    assert rows.splitlines()[2].startswith("| chat | ours | peer | 8 | 2.00 |")
+    assert len(rows.splitlines()) == 3

@@ -70,7 +70,9 @@ async def submit_job(
     body: dict = Body(...),
     idempotency_key: str | None = Header(default=None, max_length=255),
 ):
-    job = await request.app.state.jobs.submit(body, getattr(request.state, "api_key", None), idempotency_key)
+    job = await request.app.state.jobs.submit(
+        body, getattr(request.state, "api_key", None), idempotency_key, request.headers
+    )
     return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
 
 

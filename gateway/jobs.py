@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ValidationError
 
@@ -67,11 +68,17 @@ class Jobs:
         # The record outlives the request's deadline and its result's retention, so that it can read `expired`.
         self.record_ttl_s = int(settings.request_timeout_s) + settings.result_ttl_s + settings.jobs.expired_visible_s
 
-    async def submit(self, body: object, key: ApiKey | None, idempotency_key: str | None = None) -> dict:
+    async def submit(
+        self,
+        body: object,
+        key: ApiKey | None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict:
         """The new job's view; with an idempotency key already used by this owner, the earlier job's view."""
         owner = key.id if key else None
         kind, parsed = parse_body(body)
-        request = self.completions.build(kind, parsed)
+        request = self.completions.build(kind, parsed, headers)
         # Jobs stream deltas internally so that a running job is visible as running.
         request = request.model_copy(update={"stream": True})
         if idempotency_key is not None:
@@ -81,8 +88,7 @@ class Jobs:
         record = JobRecord(kind=kind, request=request, owner=owner)
         await self.redis.set(keys.job(request.id), record.model_dump_json(), ex=self.record_ttl_s)
         try:
-            # No connection waits on a job, so it holds no concurrency slot; it counts against rpm and tpm.
-            await self.completions.enqueue(request, key, hold_slot=False)
+            await self.completions.enqueue(request, key, followed=False)
         except BaseException:
             # Not accepted (limits, no live worker, full queue): a retry with the same key must be able to try again.
             await self.redis.delete(keys.job(request.id))

@@ -7,6 +7,7 @@ following until the request's deadline."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -19,7 +20,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import APIError
 from shared import keys
-from shared.protocol import LIVE_WINDOW_S, FinalResult, InferenceRequest, TokenDelta
+from shared.protocol import (
+    FINISHED_BUCKET_S,
+    FINISHED_WINDOW_BUCKETS,
+    LIVE_WINDOW_S,
+    FinalResult,
+    InferenceRequest,
+    TokenDelta,
+)
 from shared.settings import Settings
 
 FOLLOW_BLOCK_MS = 1000
@@ -42,6 +50,15 @@ def connect(redis_url: str) -> aioredis.Redis:
 
 
 QUEUE_FULL_RETRY_AFTER_S = 10
+
+
+def estimated_wait_s(waiting: int, finished_per_bucket: list[str | None]) -> float:
+    """How long `waiting` requests take to start, at the fastest drain rate of the recent buckets (optimistic, so
+    that a fleet that has just started, or just sped up, is not refused). 0 when nothing waits or no rate is known."""
+    best = max((int(n) for n in finished_per_bucket if n), default=0)
+    if waiting <= 0 or best == 0:
+        return 0.0
+    return waiting * FINISHED_BUCKET_S / best
 
 
 class QueueClient:
@@ -69,13 +86,18 @@ class QueueClient:
         return depth, pending, lag if lag is not None else max(depth - pending, 0)
 
     async def submit(self, request: InferenceRequest) -> None:
-        """Queue `request`, unless no worker serves its model (503) or its queue is at its bound (503)."""
+        """Queue `request`, unless no worker serves its model, its queue is at its bound, or the wait ahead of
+        it would outlast its deadline: each refused at once with 503 + Retry-After."""
         stream = keys.requests(request.model)
+        now = time.time()
+        bucket = int(now // FINISHED_BUCKET_S)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcount(keys.live_workers(request.model), time.time() - LIVE_WINDOW_S, "+inf")
+            pipe.zcount(keys.live_workers(request.model), now - LIVE_WINDOW_S, "+inf")
             # Workers XDEL what they finish, so the length is what is queued or running.
             pipe.xlen(stream)
-            live, depth = await pipe.execute()
+            pipe.xpending(stream, keys.WORKER_GROUP)
+            pipe.mget([keys.finished(request.model, bucket - i) for i in range(1, FINISHED_WINDOW_BUCKETS + 1)])
+            live, depth, pending, finished = await pipe.execute(raise_on_error=False)
         if self.settings.require_live_worker and not live:
             raise APIError(
                 503,
@@ -89,6 +111,17 @@ class QueueClient:
                 f"The queue for model '{request.model}' is full. Please try again later.",
                 code="queue_full",
                 headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+            )
+        # No group yet (nothing ever read): everything in the stream is still waiting.
+        waiting = depth - (pending["pending"] if isinstance(pending, dict) else 0)
+        wait_s = estimated_wait_s(waiting, finished)
+        if wait_s > request.deadline - now:
+            raise APIError(
+                503,
+                f"The queue for model '{request.model}' would not reach this request before its deadline "
+                f"(about {wait_s:.0f} s of work is waiting). Please try again later.",
+                code="deadline_unreachable",
+                headers={"Retry-After": str(math.ceil(wait_s - (request.deadline - now)))},
             )
         await self.redis.xadd(await self._route(request), {"r": request.model_dump_json()})
 

@@ -3,7 +3,8 @@
 - requests per minute: a sliding log (keys.rate_requests), exact: the (rpm+1)-th request in any 60 s is refused.
 - tokens per minute: a token bucket (keys.rate_tokens) of `tpm` tokens refilled continuously at tpm/60 per
   second. Prompt tokens are taken at admission; output tokens are charged while they are generated and may
-  take the bucket below zero, which refuses the key's next requests until it has refilled.
+  take the bucket below zero, which refuses the key's next requests until it has refilled. A job, which no
+  gateway follows, is charged its prompt plus max_tokens at admission instead (gateway.serving.enqueue).
 - concurrency: a sorted set of in-flight request ids (keys.inflight) whose scores are lease expiries, so a
   gateway that dies mid-request leaks nothing for longer than a request may live.
 
@@ -126,13 +127,13 @@ class Admission:
     async def release(self) -> None:
         await self.limiter.redis.zrem(keys.inflight(self.key.id), self.request_id)
 
-    async def refund(self, prompt_tokens: int) -> None:
-        """Undo the admission of a request that was then not queued (no worker, queue full)."""
+    async def refund(self, tokens: int) -> None:
+        """Undo the admission of a request that was then not queued (no worker, queue full): give back `tokens`."""
         async with self.limiter.redis.pipeline(transaction=False) as pipe:
             pipe.zrem(keys.inflight(self.key.id), self.request_id)
             pipe.zrem(keys.rate_requests(self.key.id), self.request_id)
             await pipe.execute()
-        await self.limiter.charge(self.key, -prompt_tokens)
+        await self.limiter.charge(self.key, -tokens)
 
 
 class RateLimiter:
@@ -142,11 +143,11 @@ class RateLimiter:
         self._admit = client.register_script(_ADMIT)
         self._charge = client.register_script(_CHARGE)
 
-    async def admit(self, key: ApiKey, request_id: str, prompt_tokens: int, hold_slot: bool = True) -> Admission:
-        """Take one request and its prompt tokens from `key`'s allowance, or raise a 429 saying which limit."""
+    async def admit(self, key: ApiKey, request_id: str, tokens: int, hold_slot: bool = True) -> Admission:
+        """Take one request and `tokens` from `key`'s allowance, or raise a 429 saying which limit."""
         verdict, retry, used, level, requests_reset, tokens_reset = await self._admit(
             keys=[keys.rate_requests(key.id), keys.rate_tokens(key.id), keys.inflight(key.id)],
-            args=[request_id, key.rpm, key.tpm, key.max_concurrency if hold_slot else 0, prompt_tokens, self.lease_s],
+            args=[request_id, key.rpm, key.tpm, key.max_concurrency if hold_slot else 0, tokens, self.lease_s],
         )
         headers = {
             "x-ratelimit-limit-requests": str(key.rpm),
@@ -158,7 +159,7 @@ class RateLimiter:
         }
         if verdict == "ok":
             return Admission(self, key, request_id, headers)
-        raise _refusal(verdict, key, prompt_tokens, int(used), float(level), float(retry), headers)
+        raise _refusal(verdict, key, tokens, int(used), float(level), float(retry), headers)
 
     async def charge(self, key: ApiKey, tokens: int) -> None:
         await self._charge(keys=[keys.rate_tokens(key.id)], args=[key.tpm, tokens])

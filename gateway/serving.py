@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Literal
 
 import structlog
@@ -49,6 +49,26 @@ def failure(final: FinalResult) -> APIError:
     )
 
 
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def requested_timeout_s(value: str | None, limit_s: float) -> float:
+    """Seconds the request may take from now: the client's `X-Request-Timeout` when it is shorter than the
+    configured limit. A request whose queue is estimated to outlast it is refused at once, not left to expire."""
+    if value is None:
+        return limit_s
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise APIError(
+            400, f"Header '{TIMEOUT_HEADER}' must be a positive number of seconds.", param=TIMEOUT_HEADER,
+            code="invalid_value",
+        )  # fmt: skip
+    return min(seconds, limit_s)
+
+
 class Completions:
     def __init__(
         self, settings: Settings, queue: QueueClient, tokenizers: Tokenizers, limiter: RateLimiter | None = None
@@ -67,8 +87,10 @@ class Completions:
         return spec
 
     def build(
-        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, conversation_header: str | None = None
+        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str] | None = None
     ) -> InferenceRequest:
+        """`headers` may carry the conversation id and a timeout shorter than the configured one (TIMEOUT_HEADER)."""
+        headers = headers or {}
         spec = self.model_or_404(body.model)
         tokenizer = self.tokenizers.get(body.model)
         ids = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
@@ -92,26 +114,31 @@ class Completions:
             ),
             stream=body.stream,
             created=now,
-            deadline=now + self.settings.request_timeout_s,
-            conversation=conversation_key(body, conversation_header),
+            deadline=now + requested_timeout_s(headers.get(TIMEOUT_HEADER), self.settings.request_timeout_s),
+            conversation=conversation_key(body, headers.get(CONVERSATION_HEADER)),
         )
 
-    async def enqueue(self, request: InferenceRequest, key: ApiKey | None, hold_slot: bool = True) -> Admission | None:
-        """Admit `request` against its key's limits (none in open mode), then queue it; a refusal raises."""
+    async def enqueue(self, request: InferenceRequest, key: ApiKey | None, followed: bool = True) -> Admission | None:
+        """Admit `request` against its key's limits (none in open mode), then queue it; a refusal raises.
+
+        A `followed` request (a connection relays it) holds a concurrency slot and is charged its output as it is
+        relayed. One nobody follows (a job) holds no slot and is charged its prompt plus `max_tokens` up front, as
+        OpenAI counts it, since no gateway sees its tokens go by."""
         admission = None
+        cost = len(request.prompt_token_ids) + (0 if followed else request.sampling.max_tokens)
         if key is not None and self.limiter is not None:
-            admission = await self.limiter.admit(key, request.id, len(request.prompt_token_ids), hold_slot)
+            admission = await self.limiter.admit(key, request.id, cost, hold_slot=followed)
         try:
             await self.queue.submit(request)
         except BaseException:
             if admission is not None:
-                await asyncio.shield(admission.refund(len(request.prompt_token_ids)))
+                await asyncio.shield(admission.refund(cost))
             raise
         return admission
 
     async def create(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request):
         http.state.model_name = body.model  # a label of llmfleet:requests_total (gateway.metrics)
-        request = self.build(kind, body, http.headers.get(CONVERSATION_HEADER))
+        request = self.build(kind, body, http.headers)
         key: ApiKey | None = getattr(http.state, "api_key", None)
         structlog.contextvars.bind_contextvars(request_id=request.id)
         admission = await self.enqueue(request, key)

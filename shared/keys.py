@@ -22,6 +22,8 @@ batch_lease       The running batch runner's token, with a short TTL it keeps re
 active_batches    Set of batches not yet finished; the reclaim cron restarts those without a lease.
 ARQ_QUEUE  The arq queue the job layer (python -m jobs) consumes; arq keeps its own keys under "arq:".
 live       Sorted set per model: worker id -> time of its last heartbeat. Gateways count the recent ones.
+finished   Counter per model and FINISHED_BUCKET_S-long time bucket: requests its workers ended then (INCR, with
+           a TTL). Gateways read the recent drain rate from it to estimate how long a new request would queue.
 dead       Dead-letter stream per model: requests delivered more than `delivery.max_deliveries` times (field
            "r" the request entry as it was, "reason", "deliveries"); each also ends `failed` in its result.
 api_key    Hash per API key id: name, limits, salt, salted hash of the secret, created, revoked. The secret
@@ -76,6 +78,10 @@ def job(job_id: str) -> str:
 
 def live_workers(model: str) -> str:
     return f"{PREFIX}:live:{model}"
+
+
+def finished(model: str, bucket: int) -> str:
+    return f"{PREFIX}:finished:{model}:{bucket}"
 
 
 def batch_requests(model: str) -> str:

@@ -14,6 +14,9 @@ HEARTBEAT_INTERVAL_S = 1.0
 LIVE_WINDOW_S = 5.0
 """A worker whose last heartbeat is older than this is not live: gateways stop routing to it, and any other
 worker may adopt what waits in its own stream."""
+FINISHED_BUCKET_S = 10
+"""Width of the time buckets of keys.finished: requests ended per model, counted by workers, read by gateways."""
+FINISHED_WINDOW_BUCKETS = 6
 
 
 def new_request_id() -> str:

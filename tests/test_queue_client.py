@@ -1,4 +1,5 @@
-"""Admission control: no live worker or a full queue is refused at once with 503 + Retry-After."""
+"""Admission control: no live worker, a full queue, or a wait past the deadline is refused at once with 503 +
+Retry-After."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import time
 
 import httpx
 
+from gateway.serving import TIMEOUT_HEADER
 from shared import keys
+from shared.protocol import FINISHED_BUCKET_S
 from tests.conftest import PARKED
 from tests.test_validation import assert_openai_error
 
@@ -33,3 +36,31 @@ def test_a_queue_at_its_bound_is_503_with_retry_after(fleet, strict_gateway, aut
         assert int(refused.headers["retry-after"]) >= 1
     finally:
         redis.delete(keys.live_workers(PARKED), keys.requests(PARKED))
+
+
+def test_a_wait_longer_than_the_deadline_is_refused_at_once(fleet, strict_gateway, auth_headers):
+    redis = fleet.redis_server.client()
+    redis.zadd(keys.live_workers(PARKED), {"parked-worker": time.time() + 60})
+    # One request waits; the workers ended 2 requests per 10 s bucket lately: about 5 s of queue ahead.
+    redis.xadd(keys.requests(PARKED), {"r": "{}"})
+    bucket = int(time.time() // FINISHED_BUCKET_S)
+    for back in (1, 2):
+        redis.set(keys.finished(PARKED, bucket - back), 2, ex=120)
+    try:
+        hurried = {**auth_headers, TIMEOUT_HEADER: "2"}
+        refused = httpx.post(f"{strict_gateway}/v1/completions", json=BODY, headers=hurried, timeout=5)
+        assert assert_openai_error(refused, 503)["code"] == "deadline_unreachable"
+        assert int(refused.headers["retry-after"]) >= 3
+        patient = {**auth_headers, TIMEOUT_HEADER: "60"}
+        accepted = httpx.post(f"{strict_gateway}/v1/jobs", json=BODY, headers=patient, timeout=10)
+        assert accepted.status_code == 202, accepted.text
+    finally:
+        redis.delete(keys.live_workers(PARKED), keys.requests(PARKED))
+
+
+def test_a_malformed_timeout_header_is_400(strict_gateway, auth_headers):
+    for value in ("soon", "0", "-3", "inf"):
+        reply = httpx.post(
+            f"{strict_gateway}/v1/completions", json=BODY, headers={**auth_headers, TIMEOUT_HEADER: value}, timeout=5
+        )
+        assert assert_openai_error(reply, 400)["param"] == TIMEOUT_HEADER

@@ -76,3 +76,13 @@ def test_concurrent_requests_beyond_the_limit_are_refused_until_one_ends(fleet, 
         "the slot to be released",
         interval=0.3,
     )
+
+
+def test_a_job_is_charged_its_max_tokens_up_front(fleet, gateway_url, second_gateway_url):
+    # No gateway relays a job's tokens, so its bound is taken at admission: the second 40-token job does not fit.
+    headers = headers_for(create_api_key(fleet.redis_server, name="tpm-60-jobs", tpm=60))
+    body = {**TINY, "max_tokens": 40}
+    first = httpx.post(f"{gateway_url}/v1/jobs", json=body, headers=headers, timeout=30)
+    assert first.status_code == 202, first.text
+    refused = httpx.post(f"{second_gateway_url}/v1/jobs", json=body, headers=headers, timeout=30)
+    assert "TPM" in assert_openai_error(refused, 429)["message"]

@@ -81,13 +81,16 @@ def calibration_texts() -> list[str]:
     return paragraphs
 
 
-def _quantize(dense: Path, out: Path, spec: ModelSpec) -> None:
+def quantize(dense: Path, out: Path, spec: ModelSpec, texts: list[str] | None = None, **options) -> None:
+    """GPTQ-quantize `dense` into `out` as `spec` says; `texts` and `options` (QuantizeConfig fields) let
+    loadtest.quant_sweep try other calibration data and settings."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    config = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=True)
+    options = {"sym": True, **options}
+    config = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, **options)
     model = GPTQModel.load(str(dense), config, device="cpu")
-    model.quantize(calibration_texts())
+    model.quantize(texts or calibration_texts())
     model.save(str(out))
 
 
@@ -106,5 +109,5 @@ def prepare(settings: Settings, name: str) -> Path:
             _build_into(dense, lambda tmp: _convert_gguf(embedded_gguf_path(), tmp))
         if spec.quantization == "gptq" and not (target / "config.json").is_file():
             log.info("model.quantize_gptq", model=name, out=str(target), bits=spec.bits, group_size=spec.group_size)
-            _build_into(target, lambda tmp: _quantize(dense, tmp, spec))
+            _build_into(target, lambda tmp: quantize(dense, tmp, spec))
     return target

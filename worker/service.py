@@ -22,7 +22,14 @@ import structlog
 from pydantic import ValidationError
 
 from shared import keys
-from shared.protocol import HEARTBEAT_INTERVAL_S, FinalResult, InferenceRequest, TokenDelta
+from shared.protocol import (
+    FINISHED_BUCKET_S,
+    FINISHED_WINDOW_BUCKETS,
+    HEARTBEAT_INTERVAL_S,
+    FinalResult,
+    InferenceRequest,
+    TokenDelta,
+)
 from shared.settings import Settings
 from worker import own_stream
 from worker.reclaim import OWN_OR_REPORT_LOST, resume_point
@@ -283,6 +290,9 @@ class WorkerService:
         if held is not None:
             pipe.xack(held.stream, keys.WORKER_GROUP, held.entry_id)
             pipe.xdel(held.stream, held.entry_id)
+        finished = keys.finished(self.model, int(time.time() // FINISHED_BUCKET_S))
+        pipe.incr(finished)
+        pipe.expire(finished, FINISHED_BUCKET_S * (FINISHED_WINDOW_BUCKETS + 2))
         if final.conversation and self.settings.affinity:
             pipe.set(keys.affinity(self.model, final.conversation), self.worker_id, ex=self.settings.affinity_ttl_s)
         self.scheduler.metrics.final(final)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import shlex
 import signal
@@ -185,9 +186,19 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m loadtest " + shlex.join(sys.argv[1:] if argv is None else argv),
         "argv": vars(args),
         "host": platform.node(),
+        "cpu": cpu_model(),
     }
     path = write_report(Path(args.out), f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}", meta, summaries, overhead)
     print(path.read_text())
+
+
+def cpu_model() -> str:
+    """Figures are only comparable on one CPU model: every report names it (and the core count)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     same = sum(a == b for a, b in zip(base["answers"], quant["answers"]))
     first_words = sum(a.split()[:3] == b.split()[:3] for a, b in zip(base["answers"], quant["answers"]))
     spec = settings.models[args.model]
-    print(f"quantization: GPTQ {spec.bits}-bit, group {spec.group_size}, act-order {spec.desc_act}")
+    print(
+        f"quantization: GPTQ {spec.bits}-bit, group {spec.group_size}, act-order {spec.desc_act}, sym {spec.sym}, "
+        f"mse {spec.mse}"
+    )
     print("| figure | bf16 | GPTQ | ratio | target |\n|---|---|---|---|---|")
     ratio = quant["ppl"] / base["ppl"]
     print(f"| perplexity (held-out) | {base['ppl']:.2f} | {quant['ppl']:.2f} | {ratio:.3f} | ≤ 1.03 |")

@@ -68,7 +68,8 @@ def write_report(out: Path, stem: str, meta: dict, summaries: list[Summary], ove
     body = {"meta": meta, "runs": [s.as_dict() for s in summaries], "overhead": overhead}
     (out / f"{stem}.json").write_text(json.dumps(body, indent=2))
     plots = write_plots(summaries, out, stem)
-    text = [f"# loadtest {stem}", f"`{meta['command']}`", *_sections(summaries, overhead)]
+    text = [f"# loadtest {stem}", f"`{meta['command']}` on {meta.get('cpu', 'an unnamed CPU')}"]
+    text += _sections(summaries, overhead)
     text += [f"![{p.stem}]({p.name})" for p in plots]
     path = out / f"{stem}.md"
     path.write_text("\n\n".join(text) + "\n")

@@ -21,8 +21,13 @@ class ModelSpec(BaseModel):
     quantization: Literal["gptq", "none"] = "gptq"
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     bits: int = 4
-    group_size: int = 64
+    group_size: int = 32
     desc_act: bool = False
+    sym: bool = False
+    """False: a zero point per group, the layout of the source GGUF's Q4_1 blocks."""
+    mse: float = Field(default=0.0, ge=0)
+    """GPTQ's search for each group's scale by least squared error (0: plain min/max). The defaults are the best
+    4-bit setting `python -m loadtest.quant_sweep` found for the default model (loadtest/RESULTS.md)."""
     max_context: PositiveInt = 8192
     max_queue_depth: PositiveInt = 512
     """Requests queued or running for this model (XLEN of its stream) above which the gateway refuses new ones
@@ -136,7 +141,9 @@ class Settings(BaseSettings):
             return spec.path
         if spec.quantization == "gptq":
             act = "-act" if spec.desc_act else ""
-            return self.models_dir / f"{name}-gptq-{spec.bits}b-g{spec.group_size}{act}"
+            asym = "" if spec.sym else "-asym"
+            mse = f"-mse{spec.mse:g}" if spec.mse else ""
+            return self.models_dir / f"{name}-gptq-{spec.bits}b-g{spec.group_size}{act}{asym}{mse}"
         return self.dense_model_dir(name)
 
     def dense_model_dir(self, name: str) -> Path:

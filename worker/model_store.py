@@ -87,8 +87,9 @@ def quantize(dense: Path, out: Path, spec: ModelSpec, texts: list[str] | None = 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    options = {"sym": True, **options}
-    config = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, **options)
+    config = QuantizeConfig(
+        bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=spec.sym, mse=spec.mse, **options
+    )
     model = GPTQModel.load(str(dense), config, device="cpu")
     model.quantize(texts or calibration_texts())
     model.save(str(out))

@@ -54,6 +54,8 @@ async def render(settings: Settings, queue: QueueClient) -> bytes:
             metrics.QUEUE_PENDING.labels(model).set(pending)
             metrics.QUEUE_LAG.labels(model).set(lag)
             metrics.LIVE_WORKERS.labels(model).set(await queue.live_workers(model))
+            for outcome in ("hit", "unknown", "unavailable"):  # exported at 0 before the first routed request
+                metrics.AFFINITY_ROUTES.labels(model, outcome)
     except RedisError as error:
         # Still answer the scrape: the request counters are ours, not Redis's.
         log.warning("metrics.queue_unavailable", error=str(error))

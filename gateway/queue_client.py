@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import APIError
-from shared import keys
+from shared import keys, metrics
 from shared.protocol import (
     FINISHED_BUCKET_S,
     FINISHED_WINDOW_BUCKETS,
@@ -133,13 +133,16 @@ class QueueClient:
             return shared
         worker = await self.redis.get(keys.affinity(request.model, request.conversation))
         if worker is None:
+            metrics.AFFINITY_ROUTES.labels(request.model, "unknown").inc()
             return shared
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(keys.live_workers(request.model), worker)
             pipe.hget(keys.load(request.model), worker)
             seen, load = await pipe.execute()
         if seen is None or seen < time.time() - LIVE_WINDOW_S or int(load or 0) >= self.settings.batch.max_running:
+            metrics.AFFINITY_ROUTES.labels(request.model, "unavailable").inc()
             return shared
+        metrics.AFFINITY_ROUTES.labels(request.model, "hit").inc()
         return keys.worker_requests(request.model, worker)
 
     async def follow(self, request: InferenceRequest) -> AsyncIterator[TokenDelta | FinalResult]:

@@ -56,6 +56,13 @@ QUEUE_LAG = Gauge(
 LIVE_WORKERS = Gauge(
     "llmfleet:live_workers", "Workers whose heartbeat is recent.", ["model_name"], registry=GATEWAY
 )  # fmt: skip
+AFFINITY_ROUTES = Counter(
+    "llmfleet:affinity_routes",
+    "Requests of a known conversation: outcome 'hit' went to the worker holding its prefix; 'unknown' (no worker on "
+    "record, or its record expired) and 'unavailable' (that worker dead, draining or full) went to the shared stream.",
+    ["model_name", "outcome"],
+    registry=GATEWAY,
+)
 
 # -- worker ----------------------------------------------------------------------------------------------------
 TIME_TO_FIRST_TOKEN = Histogram(
@@ -121,6 +128,18 @@ PREFIX_CACHE_HITS = Counter(
     ["model_name"],
     registry=WORKER,
 )
+PREFIX_CACHE_TOKENS = Gauge(
+    "llmfleet:prefix_cache_tokens",
+    "Tokens of finished sequences' KV kept for prefix reuse (parked), within batch.prefix_cache_tokens.",
+    ["model_name"],
+    registry=WORKER,
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "llmfleet:prefix_cache_bytes", "KV memory those parked tokens hold.", ["model_name"], registry=WORKER
+)
+PREFIX_CACHE_EVICTIONS = Counter(
+    "llmfleet:prefix_cache_evictions", "Parked sequences evicted (LRU) to make room.", ["model_name"], registry=WORKER
+)
 
 FINISH_REASONS = ("stop", "length", "cancelled", "expired", "error")
 
@@ -142,6 +161,10 @@ class WorkerMetrics:
         self.generation_tokens = GENERATION_TOKENS.labels(model_name)
         self.prefix_queries = PREFIX_CACHE_QUERIES.labels(model_name)
         self.prefix_hits = PREFIX_CACHE_HITS.labels(model_name)
+        self.prefix_tokens = PREFIX_CACHE_TOKENS.labels(model_name)
+        self.prefix_bytes = PREFIX_CACHE_BYTES.labels(model_name)
+        self.prefix_evictions = PREFIX_CACHE_EVICTIONS.labels(model_name)
+        self._evictions_seen = 0
 
     def step(self, sequences: int, prompt_tokens: int, generated: int) -> None:
         self.batch_size.observe(sequences)
@@ -156,6 +179,13 @@ class WorkerMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_used / kv_total if kv_total else 0.0)
+
+    def prefix_cache(self, parked_tokens: int, bytes_per_token: int, evictions: int) -> None:
+        self.prefix_tokens.set(parked_tokens)
+        self.prefix_bytes.set(parked_tokens * bytes_per_token)
+        if evictions > self._evictions_seen:
+            self.prefix_evictions.inc(evictions - self._evictions_seen)
+            self._evictions_seen = evictions
 
     def final(self, final: FinalResult) -> None:
         self.finished[final.finish_reason].inc()

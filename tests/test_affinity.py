@@ -12,6 +12,7 @@ from shared import keys
 from shared.protocol import FinalResult
 from tests.conftest import MODEL
 from tests.fleet import Fleet, RedisServer
+from tests.test_metrics import samples, value
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,14 @@ def test_turns_follow_the_worker_that_holds_the_conversation_and_move_on_when_it
     assert second == first
 
     [holder] = [w for w in workers if w.worker_id == first]
+    routes = samples(url)
+    assert value(routes, "llmfleet:affinity_routes_total", model_name=MODEL, outcome="unknown") == 1
+    assert value(routes, "llmfleet:affinity_routes_total", model_name=MODEL, outcome="hit") == 1
+    cache = samples(holder.url)
+    assert value(cache, "llmfleet:prefix_cache_hits_total", model_name=MODEL) > 0
+    assert value(cache, "llmfleet:prefix_cache_tokens", model_name=MODEL) > 0
+    assert value(cache, "llmfleet:prefix_cache_bytes", model_name=MODEL) > 0
+    assert value(cache, "llmfleet:prefix_cache_evictions_total", model_name=MODEL) == 0
     holder.stop(signal.SIGKILL)
     messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Another one."}]
     _, third = turn(url, client, messages, "conv-1")

@@ -73,6 +73,7 @@ class LlamaRunner:
         shape = (slots, self.n_kv, capacity, self.head_dim)
         self.k_cache = [_zeros_on_demand(shape, self.dtype, self.device) for _ in self.layers]
         self.v_cache = [_zeros_on_demand(shape, self.dtype, self.device) for _ in self.layers]
+        self.kv_bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.k_cache[0].element_size()
 
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))

@@ -121,6 +121,7 @@ class Scheduler:
         events = self._step()
         held = sum(s.kv_len for s in self.running.values())
         self.metrics.occupancy(len(self.running), len(self.waiting), held, self.runner.slots * self.runner.capacity)
+        self.metrics.prefix_cache(self.slots.parked_tokens, self.runner.kv_bytes_per_token, self.slots.evictions)
         return events
 
     def _step(self) -> list[StepEvent]:

@@ -67,6 +67,23 @@ def weight_bytes(model) -> int:
     return total
 
 
+def score(path: Path, spec: ModelSpec, text: str) -> tuple[object, dict]:
+    """The loaded model, and its perplexity on `text`, greedy probe answers and weight bytes."""
+    loaded = model_loader.load(path, spec, torch.device("cpu"))
+    figures = {
+        "ppl": perplexity(loaded.model, loaded.tokenizer, text),
+        "answers": greedy_answers(loaded.model, loaded.tokenizer),
+        "bytes": weight_bytes(loaded.model),
+    }
+    return loaded, figures
+
+
+def agreement(base: dict, quant: dict) -> tuple[int, int]:
+    """Probe answers identical, and answers that start with the same three words."""
+    pairs = list(zip(base["answers"], quant["answers"]))
+    return sum(a == b for a, b in pairs), sum(a.split()[:3] == b.split()[:3] for a, b in pairs)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.fidelity")
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -74,20 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     model_loader.configure_torch(settings)
     text = HELDOUT.read_text()
-    figures = {}
-    for label, path, spec in (
-        ("bf16", settings.dense_model_dir(args.model), ModelSpec(quantization="none")),
-        ("gptq", settings.model_dir(args.model), settings.models[args.model]),
-    ):
-        loaded = model_loader.load(path, spec, torch.device("cpu"))
-        figures[label] = {
-            "ppl": perplexity(loaded.model, loaded.tokenizer, text),
-            "answers": greedy_answers(loaded.model, loaded.tokenizer),
-            "bytes": weight_bytes(loaded.model),
-        }
-    base, quant = figures["bf16"], figures["gptq"]
-    same = sum(a == b for a, b in zip(base["answers"], quant["answers"]))
-    first_words = sum(a.split()[:3] == b.split()[:3] for a, b in zip(base["answers"], quant["answers"]))
+    _, base = score(settings.dense_model_dir(args.model), ModelSpec(quantization="none"), text)
+    _, quant = score(settings.model_dir(args.model), settings.models[args.model], text)
+    same, first_words = agreement(base, quant)
     spec = settings.models[args.model]
     print(
         f"quantization: GPTQ {spec.bits}-bit, group {spec.group_size}, act-order {spec.desc_act}, sym {spec.sym}, "

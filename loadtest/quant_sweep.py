@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from loadtest.engines import ours, prompts
-from loadtest.fidelity import HELDOUT, PROBES, greedy_answers, perplexity, weight_bytes
+from loadtest.fidelity import HELDOUT, PROBES, agreement, score
 from shared.settings import DEFAULT_MODEL, ModelSpec, Settings
 from worker import model_loader, model_store
 
@@ -80,14 +80,9 @@ def generated_calibration(dense: Path, cache: Path) -> list[str]:
     return texts
 
 
-def score(path: Path, spec: ModelSpec, text: str, speed: bool) -> dict:
-    loaded = model_loader.load(path, spec, torch.device("cpu"))
-    figures = {
-        "ppl": perplexity(loaded.model, loaded.tokenizer, text),
-        "answers": greedy_answers(loaded.model, loaded.tokenizer),
-        "bytes": weight_bytes(loaded.model),
-        "speed": "",
-    }
+def score_with_speed(path: Path, spec: ModelSpec, text: str, speed: bool) -> dict:
+    loaded, figures = score(path, spec, text)
+    figures["speed"] = ""
     if speed:  # greedy decode in our runner, in-process: output tok/s at batch 1 and 32 (the second of two runs)
         rates = []
         for size in (1, 32):
@@ -113,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     root = settings.models_dir / "quant-sweep"
     root.mkdir(parents=True, exist_ok=True)
     text = HELDOUT.read_text()
-    base = score(dense, ModelSpec(quantization="none"), text, args.speed)
+    base = score_with_speed(dense, ModelSpec(quantization="none"), text, args.speed)
     print(f"bf16: perplexity {base['ppl']:.2f}, weights {base['bytes'] / 2**20:.0f} MiB {base['speed']}", flush=True)
     columns = ["setting", "calibration", "quantize s", "perplexity", "ppl ratio", "probes unchanged",
                "same first 3 words", "weight MiB", "memory ratio", "tok/s b=1 / b=32"]  # fmt: skip
@@ -133,12 +128,11 @@ def main(argv: list[str] | None = None) -> None:
                 started = time.monotonic()
                 model_store.quantize(dense, out, spec, texts, **options)
                 took = time.monotonic() - started
-            figures = score(out, spec, text, args.speed)
+            figures = score_with_speed(out, spec, text, args.speed)
         except Exception as error:  # one setting the kernels refuse must not end the sweep
             print(f"| {label} | {calibration} | failed: {type(error).__name__}: {error} |", flush=True)
             continue
-        same = sum(a == b for a, b in zip(base["answers"], figures["answers"]))
-        first = sum(a.split()[:3] == b.split()[:3] for a, b in zip(base["answers"], figures["answers"]))
+        same, first = agreement(base, figures)
         print(
             f"| {label} | {calibration} | {took:.0f} | {figures['ppl']:.2f} | "
             f"{figures['ppl'] / base['ppl']:.3f} | {same}/{len(PROBES)} | {first}/{len(PROBES)} | "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shlex
@@ -41,6 +42,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "cache-on": {},
     "cache-off": {"LLMFLEET_BATCH__PREFIX_CACHE_TOKENS": "0"},
     "affinity-off": {"LLMFLEET_AFFINITY": "false"},
+    # The unquantized checkpoint in float32: where the CPU lacks AVX512 (no fast int4 or bf16 kernel), dense
+    # float32 matmuls beat the int4 kernel on batches of more than a few tokens (loadtest/RESULTS.md).
+    "dense-fp32": {"LLMFLEET_MODELS": json.dumps({DEFAULT_MODEL: {"quantization": "none", "dtype": "float32"}})},
 }
 
 

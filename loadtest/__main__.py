@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--conversations", type=int, default=8)
     add("--multiturn-concurrency", type=int, default=4)
     add("--turns", type=int, default=4)
-    add("--multiturn-max-tokens", type=int, default=32)
+    add("--multiturn-max-tokens", type=int, default=64)
     add("--interactive-concurrency", type=int, default=4, help="mixed")
     add("--interactive-requests", type=int, default=16, help="mixed")
     add("--batch", "--batch-lines", type=int, default=32, help="mixed: batch requests all in flight at once")

@@ -28,6 +28,10 @@ class ModelSpec(BaseModel):
     mse: float = Field(default=0.0, ge=0)
     """GPTQ's search for each group's scale by least squared error (0: plain min/max). The defaults are the best
     4-bit setting `python -m loadtest.quant_sweep` found for the default model (loadtest/RESULTS.md)."""
+    quantize_dtype: Literal["float32", "bfloat16"] = "float32"
+    """What GPTQ computes in while quantizing. In bfloat16 the result depends on the CPU (native bf16 with
+    AVX512-BF16, emulated without): on an AVX2-only CPU the default model came out answering "L'Albanie" where
+    the float32 run answers "Paris"."""
     max_context: PositiveInt = 8192
     max_queue_depth: PositiveInt = 512
     """Requests queued or running for this model (XLEN of its stream) above which the gateway refuses new ones
@@ -143,7 +147,8 @@ class Settings(BaseSettings):
             act = "-act" if spec.desc_act else ""
             asym = "" if spec.sym else "-asym"
             mse = f"-mse{spec.mse:g}" if spec.mse else ""
-            return self.models_dir / f"{name}-gptq-{spec.bits}b-g{spec.group_size}{act}{asym}{mse}"
+            computed = "-fp32" if spec.quantize_dtype == "float32" else ""
+            return self.models_dir / f"{name}-gptq-{spec.bits}b-g{spec.group_size}{act}{asym}{mse}{computed}"
         return self.dense_model_dir(name)
 
     def dense_model_dir(self, name: str) -> Path:

@@ -85,12 +85,13 @@ def quantize(dense: Path, out: Path, spec: ModelSpec, texts: list[str] | None = 
     """GPTQ-quantize `dense` into `out` as `spec` says; `texts` and `options` (QuantizeConfig fields) let
     loadtest.quant_sweep try other calibration data and settings."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     config = QuantizeConfig(
         bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=spec.sym, mse=spec.mse, **options
     )
-    model = GPTQModel.load(str(dense), config, device="cpu")
+    model = GPTQModel.load(str(dense), config, device="cpu", dtype=getattr(torch, spec.quantize_dtype))
     model.quantize(texts or calibration_texts())
     model.save(str(out))
 

@@ -42,7 +42,12 @@ class BatchLimits(BaseModel):
     max_running: PositiveInt = 32
     """Requests decoded together in one step."""
     max_prefill_tokens: PositiveInt = 512
-    """Prompt tokens prefilled in one step; longer prompts are prefilled in chunks between decode steps."""
+    """At most this many prompt tokens are prefilled in one step; longer prompts are prefilled in chunks between
+    decode steps."""
+    prefill_step_ms: PositiveInt = 250
+    """Below max_prefill_tokens, a step prefills only the prompt tokens that a warm-up measurement says fit in
+    this time (worker.step_cost): on a CPU, prompts that arrive together are then prefilled one after another
+    instead of all answering at the end, and running streams stall at most about this long."""
     prefix_cache_tokens: int = Field(default=32768, ge=0)
     """Tokens of finished sequences' KV kept for prefix reuse (LRU); 0 turns the prefix cache off."""
 

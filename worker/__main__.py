@@ -14,7 +14,7 @@ import structlog
 
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
-from worker import model_loader, model_store
+from worker import model_loader, model_store, step_cost
 from worker.http_server import WorkerHTTPServer
 from worker.llama_runner import LlamaRunner
 from worker.scheduler import Scheduler
@@ -32,26 +32,25 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
     # With a prefix cache, as many extra slots as running ones park finished sequences for reuse.
     slots = batch.max_running * (2 if batch.prefix_cache_tokens else 1)
     runner = LlamaRunner(loaded.model, slots=slots, capacity=spec.max_context)
-    scheduler = Scheduler(
+    cost = step_cost.measure(runner)
+    prefill_tokens = cost.prefill_budget(batch.prefill_step_ms / 1000, batch.max_prefill_tokens)
+    log.info(
+        "worker.step_cost",
+        overhead_ms=round(cost.overhead_s * 1000, 1),
+        per_token_ms=round(cost.per_token_s * 1000, 2),
+        prefill_tokens_per_step=prefill_tokens,
+        attention_dtype=str(runner.kv_dtype),
+    )
+    return Scheduler(
         runner,
         loaded.tokenizer,
         loaded.eos_token_ids,
-        max_prefill_tokens=batch.max_prefill_tokens,
+        max_prefill_tokens=prefill_tokens,
         model_name=model,
         worker_id=worker_id,
         max_running=batch.max_running,
         prefix_cache_tokens=batch.prefix_cache_tokens,
     )
-    warm_up(runner)
-    return scheduler
-
-
-def warm_up(runner: LlamaRunner) -> None:
-    """One prefill and one decode step, so kernels are compiled before the first request waits on them."""
-    from worker.llama_runner import PrefillChunk
-
-    runner.step([], [], [], [PrefillChunk(0, [1, 2, 3], 0)])
-    runner.step([0], [4], [3], [])
 
 
 def main(argv: list[str] | None = None) -> None:

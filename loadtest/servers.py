@@ -87,8 +87,10 @@ def transformers_serve(peer: str, model: str, extra_args: str = "", log: Path | 
     argv = [str(Path(sys.executable).with_name("transformers")), "serve", model_dir, "--continuous-batching",
             "--dtype", "bfloat16", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
             *shlex.split(extra_args)]  # fmt: skip
-    # gptqmodel refuses to import on a 2-core machine without this (STACK-NOTES).
-    env = {"GPTQMODEL_CPU_WORKERS": str(max(2, os.cpu_count() or 2)), **os.environ}
+    # gptqmodel refuses to import on a 2-core machine without this (STACK-NOTES); loading a GPTQ directory
+    # imports torch's cpp_extension, whose setuptools otherwise asserts over the stdlib distutils already loaded.
+    env = {"GPTQMODEL_CPU_WORKERS": str(max(2, os.cpu_count() or 2)), "SETUPTOOLS_USE_DISTUTILS": "stdlib"}
+    env.update(os.environ)
     out = open(log or os.devnull, "w")
     process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

@@ -39,7 +39,7 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
         overhead_ms=round(cost.overhead_s * 1000, 1),
         per_token_ms=round(cost.per_token_s * 1000, 2),
         prefill_tokens_per_step=prefill_tokens,
-        attention_dtype=str(runner.kv_dtype),
+        compute_dtype=str(runner.compute_dtype),
     )
     return Scheduler(
         runner,

@@ -10,8 +10,9 @@ prompt chunk to its end. On the CPU the tensors live in anonymous memory maps: z
 where positions are written, so a large capacity costs nothing until used, and no position ever holds garbage
 (a NaN there would poison the masked-out keys' zero weights).
 
-Attention (and so the KV cache) computes in float32 on a CPU without native bfloat16 arithmetic (AVX2 only): there
-a bf16 batched matmul runs at ~1.5 GFLOP/s, and a 400-token prefill spent 4.1 of its 6.8 s in attention.
+Attention (and so the KV cache) computes in float32 on a CPU without native bfloat16 arithmetic (AVX2 only): there a
+bf16 batched matmul runs at ~1.5 GFLOP/s, and a 400-token prefill spent 4.1 of its 6.8 s in attention. (The output
+projection would gain too, but a float32 matmul there rounds differently with the number of rows: not batch-invariant.)
 
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
 or whether its prefix came from the cache. The linear layers already compute each row independently of the
@@ -40,7 +41,7 @@ def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.d
     return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
-def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.float32
     return dtype
@@ -78,11 +79,11 @@ class LlamaRunner:
         self.capacity = capacity = _padded(capacity)
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
-        self.kv_dtype = attention_dtype(self.dtype, self.device)
+        self.compute_dtype = compute_dtype(self.dtype, self.device)
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
-        self.k_cache = [_zeros_on_demand(shape, self.kv_dtype, self.device) for _ in self.layers]
-        self.v_cache = [_zeros_on_demand(shape, self.kv_dtype, self.device) for _ in self.layers]
+        self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
+        self.v_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
         self.kv_bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.k_cache[0].element_size()
 
         rope = getattr(config, "rope_parameters", None) or {}
@@ -92,8 +93,8 @@ class LlamaRunner:
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
         freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(self.kv_dtype).to(self.device)
-        self.sin = emb.sin().to(self.kv_dtype).to(self.device)
+        self.cos = emb.cos().to(self.compute_dtype).to(self.device)
+        self.sin = emb.sin().to(self.compute_dtype).to(self.device)
         self._positions = torch.arange(capacity, device=self.device)
 
     def _causal_hidden(self, chunk: PrefillChunk, group: int) -> torch.Tensor:
@@ -163,9 +164,9 @@ class LlamaRunner:
         for layer_no, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(n_tokens, self.n_heads, self.head_dim).to(self.kv_dtype)
-            k = attn.k_proj(x).view(n_tokens, self.n_kv, self.head_dim).to(self.kv_dtype)
-            v = attn.v_proj(x).view(n_tokens, self.n_kv, self.head_dim).to(self.kv_dtype)
+            q = attn.q_proj(x).view(n_tokens, self.n_heads, self.head_dim).to(self.compute_dtype)
+            k = attn.k_proj(x).view(n_tokens, self.n_kv, self.head_dim).to(self.compute_dtype)
+            v = attn.v_proj(x).view(n_tokens, self.n_kv, self.head_dim).to(self.compute_dtype)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache, v_cache = self.k_cache[layer_no], self.v_cache[layer_no]

@@ -11,7 +11,7 @@ where positions are written, so a large capacity costs nothing until used, and n
 (a NaN there would poison the masked-out keys' zero weights).
 
 Attention (and so the KV cache) computes in float32 on a CPU without native bfloat16 arithmetic (AVX2 only): there a
-bf16 batched matmul runs at ~1.5 GFLOP/s, and a 400-token prefill spent 4.1 of its 6.8 s in attention. (The output
+bf16 batched matmul runs at ~3 GFLOP/s, and a 400-token prefill spent 4.1 of its 6.8 s in attention. (The output
 projection would gain too, but a float32 matmul there rounds differently with the number of rows: not batch-invariant.)
 
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked

@@ -8,23 +8,18 @@ sizes). Best of a few runs each; the figures behind the dtype choices in worker.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from shared.settings import DEFAULT_MODEL, ModelSpec, Settings
 from worker import model_loader
 from worker.llama_runner import LlamaRunner, PrefillChunk
+from worker.step_cost import best_seconds
 
 
 def best_ms(call, repeats: int) -> float:
-    call()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - started)
-    return best * 1000
+    call()  # warm-up
+    return best_seconds(call, repeats) * 1000
 
 
 @torch.inference_mode()

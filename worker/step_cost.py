@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from worker.llama_runner import LlamaRunner, PrefillChunk
@@ -30,18 +31,22 @@ class StepCost:
         return max(min(MIN_PREFILL_TOKENS, ceiling), min(int(fits), ceiling))
 
 
+def best_seconds(call: Callable[[], object], repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def measure(runner: LlamaRunner, small: int = 16, large: int = 128, repeats: int = 2) -> StepCost:
     """Warm the kernels up (the first calls compile or pack them), then time prefill steps of two sizes."""
     runner.step([], [], [], [PrefillChunk(0, [1, 2, 3], 0)])
     runner.step([0], [4], [3], [])
 
     def seconds(tokens: int) -> float:
-        best = math.inf
-        for _ in range(repeats):
-            started = time.perf_counter()
-            runner.step([], [], [], [PrefillChunk(0, list(range(1, tokens + 1)), 0)])
-            best = min(best, time.perf_counter() - started)
-        return best
+        return best_seconds(lambda: runner.step([], [], [], [PrefillChunk(0, list(range(1, tokens + 1)), 0)]), repeats)
 
     short, long = seconds(small), seconds(large)
     per_token = max((long - short) / (large - small), 1e-7)

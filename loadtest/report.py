@@ -14,6 +14,14 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}"
 
 
+def _turn_cells(summary: Summary) -> list[str]:
+    shares = summary.extra.get("cached_share_by_turn") or [None] * len(summary.extra["ttft_p50_by_turn"])
+    return [
+        _ms(ttft) + ("" if share is None else f" ({share:.0%})")
+        for ttft, share in zip(summary.extra["ttft_p50_by_turn"], shares)
+    ]
+
+
 def _sections(summaries: list[Summary], overhead: dict | None) -> list[str]:
     parts = ["## All runs", table(summaries)] if summaries else []
     ratios = ratio_table(summaries)
@@ -23,8 +31,9 @@ def _sections(summaries: list[Summary], overhead: dict | None) -> list[str]:
     if multiturn:
         turns = len(multiturn[0].extra["ttft_p50_by_turn"])
         head = "| run | " + " | ".join(f"turn {i + 1} TTFT p50 ms" for i in range(turns)) + " |"
-        rows = [f"| {s.label} | " + " | ".join(_ms(v) for v in s.extra["ttft_p50_by_turn"]) + " |" for s in multiturn]
-        parts += ["## Multi-turn", "\n".join([head, "|---" * (turns + 1) + "|", *rows])]
+        rows = [f"| {s.label} | " + " | ".join(_turn_cells(s)) + " |" for s in multiturn]
+        note = "In brackets: the share of that turn's prompt tokens the server reused from its prefix cache."
+        parts += ["## Multi-turn", note, "\n".join([head, "|---" * (turns + 1) + "|", *rows])]
     long = [s for s in summaries if s.workload == "long"]
     if long:
         rows = [

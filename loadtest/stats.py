@@ -14,6 +14,9 @@ class RequestTrace:
     token_times: list[float] = field(default_factory=list)
     ended: float = 0.0
     completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None
+    """Prompt tokens the server says it reused from its prefix cache, when it says."""
     text: str = ""
     error: str | None = None
     prompt_index: int = -1

@@ -44,6 +44,9 @@ async def stream_one(
                 trace.text += chunk.choices[0].delta.content
             if chunk.usage:
                 trace.completion_tokens = chunk.usage.completion_tokens
+                trace.prompt_tokens = chunk.usage.prompt_tokens
+                details = chunk.usage.prompt_tokens_details
+                trace.cached_tokens = details.cached_tokens if details else None
     except openai.OpenAIError as error:
         trace.error = f"{type(error).__name__}: {error}"
     trace.ended = time.perf_counter()
@@ -110,9 +113,10 @@ TURNS = ["Can you recommend a classic novel?", "Who wrote it and when?", "What i
 
 async def run_multiturn(server: Server, conversations: int, concurrency: int, turns: int, max_tokens: int) -> Summary:
     """Conversations of `turns` turns, each resending the whole history after a shared system prompt.
-    The summary over all turns carries TTFT p50 per turn index (seconds) in extra["ttft_p50_by_turn"]."""
+    The summary over all turns carries TTFT p50 per turn index (seconds) in extra["ttft_p50_by_turn"] and the
+    share of prompt tokens served from the prefix cache in extra["cached_share_by_turn"]."""
     client = client_for(server)
-    by_turn: list[list[float]] = [[] for _ in range(turns)]
+    by_turn: list[list[RequestTrace]] = [[] for _ in range(turns)]
     traces: list[RequestTrace] = []
     pending = list(range(conversations))
 
@@ -124,7 +128,7 @@ async def run_multiturn(server: Server, conversations: int, concurrency: int, tu
             traces.append(trace)
             if trace.error:
                 return
-            by_turn[turn].append(trace.first_token - trace.started)
+            by_turn[turn].append(trace)
             messages.append({"role": "assistant", "content": trace.text})
 
     async def user() -> None:
@@ -136,5 +140,13 @@ async def run_multiturn(server: Server, conversations: int, concurrency: int, tu
     wall = time.perf_counter() - started
     await client.close()
     summary = summarise(server.label, concurrency, traces, wall, "multiturn", server.peer)
-    summary.extra["ttft_p50_by_turn"] = [percentile(values, 50) for values in by_turn]
+    summary.extra["ttft_p50_by_turn"] = [percentile([t.first_token - t.started for t in ts], 50) for ts in by_turn]
+    summary.extra["cached_share_by_turn"] = [_cached_share(ts) for ts in by_turn]
     return summary
+
+
+def _cached_share(traces: list[RequestTrace]) -> float | None:
+    """Share of the prompt tokens served from the prefix cache, if the server reports it."""
+    if not traces or any(t.cached_tokens is None for t in traces):
+        return None
+    return sum(t.cached_tokens for t in traces) / max(1, sum(t.prompt_tokens for t in traces))

@@ -81,6 +81,8 @@ class FinalResult(BaseModel):
     finish_reason: FinishReason
     error: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)."""
     completion_tokens: int = 0
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None

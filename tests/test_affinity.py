@@ -26,7 +26,8 @@ def two_workers(tmp_path_factory, model_dir):
     redis_server.stop()
 
 
-def turn(url: str, redis_client, messages: list[dict], conversation: str) -> tuple[str, str]:
+def turn(url: str, redis_client, messages: list[dict], conversation: str) -> tuple[str, str, int]:
+    """The answer, the worker that gave it, and how many prompt tokens it reused from its prefix cache."""
     reply = httpx.post(
         f"{url}/v1/chat/completions",
         json={"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0},
@@ -35,17 +36,21 @@ def turn(url: str, redis_client, messages: list[dict], conversation: str) -> tup
     )
     assert reply.status_code == 200, reply.text
     final = FinalResult.model_validate_json(redis_client.get(keys.result(reply.headers["x-request-id"])))
-    return reply.json()["choices"][0]["message"]["content"], final.worker
+    body = reply.json()
+    cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+    return body["choices"][0]["message"]["content"], final.worker, cached
 
 
 def test_turns_follow_the_worker_that_holds_the_conversation_and_move_on_when_it_dies(two_workers):
     redis_server, workers, url = two_workers
     client = redis_server.client()
     messages = [{"role": "system", "content": "You are a helpful assistant. " * 20}, {"role": "user", "content": "Hi!"}]
-    answer, first = turn(url, client, messages, "conv-1")
+    answer, first, cached = turn(url, client, messages, "conv-1")
+    assert cached == 0
     messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me a joke."}]
-    answer, second = turn(url, client, messages, "conv-1")
+    answer, second, cached = turn(url, client, messages, "conv-1")
     assert second == first
+    assert cached > 100  # the system prompt and turn 1 came from the cache
 
     [holder] = [w for w in workers if w.worker_id == first]
     routes = samples(url)
@@ -58,5 +63,5 @@ def test_turns_follow_the_worker_that_holds_the_conversation_and_move_on_when_it
     assert value(cache, "llmfleet:prefix_cache_evictions_total", model_name=MODEL) == 0
     holder.stop(signal.SIGKILL)
     messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Another one."}]
-    _, third = turn(url, client, messages, "conv-1")
-    assert third != first
+    _, third, cached = turn(url, client, messages, "conv-1")
+    assert third != first and cached == 0

@@ -269,6 +269,7 @@ class Scheduler:
             reason,
             now,
             text=seq.output.text,
+            cached_tokens=min(seq.reused, len(seq.prompt)),
             completion_tokens=len(seq.generated),
             started=seq.started,
             first_token_at=seq.first_token_at,
@@ -283,6 +284,7 @@ class Scheduler:
         reason: FinishReason,
         now: float,
         text: str = "",
+        cached_tokens: int = 0,
         completion_tokens: int = 0,
         started: float | None = None,
         first_token_at: float | None = None,
@@ -294,6 +296,7 @@ class Scheduler:
             finish_reason=reason,
             error={"expired": "request deadline passed", "cancelled": "cancelled by the client"}.get(reason),
             prompt_tokens=len(request.prompt_token_ids),
+            cached_tokens=cached_tokens,
             completion_tokens=completion_tokens,
             timings=Timings(
                 queued_s=(started or now) - request.created,

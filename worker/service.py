@@ -301,7 +301,10 @@ class WorkerService:
             request_id=final.id,
             finish_reason=final.finish_reason,
             prompt_tokens=final.prompt_tokens,
+            cached_tokens=final.cached_tokens,
             completion_tokens=final.completion_tokens,
+            queued_s=round(final.timings.queued_s, 4),
+            ttft_s=None if final.timings.ttft_s is None else round(final.timings.ttft_s, 4),
             total_s=round(final.timings.total_s, 4),
         )
 

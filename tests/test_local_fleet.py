@@ -60,7 +60,6 @@ def local_fleet(model_dir, tmp_path):
         "LLMFLEET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "LLMFLEET_GATEWAY_PORT": str(gateway_port),
         "LLMFLEET_WORKER_HTTP_PORT": str(base),
-        "LLMFLEET_TORCH_THREADS": "1",
         "LLMFLEET_BATCH__MAX_RUNNING": "8",  # 60 requests cannot all fit one worker
     }
     log = open(tmp_path / "llmfleet-up.log", "w")
@@ -95,6 +94,10 @@ def send(gateway: str, n: int) -> list[str]:
 
 def test_three_workers_share_60_concurrent_requests_and_two_serve_on_when_one_stops(local_fleet):
     supervisor, gateway, workers = local_fleet
+    # Local workers share the cores instead of each computing on all of them.
+    worker_processes = [p for p in psutil.Process(supervisor.pid).children() if "worker" in p.cmdline()]
+    share = str(max(1, (os.cpu_count() or 1) // WORKERS))
+    assert [p.environ().get("LLMFLEET_TORCH_THREADS") for p in worker_processes] == [share] * WORKERS
     assert set(send(gateway, 60)) <= {"length", "stop"}
     per_worker = [served(w) for w in workers]
     assert sum(per_worker) == 60 and all(n > 0 for n in per_worker), per_worker

@@ -5,8 +5,7 @@ every running sequence with prompt chunks of new ones in one flat [tokens, hidde
 layers run once per step for everybody, and each sequence keeps its own position, sampling and lifetime.
 The weights and layer modules are the transformers model's own; only the attention bookkeeping is ours.
 
-KV cache: per layer a values tensor [slots, kv_heads, capacity, head_dim] and a keys tensor with the last two
-dimensions swapped (see __init__). A sequence owns a slot from its first
+KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor. A sequence owns a slot from its first
 prompt chunk to its end. On the CPU the tensors live in anonymous memory maps: zeros that become resident only
 where positions are written, so a large capacity costs nothing until used, and no position ever holds garbage
 (a NaN there would poison the masked-out keys' zero weights).
@@ -83,12 +82,7 @@ class LlamaRunner:
         self.compute_dtype = compute_dtype(self.dtype, self.device)
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
-        # Keys are kept transposed ([..., head_dim, capacity]): a slice is then a row-major Kᵀ, which the bf16 matmul
-        # copies less than a transposed view (decode of 32 sequences at 450 tokens: 86 -> 63 ms a step). The cost:
-        # a sequence's first key makes a page of each head_dim row resident, ~23 MB a slot for this model until
-        # its keys pass 2048 positions (in place of 11.5 KB a token).
-        shape_t = (slots, self.n_kv, self.head_dim, capacity)
-        self.k_cache = [_zeros_on_demand(shape_t, self.compute_dtype, self.device) for _ in self.layers]
+        self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
         self.v_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
         self.kv_bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.k_cache[0].element_size()
 
@@ -113,9 +107,7 @@ class LlamaRunner:
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Give slot `target` the KV of the first `length` positions of slot `source` (prefix reuse)."""
-        for cache in self.k_cache:
-            cache[target, ..., :length].copy_(cache[source, ..., :length])
-        for cache in self.v_cache:
+        for cache in (*self.k_cache, *self.v_cache):
             cache[target, :, :length].copy_(cache[source, :, :length])
 
     @torch.inference_mode()
@@ -178,16 +170,16 @@ class LlamaRunner:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache, v_cache = self.k_cache[layer_no], self.v_cache[layer_no]
-            k_cache.transpose(2, 3)[slot_idx.unsqueeze(1), heads, pos.unsqueeze(1)] = k
+            k_cache.view(-1, self.head_dim).index_copy_(0, kv_rows, k.reshape(-1, self.head_dim))
             v_cache.view(-1, self.head_dim).index_copy_(0, kv_rows, v.reshape(-1, self.head_dim))
 
             out = torch.empty_like(q)
             if n_decode:
                 q_dec = q[:n_decode].view(n_decode, self.n_kv, group, self.head_dim)
                 if layout == "gather":
-                    keys, values = k_cache[decode_rows, ..., :kv_len], v_cache[decode_rows, :, :kv_len]
+                    keys, values = k_cache[decode_rows, :, :kv_len], v_cache[decode_rows, :, :kv_len]
                 else:
-                    keys, values = k_cache[:width, ..., :kv_len], v_cache[:width, :, :kv_len]
+                    keys, values = k_cache[:width, :, :kv_len], v_cache[:width, :, :kv_len]
                 if layout == "holes":
                     q_dec = q.new_zeros(width, self.n_kv, group, self.head_dim).index_copy_(0, decode_rows, q_dec)
                 o = _attention(q_dec, keys, values, decode_hidden, scale)
@@ -202,7 +194,7 @@ class LlamaRunner:
                 q_pre = q[offset : offset + n].view(n, self.n_kv, group, self.head_dim).transpose(0, 1)
                 q_pre = q_pre.reshape(self.n_kv, n * group, self.head_dim)
                 o = _attention(
-                    q_pre, k_cache[chunk.slot, ..., :keys_len], v_cache[chunk.slot, :, :keys_len], hidden_keys, scale
+                    q_pre, k_cache[chunk.slot, :, :keys_len], v_cache[chunk.slot, :, :keys_len], hidden_keys, scale
                 )
                 out[offset : offset + n] = (
                     o.view(self.n_kv, n, group, self.head_dim).transpose(0, 1).reshape(n, self.n_heads, self.head_dim)
@@ -221,8 +213,8 @@ class LlamaRunner:
         return self.lm_head(self.norm(last)).float()
 
 
-def _attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q kᵀ) v per row, with `hidden` keys excluded. q [..., rows, d], k_t [..., d, keys], v [..., keys, d]."""
-    scores = torch.matmul(q, k_t).float() * scale
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ) v per row, with `hidden` keys excluded. q [..., rows, d], k/v [..., keys, d]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1).to(q.dtype)
     return torch.matmul(probs, v)

@@ -182,7 +182,7 @@ class LlamaRunner:
                     keys, values = k_cache[:width, :, :kv_len], v_cache[:width, :, :kv_len]
                 if layout == "holes":
                     q_dec = q.new_zeros(width, self.n_kv, group, self.head_dim).index_copy_(0, decode_rows, q_dec)
-                o = _attention(q_dec, keys, values, decode_hidden, scale)
+                o = _attention(q_dec, keys, values, decode_hidden, scale, decode=True)
                 if layout == "holes":
                     o = o[decode_rows]
                 out[:n_decode] = o.view(n_decode, self.n_heads, self.head_dim)
@@ -213,8 +213,17 @@ class LlamaRunner:
         return self.lm_head(self.norm(last)).float()
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q kᵀ) v per row, with `hidden` keys excluded. q [..., rows, d], k/v [..., keys, d]."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float, decode: bool = False
+) -> torch.Tensor:
+    """softmax(q kᵀ) v per row, with `hidden` keys excluded. q [..., rows, d], k/v [..., keys, d].
+
+    For decode rows the scores are computed as (k qᵀ)ᵀ, which reads the cache's keys as they lie: the matmul first
+    copied a transposed view of them into a transposed layout first (decode steps at 600 tokens, 4 sequences 21.5 ->
+    17.9 ms, 32 sequences 105 -> 72 ms). For prompt chunks, many query rows, q kᵀ stays faster."""
+    if decode:
+        scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).float().contiguous() * scale
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1).to(q.dtype)
     return torch.matmul(probs, v)

@@ -218,9 +218,9 @@ def _attention(
 ) -> torch.Tensor:
     """softmax(q kᵀ) v per row, with `hidden` keys excluded. q [..., rows, d], k/v [..., keys, d].
 
-    For decode rows the scores are computed as (k qᵀ)ᵀ, which reads the cache's keys as they lie: the matmul first
-    copied a transposed view of them into a transposed layout first (decode steps at 600 tokens, 4 sequences 21.5 ->
-    17.9 ms, 32 sequences 105 -> 72 ms). For prompt chunks, many query rows, q kᵀ stays faster."""
+    For decode rows the scores are computed as (k qᵀ)ᵀ, which reads the cache's keys as they lie, where q kᵀ had the
+    matmul copy a transposed view of them first (decode steps at 600 tokens, 4 sequences 21.5 -> 17.9 ms, 32
+    sequences 105 -> 72 ms). For prompt chunks, many query rows, q kᵀ stays faster."""
     if decode:
         scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).float().contiguous() * scale
     else:

@@ -12,6 +12,9 @@ from shared.settings import DEFAULT_MODEL, Settings
 from tests.fleet import Fleet, RedisServer, create_api_key
 
 MODEL = DEFAULT_MODEL
+FRANCE_QUESTION = "What is the capital of France? Answer in one sentence."
+"""Asked bare, the question is a near tie for this model between "The capital …" and "L'Étoile …" (first-token logits
+one bf16 step apart), which rounding decides differently from CPU to CPU; with this wording the margin is 13 steps."""
 
 
 @pytest.fixture(scope="session")

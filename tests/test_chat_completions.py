@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.conftest import MODEL
+from tests.conftest import FRANCE_QUESTION, MODEL
 
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+FRANCE = [{"role": "user", "content": FRANCE_QUESTION}]
 
 
 def test_answers_the_capital_of_france(client):

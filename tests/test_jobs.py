@@ -10,10 +10,10 @@ import pytest
 
 from shared import keys
 from shared.protocol import FinalResult
-from tests.conftest import MODEL
+from tests.conftest import FRANCE_QUESTION, MODEL
 from tests.fleet import create_api_key, wait_until
 
-FRANCE = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+FRANCE = {"model": MODEL, "messages": [{"role": "user", "content": FRANCE_QUESTION}], "temperature": 0}
 
 
 def test_job_submitted_to_one_gateway_is_read_through_another(gateway_url, second_gateway_url, auth_headers):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tests.conftest import FRANCE_QUESTION
 from worker.llama_runner import LlamaRunner, PrefillChunk
 
 
@@ -26,7 +27,7 @@ def greedy(runner: LlamaRunner, prompt: list[int], n: int, chunk: int, slot: int
 
 
 def test_greedy_tokens_match_transformers_generate(loaded_model):
-    prompt = chat_ids(loaded_model.tokenizer, "What is the capital of France?")
+    prompt = chat_ids(loaded_model.tokenizer, FRANCE_QUESTION)
     expected = loaded_model.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :]
     runner = LlamaRunner(loaded_model.model, slots=2, capacity=256)
     assert greedy(runner, prompt, 8, chunk=len(prompt)) == expected.tolist()

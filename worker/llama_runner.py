@@ -10,8 +10,9 @@ prompt chunk to its end. On the CPU the tensors live in anonymous memory maps: z
 where positions are written, so a large capacity costs nothing until used, and no position ever holds garbage
 (a NaN there would poison the masked-out keys' zero weights).
 
-Attention (and so the KV cache) computes in float32 on a CPU without native bfloat16 arithmetic (AVX2 only): there a
-bf16 batched matmul runs at ~3 GFLOP/s, and a 400-token prefill spent 4.1 of its 6.8 s in attention. (The output
+Attention (and so the KV cache) computes in float32 on a CPU without native bfloat16 arithmetic (AVX2, or AVX512
+without its BF16 extension): on AVX2 a bf16 batched matmul runs at ~3 GFLOP/s, and a 400-token prefill spent 4.1 of
+its 6.8 s in attention. (The output
 projection would gain too, but a float32 matmul there rounds differently with the number of rows: not batch-invariant.)
 
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
@@ -41,10 +42,14 @@ def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.d
     return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
+def native_bf16(device: torch.device) -> bool:
+    # oneDNN also runs bf16 on AVX512 CPUs without AVX512-BF16 (Ice Lake), by emulation: slower than float32 there
+    # (decode of 32 sequences 346 vs 230 ms), and a row's result depends on how many rows share the call.
+    return device.type != "cpu" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    if device.type == "cpu" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.float32
-    return dtype
+    return torch.float32 if dtype == torch.bfloat16 and not native_bf16(device) else dtype
 
 
 def _padded(n: int) -> int:
@@ -80,6 +85,9 @@ class LlamaRunner:
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
         self.compute_dtype = compute_dtype(self.dtype, self.device)
+        # Emulated bf16 gives the output projection's rows other bits in calls of 1-3 rows or an odd number of rows;
+        # padding the call to an even count of at least 4 keeps a token's logits independent of the batch.
+        self.pad_logit_rows = self.dtype == torch.bfloat16 and not native_bf16(self.device)
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
         self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
@@ -209,8 +217,11 @@ class LlamaRunner:
         for chunk in prefills:
             offset += len(chunk.tokens)
             rows.append(offset - 1)
+        n_rows = len(rows)
+        if self.pad_logit_rows:
+            rows += [rows[-1]] * (max(4, n_rows + n_rows % 2) - n_rows)
         last = hidden[torch.tensor(rows, device=device)]
-        return self.lm_head(self.norm(last)).float()
+        return self.lm_head(self.norm(last))[:n_rows].float()
 
 
 def _attention(

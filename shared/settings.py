@@ -20,6 +20,10 @@ class ModelSpec(BaseModel):
     path: Path | None = None
     quantization: Literal["gptq", "none"] = "gptq"
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    grid: Literal["gguf", "gptq"] = "gguf"
+    """Where the 4-bit weights come from. gguf: the embedded GGUF's own Q4_1 blocks, carried over exactly into a
+    GPTQ checkpoint (worker.gguf_grid; the fields below do not apply). gptq: GPTQ re-quantizes the dequantized
+    weights as the fields below say (perplexity x1.47 at best for the default model, loadtest/RESULTS.md)."""
     bits: int = 4
     group_size: int = 32
     desc_act: bool = False
@@ -148,6 +152,8 @@ class Settings(BaseSettings):
         spec = self.models[name]
         if spec.path is not None:
             return spec.path
+        if spec.quantization == "gptq" and spec.grid == "gguf":
+            return self.models_dir / f"{name}-gptq-4b-g32-asym-gguf-grid"
         if spec.quantization == "gptq":
             act = "-act" if spec.desc_act else ""
             asym = "" if spec.sym else "-asym"

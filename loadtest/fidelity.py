@@ -1,10 +1,11 @@
-"""Quantization fidelity: is the served GPTQ model as good as bf16? Speed must not be bought with quality.
+"""Quantization fidelity: is the served 4-bit model as good as bf16? Speed must not be bought with quality.
 
     python -m loadtest.fidelity
 
 Prints perplexity on a held-out public-domain text shipped with the repo (loadtest/data/heldout.txt: the US
 Declaration of Independence and the Gettysburg Address; not in the calibration set), the share of a fixed probe
-set whose greedy answers are unchanged, and weight memory, for GPTQ against bf16."""
+set whose greedy answers are unchanged, and weight memory, for the served 4-bit model against bf16; and, as the
+noise floor of the probe figure, how many answers the same bf16 weights give differently computed in float32."""
 
 from __future__ import annotations
 
@@ -91,15 +92,24 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     model_loader.configure_torch(settings)
     text = HELDOUT.read_text()
-    _, base = score(settings.dense_model_dir(args.model), ModelSpec(quantization="none"), text)
+    dense = settings.dense_model_dir(args.model)
+    _, base = score(dense, ModelSpec(quantization="none"), text)
     _, quant = score(settings.model_dir(args.model), settings.models[args.model], text)
     same, first_words = agreement(base, quant)
     spec = settings.models[args.model]
+    if spec.grid == "gguf":
+        print("quantization: the GGUF's own Q4_1 blocks (4-bit, group 32, a float minimum per group)")
+    else:
+        print(f"quantization: GPTQ {spec.bits}-bit, group {spec.group_size}, act-order {spec.desc_act}, "
+              f"sym {spec.sym}, mse {spec.mse}")  # fmt: skip
+    # The same weights computed in float32: how many probe answers arithmetic alone changes.
+    _, wide = score(dense, ModelSpec(quantization="none", dtype="float32"), text)
+    floor_same, floor_first = agreement(base, wide)
     print(
-        f"quantization: GPTQ {spec.bits}-bit, group {spec.group_size}, act-order {spec.desc_act}, sym {spec.sym}, "
-        f"mse {spec.mse}"
+        f"noise floor: bf16 vs float32 of the same weights, perplexity {wide['ppl']:.2f}, probe answers unchanged "
+        f"{floor_same}/{len(PROBES)}, same first 3 words {floor_first}/{len(PROBES)}"
     )
-    print("| figure | bf16 | GPTQ | ratio | target |\n|---|---|---|---|---|")
+    print("| figure | bf16 | 4-bit | ratio | target |\n|---|---|---|---|---|")
     ratio = quant["ppl"] / base["ppl"]
     print(f"| perplexity (held-out) | {base['ppl']:.2f} | {quant['ppl']:.2f} | {ratio:.3f} | ≤ 1.03 |")
     print(f"| probe answers unchanged ({PROBE_TOKENS} greedy tokens) | – | {same}/{len(PROBES)} | "

@@ -1,4 +1,4 @@
-"""Which GPTQ settings keep the default model closest to bf16? Quantizes it once per setting and measures each.
+"""Which 4-bit settings keep the default model closest to bf16? Quantizes it once per setting and measures each.
 
     python -m loadtest.quant_sweep [--only LABEL ...] [--speed]
 
@@ -19,7 +19,7 @@ import torch
 from loadtest.engines import ours, prompts
 from loadtest.fidelity import HELDOUT, PROBES, agreement, score
 from shared.settings import DEFAULT_MODEL, ModelSpec, Settings
-from worker import model_loader, model_store
+from worker import gguf_grid, model_loader, model_store
 
 TOPICS = [
     "the history of the printing press", "how volcanoes form", "a recipe for bread", "the rules of chess",
@@ -35,21 +35,23 @@ GENERATED_TOKENS = 256
 
 VARIANTS: dict[str, tuple[ModelSpec, dict, str]] = {
     # label: (bits, group, act-order, sym, mse; other QuantizeConfig fields; calibration)
-    "g64": (ModelSpec(group_size=64, mse=0), {}, "repo"),
-    "g32": (ModelSpec(group_size=32, mse=0), {}, "repo"),
+    # The default: no GPTQ, the GGUF's own Q4_1 blocks carried over (worker.gguf_grid).
+    "gguf-grid": (ModelSpec(grid="gguf"), {}, "none"),
+    "g64": (ModelSpec(grid="gptq", group_size=64, mse=0), {}, "repo"),
+    "g32": (ModelSpec(grid="gptq", group_size=32, mse=0), {}, "repo"),
     # Group 128 is refused by the CPU kernel here: 576 input features are not a multiple of it.
-    "g64-act-order": (ModelSpec(group_size=64, desc_act=True, mse=0), {"act_group_aware": False}, "repo"),
-    "g64-asym": (ModelSpec(group_size=64, sym=False, mse=0), {}, "repo"),
+    "g64-act-order": (ModelSpec(grid="gptq", group_size=64, desc_act=True, mse=0), {"act_group_aware": False}, "repo"),
+    "g64-asym": (ModelSpec(grid="gptq", group_size=64, sym=False, mse=0), {}, "repo"),
     # The GGUF this model comes from is Q4_1: asymmetric 4-bit in blocks of 32 along the input dimension, the
     # same layout as GPTQ group 32 with sym=False, so that setting might land near the source's own grid.
-    "g32-asym": (ModelSpec(group_size=32, sym=False, mse=0), {}, "repo"),
-    "g64-generated": (ModelSpec(group_size=64, mse=0), {}, "generated"),
-    "g32-asym-generated": (ModelSpec(group_size=32, sym=False, mse=0), {}, "generated"),
-    "g64-mse": (ModelSpec(group_size=64, mse=2.4), {}, "repo"),
-    "g32-mse": (ModelSpec(group_size=32, mse=2.4), {}, "repo"),
-    "g32-asym-mse": (ModelSpec(group_size=32, sym=False, mse=2.4), {}, "repo"),
-    "8bit-g64": (ModelSpec(bits=8, group_size=64, mse=0), {}, "repo"),
-    "8bit-g128": (ModelSpec(bits=8, group_size=128, mse=0), {}, "repo"),
+    "g32-asym": (ModelSpec(grid="gptq", group_size=32, sym=False, mse=0), {}, "repo"),
+    "g64-generated": (ModelSpec(grid="gptq", group_size=64, mse=0), {}, "generated"),
+    "g32-asym-generated": (ModelSpec(grid="gptq", group_size=32, sym=False, mse=0), {}, "generated"),
+    "g64-mse": (ModelSpec(grid="gptq", group_size=64, mse=2.4), {}, "repo"),
+    "g32-mse": (ModelSpec(grid="gptq", group_size=32, mse=2.4), {}, "repo"),
+    "g32-asym-mse": (ModelSpec(grid="gptq", group_size=32, sym=False, mse=2.4), {}, "repo"),
+    "8bit-g64": (ModelSpec(grid="gptq", bits=8, group_size=64, mse=0), {}, "repo"),
+    "8bit-g128": (ModelSpec(grid="gptq", bits=8, group_size=128, mse=0), {}, "repo"),
 }
 
 
@@ -126,7 +128,11 @@ def main(argv: list[str] | None = None) -> None:
                     else None
                 )
                 started = time.monotonic()
-                model_store.quantize(dense, out, spec, texts, **options)
+                if spec.grid == "gguf":
+                    out.mkdir(parents=True)
+                    gguf_grid.write_checkpoint(model_store.embedded_gguf_path(), dense, out)
+                else:
+                    model_store.quantize(dense, out, spec, texts, **options)
                 took = time.monotonic() - started
             figures = score_with_speed(out, spec, text, args.speed)
         except Exception as error:  # one setting the kernels refuse must not end the sweep

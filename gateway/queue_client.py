@@ -51,6 +51,19 @@ def connect(redis_url: str) -> aioredis.Redis:
 
 QUEUE_FULL_RETRY_AFTER_S = 10
 
+ADD_ROUTED = """
+-- KEYS: the holder worker's own stream, the shared stream, live_workers, load
+-- ARGV: worker id, oldest live heartbeat, max_running, request JSON
+local seen = redis.call('ZSCORE', KEYS[3], ARGV[1])
+local load = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
+if seen and tonumber(seen) >= tonumber(ARGV[2]) and load < tonumber(ARGV[3]) then
+    redis.call('XADD', KEYS[1], '*', 'r', ARGV[4])
+    return 1
+end
+redis.call('XADD', KEYS[2], '*', 'r', ARGV[4])
+return 0
+"""
+
 
 def estimated_wait_s(waiting: int, finished_per_bucket: list[str | None]) -> float:
     """How long `waiting` requests take to start, at the fastest drain rate of the recent buckets (optimistic, so
@@ -65,6 +78,7 @@ class QueueClient:
     def __init__(self, client: aioredis.Redis, settings: Settings):
         self.redis = client
         self.settings = settings
+        self._add_routed = client.register_script(ADD_ROUTED)
 
     async def live_workers(self, model: str) -> int:
         return await self.redis.zcount(keys.live_workers(model), time.time() - LIVE_WINDOW_S, "+inf")
@@ -87,17 +101,21 @@ class QueueClient:
 
     async def submit(self, request: InferenceRequest) -> None:
         """Queue `request`, unless no worker serves its model, its queue is at its bound, or the wait ahead of
-        it would outlast its deadline: each refused at once with 503 + Retry-After."""
+        it would outlast its deadline: each refused at once with 503 + Retry-After. Two round trips: the checks
+        (with the conversation's last worker), then the routed XADD."""
         stream = keys.requests(request.model)
         now = time.time()
         bucket = int(now // FINISHED_BUCKET_S)
+        routed = self.settings.affinity and request.conversation
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcount(keys.live_workers(request.model), now - LIVE_WINDOW_S, "+inf")
             # Workers XDEL what they finish, so the length is what is queued or running.
             pipe.xlen(stream)
             pipe.xpending(stream, keys.WORKER_GROUP)
             pipe.mget([keys.finished(request.model, bucket - i) for i in range(1, FINISHED_WINDOW_BUCKETS + 1)])
-            live, depth, pending, finished = await pipe.execute(raise_on_error=False)
+            if routed:
+                pipe.get(keys.affinity(request.model, request.conversation))
+            live, depth, pending, finished, *holder = await pipe.execute(raise_on_error=False)
         if self.settings.require_live_worker and not live:
             raise APIError(
                 503,
@@ -123,27 +141,21 @@ class QueueClient:
                 code="deadline_unreachable",
                 headers={"Retry-After": str(math.ceil(wait_s - (request.deadline - now)))},
             )
-        await self.redis.xadd(await self._route(request), {"r": request.model_dump_json()})
-
-    async def _route(self, request: InferenceRequest) -> str:
-        """The stream for this request: the own stream of the worker that served this conversation's last turn
-        if it is live and has a free slot (its KV cache holds the prefix), else the shared stream."""
-        shared = keys.requests(request.model)
-        if not (self.settings.affinity and request.conversation):
-            return shared
-        worker = await self.redis.get(keys.affinity(request.model, request.conversation))
+        body = request.model_dump_json()
+        worker = holder[0] if holder and isinstance(holder[0], str) else None
         if worker is None:
-            metrics.AFFINITY_ROUTES.labels(request.model, "unknown").inc()
-            return shared
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zscore(keys.live_workers(request.model), worker)
-            pipe.hget(keys.load(request.model), worker)
-            seen, load = await pipe.execute()
-        if seen is None or seen < time.time() - LIVE_WINDOW_S or int(load or 0) >= self.settings.batch.max_running:
-            metrics.AFFINITY_ROUTES.labels(request.model, "unavailable").inc()
-            return shared
-        metrics.AFFINITY_ROUTES.labels(request.model, "hit").inc()
-        return keys.worker_requests(request.model, worker)
+            if routed:
+                metrics.AFFINITY_ROUTES.labels(request.model, "unknown").inc()
+            await self.redis.xadd(stream, {"r": body})
+            return
+        # The worker that served this conversation's last turn holds its prefix in its KV cache: its own stream,
+        # if it is live and has a free slot, else the shared stream.
+        to_holder = await self._add_routed(
+            keys=[keys.worker_requests(request.model, worker), stream, keys.live_workers(request.model),
+                  keys.load(request.model)],
+            args=[worker, time.time() - LIVE_WINDOW_S, self.settings.batch.max_running, body],
+        )  # fmt: skip
+        metrics.AFFINITY_ROUTES.labels(request.model, "hit" if to_holder else "unavailable").inc()
 
     async def follow(self, request: InferenceRequest) -> AsyncIterator[TokenDelta | FinalResult]:
         """Token deltas as the worker writes them, then the final record (always last).

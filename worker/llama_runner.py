@@ -3,7 +3,8 @@
 Why not transformers' `generate` or its continuous-batching manager: a step here mixes single-token decodes of
 every running sequence with prompt chunks of new ones in one flat [tokens, hidden] batch, so the (GPTQ) linear
 layers run once per step for everybody, and each sequence keeps its own position, sampling and lifetime.
-The weights and layer modules are the transformers model's own; only the attention bookkeeping is ours.
+The weights and layer modules are the transformers model's own; only the attention bookkeeping is ours (and, for
+gptqmodel's ATen int4 layers, calling them: worker.int4_calls).
 
 KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor. A sequence owns a slot from its first
 prompt chunk to its end. On the CPU the tensors live in anonymous memory maps: zeros that become resident only
@@ -30,6 +31,8 @@ import mmap
 from dataclasses import dataclass
 
 import torch
+
+from worker.int4_calls import LayerCalls
 
 ATTENTION_BLOCK = 64
 
@@ -88,6 +91,8 @@ class LlamaRunner:
         # Emulated bf16 gives the output projection's rows other bits in calls of 1-3 rows or an odd number of rows;
         # padding the call to an even count of at least 4 keeps a token's logits independent of the batch.
         self.pad_logit_rows = self.dtype == torch.bfloat16 and not native_bf16(self.device)
+        usable = all(LayerCalls.usable(layer) for layer in self.layers)
+        self.int4_calls = [LayerCalls(layer, self.dtype) for layer in self.layers] if usable else None
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
         self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
@@ -171,10 +176,16 @@ class LlamaRunner:
         hidden = self.embed(ids)
         for layer_no, layer in enumerate(self.layers):
             attn = layer.self_attn
+            calls = self.int4_calls[layer_no] if self.int4_calls else None
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(n_tokens, self.n_heads, self.head_dim).to(self.compute_dtype)
-            k = attn.k_proj(x).view(n_tokens, self.n_kv, self.head_dim).to(self.compute_dtype)
-            v = attn.v_proj(x).view(n_tokens, self.n_kv, self.head_dim).to(self.compute_dtype)
+            q, k, v = (
+                calls.qkv(x).split(calls.qkv.sizes, dim=-1)
+                if calls
+                else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+            )
+            q = q.view(n_tokens, self.n_heads, self.head_dim).to(self.compute_dtype)
+            k = k.view(n_tokens, self.n_kv, self.head_dim).to(self.compute_dtype)
+            v = v.view(n_tokens, self.n_kv, self.head_dim).to(self.compute_dtype)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache, v_cache = self.k_cache[layer_no], self.v_cache[layer_no]
@@ -209,8 +220,10 @@ class LlamaRunner:
                 )
                 offset += n
 
-            hidden = hidden + attn.o_proj(out.view(n_tokens, self.n_heads * self.head_dim).to(self.dtype))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            out = out.view(n_tokens, self.n_heads * self.head_dim).to(self.dtype)
+            hidden = hidden + (calls.o(out) if calls else attn.o_proj(out))
+            x = layer.post_attention_layernorm(hidden)
+            hidden = hidden + (calls.mlp(x) if calls else layer.mlp(x))
 
         rows = list(range(n_decode))
         offset = n_decode

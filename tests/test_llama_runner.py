@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import FRANCE_QUESTION
+from worker.int4_calls import LayerCalls
 from worker.llama_runner import LlamaRunner, PrefillChunk
 
 
@@ -58,3 +59,15 @@ def test_logits_do_not_depend_on_the_rest_of_the_batch(loaded_model):
     a = alone.step([0], [42], [n], [])
     b = together.step([0, 1], [42, 99], [n, len(prompts[1])], [PrefillChunk(1, [5, 6, 7], len(prompts[1]) + 1)])
     assert torch.equal(a[0], b[0])
+
+
+def test_fused_int4_calls_give_the_modules_outputs_bit_for_bit(loaded_model):
+    layer = loaded_model.model.model.layers[0]
+    assert LayerCalls.usable(layer)  # the default model on a CPU: gptqmodel's ATen int4 layers
+    x = torch.randn(5, loaded_model.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.bfloat16)
+    attn = layer.self_attn
+    separate = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+    calls = LayerCalls(layer, torch.bfloat16)
+    assert torch.equal(calls.qkv(x), separate)
+    assert torch.equal(calls.mlp(x), layer.mlp(x))

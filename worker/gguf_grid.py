@@ -10,8 +10,8 @@ So the checkpoint holds the GGUF's codes and scales in GPTQ's format with the ze
 loader serves it, close to the source), and beside it `GGUF_MINS_FILE` holds every block's exact m. `load_mins`
 puts those into the loaded layers: gptqmodel's ATen int4 kernel (`TorchAtenLinear`) dequantizes as
 `scale * (code - 8) + offset` with a float offset per group, which carries any m; its AVX512 kernel keeps integer
-zero points, so the worker loads this checkpoint with the ATen one (worker.model_loader; on the CPU only: a GPU
-serves the rounded zero points).
+zero points, so the worker loads this checkpoint with the ATen one (worker.model_loader). That is on the CPU only:
+a GPU serves the rounded zero points (perplexity x1.73 of bf16, measured on the CPU; GPTQ's x1.47 is better there).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ gptqmodel's `TorchAtenLinear` (the CPU kernel of the default model, worker.gguf_
 own, so the packed weights of q/k/v, or of gate/up, concatenate into one matrix whose product is bitwise the
 product of the separate calls. One call instead of three (two), and none of the module's per-call Python,
 saves ~160 us per layer at one sequence (q/k/v 127 -> 50 us, gate/up 177 -> 96 us), ~5 ms a decode step.
-Where the layers are another kernel (CUDA, AVX512-BF16 with integer zero points), the runner calls the modules.
+Where the layers are another kernel (CUDA, AVX512-BF16 with integer zero points), `ModuleCalls` calls the modules.
 """
 
 from __future__ import annotations
@@ -61,3 +61,17 @@ class LayerCalls:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         return all(_plain_aten_int4(p) for p in projections)
+
+
+class ModuleCalls:
+    """LayerCalls' interface over the layer's own modules, whatever their kernel."""
+
+    def __init__(self, layer: torch.nn.Module):
+        attn = layer.self_attn
+        self.qkv = lambda x: torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        self.o = attn.o_proj
+        self.mlp = layer.mlp
+
+
+def layer_calls(layer: torch.nn.Module, dtype: torch.dtype) -> LayerCalls | ModuleCalls:
+    return LayerCalls(layer, dtype) if LayerCalls.usable(layer) else ModuleCalls(layer)

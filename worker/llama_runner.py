@@ -13,8 +13,8 @@ where positions are written, so a large capacity costs nothing until used, and n
 
 Attention (and so the KV cache) computes in float32 on a CPU without native bfloat16 arithmetic (AVX2, or AVX512
 without its BF16 extension): on AVX2 a bf16 batched matmul runs at ~3 GFLOP/s, and a 400-token prefill spent 4.1 of
-its 6.8 s in attention. (The output
-projection would gain too, but a float32 matmul there rounds differently with the number of rows: not batch-invariant.)
+its 6.8 s in attention. (The output projection would gain too, but a float32 matmul there rounds differently with
+the number of rows: not batch-invariant.)
 
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
 or whether its prefix came from the cache. The linear layers already compute each row independently of the
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.int4_calls import LayerCalls
+from worker.int4_calls import layer_calls
 
 ATTENTION_BLOCK = 64
 
@@ -91,8 +91,7 @@ class LlamaRunner:
         # Emulated bf16 gives the output projection's rows other bits in calls of 1-3 rows or an odd number of rows;
         # padding the call to an even count of at least 4 keeps a token's logits independent of the batch.
         self.pad_logit_rows = self.dtype == torch.bfloat16 and not native_bf16(self.device)
-        usable = all(LayerCalls.usable(layer) for layer in self.layers)
-        self.int4_calls = [LayerCalls(layer, self.dtype) for layer in self.layers] if usable else None
+        self.calls = [layer_calls(layer, self.dtype) for layer in self.layers]
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
         self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
@@ -175,11 +174,8 @@ class LlamaRunner:
 
         hidden = self.embed(ids)
         for layer_no, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            calls = self.int4_calls[layer_no] if self.int4_calls else None
-            x = layer.input_layernorm(hidden)
-            qkv = calls.qkv(x) if calls else torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
-            qkv = qkv.view(n_tokens, -1, self.head_dim).to(self.compute_dtype)
+            calls = self.calls[layer_no]
+            qkv = calls.qkv(layer.input_layernorm(hidden)).view(n_tokens, -1, self.head_dim).to(self.compute_dtype)
             # Queries and keys side by side get their rotation in one pass: fewer small ops per layer.
             qk = qkv[:, : self.n_heads + self.n_kv]
             qk = qk * cos + _rotate_half(qk) * sin
@@ -217,9 +213,8 @@ class LlamaRunner:
                 offset += n
 
             out = out.view(n_tokens, self.n_heads * self.head_dim).to(self.dtype)
-            hidden = hidden + (calls.o(out) if calls else attn.o_proj(out))
-            x = layer.post_attention_layernorm(hidden)
-            hidden = hidden + (calls.mlp(x) if calls else layer.mlp(x))
+            hidden = hidden + calls.o(out)
+            hidden = hidden + calls.mlp(layer.post_attention_layernorm(hidden))
 
         rows = list(range(n_decode))
         offset = n_decode

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from tests.conftest import MODEL
 from worker import gguf_grid
@@ -26,7 +26,8 @@ def test_served_layers_compute_the_dense_checkpoints_weights(loaded_model, setti
     """The dense checkpoint is the GGUF dequantized by transformers (q/k rows in its order). With the zero points
     rounded, as GPTQ stores them, a layer's output is off by 8-14% of its range; with the exact minimums, by under 1%:
     what bf16 rounding of scales and activations costs."""
-    weight = load_file(settings.dense_model_dir(MODEL) / "model.safetensors")[f"model.{name}.weight"].float()
+    with safe_open(settings.dense_model_dir(MODEL) / "model.safetensors", "pt") as dense:
+        weight = dense.get_tensor(f"model.{name}.weight").float()
     x = torch.randn(8, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     exact = x.float() @ weight.T
     served = loaded_model.model.model.get_submodule(name)(x).float()

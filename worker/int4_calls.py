@@ -30,7 +30,7 @@ class Int4Call:
             module.transform_cpu(dtype=dtype)  # a no-op where the module already did it
         self.group_size = modules[0].group_size
         self.sizes = [m.out_features for m in modules]
-        self.weight = torch.cat([m.qweight for m in modules]) if len(modules) > 1 else modules[0].qweight
+        self.weight = torch.cat([m.qweight for m in modules])
         self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], dim=1).contiguous()
         start = 0
         for module, size in zip(modules, self.sizes):

@@ -21,14 +21,52 @@ def test_q4_1_blocks_decode_as_the_gguf_package_dequantizes():
     assert np.array_equal(weights.reshape(rows, -1), gguf.quants.dequantize(tensor.data, tensor.tensor_type))
 
 
+@pytest.fixture(scope="module")
+def aten_model(settings, model_dir):
+    """The default model served as on a CPU without AVX512-BF16: through gptqmodel's ATen int4 kernel."""
+    from worker import model_loader, q4_1
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(q4_1, "kernel_available", lambda: False)
+        loaded = model_loader.load(model_dir, settings.models[MODEL], torch.device("cpu"))
+    assert type(loaded.model.model.layers[0].mlp.down_proj).__name__ == "TorchAtenLinear"
+    return loaded
+
+
+@pytest.mark.parametrize("kernel", ["served", "aten"])
 @pytest.mark.parametrize("name", ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.29.mlp.down_proj"])
-def test_served_layers_compute_the_dense_checkpoints_weights(loaded_model, settings, name):
+def test_served_layers_compute_the_dense_checkpoints_weights(request, settings, kernel, name):
     """The dense checkpoint is the GGUF dequantized by transformers (q/k rows in its order). With the zero points
     rounded, as GPTQ stores them, a layer's output is off by 8-14% of its range; with the exact minimums, by under 1%:
-    what bf16 rounding of scales and activations costs."""
+    what bf16 rounding of scales and activations costs. `served`: worker.q4_1's kernel where the CPU has AVX512-BF16."""
+    loaded_model = request.getfixturevalue("loaded_model" if kernel == "served" else "aten_model")
     with safe_open(settings.dense_model_dir(MODEL) / "model.safetensors", "pt") as dense:
         weight = dense.get_tensor(f"model.{name}.weight").float()
     x = torch.randn(8, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     exact = x.float() @ weight.T
     served = loaded_model.model.model.get_submodule(name)(x).float()
     assert (served - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+def test_q4_1_kernel_computes_the_blocks_exactly_whatever_the_batch():
+    """worker.q4_1's kernel against the float32 product of the blocks: off by bf16 output rounding only, and a row's
+    bits the same alone, in a few rows (register tiles) or in many (brgemm)."""
+    from worker import q4_1
+
+    if not q4_1.kernel_available():
+        pytest.skip("the Q4_1 kernel needs a CPU with AVX512-BF16")
+    rng = np.random.default_rng(0)
+    out_features, in_features = 96, 192
+    codes = rng.integers(0, 16, (out_features, in_features), dtype=np.uint8)
+    d = rng.uniform(0.001, 0.02, (out_features, in_features // gguf_grid.BLOCK)).astype(np.float16)
+    m = rng.uniform(-0.15, 0.0, d.shape).astype(np.float16)
+    tensors = gguf_grid.gptq_tensors(codes, d, m)
+    layer = q4_1.Q41Linear.from_gptq(tensors["qweight"], tensors["scales"], tensors["mins"], gguf_grid.BLOCK)
+    groups = codes.reshape(out_features, -1, gguf_grid.BLOCK).astype(np.float32)
+    weight = torch.from_numpy((groups * d[..., None] + m[..., None]).reshape(out_features, -1))
+    x = torch.randn(40, in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    exact = x.float() @ weight.T
+    served = layer(x)
+    assert (served.float() - exact).abs().max() < 0.01 * exact.abs().max()
+    for rows in (1, 3, 24):
+        assert torch.equal(layer(x[:rows]), served[:rows])

@@ -14,7 +14,7 @@ import structlog
 
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
-from worker import model_loader, model_store, step_cost
+from worker import model_loader, model_store, q4_1, step_cost
 from worker.http_server import WorkerHTTPServer
 from worker.llama_runner import LlamaRunner
 from worker.scheduler import Scheduler
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--id", default=None, help="worker id (default: host-pid-random)")
-    parser.add_argument("--prepare-only", action="store_true", help="build the model directory if needed, then exit")
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="build the model directory and CPU kernel if needed, then exit"
+    )
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare_only:
         model_loader.configure_torch(settings)
         print(model_store.prepare(settings, args.model))
+        q4_1.kernel_available()
         return
 
     stop = threading.Event()

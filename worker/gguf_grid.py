@@ -8,9 +8,9 @@ costs (perplexity x1.47 at best, loadtest/RESULTS.md); carrying the blocks over 
 
 So the checkpoint holds the GGUF's codes and scales in GPTQ's format with the zero points rounded (any GPTQ
 loader serves it, close to the source), and beside it `GGUF_MINS_FILE` holds every block's exact m. `load_mins`
-puts those into the loaded layers: gptqmodel's ATen int4 kernel (`TorchAtenLinear`) dequantizes as
-`scale * (code - 8) + offset` with a float offset per group, which carries any m; its AVX512 kernel keeps integer
-zero points, so the worker loads this checkpoint with the ATen one (worker.model_loader). That is on the CPU only:
+makes the loaded layers compute `d * code + m` exactly: on CPUs with AVX512-BF16 through worker.q4_1's kernel,
+elsewhere through gptqmodel's ATen int4 kernel (`TorchAtenLinear`, which the worker loads this checkpoint with,
+worker.model_loader), whose `scale * (code - 8) + offset` takes a float offset per group. That is on the CPU only:
 a GPU serves the rounded zero points (perplexity x1.73 of bf16, measured on the CPU; GPTQ's x1.47 is better there).
 """
 
@@ -123,16 +123,27 @@ def _is_linear(name: str) -> bool:
 
 @torch.no_grad()
 def load_mins(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
-    """Give each 4-bit layer of `model` (loaded from `path` for `dtype` activations) its exact per-group minimums."""
+    """Make each 4-bit layer of `model` (loaded from `path` for `dtype` activations) compute its exact grid."""
     from gptqmodel.nn_modules.qlinear.torch_fused import pack_scales_and_zeros
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    for key, mins in load_file(path / GGUF_MINS_FILE).items():
-        layer = model.get_submodule(key.removesuffix(".mins"))
-        if type(layer).__name__ != "TorchAtenLinear":
-            raise RuntimeError(f"{key}: layer {type(layer).__name__} cannot carry float zero points")
-        layer.transform_cpu(dtype=dtype)
-        # ATen: scale * (code - 8) + offset == d * code + m
-        offsets = mins.float() + 8 * layer.scales.float()
-        layer.qzeros = offsets.to(layer.scales.dtype).contiguous()
-        layer.scales_and_zeros = pack_scales_and_zeros(layer.scales, layer.qzeros)
+    from worker import q4_1
+
+    own_kernel = dtype == torch.bfloat16 and q4_1.kernel_available()
+    with safe_open(path / "model.safetensors", "pt") as checkpoint:
+        for key, mins in load_file(path / GGUF_MINS_FILE).items():
+            name = key.removesuffix(".mins")
+            layer = model.get_submodule(name)
+            if type(layer).__name__ != "TorchAtenLinear":
+                raise RuntimeError(f"{key}: layer {type(layer).__name__} cannot carry float zero points")
+            if own_kernel:
+                # The scales from the file: the loaded layer holds them converted to the model's dtype.
+                scales = checkpoint.get_tensor(f"{name}.scales")
+                model.set_submodule(name, q4_1.Q41Linear.from_gptq(layer.qweight, scales, mins, layer.group_size))
+                continue
+            layer.transform_cpu(dtype=dtype)
+            # ATen: scale * (code - 8) + offset == d * code + m
+            offsets = mins.float() + 8 * layer.scales.float()
+            layer.qzeros = offsets.to(layer.scales.dtype).contiguous()
+            layer.scales_and_zeros = pack_scales_and_zeros(layer.scales, layer.qzeros)

@@ -1,15 +1,18 @@
-"""A layer's 4-bit projections as direct ATen int4 calls, the ones that read the same input fused into one.
+"""A layer's 4-bit projections as direct kernel calls, the ones that read the same input fused into one.
 
-gptqmodel's `TorchAtenLinear` (the CPU kernel of the default model, worker.gguf_grid) packs each output row on its
-own, so the packed weights of q/k/v, or of gate/up, concatenate into one matrix whose product is bitwise the
-product of the separate calls. One call instead of three (two), and none of the module's per-call Python,
-saves ~160 us per layer at one sequence (q/k/v 127 -> 50 us, gate/up 177 -> 96 us), ~5 ms a decode step.
-Where the layers are another kernel (CUDA, AVX512-BF16 with integer zero points), `ModuleCalls` calls the modules.
+The CPU kernels of the default model (worker.gguf_grid) pack output rows independently (gptqmodel's ATen
+`TorchAtenLinear` each row, worker.q4_1 each block of 32), so the packed weights of q/k/v, or of gate/up,
+concatenate into one matrix whose product is bitwise the product of the separate calls. One call instead of three
+(two), and none of the module's per-call Python, saves ~160 us per layer at one sequence on ATen (q/k/v 127 -> 50
+us, gate/up 177 -> 96 us), ~5 ms a decode step. Where the layers are another kernel (CUDA, gptqmodel's AVX512-BF16
+one), `ModuleCalls` calls the modules.
 """
 
 from __future__ import annotations
 
 import torch
+
+from worker.q4_1 import Q41Linear
 
 
 def _plain_aten_int4(module: torch.nn.Module) -> bool:
@@ -29,16 +32,19 @@ class Int4Call:
         for module in modules:
             module.transform_cpu(dtype=dtype)  # a no-op where the module already did it
         self.group_size = modules[0].group_size
-        self.sizes = [m.out_features for m in modules]
         self.weight = torch.cat([m.qweight for m in modules])
         self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], dim=1).contiguous()
         start = 0
-        for module, size in zip(modules, self.sizes):
-            module.qweight = self.weight[start : start + size]  # the modules keep working, on shared memory
-            start += size
+        for module in modules:
+            module.qweight = self.weight[start : start + module.out_features]  # the modules keep working, on its memory
+            start += module.out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
+
+
+def _fused(modules: list[torch.nn.Module], dtype: torch.dtype) -> Int4Call | Q41Linear:
+    return Q41Linear.concat(modules) if isinstance(modules[0], Q41Linear) else Int4Call(modules, dtype)
 
 
 class LayerCalls:
@@ -46,21 +52,21 @@ class LayerCalls:
 
     def __init__(self, layer: torch.nn.Module, dtype: torch.dtype):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = Int4Call([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-        self.o = Int4Call([attn.o_proj], dtype)
-        self.gate_up = Int4Call([mlp.gate_proj, mlp.up_proj], dtype)
-        self.down = Int4Call([mlp.down_proj], dtype)
+        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
+        self.o = _fused([attn.o_proj], dtype)
+        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], dtype)
+        self.down = _fused([mlp.down_proj], dtype)
         self.act = mlp.act_fn
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.gate_up.sizes, dim=-1)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
     @staticmethod
     def usable(layer: torch.nn.Module) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        return all(_plain_aten_int4(p) for p in projections)
+        return all(_plain_aten_int4(p) for p in projections) or all(isinstance(p, Q41Linear) for p in projections)
 
 
 class ModuleCalls:

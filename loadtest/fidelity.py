@@ -17,6 +17,7 @@ import torch
 
 from shared.settings import DEFAULT_MODEL, ModelSpec, Settings
 from worker import model_loader
+from worker.block_quant import BlockQuantLinear
 
 HELDOUT = Path(__file__).with_name("data") / "heldout.txt"
 PROBES = [
@@ -94,11 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     text = HELDOUT.read_text()
     dense = settings.dense_model_dir(args.model)
     _, base = score(dense, ModelSpec(quantization="none"), text)
-    _, quant = score(settings.model_dir(args.model), settings.models[args.model], text)
+    quant_loaded, quant = score(settings.model_dir(args.model), settings.models[args.model], text)
     same, first_words = agreement(base, quant)
     spec = settings.models[args.model]
     if spec.grid == "gguf":
-        print("quantization: the GGUF's own Q4_1 blocks (4-bit, group 32, a float minimum per group)")
+        embedding = "Q8_0" if isinstance(quant_loaded.model.lm_head, BlockQuantLinear) else "bf16"
+        print(f"quantization: the GGUF's own Q4_1 blocks (4-bit, group 32, a float minimum per group), {embedding} "
+              "embedding")  # fmt: skip
     else:
         print(f"quantization: GPTQ {spec.bits}-bit, group {spec.group_size}, act-order {spec.desc_act}, "
               f"sym {spec.sym}, mse {spec.mse}")  # fmt: skip

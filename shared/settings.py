@@ -24,6 +24,9 @@ class ModelSpec(BaseModel):
     """Where the 4-bit weights come from. gguf: the embedded GGUF's own Q4_1 blocks, carried over exactly into a
     GPTQ checkpoint (worker.gguf_grid; the fields below do not apply). gptq: GPTQ re-quantizes the dequantized
     weights as the fields below say (perplexity x1.47 at best for the default model, loadtest/RESULTS.md)."""
+    cpu_kernel: Literal["auto", "aten"] = "auto"
+    """What computes the gguf grid on a CPU. auto: the worker's own kernel (worker.block_quant) where the CPU has
+    AVX512-BF16, gptqmodel's ATen int4 kernel and a bf16 embedding elsewhere; aten: the latter everywhere."""
     bits: int = 4
     group_size: int = 32
     desc_act: bool = False
@@ -153,7 +156,7 @@ class Settings(BaseSettings):
         if spec.path is not None:
             return spec.path
         if spec.quantization == "gptq" and spec.grid == "gguf":
-            return self.models_dir / f"{name}-gptq-4b-g32-asym-gguf-grid"
+            return self.models_dir / f"{name}-gguf-q4_1-q8_0"
         if spec.quantization == "gptq":
             act = "-act" if spec.desc_act else ""
             asym = "" if spec.sym else "-asym"

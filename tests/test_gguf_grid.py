@@ -24,11 +24,10 @@ def test_q4_1_blocks_decode_as_the_gguf_package_dequantizes():
 @pytest.fixture(scope="module")
 def aten_model(settings, model_dir):
     """The default model served as on a CPU without AVX512-BF16: through gptqmodel's ATen int4 kernel."""
-    from worker import model_loader, q4_1
+    from worker import model_loader
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(q4_1, "kernel_available", lambda: False)
-        loaded = model_loader.load(model_dir, settings.models[MODEL], torch.device("cpu"))
+    spec = settings.models[MODEL].model_copy(update={"cpu_kernel": "aten"})
+    loaded = model_loader.load(model_dir, spec, torch.device("cpu"))
     assert type(loaded.model.model.layers[0].mlp.down_proj).__name__ == "TorchAtenLinear"
     return loaded
 
@@ -38,7 +37,8 @@ def aten_model(settings, model_dir):
 def test_served_layers_compute_the_dense_checkpoints_weights(request, settings, kernel, name):
     """The dense checkpoint is the GGUF dequantized by transformers (q/k rows in its order). With the zero points
     rounded, as GPTQ stores them, a layer's output is off by 8-14% of its range; with the exact minimums, by under 1%:
-    what bf16 rounding of scales and activations costs. `served`: worker.q4_1's kernel where the CPU has AVX512-BF16."""
+    what bf16 rounding of scales and activations costs. `served`: through worker.block_quant where the CPU has
+    AVX512-BF16."""
     loaded_model = request.getfixturevalue("loaded_model" if kernel == "served" else "aten_model")
     with safe_open(settings.dense_model_dir(MODEL) / "model.safetensors", "pt") as dense:
         weight = dense.get_tensor(f"model.{name}.weight").float()
@@ -48,25 +48,53 @@ def test_served_layers_compute_the_dense_checkpoints_weights(request, settings, 
     assert (served - exact).abs().max() < 0.02 * exact.abs().max()
 
 
-def test_q4_1_kernel_computes_the_blocks_exactly_whatever_the_batch():
-    """worker.q4_1's kernel against the float32 product of the blocks: off by bf16 output rounding only, and a row's
-    bits the same alone, in a few rows (register tiles) or in many (brgemm)."""
-    from worker import q4_1
+def test_q8_0_blocks_decode_as_the_gguf_package_dequantizes():
+    tensor = next(t for t in gguf.GGUFReader(embedded_gguf_path()).tensors if t.name == "token_embd.weight")
+    codes, d = gguf_grid.q8_0_blocks(np.asarray(tensor.data)[:64])
+    weights = codes.reshape(64, -1, gguf_grid.BLOCK) * d[..., None].astype(np.float32)
+    assert np.array_equal(weights.reshape(64, -1), gguf.quants.dequantize(tensor.data[:64], tensor.tensor_type))
 
-    if not q4_1.kernel_available():
-        pytest.skip("the Q4_1 kernel needs a CPU with AVX512-BF16")
+
+def _kernel_layers():
+    """A random Q4_1 layer and a random Q8_0 one, as worker.block_quant serves them, with their float32 weights."""
+    from worker import block_quant
+
+    if not block_quant.kernel_available():
+        pytest.skip("the block kernel needs a CPU with AVX512-BF16")
     rng = np.random.default_rng(0)
     out_features, in_features = 96, 192
-    codes = rng.integers(0, 16, (out_features, in_features), dtype=np.uint8)
     d = rng.uniform(0.001, 0.02, (out_features, in_features // gguf_grid.BLOCK)).astype(np.float16)
     m = rng.uniform(-0.15, 0.0, d.shape).astype(np.float16)
-    tensors = gguf_grid.gptq_tensors(codes, d, m)
-    layer = q4_1.Q41Linear.from_gptq(tensors["qweight"], tensors["scales"], tensors["mins"], gguf_grid.BLOCK)
-    groups = codes.reshape(out_features, -1, gguf_grid.BLOCK).astype(np.float32)
-    weight = torch.from_numpy((groups * d[..., None] + m[..., None]).reshape(out_features, -1))
-    x = torch.randn(40, in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    codes4 = rng.integers(0, 16, (out_features, in_features), dtype=np.uint8)
+    tensors = gguf_grid.gptq_tensors(codes4, d, m)
+    q4_1 = block_quant.BlockQuantLinear.from_gptq(tensors["qweight"], tensors["scales"], tensors["mins"], 32)
+    codes8 = rng.integers(-128, 128, (out_features, in_features), dtype=np.int8)
+    packed8 = block_quant.pack(torch.from_numpy(codes8), 8)
+    q8_0 = block_quant.BlockQuantLinear(packed8, torch.from_numpy(d.T.copy()), None, 8, gguf_grid.BLOCK)
+
+    def dense(codes, minimums):
+        blocks = codes.reshape(out_features, -1, gguf_grid.BLOCK) * d[..., None].astype(np.float32)
+        return torch.from_numpy((blocks + minimums[..., None]).reshape(out_features, -1))
+
+    return {"q4_1": (q4_1, dense(codes4, m)), "q8_0": (q8_0, dense(codes8, np.zeros_like(m)))}
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_block_kernel_computes_the_blocks_exactly_whatever_the_batch(kind):
+    """worker.block_quant's kernel against the float32 product of the blocks: off by bf16 output rounding only, and a
+    row's bits the same alone, in a few rows (register tiles) or in many (brgemm)."""
+    layer, weight = _kernel_layers()[kind]
+    x = torch.randn(40, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     exact = x.float() @ weight.T
     served = layer(x)
     assert (served.float() - exact).abs().max() < 0.01 * exact.abs().max()
     for rows in (1, 3, 24):
         assert torch.equal(layer(x[:rows]), served[:rows])
+
+
+def test_block_embedding_reads_the_q8_0_rows_exactly():
+    from worker.block_quant import BlockQuantEmbedding
+
+    layer, weight = _kernel_layers()["q8_0"]
+    ids = torch.tensor([[0, 95, 17], [40, 40, 63]])
+    assert torch.equal(BlockQuantEmbedding(layer, torch.float32)(ids), weight[ids])

@@ -63,7 +63,7 @@ def test_logits_do_not_depend_on_the_rest_of_the_batch(loaded_model):
 
 def test_fused_int4_calls_give_the_modules_outputs_bit_for_bit(loaded_model):
     layer = loaded_model.model.model.layers[0]
-    assert LayerCalls.usable(layer)  # the default model on a CPU: worker.q4_1 layers, or gptqmodel's ATen ones
+    assert LayerCalls.usable(layer)  # the default model on a CPU: worker.block_quant layers, or gptqmodel's ATen ones
     x = torch.randn(5, loaded_model.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     x = x.to(torch.bfloat16)
     attn = layer.self_attn

@@ -14,7 +14,7 @@ import structlog
 
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
-from worker import model_loader, model_store, q4_1, step_cost
+from worker import block_quant, model_loader, model_store, step_cost
 from worker.http_server import WorkerHTTPServer
 from worker.llama_runner import LlamaRunner
 from worker.scheduler import Scheduler
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare_only:
         model_loader.configure_torch(settings)
         print(model_store.prepare(settings, args.model))
-        q4_1.kernel_available()
+        block_quant.kernel_available()
         return
 
     stop = threading.Event()

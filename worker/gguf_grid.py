@@ -7,11 +7,13 @@ Re-quantizing the dequantized weights with GPTQ loses what rounding the zero poi
 costs (perplexity x1.47 at best, loadtest/RESULTS.md); carrying the blocks over loses nothing.
 
 So the checkpoint holds the GGUF's codes and scales in GPTQ's format with the zero points rounded (any GPTQ
-loader serves it, close to the source), and beside it `GGUF_MINS_FILE` holds every block's exact m. `load_mins`
-makes the loaded layers compute `d * code + m` exactly: on CPUs with AVX512-BF16 through worker.q4_1's kernel,
-elsewhere through gptqmodel's ATen int4 kernel (`TorchAtenLinear`, which the worker loads this checkpoint with,
-worker.model_loader), whose `scale * (code - 8) + offset` takes a float offset per group. That is on the CPU only:
-a GPU serves the rounded zero points (perplexity x1.73 of bf16, measured on the CPU; GPTQ's x1.47 is better there).
+loader serves it, close to the source), and beside it `GGUF_BLOCKS_FILE` holds every block's exact m, and the tied
+embedding's Q8_0 blocks (`d * code`, 8-bit codes; the checkpoint has it dequantized, in bf16). `load_blocks` makes
+the loaded layers compute `d * code + m` exactly: on CPUs with AVX512-BF16 through worker.block_quant's kernel,
+which serves the embedding from its Q8_0 blocks too (a quarter of its bf16 memory); elsewhere through gptqmodel's
+ATen int4 kernel (`TorchAtenLinear`, which the worker loads this checkpoint with, worker.model_loader), whose
+`scale * (code - 8) + offset` takes a float offset per group. That is on the CPU only: a GPU serves the rounded
+zero points (perplexity x1.73 of bf16, measured on the CPU; GPTQ's x1.47 is better there).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GGUF_MINS_FILE = "gguf_mins.safetensors"
+GGUF_BLOCKS_FILE = "gguf_blocks.safetensors"
+EMBEDDING = "model.embed_tokens"
 BLOCK = 32
 _Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of two codes each
+_Q8_0_BYTES = 34  # fp16 d, 32 int8 codes
 _LAYERS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -46,6 +50,13 @@ def q4_1_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     packed = blocks[..., 4:]
     codes = np.concatenate([packed & 0xF, packed >> 4], axis=-1)  # code j in the low nibble, j + 16 in the high
     return codes.reshape(raw.shape[0], -1), d, m
+
+
+def q8_0_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 tensor's bytes [rows, blocks * 34] -> codes int8 [rows, in], d float16 [rows, in / 32]."""
+    blocks = raw.reshape(raw.shape[0], -1, _Q8_0_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    return blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], -1), d
 
 
 def _unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -79,15 +90,21 @@ def gptq_tensors(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> dict[str, t
 
 def write_checkpoint(gguf_path: Path, dense: Path, out: Path) -> None:
     """Write into `out` a GPTQ checkpoint of the dense checkpoint `dense` (converted from `gguf_path`, whose
-    config, tokenizer and unquantized tensors it takes) with the GGUF's Q4_1 layers, and GGUF_MINS_FILE."""
+    config, tokenizer and unquantized tensors it takes) with the GGUF's Q4_1 layers, and GGUF_BLOCKS_FILE."""
     import gguf
     from safetensors.torch import load_file, save_file
 
     config = json.loads((dense / "config.json").read_text())
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors = {k: v for k, v in load_file(dense / "model.safetensors").items() if not _is_linear(k)}
-    mins = {}
+    blocks = {}
     for tensor in gguf.GGUFReader(gguf_path).tensors:
+        if tensor.name == "token_embd.weight" and tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+            if config.get("tie_word_embeddings"):
+                codes, d = q8_0_blocks(np.asarray(tensor.data))
+                blocks[f"{EMBEDDING}.codes"] = torch.from_numpy(codes)
+                blocks[f"{EMBEDDING}.scales"] = torch.from_numpy(d)
+            continue
         parts = tensor.name.split(".")  # blk.N.attn_q.weight
         if parts[0] != "blk" or parts[2] not in _LAYERS:
             continue
@@ -98,10 +115,10 @@ def write_checkpoint(gguf_path: Path, dense: Path, out: Path) -> None:
             codes, d, m = (_unpermute_rows(a, heads[parts[2]]) for a in (codes, d, m))
         name = f"model.layers.{parts[1]}.{_LAYERS[parts[2]]}"
         layer = gptq_tensors(codes, d, m)
-        mins[f"{name}.mins"] = layer.pop("mins")
+        blocks[f"{name}.mins"] = layer.pop("mins")
         tensors.update({f"{name}.{key}": value for key, value in layer.items()})
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    save_file(mins, out / GGUF_MINS_FILE)
+    save_file(blocks, out / GGUF_BLOCKS_FILE)
     config["quantization_config"] = {
         "quant_method": "gptq",
         "bits": 4,
@@ -122,17 +139,26 @@ def _is_linear(name: str) -> bool:
 
 
 @torch.no_grad()
-def load_mins(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
-    """Make each 4-bit layer of `model` (loaded from `path` for `dtype` activations) compute its exact grid."""
+def load_blocks(model: torch.nn.Module, path: Path, dtype: torch.dtype, own_kernel: bool = True) -> None:
+    """Make `model` (loaded from `path` for `dtype` activations) compute the GGUF's blocks exactly: through
+    worker.block_quant's kernel where `own_kernel` and it runs here, else the 4-bit layers through ATen's."""
     from gptqmodel.nn_modules.qlinear.torch_fused import pack_scales_and_zeros
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from worker import q4_1
+    from worker.block_quant import BlockQuantEmbedding, BlockQuantLinear, kernel_available, pack
 
-    own_kernel = dtype == torch.bfloat16 and q4_1.kernel_available()
+    own_kernel = own_kernel and dtype == torch.bfloat16 and kernel_available()
+    blocks = load_file(path / GGUF_BLOCKS_FILE)
+    if own_kernel and f"{EMBEDDING}.codes" in blocks:
+        codes, scales = blocks.pop(f"{EMBEDDING}.codes"), blocks.pop(f"{EMBEDDING}.scales")
+        head = BlockQuantLinear(pack(codes, 8), scales.t().contiguous(), None, 8, BLOCK)
+        model.lm_head = head
+        model.model.embed_tokens = BlockQuantEmbedding(head, dtype)
     with safe_open(path / "model.safetensors", "pt") as checkpoint:
-        for key, mins in load_file(path / GGUF_MINS_FILE).items():
+        for key, mins in blocks.items():
+            if not key.endswith(".mins"):
+                continue
             name = key.removesuffix(".mins")
             layer = model.get_submodule(name)
             if type(layer).__name__ != "TorchAtenLinear":
@@ -140,7 +166,7 @@ def load_mins(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
             if own_kernel:
                 # The scales from the file: the loaded layer holds them converted to the model's dtype.
                 scales = checkpoint.get_tensor(f"{name}.scales")
-                model.set_submodule(name, q4_1.Q41Linear.from_gptq(layer.qweight, scales, mins, layer.group_size))
+                model.set_submodule(name, BlockQuantLinear.from_gptq(layer.qweight, scales, mins, layer.group_size))
                 continue
             layer.transform_cpu(dtype=dtype)
             # ATen: scale * (code - 8) + offset == d * code + m

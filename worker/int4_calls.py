@@ -1,7 +1,7 @@
 """A layer's 4-bit projections as direct kernel calls, the ones that read the same input fused into one.
 
 The CPU kernels of the default model (worker.gguf_grid) pack output rows independently (gptqmodel's ATen
-`TorchAtenLinear` each row, worker.q4_1 each block of 32), so the packed weights of q/k/v, or of gate/up,
+`TorchAtenLinear` each row, worker.block_quant each block of 32), so the packed weights of q/k/v, or of gate/up,
 concatenate into one matrix whose product is bitwise the product of the separate calls. One call instead of three
 (two), and none of the module's per-call Python, saves ~160 us per layer at one sequence on ATen (q/k/v 127 -> 50
 us, gate/up 177 -> 96 us), ~5 ms a decode step. Where the layers are another kernel (CUDA, gptqmodel's AVX512-BF16
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.q4_1 import Q41Linear
+from worker.block_quant import BlockQuantLinear
 
 
 def _plain_aten_int4(module: torch.nn.Module) -> bool:
@@ -43,8 +43,8 @@ class Int4Call:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
 
 
-def _fused(modules: list[torch.nn.Module], dtype: torch.dtype) -> Int4Call | Q41Linear:
-    return Q41Linear.concat(modules) if isinstance(modules[0], Q41Linear) else Int4Call(modules, dtype)
+def _fused(modules: list[torch.nn.Module], dtype: torch.dtype) -> Int4Call | BlockQuantLinear:
+    return BlockQuantLinear.concat(modules) if isinstance(modules[0], BlockQuantLinear) else Int4Call(modules, dtype)
 
 
 class LayerCalls:
@@ -66,7 +66,8 @@ class LayerCalls:
     def usable(layer: torch.nn.Module) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        return all(_plain_aten_int4(p) for p in projections) or all(isinstance(p, Q41Linear) for p in projections)
+        own = all(isinstance(p, BlockQuantLinear) for p in projections)
+        return own or all(_plain_aten_int4(p) for p in projections)
 
 
 class ModuleCalls:

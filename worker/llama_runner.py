@@ -85,8 +85,8 @@ class LlamaRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.slots = slots
         self.capacity = capacity = _padded(capacity)
-        self.dtype = self.embed.weight.dtype
-        self.device = self.embed.weight.device
+        self.dtype = model.dtype
+        self.device = model.device
         self.compute_dtype = compute_dtype(self.dtype, self.device)
         # Emulated bf16 gives the output projection's rows other bits in calls of 1-3 rows or an odd number of rows;
         # padding the call to an even count of at least 4 keeps a token's logits independent of the batch.

@@ -41,7 +41,7 @@ def load(path: Path, spec: ModelSpec, device: torch.device) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPTQConfig
 
     dtype = getattr(torch, spec.dtype)
-    has_mins = (path / gguf_grid.GGUF_MINS_FILE).is_file()
+    has_mins = (path / gguf_grid.GGUF_BLOCKS_FILE).is_file()
     exact_grid = has_mins and device.type == "cpu"
     if has_mins and not exact_grid:
         # Not measured on a GPU: on the CPU the rounded zero points give perplexity x1.73 of bf16, GPTQ x1.47.
@@ -53,7 +53,7 @@ def load(path: Path, spec: ModelSpec, device: torch.device) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), **options)
     model.eval()
     if exact_grid:
-        gguf_grid.load_mins(model, path, dtype)
+        gguf_grid.load_blocks(model, path, dtype, own_kernel=spec.cpu_kernel == "auto")
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos: set[int] = set()
     for source in (GenerationConfig.from_pretrained(path).eos_token_id, model.config.eos_token_id):

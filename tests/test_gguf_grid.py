@@ -57,10 +57,10 @@ def test_q8_0_blocks_decode_as_the_gguf_package_dequantizes():
 
 def _kernel_layers():
     """A random Q4_1 layer and a random Q8_0 one, as worker.block_quant serves them, with their float32 weights."""
-    from worker import block_quant
+    from worker import block_quant, cpu_kernels
 
-    if not block_quant.kernel_available():
-        pytest.skip("the block kernel needs a CPU with AVX512-BF16")
+    if not cpu_kernels.available():
+        pytest.skip("the worker's CPU kernels need AVX512-BF16")
     rng = np.random.default_rng(0)
     out_features, in_features = 96, 192
     d = rng.uniform(0.001, 0.02, (out_features, in_features // gguf_grid.BLOCK)).astype(np.float16)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import FRANCE_QUESTION
 from worker.int4_calls import LayerCalls
 from worker.llama_runner import LlamaRunner, PrefillChunk
+
+# Attention through worker.cpu_kernels' cached_attention, or through torch matmuls (CPUs without AVX512-BF16, GPUs).
+attention = pytest.mark.parametrize("kernel", [True, False], ids=["kernel-attention", "matmul-attention"])
+
+
+def make_runner(loaded_model, slots: int, capacity: int, kernel: bool) -> LlamaRunner:
+    runner = LlamaRunner(loaded_model.model, slots=slots, capacity=capacity)
+    if kernel and not runner.attention_kernel:
+        pytest.skip("the attention kernel needs a CPU with AVX512-BF16")
+    runner.attention_kernel = kernel
+    return runner
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
@@ -27,33 +39,37 @@ def greedy(runner: LlamaRunner, prompt: list[int], n: int, chunk: int, slot: int
     return tokens
 
 
-def test_greedy_tokens_match_transformers_generate(loaded_model):
+@attention
+def test_greedy_tokens_match_transformers_generate(loaded_model, kernel):
     prompt = chat_ids(loaded_model.tokenizer, FRANCE_QUESTION)
     expected = loaded_model.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :]
-    runner = LlamaRunner(loaded_model.model, slots=2, capacity=256)
+    runner = make_runner(loaded_model, 2, 256, kernel)
     assert greedy(runner, prompt, 8, chunk=len(prompt)) == expected.tolist()
 
 
-def test_chunked_prefill_gives_the_same_tokens(loaded_model):
+@attention
+def test_chunked_prefill_gives_the_same_tokens(loaded_model, kernel):
     prompt = chat_ids(loaded_model.tokenizer, "Describe a sunny day at the beach in two sentences.")
-    runner = LlamaRunner(loaded_model.model, slots=2, capacity=256)
+    runner = make_runner(loaded_model, 2, 256, kernel)
     whole = greedy(runner, prompt, 8, chunk=len(prompt), slot=0)
     assert greedy(runner, prompt, 8, chunk=7, slot=1) == whole
 
 
-def test_a_sequence_in_a_higher_slot_is_unaffected_by_an_empty_lower_slot(loaded_model):
+@attention
+def test_a_sequence_in_a_higher_slot_is_unaffected_by_an_empty_lower_slot(loaded_model, kernel):
     prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
-    runner = LlamaRunner(loaded_model.model, slots=4, capacity=128)
+    runner = make_runner(loaded_model, 4, 128, kernel)
     assert greedy(runner, prompt, 6, chunk=64, slot=3) == greedy(runner, prompt, 6, chunk=64, slot=0)
 
 
-def test_logits_do_not_depend_on_the_rest_of_the_batch(loaded_model):
+@attention
+def test_logits_do_not_depend_on_the_rest_of_the_batch(loaded_model, kernel):
     """Batch invariance: a sequence decoded alone, or beside others at other lengths, gets bit-identical logits."""
     tok = loaded_model.tokenizer
     prompts = [chat_ids(tok, text) for text in ("Name a planet.", "Write a long poem about the sea and the wind.")]
-    alone = LlamaRunner(loaded_model.model, slots=2, capacity=256)
+    alone = make_runner(loaded_model, 2, 256, kernel)
     alone.step([], [], [], [PrefillChunk(0, prompts[0], 0)])
-    together = LlamaRunner(loaded_model.model, slots=2, capacity=256)
+    together = make_runner(loaded_model, 2, 256, kernel)
     together.step([], [], [], [PrefillChunk(1, prompts[1], 0), PrefillChunk(0, prompts[0], 0)])
     n = len(prompts[0])
     a = alone.step([0], [42], [n], [])
@@ -71,3 +87,14 @@ def test_fused_int4_calls_give_the_modules_outputs_bit_for_bit(loaded_model):
     calls = LayerCalls(layer, torch.bfloat16)
     assert torch.equal(calls.qkv(x), separate)
     assert torch.equal(calls.mlp(x), layer.mlp(x))
+
+
+def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_kernel(loaded_model):
+    """The kernel computes a prompt's rows as it computes decoding ones, so a prefix cache entry holds exactly what
+    recomputing it would."""
+    prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
+    decoded = make_runner(loaded_model, 1, 128, True)
+    decoded.step([], [], [], [PrefillChunk(0, prompt[:-1], 0)])
+    by_decode = decoded.step([0], [prompt[-1]], [len(prompt) - 1], [])
+    by_prefill = make_runner(loaded_model, 1, 128, True).step([], [], [], [PrefillChunk(0, prompt, 0)])
+    assert torch.equal(by_decode[0], by_prefill[0])

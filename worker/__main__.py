@@ -14,7 +14,7 @@ import structlog
 
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
-from worker import block_quant, model_loader, model_store, step_cost
+from worker import cpu_kernels, model_loader, model_store, step_cost
 from worker.http_server import WorkerHTTPServer
 from worker.llama_runner import LlamaRunner
 from worker.scheduler import Scheduler
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare_only:
         model_loader.configure_torch(settings)
         print(model_store.prepare(settings, args.model))
-        block_quant.kernel_available()
+        cpu_kernels.available()
         return
 
     stop = threading.Event()

@@ -5,45 +5,15 @@ The kernel (worker/kernels/block_quant_avx512.cpp) is gptqmodel's AVX512-BF16 GP
 zero point replaced by the float minimum, and an 8-bit variant. ATen's int4 kernel, the fallback for the linear
 layers (worker.gguf_grid), takes the minimum only as a bf16 offset and its scales in bf16. One layer's q/k/v,
 gate/up and down in-process (AMD EPYC with AVX512-BF16), ATen -> this kernel: 1 row 0.100 -> 0.065 ms, 32 rows
-1.21 -> 0.73 ms, 512 rows 19.4 -> 12.0 ms, at half ATen's error against the float32 product. Built once by torch's
-extension builder (~25 s), cached in ~/.cache/torch_extensions.
+1.21 -> 0.73 ms, 512 rows 19.4 -> 12.0 ms, at half ATen's error against the float32 product. Built by
+worker.cpu_kernels.
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
-import structlog
 import torch
 
-log = structlog.get_logger(__name__)
-
-SOURCE = Path(__file__).parent / "kernels" / "block_quant_avx512.cpp"
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vbmi"]
 BLOCK_N = 32  # outputs per packing block
-
-
-@functools.cache
-def kernel_available() -> bool:
-    """Build (first time only) and load the kernel. False where the CPU lacks AVX512-BF16 or the build fails."""
-    from gptqmodel.utils.cpu_features import has_avx512_bf16
-    from torch.utils.cpp_extension import load
-
-    if not has_avx512_bf16():
-        return False
-    try:
-        load(
-            name="llmfleet_block_quant",
-            sources=[str(SOURCE)],
-            extra_cflags=_FLAGS,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-    except Exception as exc:  # a missing compiler must not stop the worker: the fallbacks still serve the model
-        log.warning("block_quant.kernel_unavailable", error=str(exc))
-        return False
-    return True
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -93,9 +63,8 @@ class BlockQuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
-        out = torch.ops.llmfleet_block_quant.matmul(
-            rows, self.packed, self.scales, self.mins, self.group_size, self.bits
-        )
+        matmul = torch.ops.llmfleet.block_quant_matmul
+        out = matmul(rows, self.packed, self.scales, self.mins, self.group_size, self.bits)
         return out.view(*x.shape[:-1], self.out_features)
 
 

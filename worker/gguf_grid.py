@@ -146,9 +146,10 @@ def load_blocks(model: torch.nn.Module, path: Path, dtype: torch.dtype, own_kern
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from worker.block_quant import BlockQuantEmbedding, BlockQuantLinear, kernel_available, pack
+    from worker import cpu_kernels
+    from worker.block_quant import BlockQuantEmbedding, BlockQuantLinear, pack
 
-    own_kernel = own_kernel and dtype == torch.bfloat16 and kernel_available()
+    own_kernel = own_kernel and dtype == torch.bfloat16 and cpu_kernels.available()
     blocks = load_file(path / GGUF_BLOCKS_FILE)
     if own_kernel and f"{EMBEDDING}.codes" in blocks:
         codes, scales = blocks.pop(f"{EMBEDDING}.codes"), blocks.pop(f"{EMBEDDING}.scales")

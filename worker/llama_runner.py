@@ -18,10 +18,8 @@ the number of rows: not batch-invariant.)
 
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
 or whether its prefix came from the cache. The linear layers already compute each row independently of the
-others; attention is written so it does too: every query row (decode or prefill) is one small matmul over
-head_dim, a float32 softmax, and one matmul over keys padded to a multiple of ATTENTION_BLOCK, so reductions
-group the same way whatever the batch. That is what makes greedy output repeatable under load and the prefix
-cache exact.
+others; attention does too (worker.slot_attention). That is what makes greedy output repeatable under load and the
+prefix cache exact.
 """
 
 from __future__ import annotations
@@ -32,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from worker import cpu_kernels
 from worker.int4_calls import layer_calls
-
-ATTENTION_BLOCK = 64
+from worker.slot_attention import KernelAttention, MatmulAttention, padded
 
 
 def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -53,10 +51,6 @@ def native_bf16(device: torch.device) -> bool:
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and not native_bf16(device) else dtype
-
-
-def _padded(n: int) -> int:
-    return -(-n // ATTENTION_BLOCK) * ATTENTION_BLOCK
 
 
 @dataclass(frozen=True)
@@ -84,7 +78,7 @@ class LlamaRunner:
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.slots = slots
-        self.capacity = capacity = _padded(capacity)
+        self.capacity = capacity = padded(capacity)
         self.dtype = model.dtype
         self.device = model.device
         self.compute_dtype = compute_dtype(self.dtype, self.device)
@@ -92,6 +86,13 @@ class LlamaRunner:
         # padding the call to an even count of at least 4 keeps a token's logits independent of the batch.
         self.pad_logit_rows = self.dtype == torch.bfloat16 and not native_bf16(self.device)
         self.calls = [layer_calls(layer, self.dtype) for layer in self.layers]
+        self.attention_kernel = (
+            self.device.type == "cpu"
+            and self.compute_dtype == torch.bfloat16
+            and 1 <= self.n_heads // self.n_kv <= 8
+            and self.head_dim in (64, 128)
+            and cpu_kernels.available()
+        )
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
         self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
@@ -107,14 +108,6 @@ class LlamaRunner:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(self.compute_dtype).to(self.device)
         self.sin = emb.sin().to(self.compute_dtype).to(self.device)
-        self._positions = torch.arange(capacity, device=self.device)
-
-    def _causal_hidden(self, chunk: PrefillChunk, group: int) -> torch.Tensor:
-        """[n * group, kv_len] mask of the keys each query row of a prompt chunk must not see."""
-        end = chunk.start + len(chunk.tokens)
-        kv_len = min(_padded(end), self.capacity)
-        query_pos = self._positions[chunk.start : end].repeat_interleave(group)
-        return self._positions[:kv_len].unsqueeze(0) > query_pos.unsqueeze(1)
 
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
@@ -153,24 +146,14 @@ class LlamaRunner:
         heads = torch.arange(self.n_kv, device=device)
         kv_rows = ((slot_idx.unsqueeze(1) * self.n_kv + heads) * self.capacity + pos.unsqueeze(1)).reshape(-1)
 
-        group = self.n_heads // self.n_kv
         scale = self.head_dim**-0.5
-        if n_decode:
-            # Decode attention reads the decoding slots' cache rows. Slots 0..n-1 (the usual case) are a plain
-            # view; a few scattered slots are gathered (a copy of only their rows); many slots with holes are read
-            # as the range [0, width), where rows not decoding see only position 0, a harmless dummy.
-            kv_len = min(_padded(max(decode_positions) + 1), self.capacity)
-            decode_rows = slot_idx[:n_decode]
-            if decode_slots == list(range(n_decode)):
-                layout, width = "view", n_decode
-            elif max(decode_slots) + 1 > 2 * n_decode:
-                layout, width = "gather", n_decode
-            else:
-                layout, width = "holes", max(decode_slots) + 1
-            limit = torch.zeros(width, dtype=torch.long, device=device)
-            limit[decode_rows if layout == "holes" else torch.arange(n_decode, device=device)] = pos[:n_decode]
-            decode_hidden = (self._positions[:kv_len].unsqueeze(0) > limit.unsqueeze(1)).view(width, 1, 1, kv_len)
-        prefill_hidden = [self._causal_hidden(chunk, group) for chunk in prefills]
+        if self.attention_kernel:
+            attend = KernelAttention(slot_idx, pos, self.n_kv, scale)
+        else:
+            group = self.n_heads // self.n_kv
+            attend = MatmulAttention(
+                decode_slots, decode_positions, prefills, slot_idx, pos, self.n_kv, group, self.capacity, scale
+            )
 
         hidden = self.embed(ids)
         for layer_no, layer in enumerate(self.layers):
@@ -185,33 +168,7 @@ class LlamaRunner:
             v_cache.view(-1, self.head_dim).index_copy_(0, kv_rows, v.reshape(-1, self.head_dim))
 
             out = torch.empty(n_tokens, self.n_heads, self.head_dim, dtype=self.compute_dtype, device=device)
-            if n_decode:
-                q_dec = q[:n_decode].view(n_decode, self.n_kv, group, self.head_dim)
-                if layout == "gather":
-                    keys, values = k_cache[decode_rows, :, :kv_len], v_cache[decode_rows, :, :kv_len]
-                else:
-                    keys, values = k_cache[:width, :, :kv_len], v_cache[:width, :, :kv_len]
-                if layout == "holes":
-                    q_dec = q.new_zeros(width, self.n_kv, group, self.head_dim).index_copy_(0, decode_rows, q_dec)
-                o = _attention(q_dec, keys, values, decode_hidden, scale, decode=True)
-                if layout == "holes":
-                    o = o[decode_rows]
-                out[:n_decode] = o.view(n_decode, self.n_heads, self.head_dim)
-            offset = n_decode
-            for chunk, hidden_keys in zip(prefills, prefill_hidden):
-                n = len(chunk.tokens)
-                keys_len = hidden_keys.shape[-1]
-                # [n, heads] -> [kv_heads, n * group]: each kv head's query rows, as in the decode layout.
-                q_pre = q[offset : offset + n].view(n, self.n_kv, group, self.head_dim).transpose(0, 1)
-                q_pre = q_pre.reshape(self.n_kv, n * group, self.head_dim)
-                o = _attention(
-                    q_pre, k_cache[chunk.slot, :, :keys_len], v_cache[chunk.slot, :, :keys_len], hidden_keys, scale
-                )
-                out[offset : offset + n] = (
-                    o.view(self.n_kv, n, group, self.head_dim).transpose(0, 1).reshape(n, self.n_heads, self.head_dim)
-                )
-                offset += n
-
+            attend(q, k_cache, v_cache, out)
             out = out.view(n_tokens, self.n_heads * self.head_dim).to(self.dtype)
             hidden = hidden + calls.o(out)
             hidden = hidden + calls.mlp(layer.post_attention_layernorm(hidden))
@@ -226,19 +183,3 @@ class LlamaRunner:
             rows += [rows[-1]] * (max(4, n_rows + n_rows % 2) - n_rows)
         last = hidden[torch.tensor(rows, device=device)]
         return self.lm_head(self.norm(last))[:n_rows].float()
-
-
-def _attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float, decode: bool = False
-) -> torch.Tensor:
-    """softmax(q kᵀ) v per row, with `hidden` keys excluded. q [..., rows, d], k/v [..., keys, d].
-
-    For decode rows the scores are computed as (k qᵀ)ᵀ, which reads the cache's keys as they lie, where q kᵀ had the
-    matmul copy a transposed view of them first (decode steps at 600 tokens, 4 sequences 21.5 -> 17.9 ms, 32
-    sequences 105 -> 72 ms). For prompt chunks, many query rows, q kᵀ stays faster."""
-    if decode:
-        scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).float().contiguous() * scale
-    else:
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)

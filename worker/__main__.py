@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--id", default=None, help="worker id (default: host-pid-random)")
     parser.add_argument(
-        "--prepare-only", action="store_true", help="build the model directory and CPU kernel if needed, then exit"
+        "--prepare-only", action="store_true", help="build the model directory and CPU kernels if needed, then exit"
     )
     args = parser.parse_args(argv)
 

@@ -144,23 +144,21 @@ def load_blocks(model: torch.nn.Module, path: Path, dtype: torch.dtype, own_kern
     worker.block_quant's kernel where `own_kernel` and it runs here, else the 4-bit layers through ATen's."""
     from gptqmodel.nn_modules.qlinear.torch_fused import pack_scales_and_zeros
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from worker import cpu_kernels
     from worker.block_quant import BlockQuantEmbedding, BlockQuantLinear, pack
 
     own_kernel = own_kernel and dtype == torch.bfloat16 and cpu_kernels.available()
-    blocks = load_file(path / GGUF_BLOCKS_FILE)
-    if own_kernel and f"{EMBEDDING}.codes" in blocks:
-        codes, scales = blocks.pop(f"{EMBEDDING}.codes"), blocks.pop(f"{EMBEDDING}.scales")
-        head = BlockQuantLinear(pack(codes, 8), scales.t().contiguous(), None, 8, BLOCK)
-        model.lm_head = head
-        model.model.embed_tokens = BlockQuantEmbedding(head, dtype)
-    with safe_open(path / "model.safetensors", "pt") as checkpoint:
-        for key, mins in blocks.items():
+    with safe_open(path / GGUF_BLOCKS_FILE, "pt") as blocks, safe_open(path / "model.safetensors", "pt") as checkpoint:
+        if own_kernel and f"{EMBEDDING}.codes" in blocks.keys():
+            codes, scales = blocks.get_tensor(f"{EMBEDDING}.codes"), blocks.get_tensor(f"{EMBEDDING}.scales")
+            head = BlockQuantLinear(pack(codes, 8), scales.t().contiguous(), None, 8, BLOCK)
+            model.lm_head = head
+            model.model.embed_tokens = BlockQuantEmbedding(head, dtype)
+        for key in blocks.keys():
             if not key.endswith(".mins"):
                 continue
-            name = key.removesuffix(".mins")
+            mins, name = blocks.get_tensor(key), key.removesuffix(".mins")
             layer = model.get_submodule(name)
             if type(layer).__name__ != "TorchAtenLinear":
                 raise RuntimeError(f"{key}: layer {type(layer).__name__} cannot carry float zero points")

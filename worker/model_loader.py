@@ -41,9 +41,9 @@ def load(path: Path, spec: ModelSpec, device: torch.device) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPTQConfig
 
     dtype = getattr(torch, spec.dtype)
-    has_mins = (path / gguf_grid.GGUF_BLOCKS_FILE).is_file()
-    exact_grid = has_mins and device.type == "cpu"
-    if has_mins and not exact_grid:
+    has_blocks = (path / gguf_grid.GGUF_BLOCKS_FILE).is_file()
+    exact_grid = has_blocks and device.type == "cpu"
+    if has_blocks and not exact_grid:
         # Not measured on a GPU: on the CPU the rounded zero points give perplexity x1.73 of bf16, GPTQ x1.47.
         log.warning("model.gguf_grid_rounded", device=str(device), advice="set grid: gptq for this model on a GPU")
     options = {"quantization_config": GPTQConfig(bits=4, backend=gguf_grid.ATEN_BACKEND)} if exact_grid else {}

@@ -108,6 +108,7 @@ class LlamaRunner:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(self.compute_dtype).to(self.device)
         self.sin = emb.sin().to(self.compute_dtype).to(self.device)
+        self._positions = torch.arange(capacity, device=self.device)  # the matmul attention's masks
 
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
@@ -152,7 +153,7 @@ class LlamaRunner:
         else:
             group = self.n_heads // self.n_kv
             attend = MatmulAttention(
-                decode_slots, decode_positions, prefills, slot_idx, pos, self.n_kv, group, self.capacity, scale
+                decode_slots, decode_positions, prefills, slot_idx, pos, self.n_kv, group, self._positions, scale
             )
 
         hidden = self.embed(ids)

@@ -18,7 +18,7 @@ def padded(n: int) -> int:
 class KernelAttention:
     """worker/kernels/cached_attention_avx512.cpp: one call a layer for all rows, each reading only its own sequence's
     keys and values, straight from the cache. In-process against MatmulAttention (AMD EPYC with AVX512-BF16), runner
-    steps at ~450 cached tokens: decode 1 sequence 16.6 -> 10.2 ms, 32 sequences 91.4 -> 61.4 ms; attention of a
+    steps at ~450 cached tokens: decode 1 sequence 16.5 -> 10.2 ms, 32 sequences 84.8 -> 58.6 ms; attention of a
     128-token chunk after 900 cached tokens 4.8 -> 1.8 ms a layer."""
 
     def __init__(self, slots: torch.Tensor, positions: torch.Tensor, n_kv: int, scale: float):
@@ -46,13 +46,14 @@ class MatmulAttention:
         positions: torch.Tensor,
         n_kv: int,
         group: int,
-        capacity: int,
+        key_positions: torch.Tensor,
         scale: float,
     ):
+        """`key_positions`: arange(capacity), kept by the caller so that no step builds it again."""
         self.n_decode = n_decode = len(decode_slots)
         self.prefills, self.n_kv, self.group, self.scale = prefills, n_kv, group, scale
         self.decode_rows = slots[:n_decode]
-        key_positions = torch.arange(capacity, device=slots.device)
+        capacity = key_positions.shape[0]
         if n_decode:
             # Decode attention reads the decoding slots' cache rows. Slots 0..n-1 (the usual case) are a plain
             # view; a few scattered slots are gathered (a copy of only their rows); many slots with holes are read

@@ -60,7 +60,7 @@ def _kernel_layers():
     from worker import block_quant, cpu_kernels
 
     if not cpu_kernels.available():
-        pytest.skip("the worker's CPU kernels need AVX512-BF16")
+        pytest.skip("the worker's CPU kernels need AVX512-BF16 or AVX2")
     rng = np.random.default_rng(0)
     out_features, in_features = 96, 192
     d = rng.uniform(0.001, 0.02, (out_features, in_features // gguf_grid.BLOCK)).astype(np.float16)
@@ -82,7 +82,7 @@ def _kernel_layers():
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 def test_block_kernel_computes_the_blocks_exactly_whatever_the_batch(kind):
     """worker.block_quant's kernel against the float32 product of the blocks: off by bf16 output rounding only, and a
-    row's bits the same alone, in a few rows (register tiles) or in many (brgemm)."""
+    row's bits the same alone, in a few rows or in many."""
     layer, weight = _kernel_layers()[kind]
     x = torch.randn(40, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     exact = x.float() @ weight.T

@@ -9,14 +9,14 @@ from tests.conftest import FRANCE_QUESTION
 from worker.int4_calls import LayerCalls
 from worker.llama_runner import LlamaRunner, PrefillChunk
 
-# Attention through worker.cpu_kernels' cached_attention, or through torch matmuls (CPUs without AVX512-BF16, GPUs).
+# Attention through worker.cpu_kernels' cached_attention, or through torch matmuls (other CPUs, GPUs).
 attention = pytest.mark.parametrize("kernel", [True, False], ids=["kernel-attention", "matmul-attention"])
 
 
 def make_runner(loaded_model, slots: int, capacity: int, kernel: bool) -> LlamaRunner:
     runner = LlamaRunner(loaded_model.model, slots=slots, capacity=capacity)
     if kernel and not runner.attention_kernel:
-        pytest.skip("the attention kernel needs a CPU with AVX512-BF16")
+        pytest.skip("the attention kernel needs a CPU with AVX512-BF16 or AVX2")
     runner.attention_kernel = kernel
     return runner
 

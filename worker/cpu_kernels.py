@@ -1,7 +1,8 @@
-"""The worker's own CPU kernels (worker/kernels/*.cpp, AVX512-BF16), built once by torch's extension builder (~30 s,
-cached in ~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul`
-(worker.block_quant) and `cached_attention` (worker.slot_attention). Where the CPU lacks AVX512-BF16 or the build
-fails, `available()` is False and the worker uses library kernels instead.
+"""The worker's own CPU kernels, built once by torch's extension builder (~30 s, cached in ~/.cache/torch_extensions)
+and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant) and `cached_attention`
+(worker.slot_attention). One source set per instruction set (worker/kernels/<isa>/*.cpp): AVX512-BF16, or AVX2 with
+FMA and F16C on CPUs without AVX512. Elsewhere (AVX512 without BF16, not measured with these kernels; ARM) or where
+the build fails, `isa()` is None and the worker uses library kernels instead.
 """
 
 from __future__ import annotations
@@ -13,27 +14,50 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-SOURCES = sorted((Path(__file__).parent / "kernels").glob("*.cpp"))
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vbmi"]
+KERNELS = Path(__file__).parent / "kernels"
+_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vbmi"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+
+def _cpu_isa() -> str | None:
+    import torch
+    from gptqmodel.utils.cpu_features import has_avx512_bf16
+
+    if has_avx512_bf16():
+        return "avx512"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if torch.backends.cpu.get_cpu_capability() == "AVX2" and all(f" {f}" in flags for f in ("fma", "f16c")):
+        return "avx2"
+    return None
+
+
+def sources(isa: str) -> list[Path]:
+    return sorted((KERNELS / isa).glob("*.cpp"))
 
 
 @functools.cache
-def available() -> bool:
-    """Build (first time only) and load the kernels."""
-    from gptqmodel.utils.cpu_features import has_avx512_bf16
+def isa() -> str | None:
+    """Build (first time only) and load this CPU's kernels; the instruction set they use, or None."""
     from torch.utils.cpp_extension import load
 
-    if not has_avx512_bf16():
-        return False
+    chosen = _cpu_isa()
+    if chosen is None:
+        return None
     try:
         load(
-            name="llmfleet_cpu_kernels",
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=_FLAGS,
+            name=f"llmfleet_cpu_kernels_{chosen}",
+            sources=[str(s) for s in sources(chosen)],
+            extra_cflags=["-O3", "-fopenmp", *_FLAGS[chosen]],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
     except Exception as exc:  # a missing compiler must not stop the worker: the library kernels still serve
-        log.warning("cpu_kernels.unavailable", error=str(exc))
-        return False
-    return True
+        log.warning("cpu_kernels.unavailable", isa=chosen, error=str(exc))
+        return None
+    return chosen
+
+
+def available() -> bool:
+    return isa() is not None

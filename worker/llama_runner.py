@@ -11,10 +11,10 @@ prompt chunk to its end. On the CPU the tensors live in anonymous memory maps: z
 where positions are written, so a large capacity costs nothing until used, and no position ever holds garbage
 (a NaN there would poison the masked-out keys' zero weights).
 
-Attention (and so the KV cache) computes in float32 on a CPU without native bfloat16 arithmetic (AVX2, or AVX512
-without its BF16 extension): on AVX2 a bf16 batched matmul runs at ~3 GFLOP/s, and a 400-token prefill spent 4.1 of
-its 6.8 s in attention. (The output projection would gain too, but a float32 matmul there rounds differently with
-the number of rows: not batch-invariant.)
+Attention: on CPUs where worker.cpu_kernels builds (AVX512-BF16, AVX2), the kernel reads a bf16 cache and computes
+in float32. Without it, with torch's matmuls, attention (and so the KV cache) computes in float32 on a CPU without
+native bfloat16 arithmetic: on AVX2 a bf16 batched matmul runs at ~3 GFLOP/s, and a 400-token prefill spent 4.1 of
+its 6.8 s in attention.
 
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
 or whether its prefix came from the cache. The linear layers already compute each row independently of the
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from worker import cpu_kernels
+from worker.block_quant import BlockQuantLinear
 from worker.int4_calls import layer_calls
 from worker.slot_attention import KernelAttention, MatmulAttention, padded
 
@@ -81,18 +82,23 @@ class LlamaRunner:
         self.capacity = capacity = padded(capacity)
         self.dtype = model.dtype
         self.device = model.device
-        self.compute_dtype = compute_dtype(self.dtype, self.device)
-        # Emulated bf16 gives the output projection's rows other bits in calls of 1-3 rows or an odd number of rows;
-        # padding the call to an even count of at least 4 keeps a token's logits independent of the batch.
-        self.pad_logit_rows = self.dtype == torch.bfloat16 and not native_bf16(self.device)
-        self.calls = [layer_calls(layer, self.dtype) for layer in self.layers]
         self.attention_kernel = (
             self.device.type == "cpu"
-            and self.compute_dtype == torch.bfloat16
+            and self.dtype == torch.bfloat16
             and 1 <= self.n_heads // self.n_kv <= 8
             and self.head_dim in (64, 128)
             and cpu_kernels.available()
         )
+        # The kernel reads a bf16 cache on any CPU it runs on (it computes in float32).
+        self.compute_dtype = torch.bfloat16 if self.attention_kernel else compute_dtype(self.dtype, self.device)
+        # Emulated bf16 gives the output projection's rows other bits in calls of 1-3 rows or an odd number of rows;
+        # padding the call to an even count of at least 4 keeps a token's logits independent of the batch.
+        self.pad_logit_rows = (
+            self.dtype == torch.bfloat16
+            and not native_bf16(self.device)
+            and not isinstance(self.lm_head, BlockQuantLinear)
+        )
+        self.calls = [layer_calls(layer, self.dtype) for layer in self.layers]
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
         self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]

@@ -1,0 +1,19 @@
+// bfloat16 <-> float32 for the AVX2 kernels (AVX2 has no bf16 instructions).
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+// 8 bf16 -> 8 floats: the bf16 bits are a float's upper half.
+inline __m256 bf16_to_float(const void* p) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+// 8 floats -> 8 bf16, rounded to nearest even as torch rounds (no NaN among these results).
+inline __m128i float_to_bf16(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}

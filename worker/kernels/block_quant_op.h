@@ -1,0 +1,39 @@
+// The block_quant_matmul op of either instruction set's kernel: checks its arguments and calls the `run<BITS>`
+// defined by the source that includes this header last.
+#pragma once
+
+// Layout of `packed`, per block of 32 outputs, for each pair of inputs (k, k+1): the codes of outputs 0-15 then
+// 16-31, each output's two codes side by side (the order AVX512-BF16's dot product takes). 4-bit: outputs 16-31 in
+// the high nibbles of the bytes of outputs 0-15, 32 bytes a pair; 8-bit: 64 bytes a pair.
+//
+// x [M, K] bf16 times the block-quantized weight [N, K] -> [M, N] bf16. packed: uint8 [N, K * bits / 8] in the
+// layout above; scales and mins: float16 [K / group_size, N] (GGUF stores them so); no mins for Q8_0.
+torch::Tensor block_quant_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                                 const std::optional<torch::Tensor>& mins, int64_t group_size, int64_t bits) {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2D bfloat16");
+    TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(), "packed: uint8");
+    const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+    TORCH_CHECK(packed.size(1) * 8 == K * bits && N % BLOCK_N == 0, "packed: [N (a multiple of 32), K * bits / 8]");
+    TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "group_size: a multiple of 32 that divides K");
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(0) == K / group_size &&
+                    scales.size(1) == N, "scales: float16 [K / group_size, N]");
+    if (mins.has_value()) {
+        TORCH_CHECK(mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes(),
+                    "mins: like scales");
+    }
+    auto out = at::empty({M, N}, x.options());
+    if (M == 0) return out;
+    if (bits == 4) {
+        run<4>(x, packed, scales, mins, group_size, out);
+    } else {
+        run<8>(x, packed, scales, mins, group_size, out);
+    }
+    return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(llmfleet, ops) {
+    ops.def("block_quant_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? mins, int group_size, int bits) "
+            "-> Tensor");
+    ops.impl("block_quant_matmul", torch::kCPU, &block_quant_matmul);
+}

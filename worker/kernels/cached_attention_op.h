@@ -1,0 +1,69 @@
+// The cached_attention op of either instruction set's kernel: checks its arguments and runs the `attend<GROUP, HD>`
+// of the source that includes this header last, one (row, KV head) task at a time.
+#pragma once
+
+namespace {
+
+template <int GROUP, int HD>
+void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+         const torch::Tensor& slots, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
+    const int64_t B = q.size(0), n_kv = q.size(1), capacity = k_cache.size(2);
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t* length = lengths.data_ptr<int64_t>();
+    const int64_t longest = B ? *std::max_element(length, length + B) : 0;
+    const auto* Q = q.data_ptr<at::BFloat16>();
+    const auto* K = k_cache.data_ptr<at::BFloat16>();
+    const auto* V = v_cache.data_ptr<at::BFloat16>();
+    auto* O = out.data_ptr<at::BFloat16>();
+    const int64_t q_row = q.stride(0), out_row = out.stride(0);
+    at::parallel_for(0, B * n_kv, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(GROUP * longest);
+        for (int64_t task = begin; task < end; ++task) {
+            const int64_t b = task / n_kv, h = task % n_kv;
+            const int64_t cache_row = (slot[b] * n_kv + h) * capacity * HD;
+            const int64_t head = h * GROUP * HD;
+            attend<GROUP, HD>(Q + b * q_row + head, K + cache_row, V + cache_row, O + b * out_row + head, length[b],
+                              static_cast<float>(scale), scores.data());
+        }
+    });
+}
+
+}  // namespace
+
+// A sequence's rows of [B, kv_heads, group, head_dim] lie anywhere, but each one contiguous.
+bool rows_contiguous(const torch::Tensor& t) {
+    return t.dim() == 4 && t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == t.size(2) * t.size(3);
+}
+
+// q, out [rows, kv_heads, group, head_dim] bf16; k_cache, v_cache [slots, kv_heads, capacity, head_dim] bf16; slots
+// and lengths (keys to attend, the row's own included) int64 [rows].
+void cached_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                      const torch::Tensor& slots, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && rows_contiguous(q), "q: bf16 [B, kv_heads, group, head_dim]");
+    TORCH_CHECK(out.scalar_type() == at::kBFloat16 && rows_contiguous(out) && out.sizes() == q.sizes(), "out: like q");
+    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && k_cache.dim() == 4, "k_cache");
+    TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kBFloat16 &&
+                    v_cache.is_contiguous(), "v_cache: like k_cache");
+    TORCH_CHECK(k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3), "q and the caches' heads");
+    TORCH_CHECK(slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && slots.size(0) == q.size(0) &&
+                    lengths.size(0) == q.size(0), "slots, lengths: int64 [B]");
+    const int64_t* length = lengths.data_ptr<int64_t>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    for (int64_t b = 0; b < q.size(0); ++b) {
+        TORCH_CHECK(length[b] >= 1 && length[b] <= k_cache.size(2), "lengths: 1..capacity");
+        TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0), "slots: 0..slots-1");
+    }
+    const int64_t group = q.size(2), hd = q.size(3);
+#define CASE(G, H) \
+    if (group == G && hd == H) { run<G, H>(q, k_cache, v_cache, slots, lengths, scale, out); return; }
+    CASE(1, 64) CASE(2, 64) CASE(3, 64) CASE(4, 64) CASE(5, 64) CASE(6, 64) CASE(7, 64) CASE(8, 64)
+    CASE(1, 128) CASE(2, 128) CASE(3, 128) CASE(4, 128) CASE(5, 128) CASE(6, 128) CASE(7, 128) CASE(8, 128)
+#undef CASE
+    TORCH_CHECK(false, "cached_attention: query heads per KV head 1-8 and head size 64 or 128 only");
+}
+
+TORCH_LIBRARY_FRAGMENT(llmfleet, ops) {
+    ops.def("cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, float scale, "
+            "Tensor(a!) out) -> ()");
+    ops.impl("cached_attention", torch::kCPU, &cached_attention);
+}

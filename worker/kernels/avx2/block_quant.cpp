@@ -12,17 +12,17 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <algorithm>
-#include <cstring>
 #include <optional>
 #include <vector>
 
-#include "bf16.h"
+#include "simd.h"
 
 namespace {
 
 constexpr int64_t BLOCK_N = 32;  // outputs per task: one packing block
 constexpr int64_t VECS = BLOCK_N / 8;
-constexpr int64_t TILE_M = 3;    // rows per register tile: 3 x 4 accumulators
+constexpr int64_t TILE_M = 6;    // rows per register tile: 6 x 2 accumulators
+constexpr int64_t CHUNK_BYTES = 256 * 1024;
 
 template <int n>
 struct Unroll {
@@ -75,50 +75,94 @@ inline void unpack_pair(const uint8_t* p, __m256i codes[2][VECS]) {
     }
 }
 
-// One group's weights of a block in float32, [input][output].
+// One group's codes of a block as floats, [input][output].
 template <int BITS>
-void dequantize(const uint8_t* codes, const at::Half* scales, const at::Half* mins, int64_t gs, float* w) {
-    __m256 scale[VECS], min[VECS];
-    for (int j = 0; j < VECS; ++j) {
-        scale[j] = load_half(scales + j * 8);
-        min[j] = mins != nullptr ? load_half(mins + j * 8) : _mm256_setzero_ps();
-    }
+void unpack_group(const uint8_t* codes, int64_t gs, float* w) {
     for (int64_t kk = 0; kk < gs / 2; ++kk) {
         __m256i q[2][VECS];
         unpack_pair<BITS>(codes + kk * 8 * BITS, q);
         for (int i = 0; i < 2; ++i)
-            for (int j = 0; j < VECS; ++j)
-                _mm256_storeu_ps(w + (2 * kk + i) * BLOCK_N + j * 8,
-                                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[i][j]), scale[j], min[j]));
+            for (int j = 0; j < VECS; ++j) _mm256_storeu_ps(w + (2 * kk + i) * BLOCK_N + j * 8, _mm256_cvtepi32_ps(q[i][j]));
     }
 }
 
-// acc[ROWS][32] += x[ROWS][gs] w[gs][32], input by input.
+// One group of a block: its scales and minimums, and each row's sum of the group's inputs.
+struct Group {
+    __m256 scale[VECS], min[VECS];
+    bool has_min;
+    const float* sums;  // the tile's first row's sum, rows `stride` apart
+    int64_t stride;
+};
+
+// acc[ROWS][VECS * 8] += dot * scale (+ the row's group sum * min), for the group's first VECS vectors of outputs
+// (`acc`, `g` and `w` point at the first; rows of acc are a block apart).
+template <int ROWS, int N_VECS>
+__attribute__((always_inline)) inline void finish(const __m256* dot, const Group& g, float* acc) {
+    Unroll<ROWS * N_VECS>{}([&](auto i) {
+        constexpr int r = i / N_VECS, j = i % N_VECS;
+        float* a_ptr = acc + r * BLOCK_N + j * 8;
+        __m256 a = _mm256_fmadd_ps(dot[i], g.scale[j], _mm256_loadu_ps(a_ptr));
+        if (g.has_min) a = _mm256_fmadd_ps(_mm256_set1_ps(g.sums[r * g.stride]), g.min[j], a);
+        _mm256_storeu_ps(a_ptr, a);
+    });
+}
+
+// Up to 6 rows x 16 outputs (half a block) over one group, the codes read as floats from `w`: each output's dot
+// product with the codes accumulated input by input, then scaled. (3 rows x 32 outputs would read each code once
+// from memory per row: load-bound.)
 template <int ROWS>
-void tile(const float* x, int64_t K, const float* w, int64_t gs, float* acc) {
-    __m256 a[ROWS * VECS];
-    Unroll<ROWS * VECS>{}([&](auto i) { a[i] = _mm256_loadu_ps(acc + i * 8); });
+void tile(const float* x, int64_t K, const float* w, int64_t gs, const Group& g, float* acc) {
+    constexpr int HALF = VECS / 2;
+    __m256 dot[ROWS * HALF];
+    Unroll<ROWS * HALF>{}([&](auto i) { dot[i] = _mm256_setzero_ps(); });
     for (int64_t k = 0; k < gs; ++k) {
-        __m256 xb[ROWS];
-        Unroll<ROWS>{}([&](auto r) { xb[r] = _mm256_broadcast_ss(x + r * K + k); });
-        Unroll<ROWS * VECS>{}([&](auto i) {
-            constexpr int r = i / VECS, j = i % VECS;
-            a[i] = _mm256_fmadd_ps(xb[r], _mm256_loadu_ps(w + k * BLOCK_N + j * 8), a[i]);
+        __m256 wv[HALF];
+        Unroll<HALF>{}([&](auto j) { wv[j] = _mm256_loadu_ps(w + k * BLOCK_N + j * 8); });
+        Unroll<ROWS>{}([&](auto r) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+            Unroll<HALF>{}([&](auto j) { dot[r * HALF + j] = _mm256_fmadd_ps(xb, wv[j], dot[r * HALF + j]); });
         });
     }
-    Unroll<ROWS * VECS>{}([&](auto i) { _mm256_storeu_ps(acc + i * 8, a[i]); });
+    finish<ROWS, HALF>(dot, g, acc);
+}
+
+// The same for one or two rows, the codes unpacked as they are read: the same operations in the same order, so
+// the same bits.
+template <int BITS, int ROWS>
+void tile_direct(const float* x, int64_t K, const uint8_t* codes, int64_t gs, const Group& g, float* acc) {
+    __m256 dot[ROWS * VECS];
+    Unroll<ROWS * VECS>{}([&](auto i) { dot[i] = _mm256_setzero_ps(); });
+    for (int64_t kk = 0; kk < gs / 2; ++kk) {
+        __m256i q[2][VECS];
+        unpack_pair<BITS>(codes + kk * 8 * BITS, q);
+        for (int i = 0; i < 2; ++i) {
+            __m256 xb[ROWS];
+            Unroll<ROWS>{}([&](auto r) { xb[r] = _mm256_broadcast_ss(x + r * K + 2 * kk + i); });
+            Unroll<VECS>{}([&](auto j) {
+                const __m256 c = _mm256_cvtepi32_ps(q[i][j]);
+                Unroll<ROWS>{}([&](auto r) { dot[r * VECS + j] = _mm256_fmadd_ps(xb[r], c, dot[r * VECS + j]); });
+            });
+        }
+    }
+    finish<ROWS, VECS>(dot, g, acc);
 }
 
 template <int BITS>
 void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
          const std::optional<torch::Tensor>& mins, int64_t gs, torch::Tensor& out) {
     const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), groups = K / gs, NB = N / BLOCK_N;
-    std::vector<float> xf(M * K);
-    const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    at::parallel_for(0, M * K, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            const uint32_t bits = static_cast<uint32_t>(X[i]) << 16;
-            std::memcpy(&xf[i], &bits, 4);
+    // x in float32, and each row's sum of each group's inputs (which the group's minimum multiplies), 8 lanes then
+    // across, the same for every row.
+    std::vector<float> xf(M * K), sums(mins.has_value() ? M * groups : 0);
+    const auto* X = x.data_ptr<at::BFloat16>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+            for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(&xf[m * K + k], bf16_to_float(X + m * K + k));
+            for (int64_t g = 0; g < static_cast<int64_t>(sums.size()) / M; ++g) {
+                __m256 sum = _mm256_setzero_ps();
+                for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(&xf[m * K + k]));
+                sums[m * groups + g] = sum8(sum);
+            }
         }
     });
     const auto* codes = packed.data_ptr<uint8_t>();
@@ -126,32 +170,62 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
     const auto* S = scales.data_ptr<at::Half>();
     const at::Half* Z = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
     const int nth = at::get_num_threads();
+    // Rows go in chunks whose float32 inputs stay in L2 while every block of the thread's outputs reads them.
+    const int64_t chunk_rows = div_up(div_up(M, div_up(M * K * 4, CHUNK_BYTES)), TILE_M) * TILE_M;
 #pragma omp parallel num_threads(nth)
     {
         thread_local std::vector<float> w, acc;  // kept between calls: no allocation a call
         w.resize(std::max<size_t>(w.size(), gs * BLOCK_N));
-        acc.resize(std::max<size_t>(acc.size(), M * BLOCK_N));
+        acc.resize(std::max<size_t>(acc.size(), chunk_rows * BLOCK_N));
         const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
-        for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
-            const int64_t n0 = nb * BLOCK_N;
-            std::fill_n(acc.data(), M * BLOCK_N, 0.0f);
-            for (int64_t g = 0; g < groups; ++g) {
-                dequantize<BITS>(codes + (n0 * K + g * gs * BLOCK_N) * BITS / 8, S + g * N + n0,
-                                 Z == nullptr ? nullptr : Z + g * N + n0, gs, w.data());
-                for (int64_t r = 0; r < M; r += TILE_M) {
-                    const float* xr = xf.data() + r * K + g * gs;
-                    float* ar = acc.data() + r * BLOCK_N;
-                    switch (std::min(TILE_M, M - r)) {
-                        case 1: tile<1>(xr, K, w.data(), gs, ar); break;
-                        case 2: tile<2>(xr, K, w.data(), gs, ar); break;
-                        default: tile<3>(xr, K, w.data(), gs, ar); break;
+        for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
+            const int64_t rows = std::min(chunk_rows, M - m0);
+            for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
+                const int64_t n0 = nb * BLOCK_N;
+                std::fill_n(acc.data(), rows * BLOCK_N, 0.0f);
+                for (int64_t g = 0; g < groups; ++g) {
+                    Group group;
+                    group.has_min = Z != nullptr;
+                    group.stride = groups;
+                    for (int j = 0; j < VECS; ++j) {
+                        group.scale[j] = load_half(S + g * N + n0 + j * 8);
+                        group.min[j] = group.has_min ? load_half(Z + g * N + n0 + j * 8) : _mm256_setzero_ps();
+                    }
+                    const uint8_t* block = codes + (n0 * K + g * gs * BLOCK_N) * BITS / 8;
+                    const float* xg = xf.data() + m0 * K + g * gs;
+                    const float* sg = sums.data() + m0 * groups + g;
+                    if (M <= 2) {  // few rows: unpacking as they read beats a round trip through the buffer
+                        group.sums = sg;
+                        if (M == 1) tile_direct<BITS, 1>(xg, K, block, gs, group, acc.data());
+                        else tile_direct<BITS, 2>(xg, K, block, gs, group, acc.data());
+                        continue;
+                    }
+                    unpack_group<BITS>(block, gs, w.data());
+                    for (int half = 0; half < 2; ++half) {
+                        Group part = group;
+                        std::copy_n(group.scale + half * VECS / 2, VECS / 2, part.scale);
+                        std::copy_n(group.min + half * VECS / 2, VECS / 2, part.min);
+                        const float* wh = w.data() + half * BLOCK_N / 2;
+                        for (int64_t r = 0; r < rows; r += TILE_M) {
+                            part.sums = sg + r * groups;
+                            const float* xr = xg + r * K;
+                            float* ar = acc.data() + r * BLOCK_N + half * BLOCK_N / 2;
+                            switch (std::min(TILE_M, rows - r)) {
+                                case 1: tile<1>(xr, K, wh, gs, part, ar); break;
+                                case 2: tile<2>(xr, K, wh, gs, part, ar); break;
+                                case 3: tile<3>(xr, K, wh, gs, part, ar); break;
+                                case 4: tile<4>(xr, K, wh, gs, part, ar); break;
+                                case 5: tile<5>(xr, K, wh, gs, part, ar); break;
+                                default: tile<6>(xr, K, wh, gs, part, ar); break;
+                            }
+                        }
                     }
                 }
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int j = 0; j < VECS; ++j)
+                        _mm_storeu_si128(reinterpret_cast<__m128i*>(C + (m0 + r) * N + n0 + j * 8),
+                                         float_to_bf16(_mm256_loadu_ps(acc.data() + r * BLOCK_N + j * 8)));
             }
-            for (int64_t r = 0; r < M; ++r)
-                for (int j = 0; j < VECS; ++j)
-                    _mm_storeu_si128(reinterpret_cast<__m128i*>(C + r * N + n0 + j * 8),
-                                     float_to_bf16(_mm256_loadu_ps(acc.data() + r * BLOCK_N + j * 8)));
         }
     }
 }

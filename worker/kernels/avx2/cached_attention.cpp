@@ -9,15 +9,9 @@
 #include <cmath>
 #include <vector>
 
-#include "bf16.h"
+#include "simd.h"
 
 namespace {
-
-inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 // e^x for x <= 0: 2^n * 2^f, f in [-0.5, 0.5], Taylor to degree 6 (relative error ~1e-7).
 inline __m256 exp_nonpositive(__m256 x) {

@@ -1,4 +1,4 @@
-// bfloat16 <-> float32 for the AVX2 kernels (AVX2 has no bf16 instructions).
+// What the AVX2 kernels share: bfloat16 <-> float32 (AVX2 has no bf16 instructions), a horizontal sum.
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
@@ -16,4 +16,11 @@ inline __m128i float_to_bf16(__m256 v) {
     const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
     const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
     return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
+// The sum of 8 floats, in a fixed order.
+inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }

@@ -24,22 +24,6 @@ constexpr int64_t VECS = BLOCK_N / 8;
 constexpr int64_t TILE_M = 6;    // rows per register tile: 6 x 2 accumulators
 constexpr int64_t CHUNK_BYTES = 256 * 1024;
 
-template <int n>
-struct Unroll {
-    template <typename F>
-    __attribute__((always_inline)) inline void operator()(const F& f) const {
-        Unroll<n - 1>{}(f);
-        f(std::integral_constant<int, n - 1>{});
-    }
-};
-template <>
-struct Unroll<1> {
-    template <typename F>
-    __attribute__((always_inline)) inline void operator()(const F& f) const {
-        f(std::integral_constant<int, 0>{});
-    }
-};
-
 inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 inline __m256 load_half(const at::Half* p) {

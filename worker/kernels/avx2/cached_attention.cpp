@@ -38,17 +38,28 @@ void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
     for (int g = 0; g < GROUP; ++g)
         for (int c = 0; c < CHUNKS; ++c) _mm256_store_ps(qf[g] + c * 8, bf16_to_float(q + g * HD + c * 8));
 
+    // Scores 4 keys at a time, the last four padded with the last key: every key's dot product is computed alike.
     float top[GROUP];
     std::fill_n(top, GROUP, -INFINITY);
-    for (int64_t j = 0; j < len; ++j) {
-        __m256 kv[CHUNKS];
-        for (int c = 0; c < CHUNKS; ++c) kv[c] = bf16_to_float(k + j * HD + c * 8);
+    for (int64_t j0 = 0; j0 < len; j0 += 4) {
+        __m256 dot[GROUP * 4];
+        Unroll<GROUP * 4>{}([&](auto i) { dot[i] = _mm256_setzero_ps(); });
+        const at::BFloat16* key[4];
+        for (int jj = 0; jj < 4; ++jj) key[jj] = k + std::min(j0 + jj, len - 1) * HD;
+        for (int c = 0; c < CHUNKS; ++c) {
+            Unroll<4>{}([&](auto jj) {
+                const __m256 kc = bf16_to_float(key[jj] + c * 8);
+                Unroll<GROUP>{}([&](auto g) { dot[g * 4 + jj] = _mm256_fmadd_ps(kc, _mm256_load_ps(qf[g] + c * 8), dot[g * 4 + jj]); });
+            });
+        }
+        const int valid = static_cast<int>(std::min<int64_t>(4, len - j0));
         for (int g = 0; g < GROUP; ++g) {
-            __m256 dot[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int c = 0; c < CHUNKS; ++c) dot[c % 2] = _mm256_fmadd_ps(kv[c], _mm256_load_ps(qf[g] + c * 8), dot[c % 2]);
-            const float s = sum8(_mm256_add_ps(dot[0], dot[1])) * scale;
-            scores[g * len + j] = s;
-            top[g] = std::max(top[g], s);
+            alignas(16) float s[4];
+            _mm_store_ps(s, _mm_mul_ps(sum8x4(dot[g * 4], dot[g * 4 + 1], dot[g * 4 + 2], dot[g * 4 + 3]), _mm_set1_ps(scale)));
+            for (int jj = 0; jj < valid; ++jj) {
+                scores[g * len + j0 + jj] = s[jj];
+                top[g] = std::max(top[g], s[jj]);
+            }
         }
     }
 
@@ -73,22 +84,24 @@ void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
         total[g] = sum8(sum);
     }
 
-    // The weighted sum, 64 columns at a time (8 accumulators).
-    constexpr int SPAN = std::min(CHUNKS, 8);
-    for (int g = 0; g < GROUP; ++g) {
-        const __m256 inv = _mm256_set1_ps(1.0f / total[g]);
-        for (int c0 = 0; c0 < CHUNKS; c0 += SPAN) {
-            __m256 acc[SPAN];
-            for (int c = 0; c < SPAN; ++c) acc[c] = _mm256_setzero_ps();
-            for (int64_t j = 0; j < len; ++j) {
+    // The weighted sum, SPAN registers of columns at a time for all GROUP heads: each value converted once.
+    constexpr int SPAN = std::min(CHUNKS, GROUP <= 2 ? 4 : GROUP <= 5 ? 2 : 1);
+    for (int c0 = 0; c0 < CHUNKS; c0 += SPAN) {
+        __m256 acc[GROUP * SPAN];
+        Unroll<GROUP * SPAN>{}([&](auto i) { acc[i] = _mm256_setzero_ps(); });
+        for (int64_t j = 0; j < len; ++j) {
+            __m256 vv[SPAN];
+            Unroll<SPAN>{}([&](auto s) { vv[s] = bf16_to_float(v + j * HD + (c0 + s) * 8); });
+            Unroll<GROUP>{}([&](auto g) {
                 const __m256 p = _mm256_broadcast_ss(scores + g * len + j);
-                for (int c = 0; c < SPAN; ++c)
-                    acc[c] = _mm256_fmadd_ps(p, bf16_to_float(v + j * HD + (c0 + c) * 8), acc[c]);
-            }
-            for (int c = 0; c < SPAN; ++c)
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * HD + (c0 + c) * 8),
-                                 float_to_bf16(_mm256_mul_ps(acc[c], inv)));
+                Unroll<SPAN>{}([&](auto s) { acc[g * SPAN + s] = _mm256_fmadd_ps(p, vv[s], acc[g * SPAN + s]); });
+            });
         }
+        Unroll<GROUP * SPAN>{}([&](auto i) {
+            constexpr int g = i / SPAN, s = i % SPAN;
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * HD + (c0 + s) * 8),
+                             float_to_bf16(_mm256_mul_ps(acc[i], _mm256_set1_ps(1.0f / total[g]))));
+        });
     }
 }
 

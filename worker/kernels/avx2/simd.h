@@ -1,7 +1,26 @@
-// What the AVX2 kernels share: bfloat16 <-> float32 (AVX2 has no bf16 instructions), a horizontal sum.
+// What the AVX2 kernels share: bfloat16 <-> float32 (AVX2 has no bf16 instructions), horizontal sums, and a loop
+// unrolled at compile time (so that arrays of registers stay in registers).
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
+#include <type_traits>
+
+// f(0), f(1), ..., f(n - 1), each index a compile-time constant.
+template <int n>
+struct Unroll {
+    template <typename F>
+    __attribute__((always_inline)) inline void operator()(const F& f) const {
+        Unroll<n - 1>{}(f);
+        f(std::integral_constant<int, n - 1>{});
+    }
+};
+template <>
+struct Unroll<1> {
+    template <typename F>
+    __attribute__((always_inline)) inline void operator()(const F& f) const {
+        f(std::integral_constant<int, 0>{});
+    }
+};
 
 // 8 bf16 -> 8 floats: the bf16 bits are a float's upper half.
 inline __m256 bf16_to_float(const void* p) {
@@ -23,4 +42,10 @@ inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The sums of 4 vectors of 8 floats (each in the same fixed order, whichever of the 4 it is).
+inline __m128 sum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }

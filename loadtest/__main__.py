@@ -42,13 +42,13 @@ VARIANTS: dict[str, dict[str, str]] = {
     "cache-on": {},
     "cache-off": {"LLMFLEET_BATCH__PREFIX_CACHE_TOKENS": "0"},
     "affinity-off": {"LLMFLEET_AFFINITY": "false"},
-    # The unquantized checkpoint in float32: where the CPU lacks AVX512 (no fast int4 or bf16 kernel), dense
-    # float32 matmuls beat the int4 kernel on batches of more than a few tokens (loadtest/RESULTS.md).
+    # The unquantized checkpoint in float32: where the CPU lacks AVX512, dense float32 matmuls beat ATen's int4
+    # kernel on batches of more than a few tokens (loadtest/RESULTS.md).
     "dense-fp32": {"LLMFLEET_MODELS": json.dumps({DEFAULT_MODEL: {"quantization": "none", "dtype": "float32"}})},
     # GPTQ's re-quantized model instead of the GGUF's grid, through gptqmodel's kernels.
     "gptq-grid": {"LLMFLEET_MODELS": json.dumps({DEFAULT_MODEL: {"grid": "gptq"}})},
     # The GGUF's grid through gptqmodel's ATen int4 kernel and a bf16 embedding instead of worker.block_quant's
-    # kernel (on a CPU with AVX512-BF16).
+    # kernel (on a CPU where worker.cpu_kernels builds: AVX512-BF16 or AVX2).
     "aten": {"LLMFLEET_MODELS": json.dumps({DEFAULT_MODEL: {"cpu_kernel": "aten"}})},
 }
 

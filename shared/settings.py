@@ -25,8 +25,9 @@ class ModelSpec(BaseModel):
     GPTQ checkpoint (worker.gguf_grid; the fields below do not apply). gptq: GPTQ re-quantizes the dequantized
     weights as the fields below say (perplexity x1.47 at best for the default model, loadtest/RESULTS.md)."""
     cpu_kernel: Literal["auto", "aten"] = "auto"
-    """What computes the gguf grid on a CPU. auto: the worker's own kernel (worker.block_quant) where the CPU has
-    AVX512-BF16, gptqmodel's ATen int4 kernel and a bf16 embedding elsewhere; aten: the latter everywhere."""
+    """What computes the gguf grid on a CPU. auto: the worker's own kernel (worker.block_quant) where it builds
+    (AVX512-BF16 or AVX2, worker.cpu_kernels), gptqmodel's ATen int4 kernel and a bf16 embedding elsewhere; aten:
+    the latter everywhere."""
     bits: int = 4
     group_size: int = 32
     desc_act: bool = False

@@ -23,7 +23,7 @@ def test_q4_1_blocks_decode_as_the_gguf_package_dequantizes():
 
 @pytest.fixture(scope="module")
 def aten_model(settings, model_dir):
-    """The default model served as on a CPU without AVX512-BF16: through gptqmodel's ATen int4 kernel."""
+    """The default model served as on a CPU where worker.cpu_kernels does not build: through ATen's int4 kernel."""
     from worker import model_loader
 
     spec = settings.models[MODEL].model_copy(update={"cpu_kernel": "aten"})
@@ -37,8 +37,8 @@ def aten_model(settings, model_dir):
 def test_served_layers_compute_the_dense_checkpoints_weights(request, settings, kernel, name):
     """The dense checkpoint is the GGUF dequantized by transformers (q/k rows in its order). With the zero points
     rounded, as GPTQ stores them, a layer's output is off by 8-14% of its range; with the exact minimums, by under 1%:
-    what bf16 rounding of scales and activations costs. `served`: through worker.block_quant where the CPU has
-    AVX512-BF16."""
+    what bf16 rounding of scales and activations costs. `served`: through worker.block_quant where its kernel
+    builds."""
     loaded_model = request.getfixturevalue("loaded_model" if kernel == "served" else "aten_model")
     with safe_open(settings.dense_model_dir(MODEL) / "model.safetensors", "pt") as dense:
         weight = dense.get_tensor(f"model.{name}.weight").float()

@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import FRANCE_QUESTION
 from worker.int4_calls import LayerCalls
-from worker.llama_runner import LlamaRunner, PrefillChunk
+from worker.llama_runner import LlamaRunner, PrefillChunk, rms_norm
 
 # Attention through worker.cpu_kernels' cached_attention, or through torch matmuls (other CPUs, GPUs).
 attention = pytest.mark.parametrize("kernel", [True, False], ids=["kernel-attention", "matmul-attention"])
@@ -98,3 +98,17 @@ def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_ke
     by_decode = decoded.step([0], [prompt[-1]], [len(prompt) - 1], [])
     by_prefill = make_runner(loaded_model, 1, 128, True).step([], [], [], [PrefillChunk(0, prompt, 0)])
     assert torch.equal(by_decode[0], by_prefill[0])
+
+
+def test_the_rms_norm_kernel_computes_the_models_norm_row_by_row(loaded_model):
+    """worker.llama_runner.rms_norm: what LlamaRMSNorm computes (up to a bf16 rounding step where the two sums of
+    squares round differently), and a row's bits the same alone or among others."""
+    module = loaded_model.model.model.layers[3].post_attention_layernorm
+    norm = rms_norm(module)
+    if norm is module:
+        pytest.skip("the rms_norm kernel needs a CPU where worker.cpu_kernels builds")
+    x = (torch.randn(33, module.weight.shape[0], generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    fused, reference = norm(x).float(), module(x).float()
+    assert ((fused - reference).abs() <= reference.abs() / 64 + 1e-6).all()
+    assert (fused == reference).float().mean() > 0.99
+    assert torch.equal(norm(x[5:6]), norm(x)[5:6])

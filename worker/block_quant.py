@@ -1,12 +1,13 @@
-"""The GGUF's block-quantized weights computed as they are stored, on CPUs with AVX512-BF16: the linear layers' Q4_1
-blocks (weight = scale * code + min, per group of 32 inputs) and the tied embedding's Q8_0 blocks (scale * code).
+"""The GGUF's block-quantized weights computed as they are stored, on CPUs where worker.cpu_kernels builds: the linear
+layers' Q4_1 blocks (weight = scale * code + min, per group of 32 inputs) and the tied embedding's Q8_0 blocks
+(scale * code).
 
-The kernel (worker/kernels/block_quant_avx512.cpp) is gptqmodel's AVX512-BF16 GPTQ kernel with each group's integer
-zero point replaced by the float minimum, and an 8-bit variant. ATen's int4 kernel, the fallback for the linear
-layers (worker.gguf_grid), takes the minimum only as a bf16 offset and its scales in bf16. One layer's MLP
-in-process (`python -m loadtest.engine_steps`, AMD EPYC with AVX512-BF16), ATen -> this kernel: 1 row 0.13 -> 0.08
-ms, 32 rows 1.08 -> 0.60 ms, 512 rows 16.5 -> 7.9 ms, at half ATen's error against the float32 product. Built by
-worker.cpu_kernels.
+The kernels (worker/kernels/<isa>/block_quant.cpp): with AVX512-BF16, gptqmodel's AVX512-BF16 GPTQ kernel with each
+group's integer zero point replaced by the float minimum, and an 8-bit variant; with AVX2, the codes dotted with the
+inputs in float32 per group, then scaled. ATen's int4 kernel, the fallback for the linear layers (worker.gguf_grid),
+takes the minimum only as a bf16 offset and its scales in bf16. One layer's MLP in-process (`python -m
+loadtest.engine_steps`), ATen -> this kernel, 1 / 32 / 512 rows: AMD EPYC with AVX512-BF16 0.13 / 1.08 / 16.5 ->
+0.08 / 0.60 / 7.9 ms, at half ATen's error against the float32 product; AMD EPYC with AVX2 only AVX2_FIGURES.
 """
 
 from __future__ import annotations

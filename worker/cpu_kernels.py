@@ -1,8 +1,9 @@
-"""The worker's own CPU kernels, built once by torch's extension builder (~30 s, cached in ~/.cache/torch_extensions)
-and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant) and `cached_attention`
-(worker.slot_attention). One source set per instruction set (worker/kernels/<isa>/*.cpp): AVX512-BF16, or AVX2 with
-FMA and F16C on CPUs without AVX512. Elsewhere (AVX512 without BF16, not measured with these kernels; ARM) or where
-the build fails, `isa()` is None and the worker uses library kernels instead.
+"""The worker's own CPU kernels, built once by torch's extension builder (~30-60 s, cached in
+~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant),
+`cached_attention` (worker.slot_attention) and `rms_norm` (worker.llama_runner). One source set per instruction set
+(worker/kernels/<isa>/*.cpp, with worker/kernels/common/*.cpp): AVX512-BF16, or AVX2 with FMA and F16C on CPUs
+without AVX512. Elsewhere (AVX512 without BF16, not measured with these kernels; ARM) or where the build fails,
+`isa()` is None and the worker uses library kernels instead.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def _cpu_isa() -> str | None:
 
 
 def sources(isa: str) -> list[Path]:
-    return sorted((KERNELS / isa).glob("*.cpp"))
+    """The instruction set's own sources, and the plain C++ ones (worker/kernels/common) compiled for it."""
+    return sorted((KERNELS / isa).glob("*.cpp")) + sorted((KERNELS / "common").glob("*.cpp"))
 
 
 @functools.cache

@@ -9,7 +9,7 @@ costs (perplexity x1.47 at best, loadtest/RESULTS.md); carrying the blocks over 
 So the checkpoint holds the GGUF's codes and scales in GPTQ's format with the zero points rounded (any GPTQ
 loader serves it, close to the source), and beside it `GGUF_BLOCKS_FILE` holds every block's exact m, and the tied
 embedding's Q8_0 blocks (`d * code`, 8-bit codes; the checkpoint has it dequantized, in bf16). `load_blocks` makes
-the loaded layers compute `d * code + m` exactly: on CPUs with AVX512-BF16 through worker.block_quant's kernel,
+the loaded layers compute `d * code + m` exactly: where worker.cpu_kernels builds, through worker.block_quant's kernel,
 which serves the embedding from its Q8_0 blocks too (a quarter of its bf16 memory); elsewhere through gptqmodel's
 ATen int4 kernel (`TorchAtenLinear`, which the worker loads this checkpoint with, worker.model_loader), whose
 `scale * (code - 8) + offset` takes a float offset per group. That is on the CPU only: a GPU serves the rounded

@@ -28,8 +28,10 @@ def _cpu_isa() -> str | None:
 
     if has_avx512_bf16():
         return "avx512"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    if torch.backends.cpu.get_cpu_capability() == "AVX2" and all(f" {f}" in flags for f in ("fma", "f16c")):
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    if torch.backends.cpu.get_cpu_capability() == "AVX2" and {"fma", "f16c"} <= flags:
         return "avx2"
     return None
 

@@ -1,26 +1,9 @@
-// What the AVX2 kernels share: bfloat16 <-> float32 (AVX2 has no bf16 instructions), horizontal sums, and a loop
-// unrolled at compile time (so that arrays of registers stay in registers).
+// What the AVX2 kernels share: bfloat16 <-> float32 (AVX2 has no bf16 instructions) and horizontal sums.
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
-#include <type_traits>
 
-// f(0), f(1), ..., f(n - 1), each index a compile-time constant.
-template <int n>
-struct Unroll {
-    template <typename F>
-    __attribute__((always_inline)) inline void operator()(const F& f) const {
-        Unroll<n - 1>{}(f);
-        f(std::integral_constant<int, n - 1>{});
-    }
-};
-template <>
-struct Unroll<1> {
-    template <typename F>
-    __attribute__((always_inline)) inline void operator()(const F& f) const {
-        f(std::integral_constant<int, 0>{});
-    }
-};
+#include "../unroll.h"
 
 // 8 bf16 -> 8 floats: the bf16 bits are a float's upper half.
 inline __m256 bf16_to_float(const void* p) {

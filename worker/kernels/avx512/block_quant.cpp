@@ -13,26 +13,12 @@
 #include <optional>
 #include <vector>
 
+#include "../unroll.h"
+
 namespace {
 
 constexpr int64_t BLOCK_N = 32;  // outputs per task: one packing block
 constexpr int64_t TINY_M = 4;    // rows per register tile
-
-template <int n>
-struct Unroll {
-    template <typename F>
-    __attribute__((always_inline)) inline void operator()(const F& f) const {
-        Unroll<n - 1>{}(f);
-        f(std::integral_constant<int, n - 1>{});
-    }
-};
-template <>
-struct Unroll<1> {
-    template <typename F>
-    __attribute__((always_inline)) inline void operator()(const F& f) const {
-        f(std::integral_constant<int, 0>{});
-    }
-};
 
 inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
 

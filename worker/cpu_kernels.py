@@ -9,6 +9,7 @@ without AVX512. Elsewhere (AVX512 without BF16, not measured with these kernels;
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import structlog
@@ -50,8 +51,11 @@ def isa() -> str | None:
     if chosen is None:
         return None
     try:
+        # A build per checkout: the build file names absolute source paths, so two checkouts sharing one build
+        # directory would rebuild each other's kernels (~60 s) whenever either loads them.
+        checkout = hashlib.sha1(str(KERNELS.resolve()).encode()).hexdigest()[:8]
         load(
-            name=f"llmfleet_cpu_kernels_{chosen}",
+            name=f"llmfleet_cpu_kernels_{chosen}_{checkout}",
             sources=[str(s) for s in sources(chosen)],
             extra_cflags=["-O3", "-fopenmp", *_FLAGS[chosen]],
             extra_ldflags=["-fopenmp"],

@@ -79,16 +79,22 @@ def _kernel_layers():
     return {"q4_1": (q4_1, dense(codes4, m)), "q8_0": (q8_0, dense(codes8, np.zeros_like(m)))}
 
 
+@pytest.mark.parametrize("variant", ["block_quant_matmul", "block_quant_matmul_fp32"])
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-def test_block_kernel_computes_the_blocks_exactly_whatever_the_batch(kind):
-    """worker.block_quant's kernel against the float32 product of the blocks: off by bf16 output rounding only, and a
-    row's bits the same alone, in a few rows or in many."""
+def test_block_kernel_computes_the_blocks_exactly_whatever_the_batch(kind, variant):
+    """Each of worker.block_quant's kernel variants against the float32 product of the blocks: off by bf16 output
+    rounding only, and a row's bits the same alone, in a few rows or in many."""
+    from worker import cpu_kernels
+
     layer, weight = _kernel_layers()[kind]
+    if variant not in cpu_kernels.block_quant_ops():
+        pytest.skip(f"{variant}: not among this CPU's kernels")
+    layer.matmul = getattr(torch.ops.llmfleet, variant)
     x = torch.randn(40, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     exact = x.float() @ weight.T
     served = layer(x)
     assert (served.float() - exact).abs().max() < 0.01 * exact.abs().max()
-    for rows in (1, 3, 24):
+    for rows in (1, 2, 3, 24, 39):
         assert torch.equal(layer(x[:rows]), served[:rows])
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare_only:
         model_loader.configure_torch(settings)
         print(model_store.prepare(settings, args.model))
-        cpu_kernels.available()
+        cpu_kernels.block_quant_op()  # builds the kernels, and times the block kernel's variants once
         return
 
     stop = threading.Event()

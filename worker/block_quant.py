@@ -2,8 +2,9 @@
 layers' Q4_1 blocks (weight = scale * code + min, per group of 32 inputs) and the tied embedding's Q8_0 blocks
 (scale * code).
 
-The kernels (worker/kernels/<isa>/block_quant.cpp): with AVX512-BF16, gptqmodel's AVX512-BF16 GPTQ kernel with each
-group's integer zero point replaced by the float minimum, and an 8-bit variant; with AVX2, the codes dotted with the
+The kernels (worker/kernels/<isa>/block_quant*.cpp): with AVX512-BF16, gptqmodel's AVX512-BF16 GPTQ kernel with each
+group's integer zero point replaced by the float minimum, and an 8-bit variant, or the same computed with float32
+FMAs (worker.cpu_kernels.block_quant_op() serves the faster on this CPU); with AVX2, the codes dotted with the
 inputs in float32 per group, then scaled. ATen's int4 kernel, the fallback for the linear layers (worker.gguf_grid),
 takes the minimum only as a bf16 offset and its scales in bf16. One layer's MLP in-process (`python -m
 loadtest.engine_steps`), ATen -> this kernel, 1 / 32 / 512 rows: AMD EPYC with AVX512-BF16 0.13 / 1.08 / 16.5 ->
@@ -14,6 +15,8 @@ loadtest.engine_steps`), ATen -> this kernel, 1 / 32 / 512 rows: AMD EPYC with A
 from __future__ import annotations
 
 import torch
+
+from worker import cpu_kernels
 
 BLOCK_N = 32  # outputs per packing block
 
@@ -38,6 +41,7 @@ class BlockQuantLinear(torch.nn.Module):
         self.register_buffer("mins", mins)
         self.bits, self.group_size = bits, group
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 8 // bits
+        self.matmul = getattr(torch.ops.llmfleet, cpu_kernels.block_quant_op())
 
     @classmethod
     def from_gptq(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> BlockQuantLinear:
@@ -65,8 +69,7 @@ class BlockQuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
-        matmul = torch.ops.llmfleet.block_quant_matmul
-        out = matmul(rows, self.packed, self.scales, self.mins, self.group_size, self.bits)
+        out = self.matmul(rows, self.packed, self.scales, self.mins, self.group_size, self.bits)
         return out.view(*x.shape[:-1], self.out_features)
 
 

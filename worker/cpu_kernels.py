@@ -1,9 +1,10 @@
 """The worker's own CPU kernels, built once by torch's extension builder (~30-60 s, cached in
-~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant),
-`cached_attention` (worker.slot_attention) and `rms_norm` (worker.llama_runner). One source set per instruction set
-(worker/kernels/<isa>/*.cpp, with worker/kernels/common/*.cpp): AVX512-BF16, or AVX2 with FMA and F16C on CPUs
-without AVX512. Elsewhere (AVX512 without BF16, not measured with these kernels; ARM) or where the build fails,
-`isa()` is None and the worker uses library kernels instead.
+~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant; on
+AVX512 also `block_quant_matmul_fp32`, see block_quant_op()), `cached_attention` (worker.slot_attention) and
+`rms_norm` (worker.llama_runner). One source set per instruction set (worker/kernels/<isa>/*.cpp, with
+worker/kernels/common/*.cpp): AVX512-BF16, or AVX2 with FMA and F16C on CPUs without AVX512. Elsewhere (AVX512
+without BF16, not measured with these kernels; ARM) or where the build fails, `isa()` is None and the worker uses
+library kernels instead.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ def _cpu_isa() -> str | None:
     import torch
     from gptqmodel.utils.cpu_features import has_avx512_bf16
 
-    if has_avx512_bf16():
-        return "avx512"
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    if has_avx512_bf16() and "avx512vbmi" in flags:
+        return "avx512"
     if torch.backends.cpu.get_cpu_capability() == "AVX2" and {"fma", "f16c"} <= flags:
         return "avx2"
     return None
@@ -40,6 +41,13 @@ def _cpu_isa() -> str | None:
 def sources(isa: str) -> list[Path]:
     """The instruction set's own sources, and the plain C++ ones (worker/kernels/common) compiled for it."""
     return sorted((KERNELS / isa).glob("*.cpp")) + sorted((KERNELS / "common").glob("*.cpp"))
+
+
+def _build_name(isa: str) -> str:
+    # A build per checkout: the build file names absolute source paths, so two checkouts sharing one build
+    # directory would rebuild each other's kernels (~60 s) whenever either loads them.
+    checkout = hashlib.sha1(str(KERNELS.resolve()).encode()).hexdigest()[:8]
+    return f"llmfleet_cpu_kernels_{isa}_{checkout}"
 
 
 @functools.cache
@@ -51,11 +59,8 @@ def isa() -> str | None:
     if chosen is None:
         return None
     try:
-        # A build per checkout: the build file names absolute source paths, so two checkouts sharing one build
-        # directory would rebuild each other's kernels (~60 s) whenever either loads them.
-        checkout = hashlib.sha1(str(KERNELS.resolve()).encode()).hexdigest()[:8]
         load(
-            name=f"llmfleet_cpu_kernels_{chosen}_{checkout}",
+            name=_build_name(chosen),
             sources=[str(s) for s in sources(chosen)],
             extra_cflags=["-O3", "-fopenmp", *_FLAGS[chosen]],
             extra_ldflags=["-fopenmp"],
@@ -69,3 +74,52 @@ def isa() -> str | None:
 
 def available() -> bool:
     return isa() is not None
+
+
+BLOCK_QUANT_OPS = ("block_quant_matmul", "block_quant_matmul_fp32")
+
+
+def block_quant_ops() -> list[str]:
+    """The block_quant_matmul variants this CPU's kernels have (the same op computed two ways on AVX512)."""
+    import torch
+
+    return [name for name in BLOCK_QUANT_OPS if available() and hasattr(torch.ops.llmfleet, name)]
+
+
+@functools.cache
+def block_quant_op() -> str:
+    """The block_quant_matmul variant this machine serves: on AVX512, AVX512-BF16's dot product or float32 FMAs,
+    whichever computed a few test calls faster. Intel's CPUs without AMX run the bf16 dot product at half the rate of
+    float32 FMAs, AMD's at twice it. Timed once per machine and kept beside the built kernels, so that every process
+    here computes the same bits."""
+    names = block_quant_ops()
+    if len(names) <= 1:
+        return BLOCK_QUANT_OPS[0]
+    from torch.utils.cpp_extension import _get_build_directory
+
+    record = Path(_get_build_directory(_build_name(isa()), verbose=False)) / "block_quant_op"
+    if record.is_file() and record.read_text() in names:
+        return record.read_text()
+    seconds = {name: _block_quant_seconds(name) for name in names}
+    chosen = min(seconds, key=seconds.get)
+    record.write_text(chosen)
+    log.info("cpu_kernels.block_quant_op", chosen=chosen, seconds={k: round(v, 5) for k, v in seconds.items()})
+    return chosen
+
+
+def _block_quant_seconds(name: str) -> float:
+    """One MLP-sized 4-bit layer (1536 x 576) at 1, 16 and 256 rows, best of 5 each, summed."""
+    import torch
+
+    from worker.step_cost import best_seconds
+
+    op = getattr(torch.ops.llmfleet, name)
+    n, k, group = 1536, 576, 32
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    scales, mins = torch.rand(k // group, n).half(), torch.rand(k // group, n).half()
+    total = 0.0
+    for rows in (1, 16, 256):
+        x = torch.randn(rows, k).bfloat16()
+        op(x, packed, scales, mins, group, 4)  # warm-up
+        total += best_seconds(lambda x=x: op(x, packed, scales, mins, group, 4), 5)
+    return total

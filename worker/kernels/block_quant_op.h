@@ -1,6 +1,10 @@
-// The block_quant_matmul op of either instruction set's kernel: checks its arguments and calls the `run<BITS>`
-// defined by the source that includes this header last.
-#pragma once
+// A block_quant_matmul op: checks its arguments and calls the `run<BITS>` defined by the source that includes this
+// header last, under the name BLOCK_QUANT_OP (block_quant_matmul unless that source names another).
+#ifndef BLOCK_QUANT_OP
+#define BLOCK_QUANT_OP block_quant_matmul
+#endif
+#define BLOCK_QUANT_STR2(name) #name
+#define BLOCK_QUANT_STR(name) BLOCK_QUANT_STR2(name)
 
 // Layout of `packed`, per block of 32 outputs, for each pair of inputs (k, k+1): the codes of outputs 0-15 then
 // 16-31, each output's two codes side by side (the order AVX512-BF16's dot product takes). 4-bit: outputs 16-31 in
@@ -8,7 +12,9 @@
 //
 // x [M, K] bf16 times the block-quantized weight [N, K] -> [M, N] bf16. packed: uint8 [N, K * bits / 8] in the
 // layout above; scales and mins: float16 [K / group_size, N] (GGUF stores them so); no mins for Q8_0.
-torch::Tensor block_quant_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+namespace {
+
+torch::Tensor checked_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                                  const std::optional<torch::Tensor>& mins, int64_t group_size, int64_t bits) {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2D bfloat16");
     TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
@@ -32,8 +38,10 @@ torch::Tensor block_quant_matmul(const torch::Tensor& x, const torch::Tensor& pa
     return out;
 }
 
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(llmfleet, ops) {
-    ops.def("block_quant_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? mins, int group_size, int bits) "
-            "-> Tensor");
-    ops.impl("block_quant_matmul", torch::kCPU, &block_quant_matmul);
+    ops.def(BLOCK_QUANT_STR(BLOCK_QUANT_OP)
+            "(Tensor x, Tensor packed, Tensor scales, Tensor? mins, int group_size, int bits) -> Tensor");
+    ops.impl(BLOCK_QUANT_STR(BLOCK_QUANT_OP), torch::kCPU, &checked_matmul);
 }

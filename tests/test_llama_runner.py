@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import FRANCE_QUESTION
+from worker import cpu_kernels
 from worker.int4_calls import LayerCalls
 from worker.llama_runner import LlamaRunner, PrefillChunk, rms_norm
 
@@ -77,7 +78,7 @@ def test_logits_do_not_depend_on_the_rest_of_the_batch(loaded_model, kernel):
     assert torch.equal(a[0], b[0])
 
 
-def test_fused_int4_calls_give_the_modules_outputs_bit_for_bit(loaded_model):
+def test_fused_int4_calls_give_the_modules_products_bit_for_bit(loaded_model):
     layer = loaded_model.model.model.layers[0]
     assert LayerCalls.usable(layer)  # the default model on a CPU: worker.block_quant layers, or gptqmodel's ATen ones
     x = torch.randn(5, loaded_model.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -86,7 +87,21 @@ def test_fused_int4_calls_give_the_modules_outputs_bit_for_bit(loaded_model):
     separate = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
     calls = LayerCalls(layer, torch.bfloat16)
     assert torch.equal(calls.qkv(x), separate)
-    assert torch.equal(calls.mlp(x), layer.mlp(x))
+    mlp = layer.mlp
+    assert torch.equal(calls.gate_up(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1))
+    # silu(gate) * up is one op rounding once where worker.cpu_kernels runs; the module rounds after each op.
+    fused, reference = calls.mlp(x).float(), mlp(x).float()
+    assert ((fused - reference).abs() <= reference.abs() / 64 + reference.abs().mean() / 16).all()
+
+
+def test_the_silu_mul_kernel_rounds_the_float32_result_once_row_by_row():
+    if not cpu_kernels.available():
+        pytest.skip("the silu_mul kernel needs a CPU where worker.cpu_kernels builds")
+    gate_up = (torch.randn(33, 2 * 1536, generator=torch.Generator().manual_seed(0)) * 4).to(torch.bfloat16)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    fused, reference = torch.ops.llmfleet.silu_mul(gate_up), torch.nn.functional.silu(gate) * up
+    assert ((fused.float() - reference).abs() <= reference.abs() / 256 + 1e-30).all()
+    assert torch.equal(torch.ops.llmfleet.silu_mul(gate_up[5:6]), fused[5:6])
 
 
 def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_kernel(loaded_model):

@@ -10,8 +10,11 @@ one), `ModuleCalls` calls the modules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from worker import cpu_kernels
 from worker.block_quant import BlockQuantLinear
 
 
@@ -47,6 +50,18 @@ def _fused(modules: list[torch.nn.Module], dtype: torch.dtype) -> Int4Call | Blo
     return BlockQuantLinear.concat(modules) if isinstance(modules[0], BlockQuantLinear) else Int4Call(modules, dtype)
 
 
+def _gated_activation(act: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[tokens, gate | up] -> act(gate) * up: one kernel call for silu in bf16 where worker.cpu_kernels runs."""
+    if type(act).__name__ in ("SiLU", "SiLUActivation") and dtype == torch.bfloat16 and cpu_kernels.available():
+        return torch.ops.llmfleet.silu_mul
+
+    def gated(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act(gate) * up
+
+    return gated
+
+
 class LayerCalls:
     """One decoder layer's projections: q/k/v fused, o, gate/up fused, down."""
 
@@ -56,11 +71,10 @@ class LayerCalls:
         self.o = _fused([attn.o_proj], dtype)
         self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], dtype)
         self.down = _fused([mlp.down_proj], dtype)
-        self.act = mlp.act_fn
+        self.gated = _gated_activation(mlp.act_fn, dtype)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.down(self.gated(self.gate_up(x)))
 
     @staticmethod
     def usable(layer: torch.nn.Module) -> bool:

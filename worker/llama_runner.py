@@ -145,6 +145,33 @@ class LlamaRunner:
         for cache in (*self.k_cache, *self.v_cache):
             cache[target, :, :length].copy_(cache[source, :, :length])
 
+    def _kernel_rotary(self, slots: torch.Tensor, positions: torch.Tensor) -> Callable:
+        """qkv -> rotated queries, with rotated keys and values written to the cache: one kernel call a layer."""
+        rotary = torch.ops.llmfleet.rotary_to_cache
+        return lambda qkv, k_cache, v_cache: rotary(
+            qkv, self.n_heads, self.cos, self.sin, slots, positions, k_cache, v_cache
+        )
+
+    def _torch_rotary(self, slots: torch.Tensor, positions: torch.Tensor) -> Callable:
+        """The same with torch ops."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        # Row of each new token's K/V, per kv head, in the cache viewed as [slots * n_kv * capacity, head_dim]:
+        # computed once per step, then every layer writes with one index_copy_.
+        heads = torch.arange(self.n_kv, device=self.device)
+        kv_rows = ((slots.unsqueeze(1) * self.n_kv + heads) * self.capacity + positions.unsqueeze(1)).reshape(-1)
+
+        def to_cache(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+            # Queries and keys side by side get their rotation in one pass: fewer small ops per layer.
+            qk = qkv[:, : self.n_heads + self.n_kv]
+            qk = qk * cos + _rotate_half(qk) * sin
+            k, v = qk[:, self.n_heads :], qkv[:, self.n_heads + self.n_kv :]
+            k_cache.view(-1, self.head_dim).index_copy_(0, kv_rows, k.reshape(-1, self.head_dim))
+            v_cache.view(-1, self.head_dim).index_copy_(0, kv_rows, v.reshape(-1, self.head_dim))
+            return qk[:, : self.n_heads]
+
+        return to_cache
+
     @torch.inference_mode()
     def step(
         self,
@@ -168,34 +195,23 @@ class LlamaRunner:
         pos = torch.tensor(positions, device=device)
         slot_idx = torch.tensor(slots, device=device)
         n_tokens = ids.shape[0]
-        cos = self.cos[pos].unsqueeze(1)
-        sin = self.sin[pos].unsqueeze(1)
-
-        # Row of each new token's K/V, per kv head, in the cache viewed as [slots * n_kv * capacity, head_dim]:
-        # computed once per step, then every layer writes with one index_copy_.
-        heads = torch.arange(self.n_kv, device=device)
-        kv_rows = ((slot_idx.unsqueeze(1) * self.n_kv + heads) * self.capacity + pos.unsqueeze(1)).reshape(-1)
 
         scale = self.head_dim**-0.5
         if self.attention_kernel:
             attend = KernelAttention(slot_idx, pos, self.n_kv, scale)
+            to_cache = self._kernel_rotary(slot_idx, pos)
         else:
             group = self.n_heads // self.n_kv
             attend = MatmulAttention(
                 decode_slots, decode_positions, prefills, slot_idx, pos, self.n_kv, group, self._positions, scale
             )
+            to_cache = self._torch_rotary(slot_idx, pos)
 
         hidden = self.embed(ids)
         for layer_no, (calls, (attention_norm, mlp_norm)) in enumerate(zip(self.calls, self.norms)):
             qkv = calls.qkv(attention_norm(hidden)).view(n_tokens, -1, self.head_dim).to(self.compute_dtype)
-            # Queries and keys side by side get their rotation in one pass: fewer small ops per layer.
-            qk = qkv[:, : self.n_heads + self.n_kv]
-            qk = qk * cos + _rotate_half(qk) * sin
-            q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, self.n_heads + self.n_kv :]
             k_cache, v_cache = self.k_cache[layer_no], self.v_cache[layer_no]
-            k_cache.view(-1, self.head_dim).index_copy_(0, kv_rows, k.reshape(-1, self.head_dim))
-            v_cache.view(-1, self.head_dim).index_copy_(0, kv_rows, v.reshape(-1, self.head_dim))
-
+            q = to_cache(qkv, k_cache, v_cache)
             out = torch.empty(n_tokens, self.n_heads, self.head_dim, dtype=self.compute_dtype, device=device)
             attend(q, k_cache, v_cache, out)
             out = out.view(n_tokens, self.n_heads * self.head_dim).to(self.dtype)

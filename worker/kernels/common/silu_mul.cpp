@@ -1,0 +1,59 @@
+// The Llama MLP's silu(gate) * up over the fused gate/up projection's output, in one op: torch's silu and multiply,
+// two passes each rounding to bf16, took ~75 us a layer at 32 rows on an AMD EPYC (silu alone 57 us). float32
+// inside, rounded once. Plain C++ that the compiler vectorizes for either instruction set.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// e^x, relative error ~1e-7: 2^n * e^f, |f| <= ln(2)/2, Taylor to degree 6. The branch-free form vectorizes.
+inline float exp_approx(float x) {
+    x = std::min(std::max(x, -87.0f), 88.0f);
+    const float t = x * 1.44269504f;
+    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+    const float f = (t - n) * 0.69314718f;
+    float p = 1.0f / 720;
+    p = p * f + 1.0f / 120;
+    p = p * f + 1.0f / 24;
+    p = p * f + 1.0f / 6;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+}  // namespace
+
+// gate_up [..., 2 * I] bf16 (gate, then up) -> [..., I] bf16.
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+    TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.is_contiguous() && gate_up.dim() >= 1 &&
+                    gate_up.size(-1) % 2 == 0, "gate_up: contiguous bf16 [..., 2 * I]");
+    const int64_t I = gate_up.size(-1) / 2, rows = I ? gate_up.numel() / (2 * I) : 0;
+    auto sizes = gate_up.sizes().vec();
+    sizes.back() = I;
+    auto out = at::empty(sizes, gate_up.options());
+    const auto* X = gate_up.data_ptr<at::BFloat16>();
+    auto* O = out.data_ptr<at::BFloat16>();
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const at::BFloat16 *gate = X + r * 2 * I, *up = gate + I;
+            at::BFloat16* o = O + r * I;
+            for (int64_t i = 0; i < I; ++i) {
+                const float g = gate[i];
+                o[i] = g / (1.0f + exp_approx(-g)) * static_cast<float>(up[i]);
+            }
+        }
+    });
+    return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(llmfleet, ops) {
+    ops.def("silu_mul(Tensor gate_up) -> Tensor");
+    ops.impl("silu_mul", torch::kCPU, &silu_mul);
+}

@@ -8,7 +8,7 @@ import torch
 from tests.conftest import FRANCE_QUESTION
 from worker import cpu_kernels
 from worker.int4_calls import LayerCalls
-from worker.llama_runner import LlamaRunner, PrefillChunk, rms_norm
+from worker.llama_runner import LlamaRunner, PrefillChunk, add_rms_norm, rms_norm
 
 # Attention through worker.cpu_kernels' cached_attention, or through torch matmuls (other CPUs, GPUs).
 attention = pytest.mark.parametrize("kernel", [True, False], ids=["kernel-attention", "matmul-attention"])
@@ -127,3 +127,7 @@ def test_the_rms_norm_kernel_computes_the_models_norm_row_by_row(loaded_model):
     assert ((fused - reference).abs() <= reference.abs() / 64 + 1e-6).all()
     assert (fused == reference).float().mean() > 0.99
     assert torch.equal(norm(x[5:6]), norm(x)[5:6])
+    # With the residual update before it: bitwise the add, then the norm.
+    delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    summed, normed = add_rms_norm(module)(x, delta)
+    assert torch.equal(summed, x + delta) and torch.equal(normed, norm(x + delta))

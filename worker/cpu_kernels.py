@@ -1,10 +1,10 @@
 """The worker's own CPU kernels, built once by torch's extension builder (~30-60 s, cached in
 ~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant; on
 AVX512 also `block_quant_matmul_fp32`, see block_quant_op()), `cached_attention` (worker.slot_attention),
-`rms_norm` and `rotary_to_cache` (worker.llama_runner) and `silu_mul` (worker.int4_calls). One source set per
-instruction set (worker/kernels/<isa>/*.cpp, with worker/kernels/common/*.cpp): AVX512-BF16, or AVX2 with FMA and
-F16C on CPUs without AVX512. Elsewhere (AVX512 without BF16, not measured with these kernels; ARM) or where the build
-fails, `isa()` is None and the worker uses library kernels instead.
+`rms_norm`, `add_rms_norm` and `rotary_to_cache` (worker.llama_runner) and `silu_mul` (worker.int4_calls). One
+source set per instruction set (worker/kernels/<isa>/*.cpp, with worker/kernels/common/*.cpp): AVX512-BF16, or AVX2
+with FMA and F16C on CPUs without AVX512. Elsewhere (AVX512 without BF16, not measured with these kernels; ARM) or
+where the build fails, `isa()` is None and the worker uses library kernels instead.
 """
 
 from __future__ import annotations

@@ -74,6 +74,21 @@ def rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.ops.llmfleet.rms_norm(x.contiguous(), weight, eps)
 
 
+def add_rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(x, delta) -> (x + delta, `module`(x + delta)): the residual update and the norm after it in one kernel call
+    where rms_norm's kernel runs."""
+    norm = rms_norm(module)
+    if norm is module:
+
+        def separate(x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = x + delta
+            return x, norm(x)
+
+        return separate
+    weight, eps = module.weight, module.variance_epsilon
+    return lambda x, delta: torch.ops.llmfleet.add_rms_norm(x, delta.contiguous(), weight, eps)
+
+
 @dataclass(frozen=True)
 class PrefillChunk:
     slot: int
@@ -118,10 +133,14 @@ class LlamaRunner:
             and not isinstance(self.lm_head, BlockQuantLinear)
         )
         self.calls = [layer_calls(layer, self.dtype) for layer in self.layers]
-        self.norms = [
-            (rms_norm(layer.input_layernorm), rms_norm(layer.post_attention_layernorm)) for layer in self.layers
+        # Each residual update comes with the norm that reads it next: a layer's MLP norm after attention, the next
+        # layer's attention norm (the model's final one after the last layer) after the MLP.
+        self.first_norm = rms_norm(self.layers[0].input_layernorm)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [model.model.norm]
+        self.residual_norms = [
+            (add_rms_norm(layer.post_attention_layernorm), add_rms_norm(after))
+            for layer, after in zip(self.layers, next_norms)
         ]
-        self.norm = rms_norm(model.model.norm)
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
         self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
@@ -208,15 +227,16 @@ class LlamaRunner:
             to_cache = self._torch_rotary(slot_idx, pos)
 
         hidden = self.embed(ids)
-        for layer_no, (calls, (attention_norm, mlp_norm)) in enumerate(zip(self.calls, self.norms)):
-            qkv = calls.qkv(attention_norm(hidden)).view(n_tokens, -1, self.head_dim).to(self.compute_dtype)
+        normed = self.first_norm(hidden)
+        for layer_no, (calls, (mlp_norm, next_norm)) in enumerate(zip(self.calls, self.residual_norms)):
+            qkv = calls.qkv(normed).view(n_tokens, -1, self.head_dim).to(self.compute_dtype)
             k_cache, v_cache = self.k_cache[layer_no], self.v_cache[layer_no]
             q = to_cache(qkv, k_cache, v_cache)
             out = torch.empty(n_tokens, self.n_heads, self.head_dim, dtype=self.compute_dtype, device=device)
             attend(q, k_cache, v_cache, out)
             out = out.view(n_tokens, self.n_heads * self.head_dim).to(self.dtype)
-            hidden = hidden + calls.o(out)
-            hidden = hidden + calls.mlp(mlp_norm(hidden))
+            hidden, normed = mlp_norm(hidden, calls.o(out))
+            hidden, normed = next_norm(hidden, calls.mlp(normed))
 
         rows = list(range(n_decode))
         offset = n_decode
@@ -226,5 +246,5 @@ class LlamaRunner:
         n_rows = len(rows)
         if self.pad_logit_rows:
             rows += [rows[-1]] * (max(4, n_rows + n_rows % 2) - n_rows)
-        last = hidden[torch.tensor(rows, device=device)]
-        return self.lm_head(self.norm(last))[:n_rows].float()
+        last = normed[torch.tensor(rows, device=device)]
+        return self.lm_head(last)[:n_rows].float()

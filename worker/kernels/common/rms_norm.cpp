@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <tuple>
 
 namespace {
 
@@ -49,7 +50,33 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
     return out;
 }
 
+// The residual stream's update and the next norm in one op: sum = x + delta (rounded to bf16, as torch adds), and
+// rms_norm(sum). Separately, the add was another op and pass over the rows twice a layer.
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& delta,
+                                                      const torch::Tensor& weight, double eps) {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: contiguous bfloat16");
+    TORCH_CHECK(delta.scalar_type() == at::kBFloat16 && delta.is_contiguous() && delta.sizes() == x.sizes(),
+                "delta: like x");
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 1 && weight.is_contiguous() &&
+                    x.dim() >= 1 && x.size(-1) == weight.size(0), "weight: bfloat16 [x.size(-1)]");
+    auto sum = at::empty_like(x), out = at::empty_like(x);
+    const int64_t H = weight.size(0), rows = H ? x.numel() / H : 0;
+    const auto *X = x.data_ptr<at::BFloat16>(), *D = delta.data_ptr<at::BFloat16>();
+    const auto* W = weight.data_ptr<at::BFloat16>();
+    auto *S = sum.data_ptr<at::BFloat16>(), *O = out.data_ptr<at::BFloat16>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            for (int64_t j = 0; j < H; ++j)
+                S[r * H + j] = static_cast<float>(X[r * H + j]) + static_cast<float>(D[r * H + j]);
+            normalize(S + r * H, W, O + r * H, H, static_cast<float>(eps));
+        }
+    });
+    return {sum, out};
+}
+
 TORCH_LIBRARY_FRAGMENT(llmfleet, ops) {
     ops.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
     ops.impl("rms_norm", torch::kCPU, &rms_norm);
+    ops.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
+    ops.impl("add_rms_norm", torch::kCPU, &add_rms_norm);
 }

@@ -1,5 +1,6 @@
 // The cached_attention op of either instruction set's kernel: checks its arguments and runs the `attend<GROUP, HD>`
-// of the source that includes this header last, one (row, KV head) task at a time.
+// of the source that includes this header last, one (row, KV head) task at a time. `attend` may compute a row whose
+// keys other rows read too (a prompt chunk's) another way, but to the same bits.
 #pragma once
 
 namespace {
@@ -22,8 +23,10 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
             const int64_t b = task / n_kv, h = task % n_kv;
             const int64_t cache_row = (slot[b] * n_kv + h) * capacity * HD;
             const int64_t head = h * GROUP * HD;
+            // A prompt chunk's rows (the same slot side by side) read the same keys, which stay in the CPU cache.
+            const bool keys_cached = (b > 0 && slot[b - 1] == slot[b]) || (b + 1 < B && slot[b + 1] == slot[b]);
             attend<GROUP, HD>(Q + b * q_row + head, K + cache_row, V + cache_row, O + b * out_row + head, length[b],
-                              static_cast<float>(scale), scores.data());
+                              static_cast<float>(scale), scores.data(), keys_cached);
         }
     });
 }

@@ -32,7 +32,7 @@ inline __m256 exp_nonpositive(__m256 x) {
 // One sequence's GROUP query heads that share one KV head; HD the head size.
 template <int GROUP, int HD>
 void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
-            float scale, float* scores) {
+            float scale, float* scores, bool /* keys_cached: one way here */) {
     constexpr int CHUNKS = HD / 8;  // 8 floats a register
     alignas(32) float qf[GROUP][HD];
     for (int g = 0; g < GROUP; ++g)

@@ -10,6 +10,8 @@
 #include <cmath>
 #include <vector>
 
+#include "../unroll.h"
+
 namespace {
 
 inline __m512 bf16_to_float(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
@@ -29,17 +31,30 @@ inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// One sequence's GROUP query heads that share one KV head; HD the head size.
-template <int GROUP, int HD>
-void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
-            float scale, float* scores) {
-    constexpr int PAIRS = HD / 32;  // 32 bf16 a register for the dot products
-    constexpr int CHUNKS = HD / 16; // 16 floats a register for the weighted sum
-    __m512bh qv[GROUP][PAIRS];
-    for (int g = 0; g < GROUP; ++g)
-        for (int c = 0; c < PAIRS; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(q + g * HD + c * 32);
+// Sums of 16 vectors' lanes in one vector: lane 4 * a + b holds the sum of v[4 * b + a]. The same additions in the
+// same order as _mm512_reduce_add_ps on each vector (halves, quarters, pairs; GCC's reduction), so bitwise its
+// results, in a tree of shuffles shared by all 16.
+inline __m512 lane_sums(const __m512 (&v)[16]) {
+    __m512 t[8], u[4], w[2];
+    Unroll<8>{}([&](auto i) {
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    });
+    Unroll<4>{}([&](auto i) {
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+    });
+    Unroll<2>{}([&](auto i) {
+        w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
+    });
+    return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+}
 
-    float top[GROUP];
+// Scores (scaled dot products) of the GROUP queries with keys 0..len-1, and each query's highest, key by key.
+template <int GROUP, int PAIRS, int HD>
+void scores_by_key(const __m512bh (&qv)[GROUP][PAIRS], const at::BFloat16* k, int64_t len, float scale, float* scores,
+                   float (&top)[GROUP]) {
     std::fill_n(top, GROUP, -INFINITY);
     for (int64_t j = 0; j < len; ++j) {
         __m512bh kv[PAIRS];
@@ -52,6 +67,51 @@ void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
             top[g] = std::max(top[g], s);
         }
     }
+}
+
+// The same bits 16 keys at a time (the last 16 padded with the last key), their products summed by lane_sums: ~1.5x
+// faster where the keys are in the cache already, ~20% slower where each key comes from memory (as in decode steps,
+// where a step's keys outgrow the L3).
+template <int GROUP, int PAIRS, int HD>
+void scores_by_block(const __m512bh (&qv)[GROUP][PAIRS], const at::BFloat16* k, int64_t len, float scale,
+                     float* scores, float (&top)[GROUP]) {
+    __m512 tops[GROUP];
+    std::fill_n(tops, GROUP, _mm512_set1_ps(-INFINITY));
+    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+        const __mmask16 valid = len - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (len - j0)) - 1);
+        for (int g = 0; g < GROUP; ++g) {
+            __m512 dot[16];
+            Unroll<16>{}([&](auto i) {  // key 4 * (i % 4) + i / 4 into dot[i]: lane_sums puts it in lane i
+                const at::BFloat16* key = k + std::min<int64_t>(j0 + 4 * (i % 4) + i / 4, len - 1) * HD;
+                dot[i] = _mm512_setzero_ps();
+                Unroll<PAIRS>{}([&](auto c) {
+                    dot[i] = _mm512_dpbf16_ps(dot[i], qv[g][c], (__m512bh)_mm512_loadu_si512(key + c * 32));
+                });
+            });
+            const __m512 s = _mm512_mul_ps(lane_sums(dot), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + g * len + j0, valid, s);
+            tops[g] = _mm512_mask_max_ps(tops[g], valid, tops[g], s);
+        }
+    }
+    for (int g = 0; g < GROUP; ++g) top[g] = _mm512_reduce_max_ps(tops[g]);
+}
+
+// One sequence's GROUP query heads that share one KV head; HD the head size. `keys_cached`: the keys are likely in
+// the CPU cache (other rows of the call read them too).
+template <int GROUP, int HD>
+void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
+            float scale, float* scores, bool keys_cached) {
+    constexpr int PAIRS = HD / 32;  // 32 bf16 a register for the dot products
+    constexpr int CHUNKS = HD / 16; // 16 floats a register for the weighted sum
+    __m512bh qv[GROUP][PAIRS];
+    for (int g = 0; g < GROUP; ++g)
+        for (int c = 0; c < PAIRS; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(q + g * HD + c * 32);
+
+    float top[GROUP];
+    if (keys_cached)
+        scores_by_block<GROUP, PAIRS, HD>(qv, k, len, scale, scores, top);
+    else
+        scores_by_key<GROUP, PAIRS, HD>(qv, k, len, scale, scores, top);
 
     float total[GROUP];
     for (int g = 0; g < GROUP; ++g) {

@@ -104,3 +104,29 @@ def test_block_embedding_reads_the_q8_0_rows_exactly():
     layer, weight = _kernel_layers()["q8_0"]
     ids = torch.tensor([[0, 95, 17], [40, 40, 63]])
     assert torch.equal(BlockQuantEmbedding(layer, torch.float32)(ids), weight[ids])
+
+
+def test_the_block_kernel_variant_is_timed_again_once_the_kernels_change(monkeypatch, tmp_path):
+    """worker.cpu_kernels.block_quant_op() keeps its choice beside the built kernels, with the sources it timed."""
+    import torch.utils.cpp_extension
+
+    from worker import cpu_kernels
+
+    if len(cpu_kernels.block_quant_ops()) < 2:
+        pytest.skip("one block kernel variant on this CPU: nothing to choose")
+    monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda *args, **kwargs: str(tmp_path))
+    timed = []
+    monkeypatch.setattr(cpu_kernels, "_block_quant_seconds", lambda name: timed.append(name) or len(name))
+
+    def choose() -> str:
+        cpu_kernels.block_quant_op.cache_clear()
+        return cpu_kernels.block_quant_op()
+
+    try:
+        assert choose() == "block_quant_matmul" and len(timed) == 2
+        assert choose() == "block_quant_matmul" and len(timed) == 2  # the record stands
+        record = tmp_path / "block_quant_op"
+        record.write_text("block_quant_matmul_fp32 " + "0" * 16)  # timed on other sources
+        assert choose() == "block_quant_matmul" and len(timed) == 4
+    finally:
+        cpu_kernels.block_quant_op.cache_clear()

@@ -98,13 +98,24 @@ def block_quant_op() -> str:
     from torch.utils.cpp_extension import _get_build_directory
 
     record = Path(_get_build_directory(_build_name(isa()), verbose=False)) / "block_quant_op"
-    if record.is_file() and record.read_text() in names:
-        return record.read_text()
+    # Kept with the sources it was timed on: torch rebuilds changed kernels in place, and the choice is timed again.
+    built_from = _sources_digest(isa())
+    if record.is_file():
+        name, _, timed_on = record.read_text().partition(" ")
+        if name in names and timed_on == built_from:
+            return name
     seconds = {name: _block_quant_seconds(name) for name in names}
     chosen = min(seconds, key=seconds.get)
-    record.write_text(chosen)
+    record.write_text(f"{chosen} {built_from}")
     log.info("cpu_kernels.block_quant_op", chosen=chosen, seconds={k: round(v, 5) for k, v in seconds.items()})
     return chosen
+
+
+def _sources_digest(isa: str) -> str:
+    digest = hashlib.sha1()
+    for path in [*sources(isa), *sorted(KERNELS.rglob("*.h"))]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _block_quant_seconds(name: str) -> float:

@@ -199,8 +199,9 @@ class LlamaRunner:
         decode_positions: list[int],
         prefills: list[PrefillChunk],
     ) -> torch.Tensor:
-        """Run one step. Returns float32 logits: one row per decode sequence, then one row per prefill chunk (the
-        logits after its last token; callers ignore the row of a chunk that does not finish its prompt)."""
+        """Run one step. Returns logits in the model's dtype: one row per decode sequence, then one row per prefill
+        chunk (the logits after its last token; callers ignore the row of a chunk that does not finish its prompt).
+        Not converted to float32 here: a greedy choice needs no copy (32 rows of a 49k vocabulary: ~0.2 ms)."""
         n_decode = len(decode_tokens)
         tokens = list(decode_tokens)
         slots = list(decode_slots)
@@ -247,4 +248,4 @@ class LlamaRunner:
         if self.pad_logit_rows:
             rows += [rows[-1]] * (max(4, n_rows + n_rows % 2) - n_rows)
         last = normed[torch.tensor(rows, device=device)]
-        return self.lm_head(last)[:n_rows].float()
+        return self.lm_head(last)[:n_rows]

@@ -62,12 +62,13 @@ def choose_tokens(
     generators: list[torch.Generator | None],
     seen_tokens: list[list[int]],
 ) -> list[int]:
-    """logits: [rows, vocab] float32. seen_tokens[i] is only read for rows with a repetition penalty."""
+    """logits: [rows, vocab], any float dtype (greedy rows take their argmax as they are; the others are sampled in
+    float32). seen_tokens[i] is only read for rows with a repetition penalty."""
     chosen = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         if p.repetition_penalty == 1.0 and p.greedy:
             continue
-        row = logits[i].clone()
+        row = logits[i].to(torch.float32, copy=True)
         if p.repetition_penalty != 1.0:
             _apply_repetition_penalty(row, seen_tokens[i], p.repetition_penalty)
         chosen[i] = int(row.argmax()) if p.greedy else _sample_row(row, p, generators[i])

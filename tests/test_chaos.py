@@ -325,3 +325,28 @@ def test_a_request_delivered_too_often_is_dead_lettered_and_fails_with_a_reason(
     [(_, dead)] = client.xrange(keys.dead_letters(MODEL))
     assert dead["deliveries"] == "3" and InferenceRequest.model_validate_json(dead["r"]).id == request.id
     assert client.xpending(stream, keys.WORKER_GROUP)["pending"] == 0
+
+
+def test_a_request_whose_worker_died_after_its_final_record_gets_its_result_record(make_fleet, chaos_redis, greedy):
+    """A worker's last pipeline can stop between the final record on the output stream and the result record (a
+    SIGKILL between two socket writes): the worker that reclaims the entry writes the result record from it."""
+    fleet = make_fleet()
+    client = chaos_redis.client()
+    stream = keys.requests(MODEL)
+    client.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+    request = InferenceRequest(
+        id="cut-short-1",
+        model=MODEL,
+        prompt_token_ids=greedy.prompt_ids("Say hello."),
+        sampling=SamplingParams(max_tokens=4, temperature=0),
+        deadline=time.time() + 60,
+    )
+    entry_id = client.xadd(stream, {"r": request.model_dump_json()})
+    client.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"})
+    client.xclaim(stream, keys.WORKER_GROUP, "ghost", 0, [entry_id], idle=60_000)
+    final = FinalResult(id=request.id, model=MODEL, text="Hello!", finish_reason="stop", completion_tokens=2)
+    client.xadd(keys.output(request.id), {"f": final.model_dump_json()})
+    fleet.worker(MODEL)
+    wait_until(lambda: client.get(keys.result(request.id)), 30, "the result record")
+    assert FinalResult.model_validate_json(client.get(keys.result(request.id))) == final
+    wait_until(lambda: client.xpending(stream, keys.WORKER_GROUP)["pending"] == 0, 30, "the entry acknowledged")

@@ -35,15 +35,20 @@ worker. A plain XCLAIM would take them back and run one request twice."""
 class ResumePoint:
     token_ids: list[int] = field(default_factory=list)
     """The tokens a reader has seen, in order: first occurrence of each position, as the gateway relays them."""
-    finished: bool = False
-    """The output stream already holds a final record: nothing to run, only the entry to acknowledge."""
+    final: str | None = None
+    """The final record the output stream already holds (JSON): nothing to run, only the entry to acknowledge and
+    the result record to make sure of."""
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None
 
 
 def resume_point(output_entries: list[tuple[str, dict]]) -> ResumePoint:
     point = ResumePoint()
     for _, fields in output_entries:
         if "f" in fields:
-            point.finished = True
+            point.final = fields["f"]
             break
         delta = TokenDelta.model_validate_json(fields["d"])
         if delta.completion_tokens > len(point.token_ids):

@@ -383,7 +383,7 @@ class WorkerService:
             if request.id in self._held:  # ours all along: we stalled past the idle timeout
                 continue
             if point.finished:
-                self._with_retry(lambda e=entry_id: self._ack(stream, e))
+                self._with_retry(lambda e=entry_id, r=request.id, f=point.final: self._complete(stream, e, r, f))
                 continue
             if deliveries > self.settings.delivery.max_deliveries:
                 self._dead_letter(stream, entry_id, fields, request, deliveries)
@@ -392,10 +392,13 @@ class WorkerService:
             taken.append(self._accept(stream, entry_id, {"r": resumed.model_dump_json()}))
         return taken
 
-    def _ack(self, stream: str, entry_id: str) -> None:
-        self.redis.pipeline(transaction=False).xack(stream, keys.WORKER_GROUP, entry_id).xdel(
-            stream, entry_id
-        ).execute()
+    def _complete(self, stream: str, entry_id: str, request_id: str, final: str) -> None:
+        """Acknowledge a request whose final record reached its output stream. The worker that wrote it may have
+        died before the rest of that pipeline (the result record, the acknowledgement) reached Redis: the result
+        record is written again (NX: one that is there stands)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(keys.result(request_id), final, nx=True, ex=self.settings.result_ttl_s)
+        pipe.xack(stream, keys.WORKER_GROUP, entry_id).xdel(stream, entry_id).execute()
 
     def _dead_letter(self, stream: str, entry_id: str, fields: dict, request: InferenceRequest, deliveries: int):
         reason = (

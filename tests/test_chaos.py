@@ -126,7 +126,10 @@ def greedy(loaded_model) -> GreedyReference:
 def check_completed(redis_client, outcome: Outcome, greedy: GreedyReference) -> None:
     assert outcome.error is None, outcome
     assert outcome.finish_reason in ("stop", "length"), outcome
-    final = FinalResult.model_validate_json(redis_client.get(keys.result(outcome.request_id)))
+    # Where a worker died between the final record and the result record, the worker that reclaims the request
+    # writes the result record, seconds later (delivery.reclaim_idle_s).
+    body = wait_until(lambda: redis_client.get(keys.result(outcome.request_id)), 30, "the result record")
+    final = FinalResult.model_validate_json(body)
     assert outcome.text == final.text, "streamed text differs from the final record"
     point = resume_point(redis_client.xrange(keys.output(outcome.request_id)))
     assert len(point.token_ids) == final.completion_tokens, "output stream token ids are not contiguous"

@@ -32,45 +32,52 @@ void normalize(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* out, 
     }
 }
 
+void check(const torch::Tensor& x, const torch::Tensor& weight) {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: contiguous bfloat16");
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 1 && weight.is_contiguous() &&
+                    x.dim() >= 1 && x.size(-1) == weight.size(0), "weight: bfloat16 [x.size(-1)]");
+}
+
+// out = the norm of each row of x, or, with delta, of x + delta (rounded to bf16, as torch adds), written to sum.
+void norm_rows(const torch::Tensor& x, const torch::Tensor* delta, torch::Tensor* sum, const torch::Tensor& weight,
+               double eps, torch::Tensor& out) {
+    const int64_t H = weight.size(0), rows = H ? x.numel() / H : 0;
+    const auto* X = x.data_ptr<at::BFloat16>();
+    const auto* D = delta ? delta->data_ptr<at::BFloat16>() : nullptr;
+    auto* S = sum ? sum->data_ptr<at::BFloat16>() : nullptr;
+    const auto* W = weight.data_ptr<at::BFloat16>();
+    auto* O = out.data_ptr<at::BFloat16>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const at::BFloat16* row = X + r * H;
+            if (D != nullptr) {
+                for (int64_t j = 0; j < H; ++j) S[r * H + j] = static_cast<float>(row[j]) + static_cast<float>(D[r * H + j]);
+                row = S + r * H;
+            }
+            normalize(row, W, O + r * H, H, static_cast<float>(eps));
+        }
+    });
+}
+
 }  // namespace
 
 // x [..., H] bf16, weight [H] bf16 -> like x.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: contiguous bfloat16");
-    TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 1 && weight.is_contiguous() &&
-                    x.dim() >= 1 && x.size(-1) == weight.size(0), "weight: bfloat16 [x.size(-1)]");
+    check(x, weight);
     auto out = at::empty_like(x);
-    const int64_t H = weight.size(0), rows = H ? x.numel() / H : 0;
-    const auto* X = x.data_ptr<at::BFloat16>();
-    const auto* W = weight.data_ptr<at::BFloat16>();
-    auto* O = out.data_ptr<at::BFloat16>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) normalize(X + r * H, W, O + r * H, H, static_cast<float>(eps));
-    });
+    norm_rows(x, nullptr, nullptr, weight, eps, out);
     return out;
 }
 
-// The residual stream's update and the next norm in one op: sum = x + delta (rounded to bf16, as torch adds), and
-// rms_norm(sum). Separately, the add was another op and pass over the rows twice a layer.
+// The residual stream's update and the norm after it in one op: (x + delta, rms_norm(x + delta)). Separately, the
+// add was another op and pass over the rows, twice a layer.
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& delta,
                                                       const torch::Tensor& weight, double eps) {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: contiguous bfloat16");
+    check(x, weight);
     TORCH_CHECK(delta.scalar_type() == at::kBFloat16 && delta.is_contiguous() && delta.sizes() == x.sizes(),
                 "delta: like x");
-    TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 1 && weight.is_contiguous() &&
-                    x.dim() >= 1 && x.size(-1) == weight.size(0), "weight: bfloat16 [x.size(-1)]");
     auto sum = at::empty_like(x), out = at::empty_like(x);
-    const int64_t H = weight.size(0), rows = H ? x.numel() / H : 0;
-    const auto *X = x.data_ptr<at::BFloat16>(), *D = delta.data_ptr<at::BFloat16>();
-    const auto* W = weight.data_ptr<at::BFloat16>();
-    auto *S = sum.data_ptr<at::BFloat16>(), *O = out.data_ptr<at::BFloat16>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-            for (int64_t j = 0; j < H; ++j)
-                S[r * H + j] = static_cast<float>(X[r * H + j]) + static_cast<float>(D[r * H + j]);
-            normalize(S + r * H, W, O + r * H, H, static_cast<float>(eps));
-        }
-    });
+    norm_rows(x, &delta, &sum, weight, eps, out);
     return {sum, out};
 }
 

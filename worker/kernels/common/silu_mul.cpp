@@ -1,6 +1,6 @@
-// The Llama MLP's silu(gate) * up over the fused gate/up projection's output, in one op: torch's silu and multiply,
-// two passes each rounding to bf16, took ~75 us a layer at 32 rows on an AMD EPYC (silu alone 57 us). float32
-// inside, rounded once. Plain C++ that the compiler vectorizes for either instruction set.
+// The Llama MLP's silu(gate) * up over the fused gate/up projection's output, in one op instead of torch's silu and
+// multiply, two passes each rounding to bf16 (one layer at 32 / 512 rows on an AMD EPYC: 23 / 297 -> 15 / 208 us).
+// float32 inside, rounded once. Plain C++ that the compiler vectorizes for either instruction set.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>

@@ -39,10 +39,6 @@ class ResumePoint:
     """The final record the output stream already holds (JSON): nothing to run, only the entry to acknowledge and
     the result record to make sure of."""
 
-    @property
-    def finished(self) -> bool:
-        return self.final is not None
-
 
 def resume_point(output_entries: list[tuple[str, dict]]) -> ResumePoint:
     point = ResumePoint()

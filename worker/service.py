@@ -382,7 +382,7 @@ class WorkerService:
             log.info("request.reclaimed", request_id=request.id, deliveries=deliveries, resumed=len(point.token_ids))
             if request.id in self._held:  # ours all along: we stalled past the idle timeout
                 continue
-            if point.finished:
+            if point.final is not None:
                 self._with_retry(lambda e=entry_id, r=request.id, f=point.final: self._complete(stream, e, r, f))
                 continue
             if deliveries > self.settings.delivery.max_deliveries:

@@ -18,7 +18,9 @@
 namespace {
 
 constexpr int64_t BLOCK_N = 32;  // outputs per task: one packing block
-constexpr int64_t TINY_M = 4;    // rows per register tile
+// Rows per register tile: 16 chains of dot products in flight, enough to cover the latency of AVX512-BF16's dot
+// product (one layer's MLP in-process, Zen 5, 4 -> 8 rows: 32 rows 0.33 -> 0.28 ms, 512 rows 4.05 -> 3.33 ms).
+constexpr int64_t TILE_M = 8;
 
 inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
@@ -75,7 +77,7 @@ struct Tile {
     int64_t K, N, gs, groups;
 };
 
-// Up to 4 rows x one block of 32 outputs, all of K, accumulated in registers. The codes come unpacked per use from
+// Up to TILE_M rows x one block of 32 outputs, all of K, accumulated in registers. The codes come unpacked per use from
 // t.codes, or, with `unpacked`, from a buffer that holds them unpacked already (the same values: bitwise the same
 // result, whichever way a row is computed).
 template <int BITS, int ROWS>
@@ -118,16 +120,20 @@ void tile(const Tile& t, const at::BFloat16* unpacked) {
 
 template <int BITS>
 void rows(Tile t, int64_t count, const at::BFloat16* unpacked) {
-    for (int64_t r = 0; r < count; r += TINY_M) {
+    for (int64_t r = 0; r < count; r += TILE_M) {
         Tile sub = t;
         sub.x += r * t.K;
         sub.out += r * t.N;
         sub.sums += r * t.groups;
-        switch (std::min(TINY_M, count - r)) {
+        switch (std::min(TILE_M, count - r)) {
             case 1: tile<BITS, 1>(sub, unpacked); break;
             case 2: tile<BITS, 2>(sub, unpacked); break;
             case 3: tile<BITS, 3>(sub, unpacked); break;
-            default: tile<BITS, 4>(sub, unpacked); break;
+            case 4: tile<BITS, 4>(sub, unpacked); break;
+            case 5: tile<BITS, 5>(sub, unpacked); break;
+            case 6: tile<BITS, 6>(sub, unpacked); break;
+            case 7: tile<BITS, 7>(sub, unpacked); break;
+            default: tile<BITS, 8>(sub, unpacked); break;
         }
     }
 }

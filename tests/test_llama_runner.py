@@ -131,3 +131,14 @@ def test_the_rms_norm_kernel_computes_the_models_norm_row_by_row(loaded_model):
     delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     summed, normed = add_rms_norm(module)(x, delta)
     assert torch.equal(summed, x + delta) and torch.equal(normed, norm(x + delta))
+
+
+def test_prefault_makes_the_first_positions_of_every_slot_resident(loaded_model):
+    import psutil
+
+    runner = LlamaRunner(loaded_model.model, slots=8, capacity=2048)
+    expected = 8 * 256 * runner.kv_bytes_per_token
+    before = psutil.Process().memory_info().rss
+    runner.prefault(256)
+    assert psutil.Process().memory_info().rss - before > 0.9 * expected
+    assert all(not cache.any() for cache in runner.k_cache)

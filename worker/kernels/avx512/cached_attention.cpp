@@ -1,20 +1,22 @@
 // Attention of query rows over the slot KV cache with AVX512-BF16: a row (one token: a decoding one, or one of a
 // prompt chunk) attends to its sequence's first `length` cached keys. Each (row, KV head) task reads those keys and
-// values straight from the cache (no gather, no padding to the longest sequence, no mask), with scores, softmax and
-// the weighted sum in float32. A task's result depends on its own row only, so a token's output is the same in any
-// batch, and the same whether it was decoded or prefilled.
+// values straight from the cache (no gather, no padding to the longest sequence, no mask), with scores and softmax in
+// float32 and the weighted sum of the values accumulated in float32 from bf16 probabilities, as flash attention and
+// torch's bf16 matmul path take them (a 1.5k-token prefill's attention 266 -> 222 ms against float32 FMAs, Zen 5;
+// teacher-forced perplexity over 1,023 held-out tokens 19.43 -> 19.50, the matmul path 19.39). A task's result
+// depends on its own row only, so a token's output is the same in any batch, and the same whether it was decoded
+// or prefilled.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../unroll.h"
 
 namespace {
-
-inline __m512 bf16_to_float(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 
 // e^x for x <= 0: 2^n * 2^f, f in [-0.5, 0.5], Taylor to degree 6 (relative error ~1e-7).
 inline __m512 exp_nonpositive(__m512 x) {
@@ -113,36 +115,52 @@ void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
     else
         scores_by_key<GROUP, PAIRS, HD>(qv, k, len, scale, scores, top);
 
+    // Softmax: each score's e^(s - max) summed in float32, and kept as bf16 over the row's own scores (the bf16 of
+    // element j at bytes 2j..2j+1 of the row, written behind the floats still to read), one bf16 zero after the last
+    // when the length is odd: the weighted sum takes the keys two at a time.
     float total[GROUP];
     for (int g = 0; g < GROUP; ++g) {
         float* row = scores + g * len;
+        auto* probs = reinterpret_cast<uint16_t*>(row);
         const __m512 max = _mm512_set1_ps(top[g]);
         __m512 sum = _mm512_setzero_ps();
         int64_t j = 0;
         for (; j + 16 <= len; j += 16) {
             const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + j), max));
-            _mm512_storeu_ps(row + j, e);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j), (__m256i)_mm512_cvtneps_pbh(e));
             sum = _mm512_add_ps(sum, e);
         }
         if (j < len) {
             const __mmask16 tail = (__mmask16)((1u << (len - j)) - 1);
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), max));
-            _mm512_mask_storeu_ps(row + j, tail, e);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+            const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), max)));
+            _mm256_mask_storeu_epi16(probs + j, tail, (__m256i)_mm512_cvtneps_pbh(e));
+            sum = _mm512_add_ps(sum, e);
         }
+        if (len % 2) probs[len] = 0;
         total[g] = _mm512_reduce_add_ps(sum);
     }
 
+    // The weighted sum with AVX512-BF16's dot product, two keys at a time: per pair of keys, the values interleaved
+    // dimension by dimension (value j, value j + 1), dotted with the pair's two bf16 probabilities.
+    const __m512i first_half = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                                39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i second_half = _mm512_add_epi16(first_half, _mm512_set1_epi16(16));
     __m512 acc[GROUP][CHUNKS];
     for (int g = 0; g < GROUP; ++g)
         for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < len; ++j) {
-        __m512 vv[CHUNKS];
-        for (int c = 0; c < CHUNKS; ++c)
-            vv[c] = bf16_to_float(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * HD + c * 16)));
+    for (int64_t j = 0; j < len; j += 2) {
+        __m512bh pairs[CHUNKS];
+        for (int c = 0; c < PAIRS; ++c) {
+            const __m512i a = _mm512_loadu_si512(v + j * HD + c * 32);
+            const __m512i b = j + 1 < len ? _mm512_loadu_si512(v + (j + 1) * HD + c * 32) : _mm512_setzero_si512();
+            pairs[2 * c] = (__m512bh)_mm512_permutex2var_epi16(a, first_half, b);
+            pairs[2 * c + 1] = (__m512bh)_mm512_permutex2var_epi16(a, second_half, b);
+        }
         for (int g = 0; g < GROUP; ++g) {
-            const __m512 p = _mm512_set1_ps(scores[g * len + j]);
-            for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+            uint32_t pair;
+            std::memcpy(&pair, reinterpret_cast<const uint16_t*>(scores + g * len) + j, sizeof(pair));
+            const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+            for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], p, pairs[c]);
         }
     }
     for (int g = 0; g < GROUP; ++g) {

@@ -62,7 +62,7 @@ class BatchLimits(BaseModel):
     """The KV cache is mapped on demand (resident memory grows with the tokens held); the first this many
     positions of every slot are written at start-up instead, before the worker reports ready, so that a fresh
     worker's first requests do not pay for faulting them in (worker.llama_runner.LlamaRunner.prefault). Costs
-    slots x this x the model's KV bytes per token of resident memory (64 x 256 x 23 KiB = 360 MiB for the
+    slots x this x the model's KV bytes per token of resident memory (64 x 256 x 22.5 KiB = 360 MiB for the
     default model)."""
 
 

@@ -166,6 +166,7 @@ class LlamaRunner:
         for cache in (*self.k_cache, *self.v_cache):
             cache[:, :, :positions].zero_()
 
+    @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Give slot `target` the KV of the first `length` positions of slot `source` (prefix reuse)."""
         for cache in (*self.k_cache, *self.v_cache):

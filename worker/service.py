@@ -285,11 +285,7 @@ class WorkerService:
         out = keys.output(final.id)
         pipe.xadd(out, {"f": body})
         pipe.expire(out, self.settings.token_stream_ttl_s)
-        # NX: should two workers ever finish the same request, the first result stands.
-        pipe.set(keys.result(final.id), body, nx=True, ex=self.settings.result_ttl_s)
-        if held is not None:
-            pipe.xack(held.stream, keys.WORKER_GROUP, held.entry_id)
-            pipe.xdel(held.stream, held.entry_id)
+        self._record_result(pipe, final.id, body, held)
         finished = keys.finished(self.model, int(time.time() // FINISHED_BUCKET_S))
         pipe.incr(finished)
         pipe.expire(finished, FINISHED_BUCKET_S * (FINISHED_WINDOW_BUCKETS + 2))
@@ -397,8 +393,16 @@ class WorkerService:
         died before the rest of that pipeline (the result record, the acknowledgement) reached Redis: the result
         record is written again (NX: one that is there stands)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(keys.result(request_id), final, nx=True, ex=self.settings.result_ttl_s)
-        pipe.xack(stream, keys.WORKER_GROUP, entry_id).xdel(stream, entry_id).execute()
+        self._record_result(pipe, request_id, final, Held(stream, entry_id, streams=False))
+        pipe.execute()
+
+    def _record_result(self, pipe, request_id: str, body: str, held: Held | None) -> None:
+        """The result record, then the acknowledgement of the request's entry (if this worker holds one)."""
+        # NX: should two workers ever finish the same request, the first result stands.
+        pipe.set(keys.result(request_id), body, nx=True, ex=self.settings.result_ttl_s)
+        if held is not None:
+            pipe.xack(held.stream, keys.WORKER_GROUP, held.entry_id)
+            pipe.xdel(held.stream, held.entry_id)
 
     def _dead_letter(self, stream: str, entry_id: str, fields: dict, request: InferenceRequest, deliveries: int):
         reason = (

@@ -83,7 +83,7 @@ def _kernel_layers():
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 def test_block_kernel_computes_the_blocks_exactly_whatever_the_batch(kind, variant):
     """Each of worker.block_quant's kernel variants against the float32 product of the blocks: off by bf16 output
-    rounding only, and a row's bits the same alone, in a few rows or in many."""
+    rounding (and on AVX2 the inputs' 16-bit steps), and a row's bits the same alone, in a few rows or in many."""
     from worker import cpu_kernels
 
     layer, weight = _kernel_layers()[kind]

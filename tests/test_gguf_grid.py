@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import MODEL
-from worker import gguf_grid
+from worker import cpu_kernels, gguf_grid
 from worker.model_store import embedded_gguf_path
 
 
@@ -79,13 +79,12 @@ def _kernel_layers():
     return {"q4_1": (q4_1, dense(codes4, m)), "q8_0": (q8_0, dense(codes8, np.zeros_like(m)))}
 
 
-@pytest.mark.parametrize("variant", ["block_quant_matmul", "block_quant_matmul_fp32"])
+@pytest.mark.parametrize("variant", cpu_kernels.BLOCK_QUANT_OPS)
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 def test_block_kernel_computes_the_blocks_exactly_whatever_the_batch(kind, variant):
     """Each of worker.block_quant's kernel variants against the float32 product of the blocks: off by bf16 output
-    rounding (and on AVX2 the inputs' 16-bit steps), and a row's bits the same alone, in a few rows or in many."""
-    from worker import cpu_kernels
-
+    rounding (and the 16-bit steps of the integer variants' inputs), and a row's bits the same alone, in a few rows or
+    in many."""
     layer, weight = _kernel_layers()[kind]
     if variant not in cpu_kernels.block_quant_ops():
         pytest.skip(f"{variant}: not among this CPU's kernels")
@@ -110,8 +109,6 @@ def test_the_block_kernel_variant_is_timed_again_once_the_kernels_change(monkeyp
     """worker.cpu_kernels.block_quant_op() keeps its choice beside the built kernels, with the sources it timed."""
     import torch.utils.cpp_extension
 
-    from worker import cpu_kernels
-
     if len(cpu_kernels.block_quant_ops()) < 2:
         pytest.skip("one block kernel variant on this CPU: nothing to choose")
     monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda *args, **kwargs: str(tmp_path))
@@ -122,11 +119,12 @@ def test_the_block_kernel_variant_is_timed_again_once_the_kernels_change(monkeyp
         cpu_kernels.block_quant_op.cache_clear()
         return cpu_kernels.block_quant_op()
 
+    variants = len(cpu_kernels.block_quant_ops())
     try:
-        assert choose() == "block_quant_matmul" and len(timed) == 2
-        assert choose() == "block_quant_matmul" and len(timed) == 2  # the record stands
+        assert choose() == "block_quant_matmul" and len(timed) == variants
+        assert choose() == "block_quant_matmul" and len(timed) == variants  # the record stands
         record = tmp_path / "block_quant_op"
-        record.write_text("block_quant_matmul_fp32 " + "0" * 16)  # timed on other sources
-        assert choose() == "block_quant_matmul" and len(timed) == 4
+        record.write_text("block_quant_matmul_int16 " + "0" * 16)  # timed on other sources
+        assert choose() == "block_quant_matmul" and len(timed) == 2 * variants
     finally:
         cpu_kernels.block_quant_op.cache_clear()

@@ -1,11 +1,10 @@
 """The worker's own CPU kernels, built once by torch's extension builder (~30-60 s, cached in
-~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant; on
-AVX512 also `block_quant_matmul_fp32`, see block_quant_op()), `cached_attention` (worker.slot_attention),
-`rms_norm`, `add_rms_norm` and `rotary_to_cache` (worker.llama_runner) and `silu_mul` (worker.int4_calls). One
-source set per instruction set (worker/kernels/<isa>/*.cpp, with worker/kernels/common/*.cpp): AVX512-BF16, or AVX2
-with FMA and F16C on CPUs without AVX512. Elsewhere (AVX512 without BF16, not measured with these kernels; ARM) or
-where the build fails, `isa()` is None and the worker uses library kernels instead.
-"""
+~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant; with
+AVX512 also `_fp32` and `_int16` variants, see block_quant_op()), `cached_attention` (worker.slot_attention),
+`rms_norm`, `add_rms_norm` and `rotary_to_cache` (worker.llama_runner) and `silu_mul` (worker.int4_calls). One kernel
+set per instruction set (KERNEL_SETS: sources in worker/kernels/<isa>/, with worker/kernels/common/): AVX512-BF16;
+AVX512-VNNI without BF16 (Ice Lake: the AVX2 kernels and the 16-bit integer block kernel); AVX2 with FMA and F16C.
+Elsewhere (ARM) or where the build fails, `isa()` is None and the worker uses library kernels instead."""
 
 from __future__ import annotations
 
@@ -18,9 +17,13 @@ import structlog
 log = structlog.get_logger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
-_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bf16", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vbmi"],
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vnni"]
+# Each kernel set's sources (globs under worker/kernels) and compiler flags.
+KERNEL_SETS = {
+    "avx512": (["avx512/*.cpp", "common/*.cpp"], [*_AVX512, "-mavx512bf16", "-mavx512vbmi"]),
+    "avx512_vnni": (["avx2/*.cpp", "avx512/block_quant_int16.cpp", "common/*.cpp"], [*_AVX2, *_AVX512]),
+    "avx2": (["avx2/*.cpp", "common/*.cpp"], _AVX2),
 }
 
 
@@ -31,16 +34,19 @@ def _cpu_isa() -> str | None:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-    if has_avx512_bf16() and "avx512vbmi" in flags:
+    avx512 = {"avx512f", "avx512vl", "avx512dq", "avx512bw", "avx512_vnni", "fma", "f16c"} <= flags
+    if avx512 and has_avx512_bf16() and "avx512vbmi" in flags:
         return "avx512"
+    if avx512:
+        return "avx512_vnni"
     if torch.backends.cpu.get_cpu_capability() == "AVX2" and {"fma", "f16c"} <= flags:
         return "avx2"
     return None
 
 
 def sources(isa: str) -> list[Path]:
-    """The instruction set's own sources, and the plain C++ ones (worker/kernels/common) compiled for it."""
-    return sorted((KERNELS / isa).glob("*.cpp")) + sorted((KERNELS / "common").glob("*.cpp"))
+    """The kernel set's sources."""
+    return sorted(path for pattern in KERNEL_SETS[isa][0] for path in KERNELS.glob(pattern))
 
 
 def _build_name(isa: str) -> str:
@@ -62,7 +68,7 @@ def isa() -> str | None:
         load(
             name=_build_name(chosen),
             sources=[str(s) for s in sources(chosen)],
-            extra_cflags=["-O3", "-fopenmp", *_FLAGS[chosen]],
+            extra_cflags=["-O3", "-fopenmp", *KERNEL_SETS[chosen][1]],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
@@ -76,11 +82,11 @@ def available() -> bool:
     return isa() is not None
 
 
-BLOCK_QUANT_OPS = ("block_quant_matmul", "block_quant_matmul_fp32")
+BLOCK_QUANT_OPS = ("block_quant_matmul", "block_quant_matmul_fp32", "block_quant_matmul_int16")
 
 
 def block_quant_ops() -> list[str]:
-    """The block_quant_matmul variants this CPU's kernels have (the same op computed two ways on AVX512)."""
+    """The block_quant_matmul variants this CPU's kernels have (the same op computed two or three ways on AVX512)."""
     import torch
 
     return [name for name in BLOCK_QUANT_OPS if available() and hasattr(torch.ops.llmfleet, name)]
@@ -88,13 +94,13 @@ def block_quant_ops() -> list[str]:
 
 @functools.cache
 def block_quant_op() -> str:
-    """The block_quant_matmul variant this machine serves: on AVX512, AVX512-BF16's dot product or float32 FMAs,
-    whichever computed a few test calls faster. Intel's CPUs without AMX run the bf16 dot product at half the rate of
-    float32 FMAs, AMD's at twice it. Timed once per machine and kept beside the built kernels, so that every process
-    here computes the same bits."""
+    """The block_quant_matmul variant this machine serves: on AVX512, whichever of AVX512-BF16's dot product, float32
+    FMAs and 16-bit integers (AVX512-VNNI) computed a few test calls faster. Intel's CPUs without AMX run the bf16 dot
+    product at half the rate of float32 FMAs, AMD's at twice it. Timed once per machine and kept beside the built
+    kernels, so that every process here computes the same bits."""
     names = block_quant_ops()
     if len(names) <= 1:
-        return BLOCK_QUANT_OPS[0]
+        return names[0] if names else BLOCK_QUANT_OPS[0]
     from torch.utils.cpp_extension import _get_build_directory
 
     record = Path(_get_build_directory(_build_name(isa()), verbose=False)) / "block_quant_op"

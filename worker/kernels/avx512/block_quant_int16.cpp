@@ -1,0 +1,247 @@
+// block_quant_matmul_int16: the same op as block_quant.cpp (same arguments and packing), computed in 16-bit integers
+// with AVX512-VNNI's vpdpwssd (32 products and their sums an instruction), the algorithm of ../avx2/block_quant.cpp
+// on 512-bit registers. It needs neither AVX512-BF16 nor VBMI: the block kernel of Ice Lake, and a third variant that
+// worker.cpu_kernels times against the other two where those build.
+//
+// Each row of x is quantized to 16 bits per 32 inputs (a scale each: max |x| / 32767), the codes are widened to 16
+// bits, and their integer dot products, exact, are scaled into float32 per block of 32 inputs; a Q4_1 group's minimum
+// multiplies the row's float sum of its inputs. A task is one block of 32 outputs, through up to 12-row x 32-output
+// register tiles. A row's result is the same operations in the same order whatever the number of rows: it does not
+// depend on the batch, bit for bit.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "../unroll.h"
+
+namespace {
+
+constexpr int64_t BLOCK_N = 32;  // outputs per task: one packing block, two vectors
+constexpr int64_t XBLOCK = 32;   // inputs per scale of a quantized row
+constexpr int64_t PAIR_BYTES = 2 * 64;  // one input pair of a block, the codes widened: 2 vectors of 16 outputs x 2
+constexpr int64_t TILE_M = 12;   // rows per register tile: 12 x 2 accumulators
+constexpr int64_t CHUNK_BYTES = 256 * 1024;
+
+inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+inline __m512 load_half(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m512 bf16_to_float(const at::BFloat16* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// 16 floats -> 16 bf16, rounded to nearest even as torch rounds (no NaN among these results).
+inline __m256i float_to_bf16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16));
+}
+
+// x as 16-bit integers: round(x / scale) per block of 32 inputs, the blocks' scales, and each group's float sum of
+// the inputs (which the group's minimum multiplies). Stored block by block, the rows of a block side by side, so that
+// a tile's rows lie at fixed offsets (with rows a row length apart, GCC ran out of registers for their addresses).
+struct QuantizedRows {
+    std::vector<int16_t> codes;       // [K / 32][M][32]
+    std::vector<float> scales, sums;  // [K / 32][M], [K / group size][M]
+};
+
+void quantize_rows(const at::BFloat16* X, int64_t M, int64_t K, int64_t gs, QuantizedRows& qx) {
+    const int64_t blocks = K / XBLOCK, groups = K / gs;
+    qx.codes.resize(M * K);
+    qx.scales.resize(M * blocks);
+    qx.sums.resize(M * groups);
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+            const at::BFloat16* row = X + m * K;
+            for (int64_t b = 0; b < blocks; ++b) {
+                const __m512 lo = bf16_to_float(row + b * XBLOCK), hi = bf16_to_float(row + b * XBLOCK + 16);
+                const float a = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+                qx.scales[b * M + m] = a / 32767.0f;
+                const __m512 inv = _mm512_set1_ps(a > 0.0f ? 32767.0f / a : 0.0f);
+                int16_t* dst = qx.codes.data() + (b * M + m) * XBLOCK;
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv))));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv))));
+            }
+            for (int64_t g = 0; g < groups; ++g) {
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) sum = _mm512_add_ps(sum, bf16_to_float(row + k));
+                qx.sums[g * M + m] = _mm512_reduce_add_ps(sum);
+            }
+        }
+    });
+}
+
+// The block's codes of one input pair (k, k+1), at p in the packing, widened to 16 bits: outputs 0-15 then 16-31,
+// each output's two codes side by side, as vpdpwssd pairs them.
+template <int BITS>
+__attribute__((always_inline)) inline void unpack_pair(const uint8_t* p, __m512i v[2]) {
+    const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (BITS == 4) {  // outputs 16-31 in the high nibbles of 0-15's bytes
+        const __m256i nibble = _mm256_set1_epi8(0xF);
+        v[0] = _mm512_cvtepu8_epi16(_mm256_and_si256(first, nibble));
+        v[1] = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(first, 4), nibble));
+    } else {  // outputs 16-31 in the next 32 bytes
+        v[0] = _mm512_cvtepi8_epi16(first);
+        v[1] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+    }
+}
+
+// acc += the pairwise products of a and b. As an intrinsic, GCC copied every accumulator to another register and to
+// the stack at each step of the tile's loop (a third of the speed).
+__attribute__((always_inline)) inline void dpwssd(__m512i& acc, __m512i a, __m512i b) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+
+// One group of a block: its scales and minimums.
+struct Group {
+    __m512 scale[2], min[2];
+    bool has_min;
+};
+
+// Where a tile's rows are: the first row's 16-bit inputs of a block of inputs, its scale and its group's sum; the
+// next rows follow each.
+struct Rows {
+    const int16_t* codes;
+    const float *scales, *sums;
+    Rows at(int64_t r) const { return {codes + r * XBLOCK, scales + r, sums + r}; }
+};
+
+// ROWS rows x the block's 32 outputs over one block of 32 inputs: the exact integer dot products (under 2^31:
+// 32 x 128 x 32767), scaled into the float32 accumulators `acc` (rows a block apart), and, after a group's last block
+// of inputs, its minimum times the row's group sum. The codes come widened from a buffer (`codes`, 16 pairs), or
+// with DIRECT straight from the packing: the same integers, the same float operations, the same bits.
+template <int BITS, int ROWS, bool DIRECT>
+__attribute__((noinline)) void tile(const Rows& x, const uint8_t* codes, const Group& g, bool last_of_group, float* acc) {
+    __m512i dot[ROWS * 2];
+    Unroll<ROWS * 2>{}([&](auto i) { dot[i] = _mm512_setzero_si512(); });
+    for (int64_t kk = 0; kk < XBLOCK / 2; ++kk) {
+        __m512i c[2];
+        if constexpr (DIRECT) {
+            unpack_pair<BITS>(codes + kk * 8 * BITS, c);
+        } else {
+            for (int h = 0; h < 2; ++h) c[h] = _mm512_loadu_si512(codes + kk * PAIR_BYTES + h * 64);
+        }
+        Unroll<ROWS>{}([&](auto r) {
+            int32_t pair;
+            std::memcpy(&pair, x.codes + r * XBLOCK + 2 * kk, 4);
+            const __m512i xb = _mm512_set1_epi32(pair);
+            dpwssd(dot[2 * r], c[0], xb);
+            dpwssd(dot[2 * r + 1], c[1], xb);
+        });
+    }
+    // Through memory: read by the code below in place, the accumulators were written to the stack at every step.
+    alignas(64) int32_t sums[ROWS * 2][16];
+    Unroll<ROWS * 2>{}([&](auto i) { _mm512_store_si512(sums[i], dot[i]); });
+    for (int r = 0; r < ROWS; ++r) {
+        const __m512 xs = _mm512_set1_ps(x.scales[r]);
+        const __m512 sum = _mm512_set1_ps(x.sums[r]);
+        for (int h = 0; h < 2; ++h) {
+            float* a_ptr = acc + r * BLOCK_N + h * 16;
+            const __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(sums[2 * r + h]));
+            __m512 a = _mm512_fmadd_ps(d, _mm512_mul_ps(g.scale[h], xs), _mm512_loadu_ps(a_ptr));
+            if (g.has_min && last_of_group) a = _mm512_fmadd_ps(sum, g.min[h], a);
+            _mm512_storeu_ps(a_ptr, a);
+        }
+    }
+}
+
+template <int BITS>
+void tiles(const Rows& x, int64_t rows, const uint8_t* widened, const Group& g, bool last, float* acc) {
+    for (int64_t r = 0; r < rows; r += TILE_M) {
+        const Rows xr = x.at(r);
+        float* ar = acc + r * BLOCK_N;
+        switch (std::min(TILE_M, rows - r)) {
+            case 1: tile<BITS, 1, false>(xr, widened, g, last, ar); break;
+            case 2: tile<BITS, 2, false>(xr, widened, g, last, ar); break;
+            case 3: tile<BITS, 3, false>(xr, widened, g, last, ar); break;
+            case 4: tile<BITS, 4, false>(xr, widened, g, last, ar); break;
+            case 5: tile<BITS, 5, false>(xr, widened, g, last, ar); break;
+            case 6: tile<BITS, 6, false>(xr, widened, g, last, ar); break;
+            case 7: tile<BITS, 7, false>(xr, widened, g, last, ar); break;
+            case 8: tile<BITS, 8, false>(xr, widened, g, last, ar); break;
+            case 9: tile<BITS, 9, false>(xr, widened, g, last, ar); break;
+            case 10: tile<BITS, 10, false>(xr, widened, g, last, ar); break;
+            case 11: tile<BITS, 11, false>(xr, widened, g, last, ar); break;
+            default: tile<BITS, 12, false>(xr, widened, g, last, ar); break;
+        }
+    }
+}
+
+template <int BITS>
+void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+         const std::optional<torch::Tensor>& mins, int64_t gs, torch::Tensor& out) {
+    const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), groups = K / gs, blocks = K / XBLOCK;
+    const int64_t NB = N / BLOCK_N;
+    static thread_local QuantizedRows calling_thread_rows;  // kept between calls: no allocation a call
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, gs, calling_thread_rows);
+    const QuantizedRows& qx = calling_thread_rows;  // the threads below read the calling thread's
+    auto rows_at = [&](int64_t m, int64_t k) {
+        return Rows{qx.codes.data() + (k / XBLOCK * M + m) * XBLOCK, qx.scales.data() + k / XBLOCK * M + m,
+                    qx.sums.data() + k / gs * M + m};
+    };
+    const auto* codes = packed.data_ptr<uint8_t>();
+    auto* C = out.data_ptr<at::BFloat16>();
+    const auto* S = scales.data_ptr<at::Half>();
+    const at::Half* Z = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
+    const int nth = at::get_num_threads();
+    // Rows go in chunks whose quantized inputs stay in L2 while every block of the thread's outputs reads them.
+    const int64_t chunk_rows = div_up(div_up(M, div_up(M * K * 2, CHUNK_BYTES)), TILE_M) * TILE_M;
+#pragma omp parallel num_threads(nth)
+    {
+        thread_local std::vector<uint8_t> widened;  // kept between calls
+        thread_local std::vector<float> acc;
+        widened.resize(std::max<size_t>(widened.size(), XBLOCK / 2 * PAIR_BYTES));
+        acc.resize(std::max<size_t>(acc.size(), chunk_rows * BLOCK_N));
+        const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
+        for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
+            const int64_t rows = std::min(chunk_rows, M - m0);
+            for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
+                const int64_t n0 = nb * BLOCK_N;
+                std::fill_n(acc.data(), rows * BLOCK_N, 0.0f);
+                for (int64_t g = 0; g < groups; ++g) {
+                    Group group;
+                    group.has_min = Z != nullptr;
+                    for (int h = 0; h < 2; ++h) {
+                        group.scale[h] = load_half(S + g * N + n0 + h * 16);
+                        group.min[h] = group.has_min ? load_half(Z + g * N + n0 + h * 16) : _mm512_setzero_ps();
+                    }
+                    const uint8_t* block = codes + (n0 * K + g * gs * BLOCK_N) * BITS / 8;
+                    for (int64_t k = 0; k < gs; k += XBLOCK) {
+                        const bool last = k + XBLOCK == gs;
+                        const Rows xr = rows_at(m0, g * gs + k);
+                        const uint8_t* packed_k = block + k * BLOCK_N * BITS / 8;
+                        if (M <= 2) {  // few rows: widening as they read beats a round trip through the buffer
+                            if (M == 1) tile<BITS, 1, true>(xr, packed_k, group, last, acc.data());
+                            else tile<BITS, 2, true>(xr, packed_k, group, last, acc.data());
+                            continue;
+                        }
+                        for (int64_t kk = 0; kk < XBLOCK / 2; ++kk) {
+                            __m512i c[2];
+                            unpack_pair<BITS>(packed_k + kk * 8 * BITS, c);
+                            for (int h = 0; h < 2; ++h) _mm512_storeu_si512(widened.data() + kk * PAIR_BYTES + h * 64, c[h]);
+                        }
+                        tiles<BITS>(xr, rows, widened.data(), group, last, acc.data());
+                    }
+                }
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int h = 0; h < 2; ++h)
+                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + (m0 + r) * N + n0 + h * 16),
+                                            float_to_bf16(_mm512_loadu_ps(acc.data() + r * BLOCK_N + h * 16)));
+            }
+        }
+    }
+}
+
+}  // namespace
+
+#define BLOCK_QUANT_OP block_quant_matmul_int16
+#include "../block_quant_op.h"

@@ -21,8 +21,11 @@ _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vnni"]
 # Each kernel set's sources (globs under worker/kernels) and compiler flags.
 KERNEL_SETS = {
-    "avx512": (["avx512/*.cpp", "common/*.cpp"], [*_AVX512, "-mavx512bf16", "-mavx512vbmi"]),
-    "avx512_vnni": (["avx2/*.cpp", "avx512/block_quant_int16.cpp", "common/*.cpp"], [*_AVX2, *_AVX512]),
+    "avx512": (
+        ["avx512/*.cpp", "avx512_vnni/block_quant_int16.cpp", "common/*.cpp"],
+        [*_AVX512, "-mavx512bf16", "-mavx512vbmi"],
+    ),
+    "avx512_vnni": (["avx512_vnni/*.cpp", "common/*.cpp"], _AVX512),
     "avx2": (["avx2/*.cpp", "common/*.cpp"], _AVX2),
 }
 

@@ -13,7 +13,7 @@
 #include <optional>
 #include <vector>
 
-#include "../unroll.h"
+#include "simd.h"
 
 namespace {
 
@@ -21,12 +21,6 @@ constexpr int64_t BLOCK_N = 32;  // outputs per task: one packing block
 // Rows per register tile: 16 chains of dot products in flight, enough to cover the latency of AVX512-BF16's dot
 // product (one layer's MLP in-process, Zen 5, 4 -> 8 rows: 32 rows 0.33 -> 0.28 ms, 512 rows 4.05 -> 3.33 ms).
 constexpr int64_t TILE_M = 8;
-
-inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
-
-inline __m512 load_half(const at::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 inline __m512 int8_to_float(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
 

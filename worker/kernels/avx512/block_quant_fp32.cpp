@@ -17,19 +17,13 @@
 #include <optional>
 #include <vector>
 
-#include "../unroll.h"
+#include "simd.h"
 
 namespace {
 
 constexpr int64_t BLOCK_N = 32;  // outputs per task: one packing block, two vectors
 constexpr int64_t TILE_M = 12;   // rows per register tile: 12 x 2 accumulators
 constexpr int64_t CHUNK_BYTES = 512 * 1024;
-
-inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
-
-inline __m512 load_half(const at::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // The codes of one input pair (k, k+1) of a block as floats, [input][outputs 0-15, 16-31]: per vector, one byte
 // permute moves each output's code byte into its 32-bit lane (4-bit: the low byte, both nibbles; 8-bit: the top byte,

@@ -18,7 +18,7 @@
 #include <optional>
 #include <vector>
 
-#include "../unroll.h"
+#include "../avx512/simd.h"
 
 namespace {
 
@@ -29,25 +29,6 @@ constexpr int64_t PAIR_BYTES = 2 * 64;  // one input pair of a block, the codes 
 // registers); 6 rows were 0-10% slower, 12 rows with the float sums in memory 20-40%.
 constexpr int64_t TILE_M = 7;
 constexpr int64_t CHUNK_BYTES = 512 * 1024;
-
-inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
-
-inline __m512 load_half(const at::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-inline __m512 bf16_to_float(const at::BFloat16* p) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-// 16 floats -> 16 bf16, rounded to nearest even as torch rounds (no NaN among these results).
-inline __m256i float_to_bf16(__m512 v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16));
-}
 
 // x as 16-bit integers: round(x / scale) per block of 32 inputs, the blocks' scales, and each group's float sum of
 // the inputs (which the group's minimum multiplies). Stored block by block, the rows of a block side by side, so that

@@ -1,0 +1,63 @@
+// What the AVX512 kernels share (AVX512F only, so that kernels without AVX512-BF16 use them too): bfloat16 and
+// float16 loads, rounding to bfloat16, e^x, and the lane sums of 16 vectors.
+#pragma once
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <cstdint>
+
+#include "../unroll.h"
+
+inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+inline __m512 load_half(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// 16 bf16 -> 16 floats: the bf16 bits are a float's upper half.
+inline __m512 bf16_to_float(const at::BFloat16* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// 16 floats -> 16 bf16, rounded to nearest even as torch (and AVX512-BF16) rounds (no NaN among these results).
+inline __m256i float_to_bf16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16));
+}
+
+// e^x for x <= 0: 2^n * 2^f, f in [-0.5, 0.5], Taylor to degree 6 (relative error ~1e-7).
+inline __m512 exp_nonpositive(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// Sums of 16 vectors' lanes in one vector: lane 4 * a + b holds the sum of v[4 * b + a]. The same additions in the
+// same order as _mm512_reduce_add_ps on each vector (halves, quarters, pairs; GCC's reduction), so bitwise its
+// results, in a tree of shuffles shared by all 16.
+inline __m512 lane_sums(const __m512 (&v)[16]) {
+    __m512 t[8], u[4], w[2];
+    Unroll<8>{}([&](auto i) {
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    });
+    Unroll<4>{}([&](auto i) {
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+    });
+    Unroll<2>{}([&](auto i) {
+        w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
+    });
+    return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+}

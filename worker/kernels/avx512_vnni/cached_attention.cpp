@@ -1,0 +1,119 @@
+// Attention of query rows over the slot KV cache with AVX512 float32 FMAs, for CPUs without AVX512-BF16 (Ice Lake):
+// the same op and the same way as ../avx512/cached_attention.cpp (each (row, KV head) task reads its sequence's first
+// `length` keys and values straight from the bf16 cache; scores, softmax and the weighted sum in float32), the keys
+// and values converted from bf16 as they are read. A task's result depends on its own row only, so a token's output
+// is the same in any batch, and the same whether it was decoded or prefilled.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../avx512/simd.h"
+
+namespace {
+
+// A key's dot product with a query, chunk by chunk: the same operations wherever a key's score is computed.
+template <int CHUNKS>
+__attribute__((always_inline)) inline __m512 dot(const __m512 (&q)[CHUNKS], const float* key) {
+    __m512 d = _mm512_setzero_ps();
+    Unroll<CHUNKS>{}([&](auto c) { d = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(key + c * 16), d); });
+    return d;
+}
+
+// Scores (scaled dot products) of the GROUP queries with keys 0..len-1, and each query's highest, key by key.
+template <int GROUP, int CHUNKS, int HD>
+void scores_by_key(const __m512 (&qv)[GROUP][CHUNKS], const at::BFloat16* k, int64_t len, float scale,
+                   float* scores, float (&top)[GROUP]) {
+    std::fill_n(top, GROUP, -INFINITY);
+    alignas(64) float key[HD];
+    for (int64_t j = 0; j < len; ++j) {
+        Unroll<CHUNKS>{}([&](auto c) { _mm512_store_ps(key + c * 16, bf16_to_float(k + j * HD + c * 16)); });
+        for (int g = 0; g < GROUP; ++g) {
+            const float s = _mm512_reduce_add_ps(dot<CHUNKS>(qv[g], key)) * scale;
+            scores[g * len + j] = s;
+            top[g] = std::max(top[g], s);
+        }
+    }
+}
+
+// The same bits 16 keys at a time (the last 16 padded with the last key), converted to float32 once for all GROUP
+// queries and their products summed by lane_sums: for a prompt chunk's rows, whose keys are in the CPU cache.
+template <int GROUP, int CHUNKS, int HD>
+void scores_by_block(const __m512 (&qv)[GROUP][CHUNKS], const at::BFloat16* k, int64_t len, float scale,
+                     float* scores, float (&top)[GROUP]) {
+    __m512 tops[GROUP];
+    std::fill_n(tops, GROUP, _mm512_set1_ps(-INFINITY));
+    alignas(64) float keys[16][HD];  // key 4 * (i % 4) + i / 4 in row i: lane_sums puts its score in lane i
+    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+        const __mmask16 valid = len - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (len - j0)) - 1);
+        for (int i = 0; i < 16; ++i) {
+            const at::BFloat16* key = k + std::min<int64_t>(j0 + 4 * (i % 4) + i / 4, len - 1) * HD;
+            Unroll<CHUNKS>{}([&](auto c) { _mm512_store_ps(keys[i] + c * 16, bf16_to_float(key + c * 16)); });
+        }
+        for (int g = 0; g < GROUP; ++g) {
+            __m512 d[16];
+            Unroll<16>{}([&](auto i) { d[i] = dot<CHUNKS>(qv[g], keys[i]); });
+            const __m512 s = _mm512_mul_ps(lane_sums(d), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + g * len + j0, valid, s);
+            tops[g] = _mm512_mask_max_ps(tops[g], valid, tops[g], s);
+        }
+    }
+    for (int g = 0; g < GROUP; ++g) top[g] = _mm512_reduce_max_ps(tops[g]);
+}
+
+// One sequence's GROUP query heads that share one KV head; HD the head size. `keys_cached`: the keys are likely in
+// the CPU cache (other rows of the call read them too).
+template <int GROUP, int HD>
+void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
+            float scale, float* scores, bool keys_cached) {
+    constexpr int CHUNKS = HD / 16;  // 16 floats a register
+    __m512 qv[GROUP][CHUNKS];
+    for (int g = 0; g < GROUP; ++g)
+        for (int c = 0; c < CHUNKS; ++c) qv[g][c] = bf16_to_float(q + g * HD + c * 16);
+
+    float top[GROUP];
+    if (keys_cached)
+        scores_by_block<GROUP, CHUNKS, HD>(qv, k, len, scale, scores, top);
+    else
+        scores_by_key<GROUP, CHUNKS, HD>(qv, k, len, scale, scores, top);
+
+    float total[GROUP];
+    for (int g = 0; g < GROUP; ++g) {
+        float* row = scores + g * len;
+        const __m512 max = _mm512_set1_ps(top[g]);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 part = len - j >= 16 ? 0xFFFF : (__mmask16)((1u << (len - j)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(part, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(part, row + j), max)));
+            _mm512_mask_storeu_ps(row + j, part, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        total[g] = _mm512_reduce_add_ps(sum);
+    }
+
+    // The weighted sum, SPAN registers of columns at a time for all GROUP heads: each value converted once a span.
+    constexpr int SPAN = std::min(CHUNKS, GROUP <= 3 ? 4 : GROUP <= 6 ? 2 : 1);
+    for (int c0 = 0; c0 < CHUNKS; c0 += SPAN) {
+        __m512 acc[GROUP * SPAN];
+        Unroll<GROUP * SPAN>{}([&](auto i) { acc[i] = _mm512_setzero_ps(); });
+        for (int64_t j = 0; j < len; ++j) {
+            __m512 vv[SPAN];
+            Unroll<SPAN>{}([&](auto s) { vv[s] = bf16_to_float(v + j * HD + (c0 + s) * 16); });
+            Unroll<GROUP>{}([&](auto g) {
+                const __m512 p = _mm512_set1_ps(scores[g * len + j]);
+                Unroll<SPAN>{}([&](auto s) { acc[g * SPAN + s] = _mm512_fmadd_ps(p, vv[s], acc[g * SPAN + s]); });
+            });
+        }
+        Unroll<GROUP * SPAN>{}([&](auto i) {
+            constexpr int g = i / SPAN, s = i % SPAN;
+            const __m512 o = _mm512_mul_ps(acc[i], _mm512_set1_ps(1.0f / total[g]));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * HD + (c0 + s) * 16), float_to_bf16(o));
+        });
+    }
+}
+
+}  // namespace
+
+#include "../cached_attention_op.h"

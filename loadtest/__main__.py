@@ -48,7 +48,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     # GPTQ's re-quantized model instead of the GGUF's grid, through gptqmodel's kernels.
     "gptq-grid": {"LLMFLEET_MODELS": json.dumps({DEFAULT_MODEL: {"grid": "gptq"}})},
     # The GGUF's grid through gptqmodel's ATen int4 kernel and a bf16 embedding instead of worker.block_quant's
-    # kernel (on a CPU where worker.cpu_kernels builds: AVX512-BF16 or AVX2).
+    # kernel (on a CPU where worker.cpu_kernels builds: AVX512 or AVX2).
     "aten": {"LLMFLEET_MODELS": json.dumps({DEFAULT_MODEL: {"cpu_kernel": "aten"}})},
 }
 

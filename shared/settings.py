@@ -26,7 +26,7 @@ class ModelSpec(BaseModel):
     weights as the fields below say (perplexity x1.47 at best for the default model, loadtest/RESULTS.md)."""
     cpu_kernel: Literal["auto", "aten"] = "auto"
     """What computes the gguf grid on a CPU. auto: the worker's own kernel (worker.block_quant) where it builds
-    (AVX512-BF16 or AVX2, worker.cpu_kernels), gptqmodel's ATen int4 kernel and a bf16 embedding elsewhere; aten:
+    (AVX512, AVX2, worker.cpu_kernels), gptqmodel's ATen int4 kernel and a bf16 embedding elsewhere; aten:
     the latter everywhere."""
     bits: int = 4
     group_size: int = 32

@@ -60,7 +60,7 @@ def _kernel_layers():
     from worker import block_quant, cpu_kernels
 
     if not cpu_kernels.available():
-        pytest.skip("the worker's CPU kernels need AVX512-BF16 or AVX2")
+        pytest.skip("the worker's CPU kernels need AVX512 or AVX2")
     rng = np.random.default_rng(0)
     out_features, in_features = 96, 192
     d = rng.uniform(0.001, 0.02, (out_features, in_features // gguf_grid.BLOCK)).astype(np.float16)

@@ -17,7 +17,7 @@ attention = pytest.mark.parametrize("kernel", [True, False], ids=["kernel-attent
 def make_runner(loaded_model, slots: int, capacity: int, kernel: bool) -> LlamaRunner:
     runner = LlamaRunner(loaded_model.model, slots=slots, capacity=capacity)
     if kernel and not runner.attention_kernel:
-        pytest.skip("the attention kernel needs a CPU with AVX512-BF16 or AVX2")
+        pytest.skip("the attention kernel needs a CPU with AVX512 or AVX2")
     runner.attention_kernel = kernel
     return runner
 

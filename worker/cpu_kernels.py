@@ -3,7 +3,7 @@
 AVX512 also `_fp32` and `_int16` variants, see block_quant_op()), `cached_attention` (worker.slot_attention),
 `rms_norm`, `add_rms_norm` and `rotary_to_cache` (worker.llama_runner) and `silu_mul` (worker.int4_calls). One kernel
 set per instruction set (KERNEL_SETS: sources in worker/kernels/<isa>/, with worker/kernels/common/): AVX512-BF16;
-AVX512-VNNI without BF16 (Ice Lake: the AVX2 kernels and the 16-bit integer block kernel); AVX2 with FMA and F16C.
+AVX512-VNNI without BF16 (Ice Lake: the 16-bit integer block kernel, float32 attention); AVX2 with FMA and F16C.
 Elsewhere (ARM) or where the build fails, `isa()` is None and the worker uses library kernels instead."""
 
 from __future__ import annotations

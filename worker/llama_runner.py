@@ -11,7 +11,7 @@ prompt chunk to its end. On the CPU the tensors live in anonymous memory maps: z
 where positions are written, so a large capacity costs nothing until used, and no position ever holds garbage
 (a NaN there would poison the masked-out keys' zero weights).
 
-Attention: on CPUs where worker.cpu_kernels builds (AVX512-BF16, AVX2), the kernel reads a bf16 cache and computes
+Attention: on CPUs where worker.cpu_kernels builds (AVX512, AVX2), the kernel reads a bf16 cache and computes
 in float32. Without it, with torch's matmuls, attention (and so the KV cache) computes in float32 on a CPU without
 native bfloat16 arithmetic: on AVX2 a bf16 batched matmul runs at ~3 GFLOP/s, and a 400-token prefill spent 4.1 of
 its 6.8 s in attention.

@@ -5,10 +5,10 @@
 //
 // Each row of x is quantized to 16 bits per 32 inputs (a scale each: max |x| / 32767), the codes are widened to 16
 // bits, and their integer dot products, exact, are scaled into float32 per block of 32 inputs; a Q4_1 group's minimum
-// multiplies the row's float sum of its inputs. A task is one block of 32 outputs: its codes are widened once for
-// all of K, then tiles of up to 7 rows x 32 outputs run through all of K with their float32 sums in registers (per
-// block of inputs, the integer sums take one conversion and one FMA each). A row's result is the same operations in
-// the same order whatever the number of rows: it does not depend on the batch, bit for bit.
+// multiplies the row's float sum of its inputs. A task is one block of 32 outputs, in spans of ~128 inputs: the span's
+// codes are widened once, then tiles of up to 7 rows x 32 outputs run through the span with their float32 sums in
+// registers (per block of inputs, the integer sums take one conversion and one FMA each). A row's result is the same
+// operations in the same order whatever the number of rows: it does not depend on the batch, bit for bit.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -28,7 +28,10 @@ constexpr int64_t PAIR_BYTES = 2 * 64;  // one input pair of a block, the codes 
 // Rows per register tile: 7 x 2 integer and 7 x 2 float accumulators, the pair's codes and a row's inputs (31
 // registers); 6 rows were 0-10% slower, 12 rows with the float sums in memory 20-40%.
 constexpr int64_t TILE_M = 7;
-constexpr int64_t CHUNK_BYTES = 512 * 1024;
+// Inputs a tile runs through with its sums in registers: the span's widened codes (8 KiB) stay in L1. (All of K at
+// once, 36-96 KiB, ran 1.25x faster at times and 2x slower at others on an Ice Lake whose caches other work shares.)
+constexpr int64_t SPAN_INPUTS = 128;
+constexpr int64_t CHUNK_BYTES = 256 * 1024;
 
 // x as 16-bit integers: round(x / scale) per block of 32 inputs, the blocks' scales, and each group's float sum of
 // the inputs (which the group's minimum multiplies). Stored block by block, the rows of a block side by side, so that
@@ -99,16 +102,19 @@ struct Groups {
     const float *scale, *min;
 };
 
-// ROWS rows x the block's 32 outputs over all K inputs, into C (rows N apart). The codes come widened from a buffer
-// (`codes`, all of K), or with DIRECT straight from the packing: the same integers, the same float operations, the
-// same bits. Per block of 32 inputs the integer dot products are exact (under 2^31: 32 x 128 x 32767).
+// ROWS rows x the block's 32 outputs over one span of inputs (whole groups: `groups` of gs), into the float32 sums
+// `acc` (rows a block apart; zeroed first on the first span). The codes come widened from a buffer (`codes`, the
+// span's), or with DIRECT straight from the packing: the same integers, the same float operations, the same bits.
+// Per block of 32 inputs the integer dot products are exact (under 2^31: 32 x 128 x 32767).
 template <int BITS, int ROWS, bool DIRECT>
-__attribute__((noinline)) void tile(const Rows& x, const uint8_t* codes, const Groups& g, int64_t K, int64_t gs,
-                                    at::BFloat16* C, int64_t N) {
+__attribute__((noinline)) void tile(const Rows& x, const uint8_t* codes, const Groups& g, int64_t groups, int64_t gs,
+                                    bool first, float* acc_out) {
     __m512 acc[ROWS * 2];
-    Unroll<ROWS * 2>{}([&](auto i) { acc[i] = _mm512_setzero_ps(); });
+    Unroll<ROWS * 2>{}([&](auto i) {
+        acc[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_out + (i / 2) * BLOCK_N + (i % 2) * 16);
+    });
     const int64_t per_group = gs / XBLOCK;
-    for (int64_t group = 0; group < K / gs; ++group) {
+    for (int64_t group = 0; group < groups; ++group) {
         for (int64_t b = group * per_group; b < (group + 1) * per_group; ++b) {
             __m512i dot[ROWS * 2];
             Unroll<ROWS * 2>{}([&](auto i) { dot[i] = _mm512_setzero_si512(); });
@@ -147,26 +153,23 @@ __attribute__((noinline)) void tile(const Rows& x, const uint8_t* codes, const G
             });
         }
     }
-    Unroll<ROWS * 2>{}([&](auto i) {
-        constexpr int r = i / 2, h = i % 2;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * N + h * 16), float_to_bf16(acc[i]));
-    });
+    Unroll<ROWS * 2>{}([&](auto i) { _mm512_storeu_ps(acc_out + (i / 2) * BLOCK_N + (i % 2) * 16, acc[i]); });
 }
 
 template <int BITS>
-void tiles(const Rows& x, int64_t rows, const uint8_t* widened, const Groups& g, int64_t K, int64_t gs,
-           at::BFloat16* C, int64_t N) {
+void tiles(const Rows& x, int64_t rows, const uint8_t* widened, const Groups& g, int64_t groups, int64_t gs,
+           bool first, float* acc) {
     for (int64_t r = 0; r < rows; r += TILE_M) {
         const Rows xr = x.at(r);
-        at::BFloat16* cr = C + r * N;
+        float* ar = acc + r * BLOCK_N;
         switch (std::min(TILE_M, rows - r)) {
-            case 1: tile<BITS, 1, false>(xr, widened, g, K, gs, cr, N); break;
-            case 2: tile<BITS, 2, false>(xr, widened, g, K, gs, cr, N); break;
-            case 3: tile<BITS, 3, false>(xr, widened, g, K, gs, cr, N); break;
-            case 4: tile<BITS, 4, false>(xr, widened, g, K, gs, cr, N); break;
-            case 5: tile<BITS, 5, false>(xr, widened, g, K, gs, cr, N); break;
-            case 6: tile<BITS, 6, false>(xr, widened, g, K, gs, cr, N); break;
-            default: tile<BITS, TILE_M, false>(xr, widened, g, K, gs, cr, N); break;
+            case 1: tile<BITS, 1, false>(xr, widened, g, groups, gs, first, ar); break;
+            case 2: tile<BITS, 2, false>(xr, widened, g, groups, gs, first, ar); break;
+            case 3: tile<BITS, 3, false>(xr, widened, g, groups, gs, first, ar); break;
+            case 4: tile<BITS, 4, false>(xr, widened, g, groups, gs, first, ar); break;
+            case 5: tile<BITS, 5, false>(xr, widened, g, groups, gs, first, ar); break;
+            case 6: tile<BITS, 6, false>(xr, widened, g, groups, gs, first, ar); break;
+            default: tile<BITS, TILE_M, false>(xr, widened, g, groups, gs, first, ar); break;
         }
     }
 }
@@ -175,12 +178,13 @@ template <int BITS>
 void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
          const std::optional<torch::Tensor>& mins, int64_t gs, torch::Tensor& out) {
     const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), groups = K / gs, NB = N / BLOCK_N;
+    // Inputs per span: whole groups, ~SPAN_INPUTS.
+    const int64_t span_groups = std::max<int64_t>(1, SPAN_INPUTS / gs);
     static thread_local QuantizedRows calling_thread_rows;  // kept between calls: no allocation a call
     quantize_rows(x.data_ptr<at::BFloat16>(), M, K, gs, calling_thread_rows);
     const QuantizedRows& qx = calling_thread_rows;  // the threads below read the calling thread's
-    const Rows all{qx.codes.data(), qx.scales.data(), qx.sums.data(), M};
     const auto* codes = packed.data_ptr<uint8_t>();
-    auto* C = out.data_ptr<at::BFloat16>();
+    auto* C = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
     const auto* S = scales.data_ptr<at::Half>();
     const at::Half* Z = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
     const int nth = at::get_num_threads();
@@ -189,10 +193,11 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
 #pragma omp parallel num_threads(nth)
     {
         thread_local std::vector<uint8_t> widened;  // kept between calls
-        thread_local std::vector<float> group_scales, group_mins;
-        widened.resize(std::max<size_t>(widened.size(), K / 2 * PAIR_BYTES));
+        thread_local std::vector<float> group_scales, group_mins, acc;
+        widened.resize(std::max<size_t>(widened.size(), span_groups * gs / 2 * PAIR_BYTES));
         group_scales.resize(std::max<size_t>(group_scales.size(), groups * BLOCK_N));
         group_mins.resize(std::max<size_t>(group_mins.size(), groups * BLOCK_N));
+        acc.resize(std::max<size_t>(acc.size(), chunk_rows * BLOCK_N));
         const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
         for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
             const int64_t rows = std::min(chunk_rows, M - m0);
@@ -205,20 +210,28 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                         if (Z) _mm512_storeu_ps(group_mins.data() + g * BLOCK_N + h * 16, load_half(Z + at));
                     }
                 }
-                const Groups block_groups{group_scales.data(), Z ? group_mins.data() : nullptr};
-                const uint8_t* block = codes + n0 * K * BITS / 8;
-                at::BFloat16* c = C + m0 * N + n0;
-                if (M <= 2) {  // few rows: widening as they read beats a round trip through the buffer
-                    if (M == 1) tile<BITS, 1, true>(all, block, block_groups, K, gs, c, N);
-                    else tile<BITS, 2, true>(all, block, block_groups, K, gs, c, N);
-                    continue;
+                for (int64_t g0 = 0; g0 < groups; g0 += span_groups) {
+                    const int64_t n_groups = std::min(span_groups, groups - g0), k0 = g0 * gs;
+                    const Groups span{group_scales.data() + g0 * BLOCK_N, Z ? group_mins.data() + g0 * BLOCK_N : nullptr};
+                    const Rows xr{qx.codes.data() + (k0 / XBLOCK * M + m0) * XBLOCK, qx.scales.data() + k0 / XBLOCK * M + m0,
+                                  qx.sums.data() + g0 * M + m0, M};
+                    const uint8_t* block = codes + (n0 * K + k0 * BLOCK_N) * BITS / 8;
+                    if (M <= 2) {  // few rows: widening as they read beats a round trip through the buffer
+                        if (M == 1) tile<BITS, 1, true>(xr, block, span, n_groups, gs, g0 == 0, acc.data());
+                        else tile<BITS, 2, true>(xr, block, span, n_groups, gs, g0 == 0, acc.data());
+                        continue;
+                    }
+                    for (int64_t kk = 0; kk < n_groups * gs / 2; ++kk) {
+                        __m512i v[2];
+                        unpack_pair<BITS>(block + kk * 8 * BITS, v);
+                        for (int h = 0; h < 2; ++h) _mm512_storeu_si512(widened.data() + kk * PAIR_BYTES + h * 64, v[h]);
+                    }
+                    tiles<BITS>(xr, rows, widened.data(), span, n_groups, gs, g0 == 0, acc.data());
                 }
-                for (int64_t kk = 0; kk < K / 2; ++kk) {
-                    __m512i v[2];
-                    unpack_pair<BITS>(block + kk * 8 * BITS, v);
-                    for (int h = 0; h < 2; ++h) _mm512_storeu_si512(widened.data() + kk * PAIR_BYTES + h * 64, v[h]);
-                }
-                tiles<BITS>(all.at(m0), rows, widened.data(), block_groups, K, gs, c, N);
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int h = 0; h < 2; ++h)
+                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + (m0 + r) * N + n0 + h * 16),
+                                            float_to_bf16(_mm512_loadu_ps(acc.data() + r * BLOCK_N + h * 16)));
             }
         }
     }

@@ -27,7 +27,7 @@ ENV LLMFLEET_MODELS_DIR=/models GPTQMODEL_CPU_WORKERS=2 LLMFLEET_DEVICE=cpu
 RUN python -m worker --prepare-only
 
 FROM python:${PYTHON}-slim AS runtime
-# gcc/g++/ninja: gptqmodel, and the worker on CPUs with AVX512-BF16 or AVX2, compile CPU kernels on first use
+# gcc/g++/ninja: gptqmodel, and the worker on CPUs with AVX512 or AVX2, compile CPU kernels on first use
 # (about 40 s, once per container).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ ninja-build libgomp1 curl \
     && rm -rf /var/lib/apt/lists/* \

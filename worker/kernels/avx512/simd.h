@@ -19,13 +19,17 @@ inline __m512 bf16_to_float(const at::BFloat16* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-// 16 floats -> 16 bf16, rounded to nearest even as torch (and AVX512-BF16) rounds (no NaN among these results).
-inline __m256i float_to_bf16(__m512 v) {
+// 16 floats as bf16 in the low halves of their lanes, rounded to nearest even as torch (and AVX512-BF16) rounds (no
+// NaN among these results).
+inline __m512i bf16_lanes(__m512 v) {
     const __m512i bits = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16));
+    return _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
 }
+
+// 16 floats -> 16 bf16, rounded as above.
+inline __m256i float_to_bf16(__m512 v) { return _mm512_cvtepi32_epi16(bf16_lanes(v)); }
 
 // e^x for x <= 0: 2^n * 2^f, f in [-0.5, 0.5], Taylor to degree 6 (relative error ~1e-7).
 inline __m512 exp_nonpositive(__m512 x) {

@@ -29,7 +29,7 @@ constexpr int64_t PAIR_BYTES = 2 * 64;  // one input pair of a block, the codes 
 // registers); 6 rows were 0-10% slower, 12 rows with the float sums in memory 20-40%.
 constexpr int64_t TILE_M = 7;
 // Inputs a tile runs through with its sums in registers: the span's widened codes (8 KiB) stay in L1. (All of K at
-// once, 36-96 KiB, ran 1.25x faster at times and 2x slower at others on an Ice Lake whose caches other work shares.)
+// once, 36-96 KiB, ran 1.25x faster than 12-row tiles in one run on Ice Lake and 0.55x in another an hour later.)
 constexpr int64_t SPAN_INPUTS = 128;
 constexpr int64_t CHUNK_BYTES = 256 * 1024;
 

@@ -30,6 +30,17 @@ __attribute__((always_inline)) inline __m512i to_bf16_pair(__m512 first, __m512 
     return _mm512_packus_epi32(bf16_lanes(first), bf16_lanes(second));
 }
 
+// One key (HD bf16) as floats in that order, for the dot products below.
+template <int HD>
+__attribute__((always_inline)) inline void key_to_float(const at::BFloat16* key, float* out) {
+    for (int c = 0; c < HD / 16; c += 2) {
+        __m512 a, b;
+        bf16_pair_to_float(key + c * 16, a, b);
+        _mm512_store_ps(out + c * 16, a);
+        _mm512_store_ps(out + c * 16 + 16, b);
+    }
+}
+
 // A key's dot product with a query, chunk by chunk: the same operations wherever a key's score is computed.
 template <int CHUNKS>
 __attribute__((always_inline)) inline __m512 dot(const __m512 (&q)[CHUNKS], const float* key) {
@@ -45,12 +56,7 @@ void scores_by_key(const __m512 (&qv)[GROUP][CHUNKS], const at::BFloat16* k, int
     std::fill_n(top, GROUP, -INFINITY);
     alignas(64) float key[HD];
     for (int64_t j = 0; j < len; ++j) {
-        for (int c = 0; c < CHUNKS; c += 2) {
-            __m512 a, b;
-            bf16_pair_to_float(k + j * HD + c * 16, a, b);
-            _mm512_store_ps(key + c * 16, a);
-            _mm512_store_ps(key + c * 16 + 16, b);
-        }
+        key_to_float<HD>(k + j * HD, key);
         for (int g = 0; g < GROUP; ++g) {
             const float s = _mm512_reduce_add_ps(dot<CHUNKS>(qv[g], key)) * scale;
             scores[g * len + j] = s;
@@ -71,12 +77,7 @@ void scores_by_block(const __m512 (&qv)[GROUP][CHUNKS], const at::BFloat16* k, i
         const __mmask16 valid = len - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (len - j0)) - 1);
         for (int i = 0; i < 16; ++i) {
             const at::BFloat16* key = k + std::min<int64_t>(j0 + 4 * (i % 4) + i / 4, len - 1) * HD;
-            for (int c = 0; c < CHUNKS; c += 2) {
-                __m512 a, b;
-                bf16_pair_to_float(key + c * 16, a, b);
-                _mm512_store_ps(keys[i] + c * 16, a);
-                _mm512_store_ps(keys[i] + c * 16 + 16, b);
-            }
+            key_to_float<HD>(key, keys[i]);
         }
         for (int g = 0; g < GROUP; ++g) {
             __m512 d[16];

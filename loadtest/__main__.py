@@ -120,13 +120,14 @@ def run_workloads(args: argparse.Namespace, names: list[str]) -> list[Summary]:
 
 
 def run_overhead(args: argparse.Namespace) -> dict:
-    from loadtest.overhead import engine_ttfts, overhead
+    from loadtest.overhead import InProcessEngine, overhead, paired_ttfts
 
     with _servers(args, with_peers=False)[0]() as server:
-        gateway = asyncio.run(run_chat(server, 1, args.overhead_requests, args.max_tokens, True, args.seed))
-    # The fleet is stopped before the engine loads in this process: one model on the cores at a time.
-    engine = engine_ttfts(args.model, args.overhead_requests, args.max_tokens, args.seed)
-    return overhead(gateway.ttft, engine)
+        engine = InProcessEngine(args.model)  # beside the fleet: the two are timed alternately, request by request
+        gateway, in_process = asyncio.run(
+            paired_ttfts(server, engine, args.overhead_requests, args.max_tokens, args.seed)
+        )
+    return overhead(gateway, in_process)
 
 
 def run_relay(args: argparse.Namespace) -> list[Summary]:
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--batch", "--batch-lines", type=int, default=32, help="mixed: batch requests all in flight at once")
     add("--batch-max-tokens", type=int, default=128)
     add("--batch-timeout", type=float, default=600, help="mixed: batch requests not done by then count as errors")
-    add("--overhead-requests", type=int, default=16)
+    add("--overhead-requests", type=int, default=48)
     add("--relay-concurrency", type=int, nargs="+", default=[8, 32, 128])
     add("--relay-max-tokens", type=int, default=256)
     add("--relay-step-ms", type=float, default=0.0, help="synthetic worker time per step; 0: as fast as it can")

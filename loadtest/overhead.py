@@ -1,5 +1,7 @@
-"""Gateway + Redis overhead at concurrency 1: TTFT through the gateway (streaming openai client) minus TTFT of
-the same engine called in-process (the worker's own Scheduler, no Redis, no HTTP) on the same prompts, p50."""
+"""Gateway + Redis overhead at concurrency 1: TTFT through the gateway (streaming openai client) minus TTFT of the
+same engine called in-process (the worker's own Scheduler, no Redis, no HTTP) on the same prompts. The two are timed
+request by request, alternately, with the fleet up beside the in-process engine, so that a slow spell of a shared
+machine hits both alike; the overhead is the p50 of each prompt's difference."""
 
 from __future__ import annotations
 
@@ -8,43 +10,68 @@ import time
 
 from gateway.prompts import chat_token_ids
 from gateway.protocol import ChatCompletionRequest
+from loadtest.servers import Server
 from loadtest.stats import pcts
-from loadtest.workload import chat_messages
+from loadtest.workload import chat_messages, client_for, stream_one
 from shared.protocol import InferenceRequest, SamplingParams
 from shared.settings import Settings
 from worker.__main__ import build_scheduler
 
+SETTLE_S = 0.05
+"""Pause before each timed request, so the other side's threads have stopped spinning on the two cores."""
 
-def engine_ttfts(model: str, requests: int, max_tokens: int, seed: int) -> list[float]:
-    """Seconds from Scheduler.add to the step that produced each request's first token, one request at a time,
-    after the same warm-up request run_chat sends."""
-    settings = Settings()
-    scheduler = build_scheduler(settings, model, "loadtest-in-process")
-    rng = random.Random(seed)
-    prompts = [chat_messages(rng) for _ in range(requests)]
 
-    def ttft(messages: list[dict], tokens: int) -> float:
-        body = ChatCompletionRequest.model_validate({"model": model, "messages": messages})
-        ids = chat_token_ids(scheduler.tokenizer, body)
-        sampling = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+class InProcessEngine:
+    def __init__(self, model: str):
+        self.settings = Settings()
+        self.model = model
+        self.scheduler = build_scheduler(self.settings, model, "loadtest-in-process")
+
+    def ttft(self, messages: list[dict], max_tokens: int) -> float:
+        """Seconds from Scheduler.add to the step that produced the first token; the request then runs to its end."""
+        body = ChatCompletionRequest.model_validate({"model": self.model, "messages": messages})
+        ids = chat_token_ids(self.scheduler.tokenizer, body)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         request = InferenceRequest(
-            id=f"in-process-{time.perf_counter_ns()}", model=model, prompt_token_ids=ids, sampling=sampling,
-            deadline=time.time() + settings.request_timeout_s,
+            id=f"in-process-{time.perf_counter_ns()}", model=self.model, prompt_token_ids=ids, sampling=sampling,
+            deadline=time.time() + self.settings.request_timeout_s,
         )  # fmt: skip
         started = time.perf_counter()
-        scheduler.add(request)
+        self.scheduler.add(request)
         first = None
-        while scheduler.has_work:
-            events = scheduler.step()
+        while self.scheduler.has_work:
+            events = self.scheduler.step()
             if first is None and any(e.completion_tokens >= 1 or e.final for e in events):
                 first = time.perf_counter() - started
         return first
 
-    ttft(prompts[0], 4)
-    return [ttft(p, max_tokens) for p in prompts]
+
+async def paired_ttfts(
+    server: Server, engine: InProcessEngine, requests: int, max_tokens: int, seed: int
+) -> tuple[list[float], list[float]]:
+    """(TTFTs through the gateway, TTFTs in-process), prompt by prompt, after one warm-up request each way."""
+    rng = random.Random(seed)
+    prompts = [chat_messages(rng) for _ in range(requests)]
+    client = client_for(server)
+    await stream_one(client, server, prompts[0], 4, True)
+    engine.ttft(prompts[0], 4)
+    gateway, in_process = [], []
+    for messages in prompts:
+        time.sleep(SETTLE_S)
+        trace = await stream_one(client, server, messages, max_tokens, True)
+        if trace.error is not None or trace.first_token is None:
+            raise RuntimeError(f"overhead: a request through the gateway failed: {trace.error}")
+        gateway.append(trace.first_token - trace.started)
+        time.sleep(SETTLE_S)
+        in_process.append(engine.ttft(messages, max_tokens))
+    await client.close()
+    return gateway, in_process
 
 
-def overhead(gateway_ttft: dict, engine: list[float]) -> dict:
-    engine_pcts = pcts(engine)
-    gap = None if gateway_ttft["p50"] is None else gateway_ttft["p50"] - engine_pcts["p50"]
-    return {"gateway_ttft": gateway_ttft, "engine_ttft": engine_pcts, "overhead_p50_s": gap}
+def overhead(gateway: list[float], in_process: list[float]) -> dict:
+    gaps = [g - e for g, e in zip(gateway, in_process)]
+    return {
+        "gateway_ttft": pcts(gateway),
+        "engine_ttft": pcts(in_process),
+        "overhead_p50_s": pcts(gaps)["p50"],
+    }

@@ -14,6 +14,8 @@ loadtest.engine_steps`), ATen -> this kernel, 1 / 32 / 512 rows: AMD EPYC with A
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from worker import cpu_kernels
@@ -71,6 +73,14 @@ class BlockQuantLinear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features).contiguous()
         out = self.matmul(rows, self.packed, self.scales, self.mins, self.group_size, self.bits)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def rows_call(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The product as a plain function of a contiguous [tokens, in_features] x, bound to the weights as they are
+        now: none of nn.Module's call machinery and no reshapes, ~5 us less a call (121 calls a decode step)."""
+        matmul, packed, scales, mins, group, bits = (
+            self.matmul, self.packed, self.scales, self.mins, self.group_size, self.bits
+        )  # fmt: skip
+        return lambda x: matmul(x, packed, scales, mins, group, bits)
 
 
 class BlockQuantEmbedding(torch.nn.Module):

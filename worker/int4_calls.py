@@ -46,8 +46,11 @@ class Int4Call:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
 
 
-def _fused(modules: list[torch.nn.Module], dtype: torch.dtype) -> Int4Call | BlockQuantLinear:
-    return BlockQuantLinear.concat(modules) if isinstance(modules[0], BlockQuantLinear) else Int4Call(modules, dtype)
+def _fused(modules: list[torch.nn.Module], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[tokens, in_features] contiguous -> the modules' outputs side by side."""
+    if isinstance(modules[0], BlockQuantLinear):
+        return BlockQuantLinear.concat(modules).rows_call()
+    return Int4Call(modules, dtype)
 
 
 def _gated_activation(act: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:

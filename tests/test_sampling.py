@@ -32,3 +32,11 @@ def test_draws_follow_the_nucleus_probabilities_and_repeat_with_a_seed():
     for token, p in enumerate(probs.tolist()):
         assert abs(counts[token] / 4000 - p) < 0.03
     assert draws(50) == draws(50)
+
+
+def test_greedy_rows_take_the_first_of_tied_highest_logits_as_argmax_does():
+    logits = (torch.randn(8, 49152, generator=torch.Generator().manual_seed(0)) * 2).round().bfloat16()  # many ties
+    logits[3, [7, 9000]] = 100  # two equal maxima: the first wins
+    greedy = [SamplingParams(max_tokens=1, temperature=0)] * 8
+    chosen = choose_tokens(logits, greedy, [None] * 8, [[]] * 8)
+    assert chosen == logits.float().argmax(dim=-1).tolist() and chosen[3] == 7

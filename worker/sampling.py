@@ -64,7 +64,9 @@ def choose_tokens(
 ) -> list[int]:
     """logits: [rows, vocab], any float dtype (greedy rows take their argmax as they are; the others are sampled in
     float32). seen_tokens[i] is only read for rows with a repetition penalty."""
-    chosen = logits.argmax(dim=-1).tolist()
+    # max's indices, not argmax: the same first index of the highest, but vectorized for bf16 (32 rows of a 49k
+    # vocabulary 2.8 -> 0.65 ms, ~6% of a 32-sequence decode step on Zen 4).
+    chosen = logits.max(dim=-1).indices.tolist()
     for i, p in enumerate(params):
         if p.repetition_penalty == 1.0 and p.greedy:
             continue

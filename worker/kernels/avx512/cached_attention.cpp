@@ -53,19 +53,17 @@ void transpose_keys(const at::BFloat16* k, int64_t j0, int64_t len, __m512i* kt)
     }
 }
 
-// Scores (scaled dot products) of N rows' GROUP query heads with the sequence's keys, 16 keys at a time, and each
-// head's highest. A head's score for a key is one sum whatever the other rows of the task: even and odd dimension
+// Scores (scaled dot products) of N rows' GROUP query heads with the sequence's keys (the rows' `longest` len), 16
+// keys at a time, and each head's highest. A head's score for a key is one sum whatever the other rows of the task: even and odd dimension
 // pairs in two chains of dpbf16, added at the end. Row r's scores for query head g go to scores + (r * GROUP + g) *
 // stride, only its own `len` of them. Unless the keys are in the CPU cache already (`keys_cached`), the values of
 // each 16 keys are prefetched into L2 meanwhile, for the weighted sum that follows: a decode step's keys and values
 // outgrow the L3 (32 sequences at 450, in-process, alternated: p50 56.9 -> 55.1 and 55.0 -> 53.4 ms a step on
 // Zen 4; prefetched into L1, slower; for a prompt chunk's cached keys, ~4% slower).
 template <int N, int GROUP, int HD>
-void scores_of(const Row* rows, const at::BFloat16* k, const at::BFloat16* v, bool keys_cached, float scale,
-               float* scores, int64_t stride, float (&top)[N][GROUP]) {
+void scores_of(const Row* rows, int64_t longest, const at::BFloat16* k, const at::BFloat16* v, bool keys_cached,
+               float scale, float* scores, int64_t stride, float (&top)[N][GROUP]) {
     constexpr int P = HD / 2;
-    int64_t longest = 0;
-    for (int r = 0; r < N; ++r) longest = std::max(longest, rows[r].len);
     __m512 tops[N][GROUP];
     Unroll<N>{}([&](auto r) { Unroll<GROUP>{}([&](auto g) { tops[r][g] = _mm512_set1_ps(-INFINITY); }); });
     alignas(64) __m512i kt[P];
@@ -176,11 +174,11 @@ constexpr int ROWS_PER_TASK = std::max(1, std::min(4, 12 / GROUP));  // 2 * rows
 template <int N, int GROUP, int HD>
 void attend_rows(const Row* rows, const at::BFloat16* k, const at::BFloat16* v, bool keys_cached, float scale,
                  float* scores) {
-    int64_t stride = 0;
-    for (int r = 0; r < N; ++r) stride = std::max(stride, rows[r].len);
-    stride = div_up(stride, 16) * 16;
+    int64_t longest = 0;
+    for (int r = 0; r < N; ++r) longest = std::max(longest, rows[r].len);
+    const int64_t stride = div_up(longest, 16) * 16;
     float top[N][GROUP];
-    scores_of<N, GROUP, HD>(rows, k, v, keys_cached, scale, scores, stride, top);
+    scores_of<N, GROUP, HD>(rows, longest, k, v, keys_cached, scale, scores, stride, top);
     for (int r = 0; r < N; ++r) weigh_values<GROUP, HD>(rows[r], v, scores + r * GROUP * stride, stride, top[r]);
 }
 

@@ -1,16 +1,13 @@
-// The cached_attention op of either instruction set's kernel: checks its arguments and runs the
-// `attend<GROUP, HD>` of the source that includes this header last. A task is one KV head of up to
-// `ROWS_PER_TASK<GROUP>` rows side by side that attend to one sequence (a prompt chunk's), so that the source may
-// share the keys' loads between them; each row's result is still its own, the same bits in any task.
+// The cached_attention op of either instruction set's kernel: checks its arguments and runs the `attend<GROUP, HD>`
+// of the source that includes this header last, one (row, KV head) task at a time. `attend` may compute a row whose
+// keys other rows read too (a prompt chunk's) another way, but to the same bits.
 #pragma once
-#include "attention_row.h"
 
 namespace {
 
 template <int GROUP, int HD>
 void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
          const torch::Tensor& slots, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
-    constexpr int ROWS = ROWS_PER_TASK<GROUP>;
     const int64_t B = q.size(0), n_kv = q.size(1), capacity = k_cache.size(2);
     const int64_t* slot = slots.data_ptr<int64_t>();
     const int64_t* length = lengths.data_ptr<int64_t>();
@@ -20,25 +17,16 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
     const auto* V = v_cache.data_ptr<at::BFloat16>();
     auto* O = out.data_ptr<at::BFloat16>();
     const int64_t q_row = q.stride(0), out_row = out.stride(0);
-    std::vector<int64_t> first{0};  // each task's first row, then B
-    for (int64_t b = 1; b < B; ++b)
-        if (slot[b] != slot[b - 1] || b - first.back() == ROWS) first.push_back(b);
-    if (B) first.push_back(B);
-    const int64_t tiles = static_cast<int64_t>(first.size()) - 1;
-    at::parallel_for(0, tiles * n_kv, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(ROWS * GROUP * (longest + 16));
+    at::parallel_for(0, B * n_kv, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(GROUP * longest);
         for (int64_t task = begin; task < end; ++task) {
-            const int64_t t = task / n_kv, h = task % n_kv, b0 = first[t], n = first[t + 1] - b0;
-            const int64_t cache_row = (slot[b0] * n_kv + h) * capacity * HD;
+            const int64_t b = task / n_kv, h = task % n_kv;
+            const int64_t cache_row = (slot[b] * n_kv + h) * capacity * HD;
             const int64_t head = h * GROUP * HD;
-            Row rows[ROWS];
-            for (int64_t r = 0; r < n; ++r)
-                rows[r] = {Q + (b0 + r) * q_row + head, O + (b0 + r) * out_row + head, length[b0 + r]};
             // A prompt chunk's rows (the same slot side by side) read the same keys, which stay in the CPU cache.
-            const bool keys_cached =
-                n > 1 || (b0 > 0 && slot[b0 - 1] == slot[b0]) || (b0 + n < B && slot[b0 + n] == slot[b0]);
-            attend<GROUP, HD>(rows, static_cast<int>(n), K + cache_row, V + cache_row, static_cast<float>(scale),
-                              scores.data(), keys_cached);
+            const bool keys_cached = (b > 0 && slot[b - 1] == slot[b]) || (b + 1 < B && slot[b + 1] == slot[b]);
+            attend<GROUP, HD>(Q + b * q_row + head, K + cache_row, V + cache_row, O + b * out_row + head, length[b],
+                              static_cast<float>(scale), scores.data(), keys_cached);
         }
     });
 }

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "simd.h"
-#include "../attention_row.h"
 
 namespace {
 
@@ -32,8 +31,8 @@ inline __m256 exp_nonpositive(__m256 x) {
 
 // One sequence's GROUP query heads that share one KV head; HD the head size.
 template <int GROUP, int HD>
-void attend_row(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
-                float scale, float* scores, bool /* keys_cached: one way here */) {
+void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
+            float scale, float* scores, bool /* keys_cached: one way here */) {
     constexpr int CHUNKS = HD / 8;  // 8 floats a register
     alignas(32) float qf[GROUP][HD];
     for (int g = 0; g < GROUP; ++g)
@@ -104,16 +103,6 @@ void attend_row(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16
                              float_to_bf16(_mm256_mul_ps(acc[i], _mm256_set1_ps(1.0f / total[g]))));
         });
     }
-}
-
-// Tasks of one row: the rows of a prompt chunk share no work here.
-template <int GROUP>
-constexpr int ROWS_PER_TASK = 1;
-
-template <int GROUP, int HD>
-void attend(const Row* rows, int /* n: 1 */, const at::BFloat16* k, const at::BFloat16* v, float scale, float* scores,
-            bool keys_cached) {
-    attend_row<GROUP, HD>(rows->q, k, v, rows->out, rows->len, scale, scores, keys_cached);
 }
 
 }  // namespace

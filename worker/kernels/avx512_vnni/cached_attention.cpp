@@ -11,7 +11,6 @@
 #include <cmath>
 #include <vector>
 
-#include "../attention_row.h"
 #include "../avx512/simd.h"
 
 namespace {
@@ -94,8 +93,8 @@ void scores_by_block(const __m512 (&qv)[GROUP][CHUNKS], const at::BFloat16* k, i
 // One sequence's GROUP query heads that share one KV head; HD the head size. `keys_cached`: the keys are likely in
 // the CPU cache (other rows of the call read them too).
 template <int GROUP, int HD>
-void attend_row(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
-                float scale, float* scores, bool keys_cached) {
+void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
+            float scale, float* scores, bool keys_cached) {
     constexpr int CHUNKS = HD / 16;  // 16 floats a register
     __m512 qv[GROUP][CHUNKS];
     for (int g = 0; g < GROUP; ++g)
@@ -141,16 +140,6 @@ void attend_row(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16
             _mm512_storeu_si512(out + g * HD + (c0 + s) * 16, o);
         });
     }
-}
-
-// Tasks of one row: the rows of a prompt chunk share no work here.
-template <int GROUP>
-constexpr int ROWS_PER_TASK = 1;
-
-template <int GROUP, int HD>
-void attend(const Row* rows, int /* n: 1 */, const at::BFloat16* k, const at::BFloat16* v, float scale, float* scores,
-            bool keys_cached) {
-    attend_row<GROUP, HD>(rows->q, k, v, rows->out, rows->len, scale, scores, keys_cached);
 }
 
 }  // namespace

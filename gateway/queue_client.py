@@ -51,34 +51,68 @@ def connect(redis_url: str) -> aioredis.Redis:
 
 QUEUE_FULL_RETRY_AFTER_S = 10
 
-ADD_ROUTED = """
--- KEYS: the holder worker's own stream, the shared stream, live_workers, load
--- ARGV: worker id, oldest live heartbeat, max_running, request JSON
-local seen = redis.call('ZSCORE', KEYS[3], ARGV[1])
-local load = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
-if seen and tonumber(seen) >= tonumber(ARGV[2]) and load < tonumber(ARGV[3]) then
-    redis.call('XADD', KEYS[1], '*', 'r', ARGV[4])
-    return 1
+SUBMIT = """
+-- The admission checks and the XADD in one round trip.
+-- KEYS: the model's shared stream, live_workers, load, the conversation's affinity key ('' for none), then the
+--       finished-count buckets of the recent past
+-- ARGV: oldest live heartbeat, require a live worker (1/0), queue bound, seconds to the deadline, bucket seconds,
+--       the workers' group, a worker's own stream less its id, max_running, the request JSON
+-- Returns {outcome, figure}: 'refused_no_worker' | 'refused_full' | 'refused_late' (figure: the estimated wait,
+-- seconds) | 'shared' (no conversation) | 'unknown' (no holder known) | 'hit' (to the holder's own
+-- stream) | 'unavailable' (holder dead or full: shared stream).
+local stream = KEYS[1]
+if ARGV[2] == '1' and redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf') == 0 then
+    return {'refused_no_worker', '0'}
 end
-redis.call('XADD', KEYS[2], '*', 'r', ARGV[4])
-return 0
+-- Workers XDEL what they finish, so the length is what is queued or running.
+local depth = redis.call('XLEN', stream)
+if depth >= tonumber(ARGV[3]) then
+    return {'refused_full', '0'}
+end
+local pending = redis.pcall('XPENDING', stream, ARGV[6])
+local waiting = depth
+if type(pending) == 'table' and not pending.err then  -- no group yet: nothing was ever read
+    waiting = depth - pending[1]
+end
+-- The wait ahead, at the fastest drain rate of the recent buckets (optimistic, so that a fleet that has just
+-- started, or just sped up, is not refused).
+local best = 0
+for i = 5, #KEYS do
+    best = math.max(best, tonumber(redis.call('GET', KEYS[i]) or '0'))
+end
+if waiting > 0 and best > 0 then
+    local wait_s = waiting * tonumber(ARGV[5]) / best
+    if wait_s > tonumber(ARGV[4]) then
+        return {'refused_late', tostring(wait_s)}
+    end
+end
+if KEYS[4] == '' then
+    redis.call('XADD', stream, '*', 'r', ARGV[9])
+    return {'shared', '0'}
+end
+-- The worker that served this conversation's last turn holds its prefix in its KV cache: its own stream, if it
+-- is live and has a free slot, else the shared stream.
+local worker = redis.call('GET', KEYS[4])
+if not worker then
+    redis.call('XADD', stream, '*', 'r', ARGV[9])
+    return {'unknown', '0'}
+end
+local seen = redis.call('ZSCORE', KEYS[2], worker)
+local load = tonumber(redis.call('HGET', KEYS[3], worker) or '0')
+if seen and tonumber(seen) >= tonumber(ARGV[1]) and load < tonumber(ARGV[8]) then
+    redis.call('XADD', ARGV[7] .. worker, '*', 'r', ARGV[9])
+    return {'hit', '0'}
+end
+redis.call('XADD', stream, '*', 'r', ARGV[9])
+return {'unavailable', '0'}
 """
-
-
-def estimated_wait_s(waiting: int, finished_per_bucket: list[str | None]) -> float:
-    """How long `waiting` requests take to start, at the fastest drain rate of the recent buckets (optimistic, so
-    that a fleet that has just started, or just sped up, is not refused). 0 when nothing waits or no rate is known."""
-    best = max((int(n) for n in finished_per_bucket if n), default=0)
-    if waiting <= 0 or best == 0:
-        return 0.0
-    return waiting * FINISHED_BUCKET_S / best
 
 
 class QueueClient:
     def __init__(self, client: aioredis.Redis, settings: Settings):
         self.redis = client
         self.settings = settings
-        self._add_routed = client.register_script(ADD_ROUTED)
+        self._submit = client.register_script(SUBMIT)
 
     async def live_workers(self, model: str) -> int:
         return await self.redis.zcount(keys.live_workers(model), time.time() - LIVE_WINDOW_S, "+inf")
@@ -101,61 +135,45 @@ class QueueClient:
 
     async def submit(self, request: InferenceRequest) -> None:
         """Queue `request`, unless no worker serves its model, its queue is at its bound, or the wait ahead of
-        it would outlast its deadline: each refused at once with 503 + Retry-After. Two round trips: the checks
-        (with the conversation's last worker), then the routed XADD."""
-        stream = keys.requests(request.model)
+        it would outlast its deadline: each refused at once with 503 + Retry-After. One round trip (SUBMIT)."""
+        model = request.model
         now = time.time()
         bucket = int(now // FINISHED_BUCKET_S)
         routed = self.settings.affinity and request.conversation
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcount(keys.live_workers(request.model), now - LIVE_WINDOW_S, "+inf")
-            # Workers XDEL what they finish, so the length is what is queued or running.
-            pipe.xlen(stream)
-            pipe.xpending(stream, keys.WORKER_GROUP)
-            pipe.mget([keys.finished(request.model, bucket - i) for i in range(1, FINISHED_WINDOW_BUCKETS + 1)])
-            if routed:
-                pipe.get(keys.affinity(request.model, request.conversation))
-            live, depth, pending, finished, *holder = await pipe.execute(raise_on_error=False)
-        if self.settings.require_live_worker and not live:
+        outcome, figure = await self._submit(
+            keys=[keys.requests(model), keys.live_workers(model), keys.load(model),
+                  keys.affinity(model, request.conversation) if routed else "",
+                  *(keys.finished(model, bucket - i) for i in range(1, FINISHED_WINDOW_BUCKETS + 1))],
+            args=[now - LIVE_WINDOW_S, int(self.settings.require_live_worker),
+                  self.settings.models[model].max_queue_depth, request.deadline - now, FINISHED_BUCKET_S,
+                  keys.WORKER_GROUP, keys.worker_requests(model, ""), self.settings.batch.max_running,
+                  request.model_dump_json()],
+        )  # fmt: skip
+        if outcome == "refused_no_worker":
             raise APIError(
                 503,
-                f"No worker is serving model '{request.model}' right now.",
+                f"No worker is serving model '{model}' right now.",
                 code="no_live_worker",
                 headers={"Retry-After": "5"},
             )
-        if depth >= self.settings.models[request.model].max_queue_depth:
+        if outcome == "refused_full":
             raise APIError(
                 503,
-                f"The queue for model '{request.model}' is full. Please try again later.",
+                f"The queue for model '{model}' is full. Please try again later.",
                 code="queue_full",
                 headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
             )
-        # No group yet (nothing ever read): everything in the stream is still waiting.
-        waiting = depth - (pending["pending"] if isinstance(pending, dict) else 0)
-        wait_s = estimated_wait_s(waiting, finished)
-        if wait_s > request.deadline - now:
+        if outcome == "refused_late":
+            wait_s = float(figure)
             raise APIError(
                 503,
-                f"The queue for model '{request.model}' would not reach this request before its deadline "
+                f"The queue for model '{model}' would not reach this request before its deadline "
                 f"(about {wait_s:.0f} s of work is waiting). Please try again later.",
                 code="deadline_unreachable",
                 headers={"Retry-After": str(math.ceil(wait_s - (request.deadline - now)))},
             )
-        body = request.model_dump_json()
-        worker = holder[0] if holder and isinstance(holder[0], str) else None
-        if worker is None:
-            if routed:
-                metrics.AFFINITY_ROUTES.labels(request.model, "unknown").inc()
-            await self.redis.xadd(stream, {"r": body})
-            return
-        # The worker that served this conversation's last turn holds its prefix in its KV cache: its own stream,
-        # if it is live and has a free slot, else the shared stream.
-        to_holder = await self._add_routed(
-            keys=[keys.worker_requests(request.model, worker), stream, keys.live_workers(request.model),
-                  keys.load(request.model)],
-            args=[worker, time.time() - LIVE_WINDOW_S, self.settings.batch.max_running, body],
-        )  # fmt: skip
-        metrics.AFFINITY_ROUTES.labels(request.model, "hit" if to_holder else "unavailable").inc()
+        if routed:
+            metrics.AFFINITY_ROUTES.labels(model, outcome).inc()
 
     async def follow(self, request: InferenceRequest) -> AsyncIterator[TokenDelta | FinalResult]:
         """Token deltas as the worker writes them, then the final record (always last).

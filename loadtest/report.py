@@ -62,7 +62,9 @@ def _sections(summaries: list[Summary], overhead: dict | None) -> list[str]:
             "## Gateway + Redis overhead, concurrency 1",
             f"TTFT p50 through the gateway {_ms(overhead['gateway_ttft']['p50'])} ms, engine in-process "
             f"{_ms(overhead['engine_ttft']['p50'])} ms (timed alternately, prompt by prompt): overhead, the p50 of "
-            f"each prompt's difference, {_ms(overhead['overhead_p50_s'])} ms.",
+            f"each prompt's difference, {_ms(overhead['overhead_p50_s'])} ms. Of this, the streaming openai "
+            f"client's own work (create() to the first content chunk against a canned response, no server): "
+            f"{_ms(overhead['client_own_p50_s'])} ms p50.",
         ]
     rss = [s for s in summaries if s.extra.get("worker_rss", {}).get("peak_rss_mib") is not None]
     if rss:

@@ -1,7 +1,12 @@
-"""The benchmark's own arithmetic: which gaps count as stalls during a long prefill, and llmfleet/peer ratios."""
+"""The benchmark's own arithmetic: which gaps count as stalls during a long prefill, llmfleet/peer ratios, and the
+client's own share of the gateway overhead."""
+
+import asyncio
 
 from loadtest.long_prompts import gaps_during_prefills
+from loadtest.overhead import client_ttfts
 from loadtest.stats import RequestTrace, ratio_table, summarise
+from shared.settings import DEFAULT_MODEL
 
 
 def test_only_gaps_of_other_streams_overlapping_a_probe_prefill_count():
@@ -18,3 +23,8 @@ def test_ratio_rows_pair_llmfleet_with_the_peer_at_the_same_workload_and_concurr
     rows = ratio_table([run("ours", 40, False, 8), run("peer", 20, True, 8), run("peer", 5, True, 1)])
     assert rows.splitlines()[2].startswith("| chat | ours | peer | 8 | 2.00 |")
     assert len(rows.splitlines()) == 3
+
+
+def test_the_client_share_of_the_overhead_is_timed_without_a_server_on_a_canned_stream():
+    ttfts = asyncio.run(client_ttfts(DEFAULT_MODEL, 3, seed=0))
+    assert len(ttfts) == 3 and all(0 < t < 1 for t in ttfts)

@@ -3,6 +3,7 @@ Retry-After."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -34,6 +35,25 @@ def test_a_queue_at_its_bound_is_503_with_retry_after(fleet, strict_gateway, aut
         refused = httpx.post(f"{strict_gateway}/v1/jobs", json=BODY, headers=auth_headers, timeout=10)
         assert assert_openai_error(refused, 503)["code"] == "queue_full"
         assert int(refused.headers["retry-after"]) >= 1
+    finally:
+        redis.delete(keys.live_workers(PARKED), keys.requests(PARKED))
+
+
+def test_requests_racing_for_the_last_places_never_exceed_the_queue_bound(fleet, strict_gateway, auth_headers):
+    redis = fleet.redis_server.client()
+    redis.zadd(keys.live_workers(PARKED), {"parked-worker": time.time() + 60})
+
+    async def race() -> list[int]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            replies = await asyncio.gather(
+                *(client.post(f"{strict_gateway}/v1/jobs", json=BODY, headers=auth_headers) for _ in range(6))
+            )
+        return sorted(r.status_code for r in replies)
+
+    try:
+        # The checks and the XADD are one script: of six at once, exactly PARKED's bound of 2 are queued.
+        assert asyncio.run(race()) == [202, 202, 503, 503, 503, 503]
+        assert redis.xlen(keys.requests(PARKED)) == 2
     finally:
         redis.delete(keys.live_workers(PARKED), keys.requests(PARKED))
 

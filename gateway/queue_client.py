@@ -69,9 +69,10 @@ local depth = redis.call('XLEN', stream)
 if depth >= tonumber(ARGV[3]) then
     return {'refused_full', '0'}
 end
-local pending = redis.pcall('XPENDING', stream, ARGV[6])
+-- Without the group (nothing was ever read) the whole stream waits.
 local waiting = depth
-if type(pending) == 'table' and not pending.err then  -- no group yet: nothing was ever read
+local pending = redis.pcall('XPENDING', stream, ARGV[6])
+if type(pending) == 'table' and not pending.err then
     waiting = depth - pending[1]
 end
 -- The wait ahead, at the fastest drain rate of the recent buckets (optimistic, so that a fleet that has just

@@ -11,7 +11,6 @@ import random
 import time
 
 import httpx
-import openai
 
 from gateway.prompts import chat_token_ids
 from gateway.protocol import ChatCompletionRequest
@@ -88,8 +87,7 @@ async def client_ttfts(model: str, requests: int, seed: int) -> list[float]:
     through httpx.MockTransport: the client's own work in each TTFT through the gateway."""
     rng = random.Random(seed)
     server = Server("canned", "http://canned/v1", model)
-    http = httpx.AsyncClient(transport=httpx.MockTransport(_canned_stream))
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="loadtest", max_retries=0, http_client=http)
+    client = client_for(server, httpx.AsyncClient(transport=httpx.MockTransport(_canned_stream)))
     ttfts = []
     for messages in [chat_messages(rng) for _ in range(requests + 1)]:
         trace = await stream_one(client, server, messages, 1, True)

@@ -7,6 +7,7 @@ import asyncio
 import random
 import time
 
+import httpx
 import openai
 
 from loadtest.servers import Server
@@ -21,8 +22,10 @@ def chat_messages(rng: random.Random) -> list[dict]:
     return [{"role": "user", "content": f"Write a short story about {rng.choice(TOPICS)}."}]
 
 
-def client_for(server: Server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key="loadtest", max_retries=0, timeout=600)
+def client_for(server: Server, http: httpx.AsyncClient | None = None) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=server.base_url, api_key="loadtest", max_retries=0, timeout=600, http_client=http
+    )
 
 
 async def stream_one(

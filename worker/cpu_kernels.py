@@ -23,7 +23,7 @@ _AVX512 = ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vnni"
 KERNEL_SETS = {
     "avx512": (
         ["avx512/*.cpp", "avx512_vnni/block_quant_int16.cpp", "common/*.cpp"],
-        [*_AVX512, "-mavx512bf16", "-mavx512vbmi"],
+        [*_AVX512, "-mavx512bf16", "-mavx512vbmi", "-DLLMFLEET_KEYS_TRANSPOSED"],  # the KV cache's key layout
     ),
     "avx512_vnni": (["avx512_vnni/*.cpp", "common/*.cpp"], _AVX512),
     "avx2": (["avx2/*.cpp", "common/*.cpp"], _AVX2),

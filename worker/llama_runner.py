@@ -6,10 +6,11 @@ layers run once per step for everybody, and each sequence keeps its own position
 The weights and layer modules are the transformers model's own; the attention over the slot cache is ours
 (worker.slot_attention), and so is calling the 4-bit layers' kernels directly (worker.int4_calls).
 
-KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor. A sequence owns a slot from its first
-prompt chunk to its end. On the CPU the tensors live in anonymous memory maps: zeros that become resident only
-where positions are written, so a large capacity costs nothing until used, and no position ever holds garbage
-(a NaN there would poison the masked-out keys' zero weights).
+KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor (where the AVX512-BF16 kernels run, each block
+of KEY_BLOCK keys is stored with the dimension pairs outermost: worker/kernels/common/rotary_to_cache.cpp). A
+sequence owns a slot from its first prompt chunk to its end. On the CPU the tensors live in anonymous memory maps:
+zeros that become resident only where positions are written, so a large capacity costs nothing until used, and no
+position ever holds garbage (a NaN there would poison the masked-out keys' zero weights).
 
 Attention: on CPUs where worker.cpu_kernels builds (AVX512, AVX2), the kernel reads a bf16 cache and computes
 in float32. Without it, with torch's matmuls, attention (and so the KV cache) computes in float32 on a CPU without
@@ -34,7 +35,7 @@ import torch
 from worker import cpu_kernels
 from worker.block_quant import BlockQuantLinear
 from worker.int4_calls import layer_calls
-from worker.slot_attention import KernelAttention, MatmulAttention, padded
+from worker.slot_attention import KEY_BLOCK, KernelAttention, MatmulAttention, padded
 
 
 def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -168,9 +169,12 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Give slot `target` the KV of the first `length` positions of slot `source` (prefix reuse)."""
+        """Give slot `target` the KV of the first `length` positions of slot `source` (prefix reuse). Whole blocks
+        of KEY_BLOCK positions, as the attention kernel may store keys block by block (worker.cpu_kernels): the
+        positions past `length` that come along are written by the target's own tokens before it reads them."""
+        end = -(-length // KEY_BLOCK) * KEY_BLOCK  # within the capacity, a multiple of ATTENTION_BLOCK
         for cache in (*self.k_cache, *self.v_cache):
-            cache[target, :, :length].copy_(cache[source, :, :length])
+            cache[target, :, :end].copy_(cache[source, :, :end])
 
     def _kernel_rotary(self, slots: torch.Tensor, positions: torch.Tensor) -> Callable:
         """qkv -> rotated queries, with rotated keys and values written to the cache: one kernel call a layer."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 ATTENTION_BLOCK = 64
+KEY_BLOCK = 16
+"""Keys the AVX512-BF16 attention kernel stores as one block (worker/kernels/common/rotary_to_cache.cpp)."""
 
 
 def padded(n: int) -> int:

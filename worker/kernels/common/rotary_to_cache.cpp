@@ -18,6 +18,27 @@ void rotate(const at::BFloat16* __restrict__ x, const at::BFloat16* __restrict__
     }
 }
 
+#ifdef LLMFLEET_KEYS_TRANSPOSED
+// The AVX512-BF16 attention (avx512/cached_attention.cpp) reads keys 16 at a time with the dimension pairs
+// outermost: key j's pair p at (j / 16) * 16 * D + p * 32 + (j % 16) * 2 of its (slot, head) rows.
+constexpr bool keys_transposed = true;
+#else
+constexpr bool keys_transposed = false;
+#endif
+
+// Where position `j`'s key goes in its (slot, head) rows `keys`.
+void write_key(const at::BFloat16* key, at::BFloat16* keys, int64_t j, int64_t D) {
+    if (!keys_transposed) {
+        std::copy_n(key, D, keys + j * D);
+        return;
+    }
+    at::BFloat16* block = keys + (j / 16) * 16 * D + (j % 16) * 2;
+    for (int64_t p = 0; p < D / 2; ++p) {
+        block[p * 32] = key[2 * p];
+        block[p * 32 + 1] = key[2 * p + 1];
+    }
+}
+
 }  // namespace
 
 // qkv [T, heads + 2 * kv_heads, D] bf16 (queries, keys, values); cos, sin [capacity, D] bf16; slots, positions int64
@@ -28,7 +49,8 @@ torch::Tensor rotary_to_cache(const torch::Tensor& qkv, int64_t heads, const tor
                               torch::Tensor& k_cache, torch::Tensor& v_cache) {
     TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous() && qkv.dim() == 3, "qkv: bf16 [T, H, D]");
     const int64_t T = qkv.size(0), D = qkv.size(2), n_kv = k_cache.size(1), capacity = k_cache.size(2);
-    TORCH_CHECK(D % 2 == 0 && qkv.size(1) == heads + 2 * n_kv, "qkv: [T, heads + 2 * kv_heads, D]");
+    TORCH_CHECK(D % 2 == 0 && D <= 256 && qkv.size(1) == heads + 2 * n_kv, "qkv: [T, heads + 2 * kv_heads, D <= 256]");
+    TORCH_CHECK(!keys_transposed || capacity % 16 == 0, "capacity: a multiple of 16");
     for (const auto* cache : {&k_cache, &v_cache})
         TORCH_CHECK(cache->scalar_type() == at::kBFloat16 && cache->is_contiguous() && cache->dim() == 4 &&
                         cache->sizes() == k_cache.sizes() && cache->size(3) == D, "caches: bf16 [slots, kv_heads, capacity, D]");
@@ -56,9 +78,11 @@ torch::Tensor rotary_to_cache(const torch::Tensor& qkv, int64_t heads, const tor
             const at::BFloat16 *c = C + position[t] * D, *s = S + position[t] * D;
             for (int64_t h = 0; h < heads; ++h) rotate(x + h * D, c, s, Q + (t * heads + h) * D, D);
             for (int64_t h = 0; h < n_kv; ++h) {
-                const int64_t row = ((slot[t] * n_kv + h) * capacity + position[t]) * D;
-                rotate(x + (heads + h) * D, c, s, K + row, D);
-                std::copy_n(x + (heads + n_kv + h) * D, D, V + row);
+                const int64_t rows = (slot[t] * n_kv + h) * capacity * D;
+                at::BFloat16 key[256];
+                rotate(x + (heads + h) * D, c, s, key, D);
+                write_key(key, K + rows, position[t], D);
+                std::copy_n(x + (heads + n_kv + h) * D, D, V + rows + position[t] * D);
             }
         }
     });

@@ -22,6 +22,13 @@ def make_runner(loaded_model, slots: int, capacity: int, kernel: bool) -> LlamaR
     return runner
 
 
+def test_the_kernel_set_this_cpu_can_run_builds():
+    # Otherwise a kernel that no longer compiles would only show as the kernel cases below being skipped.
+    if cpu_kernels.cpu_isa() is None:
+        pytest.skip("no kernel set for this CPU")
+    assert cpu_kernels.isa() == cpu_kernels.cpu_isa()
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False

@@ -30,7 +30,8 @@ KERNEL_SETS = {
 }
 
 
-def _cpu_isa() -> str | None:
+def cpu_isa() -> str | None:
+    """The kernel set this CPU can run (a key of KERNEL_SETS), or None; whether it builds is isa()."""
     import torch
     from gptqmodel.utils.cpu_features import has_avx512_bf16
 
@@ -64,7 +65,7 @@ def isa() -> str | None:
     """Build (first time only) and load this CPU's kernels; the instruction set they use, or None."""
     from torch.utils.cpp_extension import load
 
-    chosen = _cpu_isa()
+    chosen = cpu_isa()
     if chosen is None:
         return None
     try:

@@ -64,6 +64,20 @@ def test_chunked_prefill_gives_the_same_tokens(loaded_model, kernel):
 
 
 @attention
+def test_a_prompts_logits_do_not_depend_on_how_it_is_chunked(loaded_model, kernel):
+    """Prompt rows (on AMX tiles where the CPU has them) get the same bits in a chunk of 1, 7 or all of them: a prompt
+    prefix taken from the cache holds exactly what recomputing it would."""
+    prompt = chat_ids(loaded_model.tokenizer, "Describe a sunny day at the beach in two sentences.")
+    runner = make_runner(loaded_model, 3, 256, kernel)
+    last = []
+    for slot, chunk in enumerate((len(prompt), 7, 1)):
+        for start in range(0, len(prompt), chunk):
+            logits = runner.step([], [], [], [PrefillChunk(slot, prompt[start : start + chunk], start)])
+        last.append(logits[-1])
+    assert torch.equal(last[0], last[1]) and torch.equal(last[0], last[2])
+
+
+@attention
 def test_a_sequence_in_a_higher_slot_is_unaffected_by_an_empty_lower_slot(loaded_model, kernel):
     prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
     runner = make_runner(loaded_model, 4, 128, kernel)
@@ -111,9 +125,10 @@ def test_the_silu_mul_kernel_rounds_the_float32_result_once_row_by_row():
     assert torch.equal(torch.ops.llmfleet.silu_mul(gate_up[5:6]), fused[5:6])
 
 
-def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_kernel(loaded_model):
-    """The kernel computes a prompt's rows as it computes decoding ones, so a prefix cache entry holds exactly what
-    recomputing it would."""
+def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_kernel(loaded_model, monkeypatch):
+    """The kernel computes a prompt's rows as it computes decoding ones. (On a CPU with AMX the linear layers do not:
+    prompt rows go to AMX tiles, worker.block_quant.PromptRows; here they take the decoding rows' kernel.)"""
+    monkeypatch.setattr(cpu_kernels, "tile_op", lambda: None)
     prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
     decoded = make_runner(loaded_model, 1, 128, True)
     decoded.step([], [], [], [PrefillChunk(0, prompt[:-1], 0)])

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from worker import cpu_kernels
-from worker.block_quant import BlockQuantLinear
+from worker.block_quant import BlockQuantLinear, PromptRows
 
 
 def _plain_aten_int4(module: torch.nn.Module) -> bool:
@@ -46,10 +46,12 @@ class Int4Call:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
 
 
-def _fused(modules: list[torch.nn.Module], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+def _fused(
+    modules: list[torch.nn.Module], dtype: torch.dtype, prompt_rows: PromptRows | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """[tokens, in_features] contiguous -> the modules' outputs side by side."""
     if isinstance(modules[0], BlockQuantLinear):
-        return BlockQuantLinear.concat(modules).rows_call()
+        return BlockQuantLinear.concat(modules).rows_call(prompt_rows)
     return Int4Call(modules, dtype)
 
 
@@ -68,12 +70,12 @@ def _gated_activation(act: torch.nn.Module, dtype: torch.dtype) -> Callable[[tor
 class LayerCalls:
     """One decoder layer's projections: q/k/v fused, o, gate/up fused, down."""
 
-    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype, prompt_rows: PromptRows | None = None):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-        self.o = _fused([attn.o_proj], dtype)
-        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], dtype)
-        self.down = _fused([mlp.down_proj], dtype)
+        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype, prompt_rows)
+        self.o = _fused([attn.o_proj], dtype, prompt_rows)
+        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], dtype, prompt_rows)
+        self.down = _fused([mlp.down_proj], dtype, prompt_rows)
         self.gated = _gated_activation(mlp.act_fn, dtype)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,5 +99,5 @@ class ModuleCalls:
         self.mlp = layer.mlp
 
 
-def layer_calls(layer: torch.nn.Module, dtype: torch.dtype) -> LayerCalls | ModuleCalls:
-    return LayerCalls(layer, dtype) if LayerCalls.usable(layer) else ModuleCalls(layer)
+def layer_calls(layer: torch.nn.Module, dtype: torch.dtype, prompt_rows: PromptRows) -> LayerCalls | ModuleCalls:
+    return LayerCalls(layer, dtype, prompt_rows) if LayerCalls.usable(layer) else ModuleCalls(layer)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from worker import cpu_kernels
-from worker.block_quant import BlockQuantLinear
+from worker.block_quant import BlockQuantLinear, PromptRows
 from worker.int4_calls import layer_calls
 from worker.slot_attention import KEY_BLOCK, KernelAttention, MatmulAttention, padded
 
@@ -133,7 +133,8 @@ class LlamaRunner:
             and not native_bf16(self.device)
             and not isinstance(self.lm_head, BlockQuantLinear)
         )
-        self.calls = [layer_calls(layer, self.dtype) for layer in self.layers]
+        self.prompt_rows = PromptRows()
+        self.calls = [layer_calls(layer, self.dtype, self.prompt_rows) for layer in self.layers]
         # Each residual update comes with the norm that reads it next: a layer's MLP norm after attention, the next
         # layer's attention norm (the model's final one after the last layer) after the MLP.
         self.first_norm = rms_norm(self.layers[0].input_layernorm)
@@ -215,6 +216,7 @@ class LlamaRunner:
         chunk (the logits after its last token; callers ignore the row of a chunk that does not finish its prompt).
         Not converted to float32 here: a greedy choice needs no copy (32 rows of a 49k vocabulary: ~0.8 ms)."""
         n_decode = len(decode_tokens)
+        self.prompt_rows.start = n_decode
         tokens = list(decode_tokens)
         slots = list(decode_slots)
         positions = list(decode_positions)

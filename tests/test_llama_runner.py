@@ -126,9 +126,9 @@ def test_the_silu_mul_kernel_rounds_the_float32_result_once_row_by_row():
 
 
 def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_kernel(loaded_model, monkeypatch):
-    """The kernel computes a prompt's rows as it computes decoding ones. (On a CPU with AMX the linear layers do not:
-    prompt rows go to AMX tiles, worker.block_quant.PromptRows; here they take the decoding rows' kernel.)"""
-    monkeypatch.setattr(cpu_kernels, "tile_op", lambda: None)
+    """The kernel computes a prompt's rows as it computes decoding ones. (On a CPU with AMX a step does not:
+    prompt rows go to AMX tiles, worker.block_quant.PromptRows; here they take the decoding rows' kernels.)"""
+    monkeypatch.setattr(cpu_kernels, "amx", lambda: False)
     prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
     decoded = make_runner(loaded_model, 1, 128, True)
     decoded.step([], [], [], [PrefillChunk(0, prompt[:-1], 0)])

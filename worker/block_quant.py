@@ -37,8 +37,8 @@ class PromptRows:
     """Where the prompt rows of a runner's step start (its decoding rows come first), read by the step's layer calls.
 
     On CPUs with AMX, prompt rows are computed on AMX tiles (block_quant_matmul_amx: the weights rounded to bf16 once
-    a call, then 16 x 16 tiles; from ~12 rows on faster than the vector kernels, 4x at 512 rows) and decoding rows by
-    the vector kernel (block_quant_matmul*: fastest for a few rows; a row's bits do not depend on the batch). Split by
+    a call, then 16 x 16 tiles; from ~12 rows on faster than the vector kernels, 4x at 512 rows; their attention too,
+    worker.slot_attention.KernelAttention) and decoding rows by the vector kernels (fastest for a few rows). Split by
     kind rather than by count, so that a row's bits never depend on what else is in the step, nor on how its prompt
     was chunked; but a token computed as a decoding row and the same token computed as a prompt row differ in the
     last bits."""
@@ -94,10 +94,9 @@ class BlockQuantLinear(torch.nn.Module):
         matmul, packed, scales, mins, group, bits = (
             self.matmul, self.packed, self.scales, self.mins, self.group_size, self.bits
         )  # fmt: skip
-        tile_op = cpu_kernels.tile_op()
-        if prompt_rows is None or tile_op is None:
+        if prompt_rows is None or not cpu_kernels.amx():
             return lambda x: matmul(x, packed, scales, mins, group, bits)
-        tiles = getattr(torch.ops.llmfleet, tile_op)
+        tiles = torch.ops.llmfleet.block_quant_matmul_amx
 
         def split(x: torch.Tensor) -> torch.Tensor:
             start = prompt_rows.start

@@ -1,11 +1,11 @@
 """The worker's own CPU kernels, built once by torch's extension builder (~30-60 s, cached in
 ~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant; with
-AVX512 also `_fp32` and `_int16` variants, see block_quant_op(), and `_amx` on AMX tiles, see tile_op()),
-`cached_attention` (worker.slot_attention), `rms_norm`, `add_rms_norm` and `rotary_to_cache` (worker.llama_runner)
-and `silu_mul` (worker.int4_calls). One kernel set per instruction set (KERNEL_SETS: sources in
-worker/kernels/<isa>/, with worker/kernels/common/): AVX512-BF16 (with AMX where the CPU has it); AVX512-VNNI without
-BF16 (Ice Lake: the 16-bit integer block kernel, float32 attention); AVX2 with FMA and F16C. Elsewhere (ARM) or where
-the build fails, `isa()` is None and the worker uses library kernels instead."""
+AVX512 also `_fp32` and `_int16` variants, see block_quant_op(), and `_amx` on AMX tiles, see amx()),
+`cached_attention` and `prompt_attention_amx` (worker.slot_attention), `rms_norm`, `add_rms_norm` and
+`rotary_to_cache` (worker.llama_runner) and `silu_mul` (worker.int4_calls). One kernel set per instruction set
+(KERNEL_SETS: sources in worker/kernels/<isa>/, with worker/kernels/common/): AVX512-BF16 (with AMX where the CPU has
+it); AVX512-VNNI without BF16 (Ice Lake: the 16-bit integer block kernel, float32 attention); AVX2 with FMA and F16C.
+Elsewhere (ARM) or where the build fails, `isa()` is None and the worker uses library kernels instead."""
 
 from __future__ import annotations
 
@@ -93,16 +93,12 @@ def available() -> bool:
 
 
 BLOCK_QUANT_OPS = ("block_quant_matmul", "block_quant_matmul_fp32", "block_quant_matmul_int16")
-TILE_OP = "block_quant_matmul_amx"
 
 
-def tile_op() -> str | None:
-    """The block_quant_matmul variant on AMX tiles (worker/kernels/avx512/block_quant_amx.cpp), where this CPU has AMX:
-    for the prompt rows of a step (worker.block_quant.PromptRows)."""
-    import torch
-
-    usable = available() and {"amx_tile", "amx_bf16"} <= _cpu_flags()
-    return TILE_OP if usable and hasattr(torch.ops.llmfleet, TILE_OP) else None
+def amx() -> bool:
+    """Whether this CPU's kernels include the AMX ones (worker/kernels/avx512/*_amx.cpp), which a step uses for its
+    prompt rows (worker.block_quant.PromptRows, worker.slot_attention.KernelAttention)."""
+    return isa() == "avx512" and {"amx_tile", "amx_bf16"} <= _cpu_flags()
 
 
 def block_quant_ops() -> list[str]:

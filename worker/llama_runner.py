@@ -134,6 +134,7 @@ class LlamaRunner:
             and not isinstance(self.lm_head, BlockQuantLinear)
         )
         self.prompt_rows = PromptRows()
+        self.prompt_tiles = cpu_kernels.amx()  # prompt rows' products and attention on AMX tiles
         self.calls = [layer_calls(layer, self.dtype, self.prompt_rows) for layer in self.layers]
         # Each residual update comes with the norm that reads it next: a layer's MLP norm after attention, the next
         # layer's attention norm (the model's final one after the last layer) after the MLP.
@@ -232,7 +233,7 @@ class LlamaRunner:
 
         scale = self.head_dim**-0.5
         if self.attention_kernel:
-            attend = KernelAttention(slot_idx, pos, self.n_kv, scale)
+            attend = KernelAttention(slot_idx, pos, self.n_kv, scale, prefills if self.prompt_tiles else None)
             to_cache = self._kernel_rotary(slot_idx, pos)
         else:
             group = self.n_heads // self.n_kv

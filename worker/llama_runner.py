@@ -20,7 +20,9 @@ its 6.8 s in attention.
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
 or whether its prefix came from the cache. The linear layers already compute each row independently of the
 others; attention does too (worker.slot_attention). That is what makes greedy output repeatable under load and the
-prefix cache exact.
+prefix cache exact. On a CPU with AMX, prompt rows are computed on AMX tiles and decoding rows by the vector kernels
+(worker.block_quant.PromptRows): all of the above still holds, but a previous turn's answer taken from the cache
+carries its decoding bits, where recomputing it as a prompt gives other last bits.
 """
 
 from __future__ import annotations

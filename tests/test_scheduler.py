@@ -57,6 +57,14 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(schedul
     assert steps_with_a >= 6, "a got a token in every step of the long prefill"
 
 
+def test_a_short_prompt_is_prefilled_before_the_rest_of_a_long_one(scheduler):
+    scheduler.add(request("long", 2, prompt=PROMPT * 16))  # 96 tokens, budget 16 per step
+    scheduler.step()
+    scheduler.add(request("short", 2))
+    assert "short" in ids(scheduler.step()), "its 6 tokens go first, its first token comes in the next step"
+    assert scheduler.running["long"].prefilled == 16 + 10
+
+
 def test_a_long_prompt_alone_is_prefilled_over_steps_that_sample_nothing(scheduler):
     scheduler.add(request("long", 3, prompt=PROMPT * 16))  # 96 tokens, budget 16: five steps without a token
     finals = [e.final for _ in range(12) for e in scheduler.step() if e.final]

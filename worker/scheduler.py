@@ -227,12 +227,15 @@ class Scheduler:
         return None
 
     def _plan_prefills(self) -> list[tuple[Sequence, PrefillChunk]]:
-        """Prompt chunks for this step, oldest request first, within the prefill token budget."""
+        """Prompt chunks for this step within the prefill token budget: the prompts with the fewest tokens left first
+        (a conversation's next turn, its history cached, does not wait behind another request's long prompt), ties
+        oldest first."""
         budget = self.max_prefill_tokens
         planned = []
-        for seq in self.running.values():
-            if seq.decoding or budget <= 0:
-                continue
+        prompts = [seq for seq in self.running.values() if not seq.decoding]
+        for seq in sorted(prompts, key=lambda seq: len(seq.prefill_ids) - seq.prefilled):
+            if budget <= 0:
+                break
             ids = seq.prefill_ids
             n = min(budget, len(ids) - seq.prefilled)
             planned.append((seq, PrefillChunk(seq.slot, ids[seq.prefilled : seq.prefilled + n], seq.prefilled)))

@@ -56,6 +56,12 @@ class BatchLimits(BaseModel):
     """Below max_prefill_tokens, a step prefills only the prompt tokens that a warm-up measurement says fit in
     this time (worker.step_cost): on a CPU, prompts that arrive together are then prefilled one after another
     instead of all answering at the end, and running streams stall at most about this long."""
+    batch_invariant: bool = False
+    """True: a sequence's logits never depend on what else the step computes (vLLM's VLLM_BATCH_INVARIANT), so greedy
+    output is the same under any load. On CPUs with AMX that keeps every decoding row on the vector kernels; by
+    default a step that decodes 16 or more sequences computes their linear layers on AMX tiles
+    (worker.block_quant.TileRows), faster, and a sequence's logits then differ in the last bits between steps with
+    fewer and more than 16 sequences. Elsewhere every step is batch invariant either way."""
     prefix_cache_tokens: int = Field(default=32768, ge=0)
     """Tokens of finished sequences' KV kept for prefix reuse (LRU); 0 turns the prefix cache off."""
     kv_prefault_tokens: int = Field(default=256, ge=0)

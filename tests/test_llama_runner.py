@@ -7,6 +7,7 @@ import torch
 
 from tests.conftest import FRANCE_QUESTION
 from worker import cpu_kernels
+from worker.block_quant import DECODE_TILE_ROWS
 from worker.int4_calls import LayerCalls
 from worker.llama_runner import LlamaRunner, PrefillChunk, add_rms_norm, rms_norm
 
@@ -99,6 +100,23 @@ def test_logits_do_not_depend_on_the_rest_of_the_batch(loaded_model, kernel):
     assert torch.equal(a[0], b[0])
 
 
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["batch-invariant", "default"])
+def test_a_sequence_decoded_alone_or_among_many_gets_the_same_token(loaded_model, batch_invariant):
+    """Beside DECODE_TILE_ROWS others, decoding rows go to AMX tiles where the CPU has them, unless batch invariant:
+    then a sequence's logits are the same bits alone or among many; otherwise the same greedy token."""
+    prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
+    n = DECODE_TILE_ROWS + 1
+    runner = LlamaRunner(loaded_model.model, slots=n, capacity=128, batch_invariant=batch_invariant)
+    for slot in range(n):
+        runner.step([], [], [], [PrefillChunk(slot, prompt, 0)])
+    alone = runner.step([0], [42], [len(prompt)], [])[0]
+    among_many = runner.step(list(range(n)), [42] * n, [len(prompt)] * n, [])[0]
+    if batch_invariant or not cpu_kernels.amx():
+        assert torch.equal(alone, among_many)
+    assert alone.argmax() == among_many.argmax()
+    assert (alone.float() - among_many.float()).abs().max() < 0.05 * alone.float().abs().max()
+
+
 def test_fused_int4_calls_give_the_modules_products_bit_for_bit(loaded_model):
     layer = loaded_model.model.model.layers[0]
     assert LayerCalls.usable(layer)  # the default model on a CPU: worker.block_quant layers, or gptqmodel's ATen ones
@@ -127,7 +145,7 @@ def test_the_silu_mul_kernel_rounds_the_float32_result_once_row_by_row():
 
 def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_kernel(loaded_model, monkeypatch):
     """The kernel computes a prompt's rows as it computes decoding ones. (On a CPU with AMX a step does not:
-    prompt rows go to AMX tiles, worker.block_quant.PromptRows; here they take the decoding rows' kernels.)"""
+    prompt rows go to AMX tiles, worker.block_quant.TileRows; here they take the decoding rows' kernels.)"""
     monkeypatch.setattr(cpu_kernels, "amx", lambda: False)
     prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
     decoded = make_runner(loaded_model, 1, 128, True)

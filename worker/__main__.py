@@ -31,7 +31,7 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
     batch = settings.batch
     # With a prefix cache, as many extra slots as running ones park finished sequences for reuse.
     slots = batch.max_running * (2 if batch.prefix_cache_tokens else 1)
-    runner = LlamaRunner(loaded.model, slots=slots, capacity=spec.max_context)
+    runner = LlamaRunner(loaded.model, slots=slots, capacity=spec.max_context, batch_invariant=batch.batch_invariant)
     runner.prefault(min(batch.kv_prefault_tokens, spec.max_context))
     cost = step_cost.measure(runner)
     prefill_tokens = cost.prefill_budget(batch.prefill_step_ms / 1000, batch.max_prefill_tokens)

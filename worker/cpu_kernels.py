@@ -97,7 +97,7 @@ BLOCK_QUANT_OPS = ("block_quant_matmul", "block_quant_matmul_fp32", "block_quant
 
 def amx() -> bool:
     """Whether this CPU's kernels include the AMX ones (worker/kernels/avx512/*_amx.cpp), which a step uses for its
-    prompt rows (worker.block_quant.PromptRows, worker.slot_attention.KernelAttention)."""
+    prompt rows (worker.block_quant.TileRows, worker.slot_attention.KernelAttention)."""
     return isa() == "avx512" and {"amx_tile", "amx_bf16"} <= _cpu_flags()
 
 

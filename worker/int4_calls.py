@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from worker import cpu_kernels
-from worker.block_quant import BlockQuantLinear, PromptRows
+from worker.block_quant import BlockQuantLinear, TileRows
 
 
 def _plain_aten_int4(module: torch.nn.Module) -> bool:
@@ -47,11 +47,11 @@ class Int4Call:
 
 
 def _fused(
-    modules: list[torch.nn.Module], dtype: torch.dtype, prompt_rows: PromptRows | None
+    modules: list[torch.nn.Module], dtype: torch.dtype, tile_rows: TileRows | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """[tokens, in_features] contiguous -> the modules' outputs side by side."""
     if isinstance(modules[0], BlockQuantLinear):
-        return BlockQuantLinear.concat(modules).rows_call(prompt_rows)
+        return BlockQuantLinear.concat(modules).rows_call(tile_rows)
     return Int4Call(modules, dtype)
 
 
@@ -70,12 +70,12 @@ def _gated_activation(act: torch.nn.Module, dtype: torch.dtype) -> Callable[[tor
 class LayerCalls:
     """One decoder layer's projections: q/k/v fused, o, gate/up fused, down."""
 
-    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype, prompt_rows: PromptRows | None = None):
+    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype, tile_rows: TileRows | None = None):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype, prompt_rows)
-        self.o = _fused([attn.o_proj], dtype, prompt_rows)
-        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], dtype, prompt_rows)
-        self.down = _fused([mlp.down_proj], dtype, prompt_rows)
+        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype, tile_rows)
+        self.o = _fused([attn.o_proj], dtype, tile_rows)
+        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], dtype, tile_rows)
+        self.down = _fused([mlp.down_proj], dtype, tile_rows)
         self.gated = _gated_activation(mlp.act_fn, dtype)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,5 +99,5 @@ class ModuleCalls:
         self.mlp = layer.mlp
 
 
-def layer_calls(layer: torch.nn.Module, dtype: torch.dtype, prompt_rows: PromptRows) -> LayerCalls | ModuleCalls:
-    return LayerCalls(layer, dtype, prompt_rows) if LayerCalls.usable(layer) else ModuleCalls(layer)
+def layer_calls(layer: torch.nn.Module, dtype: torch.dtype, tile_rows: TileRows) -> LayerCalls | ModuleCalls:
+    return LayerCalls(layer, dtype, tile_rows) if LayerCalls.usable(layer) else ModuleCalls(layer)

@@ -20,9 +20,10 @@ its 6.8 s in attention.
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
 or whether its prefix came from the cache. The linear layers already compute each row independently of the
 others; attention does too (worker.slot_attention). That is what makes greedy output repeatable under load and the
-prefix cache exact. On a CPU with AMX, prompt rows are computed on AMX tiles and decoding rows by the vector kernels
-(worker.block_quant.PromptRows): all of the above still holds, but a previous turn's answer taken from the cache
-carries its decoding bits, where recomputing it as a prompt gives other last bits.
+prefix cache exact. On a CPU with AMX (worker.block_quant.TileRows), prompt rows are computed on AMX tiles, and so
+are decoding rows when a step has many, unless `batch_invariant`: a decoding row's bits then depend on whether it
+shared a step with few others or many. Either way a previous turn's answer taken from the cache carries its decoding
+bits, where recomputing it as a prompt gives other last bits.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from worker import cpu_kernels
-from worker.block_quant import BlockQuantLinear, PromptRows
+from worker.block_quant import DECODE_TILE_ROWS, BlockQuantLinear, TileRows
 from worker.int4_calls import layer_calls
 from worker.slot_attention import KEY_BLOCK, KernelAttention, MatmulAttention, padded
 
@@ -106,7 +107,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaRunner:
-    def __init__(self, model: torch.nn.Module, slots: int, capacity: int):
+    def __init__(self, model: torch.nn.Module, slots: int, capacity: int, batch_invariant: bool = False):
         config = model.config
         self.model = model
         self.layers = model.model.layers
@@ -135,9 +136,13 @@ class LlamaRunner:
             and not native_bf16(self.device)
             and not isinstance(self.lm_head, BlockQuantLinear)
         )
-        self.prompt_rows = PromptRows()
         self.prompt_tiles = cpu_kernels.amx()  # prompt rows' products and attention on AMX tiles
-        self.calls = [layer_calls(layer, self.dtype, self.prompt_rows) for layer in self.layers]
+        self.batch_invariant = batch_invariant  # decoding rows never on tiles (TileRows)
+        self.tile_rows = TileRows()
+        self.calls = [layer_calls(layer, self.dtype, self.tile_rows) for layer in self.layers]
+        # The output projection goes to tiles only with the decoding rows: a prompt chunk has one row of logits.
+        self.logit_rows = TileRows()
+        self.logits = self.lm_head.rows_call(self.logit_rows) if isinstance(self.lm_head, BlockQuantLinear) else None
         # Each residual update comes with the norm that reads it next: a layer's MLP norm after attention, the next
         # layer's attention norm (the model's final one after the last layer) after the MLP.
         self.first_norm = rms_norm(self.layers[0].input_layernorm)
@@ -219,7 +224,9 @@ class LlamaRunner:
         chunk (the logits after its last token; callers ignore the row of a chunk that does not finish its prompt).
         Not converted to float32 here: a greedy choice needs no copy (32 rows of a 49k vocabulary: ~0.8 ms)."""
         n_decode = len(decode_tokens)
-        self.prompt_rows.start = n_decode
+        decode_on_tiles = n_decode >= DECODE_TILE_ROWS and not self.batch_invariant
+        self.tile_rows.start = 0 if decode_on_tiles else n_decode
+        self.logit_rows.start = 0 if decode_on_tiles else n_decode + len(prefills)
         tokens = list(decode_tokens)
         slots = list(decode_slots)
         positions = list(decode_positions)
@@ -265,4 +272,4 @@ class LlamaRunner:
         if self.pad_logit_rows:
             rows += [rows[-1]] * (max(4, n_rows + n_rows % 2) - n_rows)
         last = normed[torch.tensor(rows, device=device)]
-        return self.lm_head(last)[:n_rows]
+        return (self.logits or self.lm_head)(last)[:n_rows]

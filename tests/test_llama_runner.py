@@ -15,8 +15,8 @@ from worker.llama_runner import LlamaRunner, PrefillChunk, add_rms_norm, rms_nor
 attention = pytest.mark.parametrize("kernel", [True, False], ids=["kernel-attention", "matmul-attention"])
 
 
-def make_runner(loaded_model, slots: int, capacity: int, kernel: bool) -> LlamaRunner:
-    runner = LlamaRunner(loaded_model.model, slots=slots, capacity=capacity)
+def make_runner(loaded_model, slots: int, capacity: int, kernel: bool, batch_invariant=False) -> LlamaRunner:
+    runner = LlamaRunner(loaded_model.model, slots=slots, capacity=capacity, batch_invariant=batch_invariant)
     if kernel and not runner.attention_kernel:
         pytest.skip("the attention kernel needs a CPU with AVX512 or AVX2")
     runner.attention_kernel = kernel
@@ -87,12 +87,14 @@ def test_a_sequence_in_a_higher_slot_is_unaffected_by_an_empty_lower_slot(loaded
 
 @attention
 def test_logits_do_not_depend_on_the_rest_of_the_batch(loaded_model, kernel):
-    """Batch invariance: a sequence decoded alone, or beside others at other lengths, gets bit-identical logits."""
+    """Batch invariance: a sequence decoded alone, or beside others at other lengths and a prompt chunk, gets
+    bit-identical logits (on a CPU with AMX, with batch_invariant only: otherwise the prompt chunk takes the decoding
+    rows to AMX tiles with it)."""
     tok = loaded_model.tokenizer
     prompts = [chat_ids(tok, text) for text in ("Name a planet.", "Write a long poem about the sea and the wind.")]
-    alone = make_runner(loaded_model, 2, 256, kernel)
+    alone = make_runner(loaded_model, 2, 256, kernel, batch_invariant=True)
     alone.step([], [], [], [PrefillChunk(0, prompts[0], 0)])
-    together = make_runner(loaded_model, 2, 256, kernel)
+    together = make_runner(loaded_model, 2, 256, kernel, batch_invariant=True)
     together.step([], [], [], [PrefillChunk(1, prompts[1], 0), PrefillChunk(0, prompts[0], 0)])
     n = len(prompts[0])
     a = alone.step([0], [42], [n], [])

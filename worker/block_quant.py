@@ -44,11 +44,11 @@ class TileRows:
 
     On CPUs with AMX, prompt rows are computed on AMX tiles (block_quant_matmul_amx: the weights rounded to bf16 once
     a call, then 16 x 16 tiles; from ~12 rows on faster than the vector kernels, 4x at 512 rows; their attention too,
-    worker.slot_attention.KernelAttention), and so are decoding rows when a step decodes DECODE_TILE_ROWS or more;
-    fewer decoding rows go to the vector kernels (fastest for a few rows). Batch invariant (the setting
-    `batch.batch_invariant`), decoding rows always take the vector kernels: a row's bits then never depend on what
-    else is in the step, and prompt rows' never on how the prompt was chunked. Either way a token computed as a
-    decoding row and the same token computed as a prompt row differ in the last bits."""
+    worker.slot_attention.KernelAttention), and so are decoding rows when a step decodes DECODE_TILE_ROWS or more or
+    has prompt rows too; otherwise decoding rows go to the vector kernels (fastest for a few rows). Batch invariant
+    (the setting `batch.batch_invariant`), decoding rows always take the vector kernels: a row's bits then never
+    depend on what else is in the step, and prompt rows' never on how the prompt was chunked. Either way a token
+    computed as a decoding row and the same token computed as a prompt row differ in the last bits."""
 
     start = 0
 

@@ -224,9 +224,10 @@ class LlamaRunner:
         chunk (the logits after its last token; callers ignore the row of a chunk that does not finish its prompt).
         Not converted to float32 here: a greedy choice needs no copy (32 rows of a 49k vocabulary: ~0.8 ms)."""
         n_decode = len(decode_tokens)
-        decode_on_tiles = n_decode >= DECODE_TILE_ROWS and not self.batch_invariant
-        self.tile_rows.start = 0 if decode_on_tiles else n_decode
-        self.logit_rows.start = 0 if decode_on_tiles else n_decode + len(prefills)
+        # Decoding rows join the tiles when there are many, or when prompt rows pay for the weights' rounding anyway.
+        many = n_decode >= DECODE_TILE_ROWS and not self.batch_invariant
+        self.tile_rows.start = 0 if many or (prefills and not self.batch_invariant) else n_decode
+        self.logit_rows.start = 0 if many else n_decode + len(prefills)
         tokens = list(decode_tokens)
         slots = list(decode_slots)
         positions = list(decode_positions)

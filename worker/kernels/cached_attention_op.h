@@ -2,6 +2,7 @@
 // of the source that includes this header last, one (row, KV head) task at a time. `attend` may compute a row whose
 // keys other rows read too (a prompt chunk's) another way, but to the same bits.
 #pragma once
+#include "attention_args.h"
 
 namespace {
 
@@ -33,21 +34,11 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
 
 }  // namespace
 
-// A sequence's rows of [B, kv_heads, group, head_dim] lie anywhere, but each one contiguous.
-bool rows_contiguous(const torch::Tensor& t) {
-    return t.dim() == 4 && t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == t.size(2) * t.size(3);
-}
-
 // q, out [rows, kv_heads, group, head_dim] bf16; k_cache, v_cache [slots, kv_heads, capacity, head_dim] bf16; slots
 // and lengths (keys to attend, the row's own included) int64 [rows].
 void cached_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                       const torch::Tensor& slots, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && rows_contiguous(q), "q: bf16 [B, kv_heads, group, head_dim]");
-    TORCH_CHECK(out.scalar_type() == at::kBFloat16 && rows_contiguous(out) && out.sizes() == q.sizes(), "out: like q");
-    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && k_cache.dim() == 4, "k_cache");
-    TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kBFloat16 &&
-                    v_cache.is_contiguous(), "v_cache: like k_cache");
-    TORCH_CHECK(k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3), "q and the caches' heads");
+    check_attention_args(q, k_cache, v_cache, out);
     TORCH_CHECK(slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && slots.size(0) == q.size(0) &&
                     lengths.size(0) == q.size(0), "slots, lengths: int64 [B]");
     const int64_t* length = lengths.data_ptr<int64_t>();

@@ -8,13 +8,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #include <algorithm>
 #include <cstring>
 #include <optional>
 #include <vector>
 
+#include "amx.h"
 #include "simd.h"
 
 #define BLOCK_QUANT_OP block_quant_matmul_amx
@@ -22,31 +21,7 @@
 namespace {
 
 constexpr int64_t BLOCK_N = 32;  // outputs per task: one packing block, two tiles of 16
-constexpr int64_t TILE_ROWS = 16;
 constexpr int64_t TILE_K = 32;   // inputs per tile step: 16 pairs
-
-// Linux hands out AMX's tile state only to a process that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM).
-bool amx_permitted() {
-    static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    return permitted;
-}
-
-struct alignas(64) TileConfig {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
-// Tiles 0-3: the 2 x 2 accumulators (rows 0-15 / 16-31 x outputs 0-15 / 16-31); 4-5: x; 6-7: the weights.
-__attribute__((target("amx-tile"))) void configure_tiles() {
-    TileConfig config;
-    for (int t = 0; t < 8; ++t) {
-        config.rows[t] = TILE_ROWS;
-        config.colsb[t] = 64;
-    }
-    asm volatile("" ::: "memory");  // the tile instructions are asm that names only pointers: order memory around them
-    _tile_loadconfig(&config);
-}
 
 // The block's weights as bf16, [half][input pair][output in half][input in pair]: half h holds outputs 16h to 16h + 15.
 template <int BITS>
@@ -100,7 +75,8 @@ void store_rows(const float* tile, int64_t rows, at::BFloat16* out, int64_t N) {
     }
 }
 
-// 16 or 32 rows (TILES of 16, their x at a[0], a[1], K apart) times the block's weights w, into out.
+// 16 or 32 rows (TILES of 16, their x at a[0], a[1], K apart) times the block's weights w, into out. Tiles 0-3: the
+// 2 x 2 accumulators (rows 0-15 / 16-31 x outputs 0-15 / 16-31); 4-5: x; 6-7: the weights.
 template <int TILES>
 __attribute__((target("amx-tile,amx-bf16"))) void rows_times_block(const at::BFloat16* const* a, const int64_t* real,
                                                                    const at::BFloat16* w, int64_t K, at::BFloat16* out,
@@ -139,7 +115,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void rows_times_block(const at::BFl
     }
 }
 
-__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
 
 template <int BITS>
 void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,

@@ -8,42 +8,16 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "../attention_args.h"
+#include "amx.h"
 #include "simd.h"
 
 namespace {
-
-constexpr int64_t ROWS = 16;
-
-bool amx_permitted() {
-    static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    return permitted;
-}
-
-struct alignas(64) TileConfig {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
-// Every tile 16 rows of 64 bytes: 16 x 32 bf16 operands, 16 x 16 float32 results.
-__attribute__((target("amx-tile"))) void configure_tiles() {
-    TileConfig config;
-    for (int t = 0; t < 8; ++t) {
-        config.rows[t] = ROWS;
-        config.colsb[t] = 64;
-    }
-    asm volatile("" ::: "memory");
-    _tile_loadconfig(&config);
-}
-
-__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
 
 // Values [len, HD] of one (slot, head) -> [pair of keys][chunk of 16 dimensions][dimension][key in pair], blocks of
 // 16 pairs per chunk: the tiles' second operand for the weighted sum. `pairs` is a multiple of 16.
@@ -199,22 +173,22 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
         }
     });
 
-    const int64_t tiles = div_up(n, ROWS);
+    const int64_t tiles = div_up(n, TILE_ROWS);
     at::parallel_for(0, n_kv * group * tiles, 1, [&](int64_t begin, int64_t end) {
         configure_tiles();
-        std::vector<float> scores(ROWS * width);
-        alignas(64) at::BFloat16 rows_q[ROWS * HD];
-        alignas(64) float sums[ROWS * HD];
+        std::vector<float> scores(TILE_ROWS * width);
+        alignas(64) at::BFloat16 rows_q[TILE_ROWS * HD];
+        alignas(64) float sums[TILE_ROWS * HD];
         for (int64_t task = begin; task < end; ++task) {
             const int64_t t = task % tiles, head = task / tiles, h = head / group;
-            const int64_t r0 = t * ROWS, real = std::min(ROWS, n - r0);
+            const int64_t r0 = t * TILE_ROWS, real = std::min(TILE_ROWS, n - r0);
             const int64_t keys = start + r0 + real;  // the tile's last row's keys
             const int64_t tile_width = div_up(keys, 32) * 32;
-            std::fill_n(rows_q, ROWS * HD, at::BFloat16(0.0f));
+            std::fill_n(rows_q, TILE_ROWS * HD, at::BFloat16(0.0f));
             for (int64_t r = 0; r < real; ++r) std::memcpy(rows_q + r * HD, Q + (r0 + r) * q_row + head * HD, HD * 2);
             scores_on_tiles<HD>(rows_q, K + cache_rows(h), keys, scores.data(), tile_width);
-            float total[ROWS];
-            for (int64_t r = 0; r < ROWS; ++r) {
+            float total[TILE_ROWS];
+            for (int64_t r = 0; r < TILE_ROWS; ++r) {
                 float* row = scores.data() + r * tile_width;
                 if (r < real) {
                     total[r] = softmax_row(row, start + r0 + r + 1, tile_width, static_cast<float>(scale));
@@ -238,21 +212,12 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
     });
 }
 
-bool rows_contiguous(const torch::Tensor& t) {
-    return t.dim() == 4 && t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == t.size(2) * t.size(3);
-}
-
 // q, out [rows, kv_heads, group, head_dim] bf16, one prompt chunk's rows (positions start, start + 1, ...) of slot
 // `slot`; k_cache, v_cache [slots, kv_heads, capacity, head_dim] bf16, the keys stored transposed (KEY_BLOCK).
 void prompt_attention_amx(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                           int64_t slot, int64_t start, double scale, torch::Tensor& out) {
     TORCH_CHECK(amx_permitted(), "prompt_attention_amx: this CPU or kernel does not let the process use AMX");
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && rows_contiguous(q), "q: bf16 [B, kv_heads, group, head_dim]");
-    TORCH_CHECK(out.scalar_type() == at::kBFloat16 && rows_contiguous(out) && out.sizes() == q.sizes(), "out: like q");
-    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && k_cache.dim() == 4, "k_cache");
-    TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kBFloat16 &&
-                    v_cache.is_contiguous(), "v_cache: like k_cache");
-    TORCH_CHECK(k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3), "q and the caches' heads");
+    check_attention_args(q, k_cache, v_cache, out);
     TORCH_CHECK(slot >= 0 && slot < k_cache.size(0) && start >= 0 && start + q.size(0) <= k_cache.size(2),
                 "slot, start: within the cache");
     if (q.size(0) == 0) return;

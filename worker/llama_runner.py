@@ -21,8 +21,8 @@ Batch invariance: a token's logits do not depend on what else is in the step, no
 or whether its prefix came from the cache. The linear layers already compute each row independently of the
 others; attention does too (worker.slot_attention). That is what makes greedy output repeatable under load and the
 prefix cache exact. On a CPU with AMX (worker.block_quant.TileRows), prompt rows are computed on AMX tiles, and so
-are decoding rows when a step has many, unless `batch_invariant`: a decoding row's bits then depend on whether it
-shared a step with few others or many. Either way a previous turn's answer taken from the cache carries its decoding
+are decoding rows when a step has many or has prompt rows too, unless `batch_invariant`: a decoding row's bits then
+depend on what shared its step. Either way a previous turn's answer taken from the cache carries its decoding
 bits, where recomputing it as a prompt gives other last bits.
 """
 

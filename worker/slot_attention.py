@@ -32,15 +32,15 @@ class KernelAttention:
         cached_attention."""
         self.n_kv, self.scale, self.prompt_chunks = n_kv, scale, prompt_chunks
         rows = len(slots) - sum(len(chunk.tokens) for chunk in prompt_chunks) if prompt_chunks else len(slots)
-        self.rows, self.slots, self.lengths = rows, slots[:rows], positions[:rows] + 1
+        self.vector_rows, self.slots, self.lengths = rows, slots[:rows], positions[:rows] + 1
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         rows, heads, head_dim = q.shape
         q, out = (t.view(rows, self.n_kv, heads // self.n_kv, head_dim) for t in (q, out))
-        if self.rows:
-            n = self.rows
+        n = self.vector_rows
+        if n:
             torch.ops.llmfleet.cached_attention(q[:n], k_cache, v_cache, self.slots, self.lengths, self.scale, out[:n])
-        first = self.rows
+        first = n
         for chunk in self.prompt_chunks or ():
             end = first + len(chunk.tokens)
             torch.ops.llmfleet.prompt_attention_amx(

@@ -95,10 +95,15 @@ def available() -> bool:
 BLOCK_QUANT_OPS = ("block_quant_matmul", "block_quant_matmul_fp32", "block_quant_matmul_int16")
 
 
+@functools.cache
 def amx() -> bool:
     """Whether this CPU's kernels include the AMX ones (worker/kernels/avx512/*_amx.cpp), which a step uses for its
-    prompt rows (worker.block_quant.TileRows, worker.slot_attention.KernelAttention)."""
-    return isa() == "avx512" and {"amx_tile", "amx_bf16"} <= _cpu_flags()
+    prompt rows (worker.block_quant.TileRows, worker.slot_attention.KernelAttention), and the process may use the
+    tiles (Linux grants them on request since 5.16; a VM or an older kernel may refuse)."""
+    import torch
+
+    flags = isa() == "avx512" and {"amx_tile", "amx_bf16"} <= _cpu_flags()
+    return flags and torch.ops.llmfleet.amx_permitted()
 
 
 def block_quant_ops() -> list[str]:

@@ -161,3 +161,8 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
 }  // namespace
 
 #include "../block_quant_op.h"
+
+// Whether this process may use the tiles: worker.cpu_kernels.amx() asks before anything runs on them.
+TORCH_LIBRARY_FRAGMENT(llmfleet, ops) {
+    ops.def("amx_permitted() -> bool", [] { return amx_permitted(); });
+}

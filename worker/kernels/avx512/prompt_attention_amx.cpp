@@ -165,11 +165,13 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
     const int64_t q_row = q.stride(0), out_row = out.stride(0);
     auto cache_rows = [&](int64_t h) { return (slot * n_kv + h) * capacity * HD; };
 
-    std::vector<at::BFloat16> values(n_kv * width * HD);
+    // Every element is written by the repack below: no zeroing (up to ~0.6 MB a layer for a 1.5k-token context).
+    const torch::Tensor repacked = at::empty({n_kv * width * HD}, v_cache.options());
+    auto* values = repacked.data_ptr<at::BFloat16>();
     at::parallel_for(0, n_kv * (width / 32), 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
             const int64_t h = task / (width / 32), block = task % (width / 32);
-            repack_values<HD>(V + cache_rows(h) + block * 32 * HD, 16, values.data() + (h * width + block * 32) * HD);
+            repack_values<HD>(V + cache_rows(h) + block * 32 * HD, 16, values + (h * width + block * 32) * HD);
         }
     });
 
@@ -198,7 +200,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
             }
             // Probabilities of row r at scores + r * tile_width, as bf16: rows tile_width * 4 bytes apart.
             weighted_sum_on_tiles<HD>(reinterpret_cast<const at::BFloat16*>(scores.data()), tile_width * 2,
-                                      values.data() + h * width * HD, tile_width, sums);
+                                      values + h * width * HD, tile_width, sums);
             for (int64_t r = 0; r < real; ++r) {
                 at::BFloat16* o = O + (r0 + r) * out_row + head * HD;
                 const __m512 inv = _mm512_set1_ps(1.0f / total[r]);

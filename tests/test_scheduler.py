@@ -8,7 +8,7 @@ import pytest
 
 from shared.protocol import InferenceRequest, SamplingParams
 from worker.llama_runner import LlamaRunner
-from worker.scheduler import Scheduler
+from worker.scheduler import PASSED_OVER_MAX, Scheduler
 
 PROMPT = [1, 504, 3575, 282, 4649, 314]
 
@@ -63,6 +63,18 @@ def test_a_short_prompt_is_prefilled_before_the_rest_of_a_long_one(scheduler):
     scheduler.add(request("short", 2))
     assert "short" in ids(scheduler.step()), "its 6 tokens go first, its first token comes in the next step"
     assert scheduler.running["long"].prefilled == 16 + 10
+
+
+def test_a_stream_of_short_prompts_never_starves_a_long_one(scheduler):
+    scheduler.add(request("long", 1, prompt=PROMPT * 16))  # 96 tokens, budget 16 per step: 6 steps of its own
+    for n in range(PASSED_OVER_MAX * 6 + 8):
+        # Three short prompts ready at every step: together more than a step's budget.
+        scheduler.add(request(f"short-{n}-0", 1))
+        scheduler.add(request(f"short-{n}-1", 1))
+        scheduler.add(request(f"short-{n}-2", 1))
+        if "long" in ids(scheduler.step()):
+            return
+    pytest.fail("the long prompt was passed over for longer than PASSED_OVER_MAX times its own prefill")
 
 
 def test_a_long_prompt_alone_is_prefilled_over_steps_that_sample_nothing(scheduler):

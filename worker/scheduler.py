@@ -26,6 +26,8 @@ class Sequence:
     output: TextOutput
     generator: torch.Generator | None
     started: float
+    admitted_step: int = 0
+    """The scheduler's step count when the sequence got its slot (Scheduler._plan_prefills ages prompts by it)."""
     prefilled: int = 0
     reused: int = 0
     """Prompt tokens whose KV was copied from the prefix cache instead of computed."""
@@ -62,6 +64,10 @@ class StepEvent:
     token_ids: list[int] = field(default_factory=list)
 
 
+PASSED_OVER_MAX = 16
+"""Later prompts may go first for at most this many times the steps a prompt's own prefill takes."""
+
+
 class Scheduler:
     def __init__(
         self,
@@ -90,6 +96,7 @@ class Scheduler:
         self.prompt_tokens_total = 0
         self.reused_tokens_total = 0
         self.metrics = WorkerMetrics(model_name)
+        self.steps = 0
 
     # -- intake ------------------------------------------------------------------------------------------------
     def add(self, request: InferenceRequest) -> None:
@@ -125,6 +132,7 @@ class Scheduler:
         return events
 
     def _step(self) -> list[StepEvent]:
+        self.steps += 1
         now = time.time()
         events = self._drop_cancelled_and_expired(now)
         events += self._admit(now)
@@ -203,6 +211,7 @@ class Scheduler:
                 output=TextOutput(self.tokenizer, request.sampling.stop),
                 generator=new_generator(request.sampling),
                 started=now,
+                admitted_step=self.steps,
                 prefilled=reused,
                 reused=reused,
                 kv_len=reused,
@@ -229,11 +238,17 @@ class Scheduler:
     def _plan_prefills(self) -> list[tuple[Sequence, PrefillChunk]]:
         """Prompt chunks for this step within the prefill token budget: the prompts with the fewest tokens left first
         (a conversation's next turn, its history cached, does not wait behind another request's long prompt), ties
-        oldest first."""
+        oldest first. Aged, so that a stream of short prompts never starves a long one: each step since a prompt got its
+        slot counts as 1 / PASSED_OVER_MAX of a step's budget of tokens fewer."""
         budget = self.max_prefill_tokens
         planned = []
         prompts = [seq for seq in self.running.values() if not seq.decoding]
-        for seq in sorted(prompts, key=lambda seq: len(seq.prefill_ids) - seq.prefilled):
+        age_tokens = self.max_prefill_tokens / PASSED_OVER_MAX
+
+        def key(seq: Sequence) -> float:
+            return len(seq.prefill_ids) - seq.prefilled + age_tokens * seq.admitted_step
+
+        for seq in sorted(prompts, key=key):
             if budget <= 0:
                 break
             ids = seq.prefill_ids

@@ -1,11 +1,18 @@
 // The Llama MLP's silu(gate) * up over the fused gate/up projection's output, in one op instead of torch's silu and
 // multiply, two passes each rounding to bf16 (one layer at 32 / 512 rows on an AMD EPYC: 23 / 297 -> 15 / 208 us).
-// float32 inside, rounded once. Plain C++ that the compiler vectorizes for either instruction set.
+// float32 inside, rounded once. Plain C++ that the compiler vectorizes with AVX512; with AVX2 only it leaves the
+// clamps as branches (comparisons may trap), so there the loop is written out (Zen 3, 32 / 300 rows of 1536: 205 /
+// 1899 -> 33 / 252 us).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define SILU_MUL_AVX2
+#include "../avx2/simd.h"
+#endif
 
 namespace {
 
@@ -28,6 +35,18 @@ inline float exp_approx(float x) {
     return p * scale;
 }
 
+#ifdef SILU_MUL_AVX2
+// 8 outputs: silu(g) = g * sigmoid(g), with e^-|g| so that the exponential never overflows.
+inline __m128i silu_mul8(const at::BFloat16* gate, const at::BFloat16* up) {
+    const __m256 g = bf16_to_float(gate);
+    const __m256 e = exp_nonpositive(_mm256_or_ps(g, _mm256_set1_ps(-0.0f)));  // e^-|g|
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 numerator = _mm256_blendv_ps(one, e, g);  // sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) below
+    const __m256 silu = _mm256_div_ps(_mm256_mul_ps(g, numerator), _mm256_add_ps(one, e));
+    return float_to_bf16(_mm256_mul_ps(silu, bf16_to_float(up)));
+}
+#endif
+
 }  // namespace
 
 // gate_up [..., 2 * I] bf16 (gate, then up) -> [..., I] bf16.
@@ -44,7 +63,11 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
         for (int64_t r = begin; r < end; ++r) {
             const at::BFloat16 *gate = X + r * 2 * I, *up = gate + I;
             at::BFloat16* o = O + r * I;
-            for (int64_t i = 0; i < I; ++i) {
+            int64_t i = 0;
+#ifdef SILU_MUL_AVX2
+            for (; i + 8 <= I; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), silu_mul8(gate + i, up + i));
+#endif
+            for (; i < I; ++i) {
                 const float g = gate[i];
                 o[i] = g / (1.0f + exp_approx(-g)) * static_cast<float>(up[i]);
             }

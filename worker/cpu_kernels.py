@@ -131,7 +131,10 @@ def block_quant_op() -> str:
         name, _, timed_on = record.read_text().partition(" ")
         if name in names and timed_on == built_from:
             return name
+    # Two passes, best of each: the variant timed first also paid for the machine's warm-up (4.6 ms against its
+    # 0.8 on one start), and lost to a slower one.
     seconds = {name: _block_quant_seconds(name) for name in names}
+    seconds = {name: min(seconds[name], _block_quant_seconds(name)) for name in names}
     chosen = min(seconds, key=seconds.get)
     record.write_text(f"{chosen} {built_from}")
     log.info("cpu_kernels.block_quant_op", chosen=chosen, seconds={k: round(v, 5) for k, v in seconds.items()})

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../prefetch.h"
 #include "simd.h"
 
 namespace {
@@ -30,6 +31,7 @@ void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
         Unroll<GROUP * 4>{}([&](auto i) { dot[i] = _mm256_setzero_ps(); });
         const at::BFloat16* key[4];
         for (int jj = 0; jj < 4; ++jj) key[jj] = k + std::min(j0 + jj, len - 1) * HD;
+        prefetch<4 * HD>(k + (j0 + KEYS_AHEAD) * HD);
         for (int c = 0; c < CHUNKS; ++c) {
             Unroll<4>{}([&](auto jj) {
                 const __m256 kc = bf16_to_float(key[jj] + c * 8);
@@ -76,6 +78,7 @@ void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
         for (int64_t j = 0; j < len; ++j) {
             __m256 vv[SPAN];
             Unroll<SPAN>{}([&](auto s) { vv[s] = bf16_to_float(v + j * HD + (c0 + s) * 8); });
+            if (c0 == 0) prefetch<HD>(v + (j + KEYS_AHEAD) * HD);  // the later spans find the values in the cache
             Unroll<GROUP>{}([&](auto g) {
                 const __m256 p = _mm256_broadcast_ss(scores + g * len + j);
                 Unroll<SPAN>{}([&](auto s) { acc[g * SPAN + s] = _mm256_fmadd_ps(p, vv[s], acc[g * SPAN + s]); });

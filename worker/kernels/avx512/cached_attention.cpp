@@ -14,15 +14,10 @@
 #include <cstring>
 #include <vector>
 
+#include "../prefetch.h"
 #include "simd.h"
 
 namespace {
-
-// Software prefetch distances. Decoding rows read their keys and values once, from memory: 30 layers of decode of 32
-// rows at 450 cached keys (each layer's cache its own, as served; scratch benchmark, Zen 5) 12-16 -> 10-13 ms, where
-// the same reads from one layer's cache, in the CPU's cache, take 3.3 ms.
-constexpr int64_t KEY_BLOCKS_AHEAD = 3;  // blocks of 16 keys
-constexpr int64_t VALUES_AHEAD = 48;     // keys
 
 // Scores (scaled dot products) of the GROUP queries with keys 0..len-1, and each query's highest. The cache holds
 // each block of 16 keys with the dimension pairs outermost (rotary_to_cache, LLMFLEET_KEYS_TRANSPOSED): one load is
@@ -45,7 +40,7 @@ void scores_by_block(const at::BFloat16* q, const at::BFloat16* k, int64_t len, 
         for (int g = 0; g < GROUP; ++g) even[g] = odd[g] = _mm512_setzero_ps();
         Unroll<HD / 2>{}([&](auto p) {
             const __m512bh keys = (__m512bh)_mm512_loadu_si512(block + p * 32);
-            _mm_prefetch(reinterpret_cast<const char*>(block + KEY_BLOCKS_AHEAD * 16 * HD + p * 32), _MM_HINT_T0);
+            prefetch<32>(block + KEYS_AHEAD * HD + p * 32);  // a line a load
             for (int g = 0; g < GROUP; ++g) {
                 __m512& acc = p % 2 ? odd[g] : even[g];
                 acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(q_pairs[g][p]), keys);
@@ -105,11 +100,10 @@ void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
     for (int g = 0; g < GROUP; ++g)
         for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < len; j += 2) {
+        prefetch<2 * HD>(v + (j + KEYS_AHEAD) * HD);
         __m512bh pairs[CHUNKS];
         for (int c = 0; c < PAIRS; ++c) {
             const __m512i a = _mm512_loadu_si512(v + j * HD + c * 32);
-            for (int64_t ahead = VALUES_AHEAD; ahead < VALUES_AHEAD + 2; ++ahead)
-                _mm_prefetch(reinterpret_cast<const char*>(v + (j + ahead) * HD + c * 32), _MM_HINT_T0);
             const __m512i b = j + 1 < len ? _mm512_loadu_si512(v + (j + 1) * HD + c * 32) : _mm512_setzero_si512();
             pairs[2 * c] = (__m512bh)_mm512_permutex2var_epi16(a, first_half, b);
             pairs[2 * c + 1] = (__m512bh)_mm512_permutex2var_epi16(a, second_half, b);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../avx512/simd.h"
+#include "../prefetch.h"
 
 namespace {
 
@@ -56,6 +57,7 @@ void scores_by_key(const __m512 (&qv)[GROUP][CHUNKS], const at::BFloat16* k, int
     std::fill_n(top, GROUP, -INFINITY);
     alignas(64) float key[HD];
     for (int64_t j = 0; j < len; ++j) {
+        prefetch<HD>(k + (j + KEYS_AHEAD) * HD);
         key_to_float<HD>(k + j * HD, key);
         for (int g = 0; g < GROUP; ++g) {
             const float s = _mm512_reduce_add_ps(dot<CHUNKS>(qv[g], key)) * scale;
@@ -128,6 +130,7 @@ void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
         for (int64_t j = 0; j < len; ++j) {
             __m512 vv[SPAN];
             Unroll<SPAN / 2>{}([&](auto s) { bf16_pair_to_float(v + j * HD + (c0 + 2 * s) * 16, vv[2 * s], vv[2 * s + 1]); });
+            if (c0 == 0) prefetch<HD>(v + (j + KEYS_AHEAD) * HD);  // the later spans find the values in the cache
             Unroll<GROUP>{}([&](auto g) {
                 const __m512 p = _mm512_set1_ps(scores[g * len + j]);
                 Unroll<SPAN>{}([&](auto s) { acc[g * SPAN + s] = _mm512_fmadd_ps(p, vv[s], acc[g * SPAN + s]); });

@@ -20,6 +20,7 @@
 #include <optional>
 #include <vector>
 
+#include "../prefetch.h"
 #include "simd.h"
 
 namespace {
@@ -138,6 +139,7 @@ __attribute__((noinline)) void tile(const Rows& x, const uint8_t* codes, const G
         __m256i c[VECS];
         if constexpr (DIRECT) {
             unpack_pair<BITS>(codes + kk * 8 * BITS, c);
+            prefetch<64>(codes + kk * 8 * BITS + CODES_BYTES_AHEAD);
         } else {
             for (int j = 0; j < VECS; ++j) c[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + kk * PAIR_BYTES + j * 32));
             // Loaded once for all rows (the compiler would read them again for each: load-bound).
@@ -214,6 +216,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                         for (int64_t kk = 0; kk < XBLOCK / 2; ++kk) {
                             __m256i c[VECS];
                             unpack_pair<BITS>(packed_k + kk * 8 * BITS, c);
+                            prefetch<64>(packed_k + kk * 8 * BITS + CODES_BYTES_AHEAD);
                             for (int j = 0; j < VECS; ++j)
                                 _mm256_storeu_si256(reinterpret_cast<__m256i*>(widened.data() + kk * PAIR_BYTES + j * 32), c[j]);
                         }

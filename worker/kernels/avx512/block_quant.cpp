@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "../prefetch.h"
 #include "simd.h"
 
 namespace {
@@ -90,7 +91,7 @@ void tile(const Tile& t, const at::BFloat16* unpacked) {
                 vb[1] = _mm512_loadu_si512(unpacked + kk * 2 * BLOCK_N + BLOCK_N);
             } else {
                 unpack<BITS>(t.codes + kk * PAIR_BYTES, vb[0], vb[1]);
-                _mm_prefetch(reinterpret_cast<const char*>(t.codes + (kk + 2048 / PAIR_BYTES) * PAIR_BYTES), _MM_HINT_T0);
+                prefetch<64>(t.codes + kk * PAIR_BYTES + CODES_BYTES_AHEAD);
             }
             Unroll<ROWS * 2>{}([&](auto i) {
                 constexpr int row = i / 2, half = i % 2;
@@ -165,6 +166,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                 for (int64_t kk = 0; kk < K / 2; ++kk) {
                     __m512i lo, hi;
                     unpack<BITS>(t.codes + kk * 8 * BITS, lo, hi);
+                    prefetch<64>(t.codes + kk * 8 * BITS + CODES_BYTES_AHEAD);
                     _mm512_storeu_si512(unpacked.data() + kk * 2 * BLOCK_N, lo);
                     _mm512_storeu_si512(unpacked.data() + kk * 2 * BLOCK_N + BLOCK_N, hi);
                 }

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../avx512/simd.h"
+#include "../prefetch.h"
 
 namespace {
 
@@ -125,6 +126,7 @@ __attribute__((noinline)) void tile(const Rows& x, const uint8_t* codes, const G
                 __m512i c[2];
                 if constexpr (DIRECT) {
                     unpack_pair<BITS>(codes + pair_at * 8 * BITS, c);
+                    prefetch<64>(codes + pair_at * 8 * BITS + CODES_BYTES_AHEAD);
                 } else {
                     for (int h = 0; h < 2; ++h) c[h] = _mm512_loadu_si512(codes + pair_at * PAIR_BYTES + h * 64);
                 }
@@ -224,6 +226,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                     for (int64_t kk = 0; kk < n_groups * gs / 2; ++kk) {
                         __m512i v[2];
                         unpack_pair<BITS>(block + kk * 8 * BITS, v);
+                        prefetch<64>(block + kk * 8 * BITS + CODES_BYTES_AHEAD);
                         for (int h = 0; h < 2; ++h) _mm512_storeu_si512(widened.data() + kk * PAIR_BYTES + h * 64, v[h]);
                     }
                     tiles<BITS>(xr, rows, widened.data(), span, n_groups, gs, g0 == 0, acc.data());

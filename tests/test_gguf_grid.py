@@ -113,7 +113,7 @@ def test_the_block_kernel_variant_is_timed_again_once_the_kernels_change(monkeyp
         pytest.skip("one block kernel variant on this CPU: nothing to choose")
     monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda *args, **kwargs: str(tmp_path))
     timed = []
-    monkeypatch.setattr(cpu_kernels, "_block_quant_seconds", lambda name: timed.append(name) or len(name))
+    monkeypatch.setattr(cpu_kernels, "_block_quant_seconds", lambda name, calls: timed.append(name) or len(name))
 
     def choose() -> str:
         cpu_kernels.block_quant_op.cache_clear()

@@ -136,8 +136,9 @@ def block_quant_op() -> str:
             return name
     # Two passes, best of each: the variant timed first also paid for the machine's warm-up (4.6 ms against its
     # 0.8 on one start), and lost to a slower one.
-    seconds = {name: _block_quant_seconds(name) for name in names}
-    seconds = {name: min(seconds[name], _block_quant_seconds(name)) for name in names}
+    calls = _timing_calls()
+    seconds = {name: _block_quant_seconds(name, calls) for name in names}
+    seconds = {name: min(seconds[name], _block_quant_seconds(name, calls)) for name in names}
     chosen = min(seconds, key=lambda name: seconds[name] * (1.0 if name == names[0] else CLEARLY_FASTER))
     record.write_text(f"{chosen} {built_from}")
     log.info("cpu_kernels.block_quant_op", chosen=chosen, seconds={k: round(v, 5) for k, v in seconds.items()})
@@ -151,24 +152,32 @@ def _sources_digest(isa: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _block_quant_seconds(name: str) -> float:
-    """The calls of a step, best of 5 each, summed: an MLP-sized 4-bit layer (1536 x 576) at 1, 32 and 256 rows, and an
-    8-bit one the size of an output projection (49152 x 576, beyond the CPU's cache) at 8 rows. (The 4-bit layer alone
-    at 1, 16 and 256 rows timed 16-bit integers level with the bf16 dot product on a Zen 5, whose decode steps they
-    made 30% slower.)"""
+def _block_quant_seconds(name: str, calls: list[tuple]) -> float:
+    """The variant's seconds for `calls` (_timing_calls()), best of 5 each, summed."""
     import torch
 
     from worker.step_cost import best_seconds
 
     op = getattr(torch.ops.llmfleet, name)
-    k, group = 576, 32
-    calls = [(1536, 4, rows) for rows in (1, 32, 256)] + [(49152, 8, 8)]
     total = 0.0
-    for n, bits, rows in calls:
-        packed = torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8)
-        scales = torch.rand(k // group, n).half()
-        mins = torch.rand(k // group, n).half() if bits == 4 else None
-        call = functools.partial(op, torch.randn(rows, k).bfloat16(), packed, scales, mins, group, bits)
+    for args in calls:
+        call = functools.partial(op, *args)
         call()  # warm-up
         total += best_seconds(call, 5)
     return total
+
+
+def _timing_calls() -> list[tuple]:
+    """The calls of a step, as _block_quant_seconds times them: an MLP-sized 4-bit layer (1536 x 576) at 1, 32 and 256
+    rows, and an 8-bit one the size of an output projection (49152 x 576, beyond the CPU's cache) at 8 rows. (The
+    4-bit layer alone at 1, 16 and 256 rows timed 16-bit integers level with the bf16 dot product on a Zen 5, whose
+    decode steps they made 30% slower.) Made once for every variant and pass, and not kept (~30 MB)."""
+    import torch
+
+    k, group, calls = 576, 32, []
+    for n, bits, rows in [(1536, 4, 1), (1536, 4, 32), (1536, 4, 256), (49152, 8, 8)]:
+        packed = torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8)
+        scales = torch.rand(k // group, n).half()
+        mins = torch.rand(k // group, n).half() if bits == 4 else None
+        calls.append((torch.randn(rows, k).bfloat16(), packed, scales, mins, group, bits))
+    return calls

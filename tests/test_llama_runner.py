@@ -157,6 +157,36 @@ def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_ke
     assert torch.equal(by_decode[0], by_prefill[0])
 
 
+@pytest.mark.parametrize("group,head_dim", [(3, 64), (1, 128), (2, 64), (4, 64)])
+def test_the_attention_kernel_gives_a_row_the_same_bits_alone_or_among_its_prompt_chunks_rows(group, head_dim):
+    """The kernel may attend a prompt chunk's rows together (a tile reads their keys once); each row still gets
+    what it gets alone, and what softmax attention in float32 gives, to bf16's precision."""
+    if not cpu_kernels.available():
+        pytest.skip("the attention kernel needs a CPU with AVX512 or AVX2")
+    gen = torch.Generator().manual_seed(0)
+    n_kv, capacity = 2, 64
+    k_cache, v_cache = (torch.randn(3, n_kv, capacity, head_dim, generator=gen).to(torch.bfloat16) for _ in "kv")
+    # A decoding row, a chunk of 7 rows, a decoding row, a chunk of 3 rows in another slot.
+    slots = [1] + [0] * 7 + [2] + [1] * 3
+    lengths = [40, *range(20, 27), 5, *range(41, 44)]
+    q = torch.randn(len(slots), n_kv, group, head_dim, generator=gen).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    scale = head_dim**-0.5
+
+    def attention(rows: slice, out: torch.Tensor) -> None:
+        slot_rows, length_rows = torch.tensor(slots[rows]), torch.tensor(lengths[rows])
+        torch.ops.llmfleet.cached_attention(q[rows], k_cache, v_cache, slot_rows, length_rows, scale, out)
+
+    attention(slice(None), out)
+    for row, (slot, length) in enumerate(zip(slots, lengths)):
+        alone = torch.empty_like(q[row : row + 1])
+        attention(slice(row, row + 1), alone)
+        assert torch.equal(alone[0], out[row])
+        keys, values = k_cache[slot, :, :length].float(), v_cache[slot, :, :length].float()
+        weights = torch.softmax(q[row].float() @ keys.transpose(1, 2) * scale, dim=-1)
+        assert torch.allclose(out[row].float(), weights @ values, atol=2e-2, rtol=2e-2)
+
+
 def test_the_rms_norm_kernel_computes_the_models_norm_row_by_row(loaded_model):
     """worker.llama_runner.rms_norm: what LlamaRMSNorm computes (up to a bf16 rounding step where the two sums of
     squares round differently), and a row's bits the same alone or among others."""

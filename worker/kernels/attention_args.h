@@ -17,3 +17,12 @@ inline void check_attention_args(const torch::Tensor& q, const torch::Tensor& k_
                     v_cache.is_contiguous(), "v_cache: like k_cache");
     TORCH_CHECK(k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3), "q and the caches' heads");
 }
+
+// A tile of query rows of one sequence: row i at q + i * q_row (its output at out + i * out_row) attends to its
+// first len + i keys.
+struct QueryRows {
+    const at::BFloat16* q;
+    at::BFloat16* out;
+    int64_t q_row, out_row, len;
+    QueryRows at(int64_t i) const { return {q + i * q_row, out + i * out_row, q_row, out_row, len + i}; }
+};

@@ -1,6 +1,7 @@
-// The cached_attention op of either instruction set's kernel: checks its arguments and runs the `attend<GROUP, HD>`
-// of the source that includes this header last, one (row, KV head) task at a time. `attend` may compute a row whose
-// keys other rows read too (a prompt chunk's) another way, but to the same bits.
+// The cached_attention op of every instruction set's kernel: checks its arguments and runs the `attend<GROUP, HD,
+// ROWS>` of the source that includes this header last (with its TILE_ROWS<GROUP>), one (tile of rows, KV head) task
+// at a time. `attend` may compute a row whose keys other rows read too (a prompt chunk's) another way, but to the
+// same bits.
 #pragma once
 #include "attention_args.h"
 
@@ -18,16 +19,32 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
     const auto* V = v_cache.data_ptr<at::BFloat16>();
     auto* O = out.data_ptr<at::BFloat16>();
     const int64_t q_row = q.stride(0), out_row = out.stride(0);
-    at::parallel_for(0, B * n_kv, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(GROUP * longest);
+    // Tasks: (tile, KV head). A tile is up to TILE_ROWS<GROUP> rows of one prompt chunk (the same slot, each row
+    // one key more than the one before), which read the same keys and values once for all of them.
+    constexpr int64_t ROWS = TILE_ROWS<GROUP>;
+    std::vector<int64_t> tiles;  // each tile's first row
+    for (int64_t b = 0; b < B;) {
+        tiles.push_back(b);
+        int64_t rows = 1;
+        while (rows < ROWS && b + rows < B && slot[b + rows] == slot[b] && length[b + rows] == length[b] + rows) ++rows;
+        b += rows;
+    }
+    tiles.push_back(B);
+    const int64_t T = static_cast<int64_t>(tiles.size()) - 1;
+    at::parallel_for(0, T * n_kv, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(ROWS * GROUP * longest);
         for (int64_t task = begin; task < end; ++task) {
-            const int64_t b = task / n_kv, h = task % n_kv;
+            const int64_t t = task / n_kv, h = task % n_kv, b = tiles[t], rows = tiles[t + 1] - b;
             const int64_t cache_row = (slot[b] * n_kv + h) * capacity * HD;
             const int64_t head = h * GROUP * HD;
             // A prompt chunk's rows (the same slot side by side) read the same keys, which stay in the CPU cache.
-            const bool keys_cached = (b > 0 && slot[b - 1] == slot[b]) || (b + 1 < B && slot[b + 1] == slot[b]);
-            attend<GROUP, HD>(Q + b * q_row + head, K + cache_row, V + cache_row, O + b * out_row + head, length[b],
-                              static_cast<float>(scale), scores.data(), keys_cached);
+            const bool keys_cached = (b > 0 && slot[b - 1] == slot[b]) || (b + rows < B && slot[b + rows] == slot[b]);
+            const QueryRows r{Q + b * q_row + head, O + b * out_row + head, q_row, out_row, length[b]};
+            if (rows == ROWS)
+                attend<GROUP, HD, ROWS>(r, K + cache_row, V + cache_row, static_cast<float>(scale), scores.data(), keys_cached);
+            else
+                for (int64_t i = 0; i < rows; ++i)
+                    attend<GROUP, HD, 1>(r.at(i), K + cache_row, V + cache_row, static_cast<float>(scale), scores.data(), keys_cached);
         }
     });
 }

@@ -40,12 +40,6 @@ inline __m256 load_half(const at::Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-inline float max8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
 // x as 16-bit integers per row: round(x / scale) per block of 32 inputs, the blocks' scales, and each group's float
 // sum of the inputs (which the group's minimum multiplies).
 struct QuantizedRows {

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../attention_args.h"
 #include "../prefetch.h"
 #include "simd.h"
 
@@ -55,11 +56,17 @@ void scores_by_block(const at::BFloat16* q, const at::BFloat16* k, int64_t len, 
     for (int g = 0; g < GROUP; ++g) top[g] = _mm512_reduce_max_ps(tops[g]);
 }
 
+template <int GROUP>
+constexpr int TILE_ROWS = 1;  // a row at a time
+
 // One sequence's GROUP query heads that share one KV head; HD the head size. Every row the same way, whether other
 // rows of the call read its keys too or not.
-template <int GROUP, int HD>
-void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
-            float scale, float* scores, bool /*keys_cached*/) {
+template <int GROUP, int HD, int ROWS>
+void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v, float scale, float* scores,
+            bool /*keys_cached*/) {
+    const at::BFloat16* q = rows.q;
+    at::BFloat16* out = rows.out;
+    const int64_t len = rows.len;
     constexpr int PAIRS = HD / 32;  // 32 bf16 values a register
     constexpr int CHUNKS = HD / 16; // 16 floats a register for the weighted sum
 

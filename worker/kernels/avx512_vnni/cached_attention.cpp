@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../avx512/simd.h"
+#include "../attention_args.h"
 #include "../prefetch.h"
 
 namespace {
@@ -92,11 +93,17 @@ void scores_by_block(const __m512 (&qv)[GROUP][CHUNKS], const at::BFloat16* k, i
     for (int g = 0; g < GROUP; ++g) top[g] = _mm512_reduce_max_ps(tops[g]);
 }
 
+template <int GROUP>
+constexpr int TILE_ROWS = 1;  // a row at a time
+
 // One sequence's GROUP query heads that share one KV head; HD the head size. `keys_cached`: the keys are likely in
 // the CPU cache (other rows of the call read them too).
-template <int GROUP, int HD>
-void attend(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out, int64_t len,
-            float scale, float* scores, bool keys_cached) {
+template <int GROUP, int HD, int ROWS>
+void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v, float scale, float* scores,
+            bool keys_cached) {
+    const at::BFloat16* q = rows.q;
+    at::BFloat16* out = rows.out;
+    const int64_t len = rows.len;
     constexpr int CHUNKS = HD / 16;  // 16 floats a register
     __m512 qv[GROUP][CHUNKS];
     for (int g = 0; g < GROUP; ++g)

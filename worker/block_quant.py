@@ -33,6 +33,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return blocks.reshape(out_features, -1).contiguous()
 
 
+def by_block(scales: torch.Tensor) -> torch.Tensor:
+    """Groups' scales (or minimums) float16 [in / group, out], as GGUF stores them -> the kernels' [out / BLOCK_N,
+    in / group, BLOCK_N]: a block of outputs' groups side by side (worker/kernels/block_quant_op.h). Already so: as
+    is."""
+    if scales.dim() == 3:
+        return scales
+    groups, out_features = scales.shape
+    return scales.t().reshape(out_features // BLOCK_N, BLOCK_N, groups).transpose(1, 2).contiguous()
+
+
 DECODE_TILE_ROWS = 16
 """Decoding rows a step needs before they too go to AMX tiles (unless batch invariant): below ~12 rows the vector
 kernels are faster (one layer's gate/up projection at 8 / 16 rows: 0.11 / 0.18 ms vector, 0.12 / 0.12 on tiles)."""
@@ -57,10 +67,11 @@ class BlockQuantLinear(torch.nn.Module):
     """A bias-free linear layer over GGUF blocks: bf16 activations in and out."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int):
+        """scales, mins: float16 [in / group, out] (or already by_block)."""
         super().__init__()
         self.register_buffer("packed", packed)
-        self.register_buffer("scales", scales)  # float16 [in / group, out]
-        self.register_buffer("mins", mins)
+        self.register_buffer("scales", by_block(scales))  # float16 [out / BLOCK_N, in / group, BLOCK_N]
+        self.register_buffer("mins", None if mins is None else by_block(mins))
         self.bits, self.group_size = bits, group
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 8 // bits
         self.matmul = getattr(torch.ops.llmfleet, cpu_kernels.block_quant_op())
@@ -71,15 +82,15 @@ class BlockQuantLinear(torch.nn.Module):
         shifts = torch.arange(0, 32, 4, dtype=torch.int32)
         codes = (qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF  # [in / 8, 8, out]
         codes = codes.reshape(-1, qweight.shape[1]).t().to(torch.uint8)
-        return cls(pack(codes, 4), scales.contiguous(), mins.contiguous(), 4, group)
+        return cls(pack(codes, 4), scales, mins, 4, group)
 
     @classmethod
     def concat(cls, layers: list[BlockQuantLinear]) -> BlockQuantLinear:
         """One layer whose outputs are those of `layers` side by side; the layers keep working, on its memory."""
         fused = cls(
             torch.cat([layer.packed for layer in layers]),
-            torch.cat([layer.scales for layer in layers], dim=1),
-            torch.cat([layer.mins for layer in layers], dim=1) if layers[0].mins is not None else None,
+            torch.cat([layer.scales for layer in layers]),
+            torch.cat([layer.mins for layer in layers]) if layers[0].mins is not None else None,
             layers[0].bits,
             layers[0].group_size,
         )
@@ -129,6 +140,6 @@ class BlockQuantEmbedding(torch.nn.Module):
         flat = ids.reshape(-1)
         blocks = w.packed.view(w.out_features // BLOCK_N, w.in_features // 2, 2, 16, 2)
         codes = blocks[flat // BLOCK_N, :, (flat % BLOCK_N) // 16, flat % 16].reshape(-1, w.in_features)
-        scales = w.scales[:, flat].t().float()  # [tokens, groups]
+        scales = w.scales[flat // BLOCK_N, :, flat % BLOCK_N].float()  # [tokens, groups]
         rows = codes.view(torch.int8).float().view(len(flat), -1, w.group_size) * scales.unsqueeze(-1)
         return rows.to(self.dtype).view(*ids.shape, w.in_features)

@@ -177,7 +177,7 @@ def _timing_calls() -> list[tuple]:
     k, group, calls = 576, 32, []
     for n, bits, rows in [(1536, 4, 1), (1536, 4, 32), (1536, 4, 256), (49152, 8, 8)]:
         packed = torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8)
-        scales = torch.rand(k // group, n).half()
-        mins = torch.rand(k // group, n).half() if bits == 4 else None
+        scales = torch.rand(n // 32, k // group, 32).half()  # worker.block_quant.by_block's layout
+        mins = torch.rand(n // 32, k // group, 32).half() if bits == 4 else None
         calls.append((torch.randn(rows, k).bfloat16(), packed, scales, mins, group, bits))
     return calls

@@ -152,7 +152,7 @@ def load_blocks(model: torch.nn.Module, path: Path, dtype: torch.dtype, own_kern
     with safe_open(path / GGUF_BLOCKS_FILE, "pt") as blocks, safe_open(path / "model.safetensors", "pt") as checkpoint:
         if own_kernel and f"{EMBEDDING}.codes" in blocks.keys():
             codes, scales = blocks.get_tensor(f"{EMBEDDING}.codes"), blocks.get_tensor(f"{EMBEDDING}.scales")
-            head = BlockQuantLinear(pack(codes, 8), scales.t().contiguous(), None, 8, BLOCK)
+            head = BlockQuantLinear(pack(codes, 8), scales.t(), None, 8, BLOCK)
             model.lm_head = head
             model.model.embed_tokens = BlockQuantEmbedding(head, dtype)
         for key in blocks.keys():

@@ -11,7 +11,9 @@
 // the high nibbles of the bytes of outputs 0-15, 32 bytes a pair; 8-bit: 64 bytes a pair.
 //
 // x [M, K] bf16 times the block-quantized weight [N, K] -> [M, N] bf16. packed: uint8 [N, K * bits / 8] in the
-// layout above; scales and mins: float16 [K / group_size, N] (GGUF stores them so); no mins for Q8_0.
+// layout above; scales and mins: float16 [N / 32, K / group_size, 32], a block of outputs' groups one after another
+// (GGUF's [K / group_size, N] put a block's groups N apart: a row decoded read one line a group, each far from the
+// last; one row, 30 layers' products of a step on a Zen 3, 11.0 -> 8.8 ms); no mins for Q8_0.
 namespace {
 
 torch::Tensor checked_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
@@ -22,8 +24,9 @@ torch::Tensor checked_matmul(const torch::Tensor& x, const torch::Tensor& packed
     const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
     TORCH_CHECK(packed.size(1) * 8 == K * bits && N % BLOCK_N == 0, "packed: [N (a multiple of 32), K * bits / 8]");
     TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "group_size: a multiple of 32 that divides K");
-    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(0) == K / group_size &&
-                    scales.size(1) == N, "scales: float16 [K / group_size, N]");
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
+                    scales.size(0) == N / BLOCK_N && scales.size(1) == K / group_size && scales.size(2) == BLOCK_N,
+                "scales: float16 [N / 32, K / group_size, 32]");
     if (mins.has_value()) {
         TORCH_CHECK(mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes(),
                     "mins: like scales");

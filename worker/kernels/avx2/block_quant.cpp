@@ -194,8 +194,8 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                     Group group;
                     group.has_min = Z != nullptr;
                     for (int j = 0; j < VECS; ++j) {
-                        group.scale[j] = load_half(S + g * N + n0 + j * 8);
-                        group.min[j] = group.has_min ? load_half(Z + g * N + n0 + j * 8) : _mm256_setzero_ps();
+                        group.scale[j] = load_half(S + n0 * groups + g * BLOCK_N + j * 8);
+                        group.min[j] = group.has_min ? load_half(Z + n0 * groups + g * BLOCK_N + j * 8) : _mm256_setzero_ps();
                     }
                     const uint8_t* block = codes + (n0 * K + g * gs * BLOCK_N) * BITS / 8;
                     for (int64_t k = 0; k < gs; k += XBLOCK) {

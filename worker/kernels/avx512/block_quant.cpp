@@ -66,7 +66,7 @@ struct Tile {
     const at::BFloat16* x;  // first row of the tile, rows K apart
     const uint8_t* codes;   // the block's packed codes
     at::BFloat16* out;      // first row and output of the tile, rows N apart
-    const at::Half* scales; // the block's first output in group 0, groups N apart
+    const at::Half* scales; // the block's group 0, groups BLOCK_N apart
     const at::Half* mins;   // likewise, or nullptr
     const float* sums;      // the tile's first row's group sums, rows `groups` apart
     int64_t K, N, gs, groups;
@@ -101,10 +101,10 @@ void tile(const Tile& t, const at::BFloat16* unpacked) {
         }
         Unroll<ROWS * 2>{}([&](auto i) {
             constexpr int row = i / 2, half = i % 2;
-            acc[i] = _mm512_fmadd_ps(dot[i], load_half(t.scales + group * t.N + half * 16), acc[i]);
+            acc[i] = _mm512_fmadd_ps(dot[i], load_half(t.scales + group * BLOCK_N + half * 16), acc[i]);
             if (t.mins != nullptr) {
                 const __m512 sum = _mm512_set1_ps(t.sums[row * t.groups + group]);
-                acc[i] = _mm512_fmadd_ps(sum, load_half(t.mins + group * t.N + half * 16), acc[i]);
+                acc[i] = _mm512_fmadd_ps(sum, load_half(t.mins + group * BLOCK_N + half * 16), acc[i]);
             }
         });
     }
@@ -161,8 +161,8 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
             const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
             for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
                 const int64_t n0 = nb * BLOCK_N;
-                const Tile t{X, codes + n0 * K * BITS / 8, C + n0, S + n0, Z == nullptr ? nullptr : Z + n0,
-                             sums.data(), K, N, gs, groups};
+                const Tile t{X, codes + n0 * K * BITS / 8, C + n0, S + n0 * groups,
+                             Z == nullptr ? nullptr : Z + n0 * groups, sums.data(), K, N, gs, groups};
                 for (int64_t kk = 0; kk < K / 2; ++kk) {
                     __m512i lo, hi;
                     unpack<BITS>(t.codes + kk * 8 * BITS, lo, hi);
@@ -181,8 +181,8 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
         const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
         for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
             const int64_t n0 = nb * BLOCK_N;
-            const Tile t{X, codes + n0 * K * BITS / 8, C + n0, S + n0, Z == nullptr ? nullptr : Z + n0,
-                         sums.data(), K, N, gs, groups};
+            const Tile t{X, codes + n0 * K * BITS / 8, C + n0, S + n0 * groups,
+                         Z == nullptr ? nullptr : Z + n0 * groups, sums.data(), K, N, gs, groups};
             rows<BITS>(t, M, nullptr);
         }
     }

@@ -25,7 +25,7 @@ constexpr int64_t TILE_K = 32;   // inputs per tile step: 16 pairs
 
 // The block's weights as bf16, [half][input pair][output in half][input in pair]: half h holds outputs 16h to 16h + 15.
 template <int BITS>
-void weights(const uint8_t* codes, const at::Half* scales, const at::Half* mins, int64_t K, int64_t N, int64_t gs,
+void weights(const uint8_t* codes, const at::Half* scales, const at::Half* mins, int64_t K, int64_t gs,
              at::BFloat16* out) {
     const __m512i first8 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i dup[2] = {first8, _mm512_add_epi32(first8, _mm512_set1_epi32(8))};
@@ -34,8 +34,8 @@ void weights(const uint8_t* codes, const at::Half* scales, const at::Half* mins,
         // Each output's scale and minimum, twice (once per input of a pair): [half][outputs 0-7 / 8-15].
         __m512 scale[2][2], min[2][2];
         for (int h = 0; h < 2; ++h) {
-            const __m512 s = load_half(scales + group * N + 16 * h);
-            const __m512 m = mins == nullptr ? _mm512_setzero_ps() : load_half(mins + group * N + 16 * h);
+            const __m512 s = load_half(scales + group * BLOCK_N + 16 * h);
+            const __m512 m = mins == nullptr ? _mm512_setzero_ps() : load_half(mins + group * BLOCK_N + 16 * h);
             for (int q = 0; q < 2; ++q) {
                 scale[h][q] = _mm512_permutexvar_ps(dup[q], s);
                 min[h][q] = _mm512_permutexvar_ps(dup[q], m);
@@ -143,7 +143,9 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
         const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
         for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
             const int64_t n0 = nb * BLOCK_N;
-            weights<BITS>(codes + n0 * K * BITS / 8, S + n0, Z == nullptr ? nullptr : Z + n0, K, N, gs, w.data());
+            const int64_t block_scales = n0 * (K / gs);
+            weights<BITS>(codes + n0 * K * BITS / 8, S + block_scales, Z == nullptr ? nullptr : Z + block_scales, K, gs,
+                          w.data());
             for (int64_t t = 0; t < tiles; t += 2) {
                 const at::BFloat16* a[2] = {tile_x(t), t + 1 < tiles ? tile_x(t + 1) : nullptr};
                 const int64_t real[2] = {tile_rows(t), t + 1 < tiles ? tile_rows(t + 1) : 0};

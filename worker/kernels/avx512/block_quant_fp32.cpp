@@ -153,8 +153,8 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                     group.has_min = Z != nullptr;
                     group.stride = groups;
                     for (int h = 0; h < 2; ++h) {
-                        group.scale[h] = load_half(S + g * N + n0 + h * 16);
-                        group.min[h] = group.has_min ? load_half(Z + g * N + n0 + h * 16) : _mm512_setzero_ps();
+                        group.scale[h] = load_half(S + n0 * groups + g * BLOCK_N + h * 16);
+                        group.min[h] = group.has_min ? load_half(Z + n0 * groups + g * BLOCK_N + h * 16) : _mm512_setzero_ps();
                     }
                     const uint8_t* block = codes + (n0 * K + g * gs * BLOCK_N) * BITS / 8;
                     const float* xg = xf.data() + m0 * K + g * gs;

@@ -207,7 +207,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                 const int64_t n0 = nb * BLOCK_N;
                 for (int64_t g = 0; g < groups; ++g) {
                     for (int h = 0; h < 2; ++h) {
-                        const int64_t at = g * N + n0 + h * 16;
+                        const int64_t at = n0 * groups + g * BLOCK_N + h * 16;
                         _mm512_storeu_ps(group_scales.data() + g * BLOCK_N + h * 16, load_half(S + at));
                         if (Z) _mm512_storeu_ps(group_mins.data() + g * BLOCK_N + h * 16, load_half(Z + at));
                     }

@@ -28,6 +28,7 @@ void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v,
     constexpr int CHUNKS = HD / 8;  // 8 floats a register
     constexpr int QUERIES = ROWS * GROUP;
     constexpr int KEYS = QUERIES == 4 || QUERIES == 6 ? 2 : 4;  // keys a pass: QUERIES * KEYS accumulators
+    static_assert(QUERIES * KEYS % 4 == 0, "the scores' sums go 4 at a time");
     const int64_t len = rows.len + ROWS - 1;  // the last row's keys
     alignas(32) float qf[QUERIES][HD];
     for (int r = 0; r < ROWS; ++r)

@@ -165,7 +165,15 @@ def test_the_attention_kernel_gives_a_row_the_same_bits_alone_or_among_its_promp
         pytest.skip("the attention kernel needs a CPU with AVX512 or AVX2")
     gen = torch.Generator().manual_seed(0)
     n_kv, capacity = 2, 64
-    k_cache, v_cache = (torch.randn(3, n_kv, capacity, head_dim, generator=gen).to(torch.bfloat16) for _ in "kv")
+    keys, values = (torch.randn(3, n_kv, capacity, head_dim, generator=gen).to(torch.bfloat16) for _ in "kv")
+    # Into the caches in the layout this CPU's kernel reads (keys may be stored block by block), rotated by angle 0.
+    k_cache, v_cache = torch.empty_like(keys), torch.empty_like(values)
+    tokens = keys.permute(0, 2, 1, 3).reshape(-1, n_kv, head_dim)
+    qkv = torch.cat([tokens, tokens, values.permute(0, 2, 1, 3).reshape(-1, n_kv, head_dim)], dim=1).contiguous()
+    cos = torch.ones(capacity, head_dim, dtype=torch.bfloat16)
+    sin = torch.zeros_like(cos)
+    cache_slots, positions = torch.arange(3).repeat_interleave(capacity), torch.arange(capacity).repeat(3)
+    torch.ops.llmfleet.rotary_to_cache(qkv, n_kv, cos, sin, cache_slots, positions, k_cache, v_cache)
     # A decoding row, a chunk of 7 rows, a decoding row, a chunk of 3 rows in another slot.
     slots = [1] + [0] * 7 + [2] + [1] * 3
     lengths = [40, *range(20, 27), 5, *range(41, 44)]
@@ -182,9 +190,9 @@ def test_the_attention_kernel_gives_a_row_the_same_bits_alone_or_among_its_promp
         alone = torch.empty_like(q[row : row + 1])
         attention(slice(row, row + 1), alone)
         assert torch.equal(alone[0], out[row])
-        keys, values = k_cache[slot, :, :length].float(), v_cache[slot, :, :length].float()
-        weights = torch.softmax(q[row].float() @ keys.transpose(1, 2) * scale, dim=-1)
-        assert torch.allclose(out[row].float(), weights @ values, atol=2e-2, rtol=2e-2)
+        k, v = keys[slot, :, :length].float(), values[slot, :, :length].float()
+        weights = torch.softmax(q[row].float() @ k.transpose(1, 2) * scale, dim=-1)
+        assert torch.allclose(out[row].float(), weights @ v, atol=2e-2, rtol=2e-2)
 
 
 def test_the_rms_norm_kernel_computes_the_models_norm_row_by_row(loaded_model):

@@ -1,7 +1,7 @@
 // The cached_attention op of every instruction set's kernel: checks its arguments and runs the `attend<GROUP, HD,
-// ROWS>` of the source that includes this header last (with its TILE_ROWS<GROUP>), one (tile of rows, KV head) task
-// at a time. `attend` may compute a row whose keys other rows read too (a prompt chunk's) another way, but to the
-// same bits.
+// ROWS>` of the source that includes this header last (with its TILE_ROWS<GROUP, HD>), one (tile of rows, KV head)
+// task at a time. `attend` may compute a row whose keys other rows read too (a prompt chunk's) another way, but to
+// the same bits.
 #pragma once
 #include "attention_args.h"
 
@@ -19,9 +19,9 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
     const auto* V = v_cache.data_ptr<at::BFloat16>();
     auto* O = out.data_ptr<at::BFloat16>();
     const int64_t q_row = q.stride(0), out_row = out.stride(0);
-    // Tasks: (tile, KV head). A tile is up to TILE_ROWS<GROUP> rows of one prompt chunk (the same slot, each row
+    // Tasks: (tile, KV head). A tile is up to TILE_ROWS<GROUP, HD> rows of one prompt chunk (the same slot, each row
     // one key more than the one before), which read the same keys and values once for all of them.
-    constexpr int64_t ROWS = TILE_ROWS<GROUP>;
+    constexpr int64_t ROWS = TILE_ROWS<GROUP, HD>;
     std::vector<int64_t> tiles;  // each tile's first row
     for (int64_t b = 0; b < B;) {
         tiles.push_back(b);

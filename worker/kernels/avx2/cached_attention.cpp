@@ -16,7 +16,7 @@
 namespace {
 
 // Rows of a prompt chunk attended together: each key and value converted once for all their query heads.
-template <int GROUP>
+template <int GROUP, int HD>
 constexpr int TILE_ROWS = GROUP <= 3 ? 2 : 1;
 
 // ROWS rows' GROUP query heads that share one KV head (QUERIES in all); HD the head size. Every score is the same

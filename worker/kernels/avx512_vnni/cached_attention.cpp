@@ -93,7 +93,7 @@ void scores_by_block(const __m512 (&qv)[GROUP][CHUNKS], const at::BFloat16* k, i
     for (int g = 0; g < GROUP; ++g) top[g] = _mm512_reduce_max_ps(tops[g]);
 }
 
-template <int GROUP>
+template <int GROUP, int HD>
 constexpr int TILE_ROWS = 1;  // a row at a time
 
 // One sequence's GROUP query heads that share one KV head; HD the head size. `keys_cached`: the keys are likely in

@@ -39,10 +39,7 @@ void scores_by_block(const QueryRows& rows, const at::BFloat16* k, int64_t strid
     for (int r = 0; r < ROWS; ++r) std::memcpy(q_pairs[r * GROUP], rows.q + r * rows.q_row, sizeof(q_pairs) / ROWS);
     for (int64_t j0 = 0; j0 < longest; j0 += 16) {
         __mmask16 valid[ROWS];
-        for (int r = 0; r < ROWS; ++r) {
-            const int64_t left = rows.len + r - j0;
-            valid[r] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        }
+        for (int r = 0; r < ROWS; ++r) valid[r] = first_lanes(rows.len + r - j0);
         const at::BFloat16* block = k + j0 * HD;
         __m512 even[QUERIES], odd[QUERIES];
         for (int i = 0; i < QUERIES; ++i) even[i] = odd[i] = _mm512_setzero_ps();
@@ -100,7 +97,7 @@ void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v,
             sum = _mm512_add_ps(sum, e);
         }
         if (j < len) {
-            const __mmask16 tail = (__mmask16)((1u << (len - j)) - 1);
+            const __mmask16 tail = first_lanes(len - j);
             const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), max)));
             _mm256_mask_storeu_epi16(probs + j, tail, (__m256i)_mm512_cvtneps_pbh(e));
             sum = _mm512_add_ps(sum, e);

@@ -130,7 +130,7 @@ float softmax_row(float* row, int64_t len, int64_t width, float scale) {
     const __m512 s = _mm512_set1_ps(scale);
     int64_t j = 0;
     for (; j + 16 <= len; j += 16) tops = _mm512_max_ps(tops, _mm512_mul_ps(_mm512_loadu_ps(row + j), s));
-    const __mmask16 tail = (__mmask16)((1u << (len - j)) - 1);
+    const __mmask16 tail = first_lanes(len - j);
     if (j < len) tops = _mm512_mask_max_ps(tops, tail, tops, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, row + j), s));
     const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(tops));
     auto* probs = reinterpret_cast<uint16_t*>(row);  // element j at bytes 2j..2j+1, behind the floats still to read

@@ -9,6 +9,9 @@
 
 inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
+// The mask of a vector's first n of 16 lanes: none for n <= 0, all for n >= 16.
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
 inline __m512 load_half(const at::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }

@@ -82,10 +82,7 @@ void scores_by_block(const __m512 (&qv)[ROWS * GROUP][CHUNKS], const at::BFloat1
     alignas(64) float keys[16][HD];  // key 4 * (i % 4) + i / 4 in row i: lane_sums puts its score in lane i
     for (int64_t j0 = 0; j0 < longest; j0 += 16) {
         __mmask16 valid[ROWS];
-        for (int r = 0; r < ROWS; ++r) {
-            const int64_t left = len + r - j0;
-            valid[r] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        }
+        for (int r = 0; r < ROWS; ++r) valid[r] = first_lanes(len + r - j0);
         for (int i = 0; i < 16; ++i) {
             const at::BFloat16* key = k + std::min<int64_t>(j0 + 4 * (i % 4) + i / 4, longest - 1) * HD;
             key_to_float<HD>(key, keys[i]);
@@ -124,15 +121,10 @@ void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v,
     }
 
     float top[QUERIES];
-    if constexpr (ROWS == 1) {
-        if (!keys_cached) {
-            scores_by_key<GROUP, CHUNKS, HD>(qv, k, longest, scale, scores, top);
-        } else {
-            scores_by_block<ROWS, GROUP, CHUNKS, HD>(qv, k, rows.len, longest, scale, scores, top);
-        }
-    } else {
+    if (ROWS == 1 && !keys_cached)
+        scores_by_key<QUERIES, CHUNKS, HD>(qv, k, longest, scale, scores, top);
+    else
         scores_by_block<ROWS, GROUP, CHUNKS, HD>(qv, k, rows.len, longest, scale, scores, top);
-    }
 
     float total[QUERIES];
     for (int q = 0; q < QUERIES; ++q) {
@@ -141,7 +133,7 @@ void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v,
         const __m512 max = _mm512_set1_ps(top[q]);
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 part = len - j >= 16 ? 0xFFFF : (__mmask16)((1u << (len - j)) - 1);
+            const __mmask16 part = first_lanes(len - j);
             const __m512 e = _mm512_maskz_mov_ps(part, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(part, row + j), max)));
             _mm512_mask_storeu_ps(row + j, part, e);
             sum = _mm512_add_ps(sum, e);

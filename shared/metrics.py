@@ -106,6 +106,9 @@ NUM_REQUESTS_WAITING = Gauge(
     "llmfleet:num_requests_waiting", "Requests taken by this worker, waiting for a slot.", ["model_name"],
     registry=WORKER,
 )  # fmt: skip
+PREFILL_BUDGET = Gauge(
+    "llmfleet:prefill_budget_tokens", "Prompt tokens a step may prefill now.", ["model_name"], registry=WORKER
+)
 KV_CACHE_USAGE = Gauge(
     "llmfleet:kv_cache_usage_perc", "Fraction of KV cache positions in use (0-1).", ["model_name"], registry=WORKER
 )
@@ -156,6 +159,7 @@ class WorkerMetrics:
         self.running = NUM_REQUESTS_RUNNING.labels(model_name)
         self.waiting = NUM_REQUESTS_WAITING.labels(model_name)
         self.kv_usage = KV_CACHE_USAGE.labels(model_name)
+        self.prefill_budget = PREFILL_BUDGET.labels(model_name)
         self.batch_size = BATCH_SIZE.labels(model_name)
         self.prompt_tokens = PROMPT_TOKENS.labels(model_name)
         self.generation_tokens = GENERATION_TOKENS.labels(model_name)

@@ -52,7 +52,7 @@ class BatchLimits(BaseModel):
     max_prefill_tokens: PositiveInt = 512
     """At most this many prompt tokens are prefilled in one step; longer prompts are prefilled in chunks between
     decode steps."""
-    prefill_step_ms: PositiveInt = 100
+    prefill_step_ms: PositiveInt = 150
     """Below max_prefill_tokens, a step prefills only the prompt tokens that a warm-up measurement says fit in
     this time (worker.step_cost): on a CPU, prompts that arrive together are then prefilled one after another
     instead of all answering at the end, and running streams stall at most about this long."""

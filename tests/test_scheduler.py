@@ -6,9 +6,11 @@ import time
 
 import pytest
 
+from shared.metrics import WORKER
 from shared.protocol import InferenceRequest, SamplingParams
 from worker.llama_runner import LlamaRunner
 from worker.scheduler import PASSED_OVER_MAX, Scheduler
+from worker.step_cost import PrefillBudget
 
 PROMPT = [1, 504, 3575, 282, 4649, 314]
 
@@ -55,6 +57,17 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(schedul
         events = scheduler.step()
         steps_with_a += "a" in ids(events)
     assert steps_with_a >= 6, "a got a token in every step of the long prefill"
+
+
+def test_steps_that_spend_the_prefill_budget_keep_it_to_what_fits_in_the_step_time(loaded_model):
+    runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
+    budget = PrefillBudget(64, step_s=1e-4, ceiling=64)  # no step is this fast: each full one shrinks the budget
+    scheduler = Scheduler(runner, loaded_model.tokenizer, loaded_model.eos_token_ids, budget, "m", "w")
+    scheduler.add(request("long", 2, prompt=PROMPT * 40))
+    while scheduler.has_work:
+        scheduler.step()
+    assert budget.tokens < 64
+    assert WORKER.get_sample_value("llmfleet:prefill_budget_tokens", {"model_name": "m"}) == budget.tokens
 
 
 def test_a_short_prompt_is_prefilled_before_the_rest_of_a_long_one(scheduler):

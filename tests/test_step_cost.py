@@ -1,4 +1,4 @@
-from worker.step_cost import MIN_PREFILL_TOKENS, StepCost
+from worker.step_cost import MIN_PREFILL_TOKENS, PrefillBudget, StepCost
 
 
 def test_the_budget_is_the_prompt_tokens_that_fit_in_the_step_time():
@@ -11,3 +11,27 @@ def test_the_budget_never_exceeds_the_ceiling_nor_falls_below_the_floor():
     assert fast.prefill_budget(0.25, ceiling=512) == 512
     assert slow.prefill_budget(0.25, ceiling=512) == MIN_PREFILL_TOKENS
     assert slow.prefill_budget(0.25, ceiling=8) == 8
+
+
+def test_the_budget_moves_towards_what_fits_in_the_step_time_in_steps_that_spend_it():
+    budget = PrefillBudget(300, step_s=0.1, ceiling=512)
+    budget.observe(120, 0.3)  # a step that did not spend it all says nothing about its size
+    assert budget.tokens == 300
+    for _ in range(40):  # served steps cost 20 ms + 0.5 ms a prompt token: 160 tokens fit in 100 ms
+        budget.observe(budget.tokens, 0.02 + 0.0005 * budget.tokens)
+    assert 150 <= budget.tokens <= 160
+    budget.observe(budget.tokens, 1.0)  # one step slowed by another process moves it, but not all the way
+    assert budget.tokens > 80
+
+
+def test_a_kept_budget_stays_within_its_floor_and_ceiling_and_a_fixed_one_never_moves():
+    budget = PrefillBudget(300, step_s=0.1, ceiling=512)
+    for _ in range(100):
+        budget.observe(budget.tokens, 10.0)
+    assert budget.tokens == MIN_PREFILL_TOKENS
+    for _ in range(100):
+        budget.observe(budget.tokens, 0.001)
+    assert budget.tokens == 512
+    fixed = PrefillBudget(16)
+    fixed.observe(16, 10.0)
+    assert fixed.tokens == 16

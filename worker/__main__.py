@@ -34,7 +34,8 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
     runner = LlamaRunner(loaded.model, slots=slots, capacity=spec.max_context, batch_invariant=batch.batch_invariant)
     runner.prefault(min(batch.kv_prefault_tokens, spec.max_context))
     cost = step_cost.measure(runner)
-    prefill_tokens = cost.prefill_budget(batch.prefill_step_ms / 1000, batch.max_prefill_tokens)
+    step_s = batch.prefill_step_ms / 1000
+    prefill_tokens = cost.prefill_budget(step_s, batch.max_prefill_tokens)
     log.info(
         "worker.step_cost",
         overhead_ms=round(cost.overhead_s * 1000, 1),
@@ -47,7 +48,7 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
         runner,
         loaded.tokenizer,
         loaded.eos_token_ids,
-        max_prefill_tokens=prefill_tokens,
+        prefill_budget=step_cost.PrefillBudget(prefill_tokens, step_s, batch.max_prefill_tokens),
         model_name=model,
         worker_id=worker_id,
         max_running=batch.max_running,

@@ -16,6 +16,7 @@ from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings
 from worker.kv_slots import KVSlots
 from worker.llama_runner import LlamaRunner, PrefillChunk
 from worker.sampling import choose_tokens, new_generator
+from worker.step_cost import PrefillBudget
 from worker.text_output import TextOutput
 
 
@@ -74,7 +75,7 @@ class Scheduler:
         runner: LlamaRunner,
         tokenizer,
         eos_token_ids: frozenset[int],
-        max_prefill_tokens: int,
+        prefill_budget: PrefillBudget | int,
         model_name: str,
         worker_id: str,
         max_running: int | None = None,
@@ -85,7 +86,9 @@ class Scheduler:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self.max_prefill_tokens = max_prefill_tokens
+        if not isinstance(prefill_budget, PrefillBudget):
+            prefill_budget = PrefillBudget(prefill_budget)
+        self.prefill_budget = prefill_budget
         self.model_name = model_name
         self.worker_id = worker_id
         self.waiting: deque[InferenceRequest] = deque()
@@ -129,6 +132,7 @@ class Scheduler:
         held = sum(s.kv_len for s in self.running.values())
         self.metrics.occupancy(len(self.running), len(self.waiting), held, self.runner.slots * self.runner.capacity)
         self.metrics.prefix_cache(self.slots.parked_tokens, self.runner.kv_bytes_per_token, self.slots.evictions)
+        self.metrics.prefill_budget.set(self.prefill_budget.tokens)
         return events
 
     def _step(self) -> list[StepEvent]:
@@ -140,6 +144,7 @@ class Scheduler:
         prefilling = self._plan_prefills()
         if not decoding and not prefilling:
             return events
+        started = time.perf_counter()
         logits = self.runner.step(
             decode_slots=[s.slot for s in decoding],
             decode_tokens=[s.generated[-1] for s in decoding],
@@ -157,12 +162,14 @@ class Scheduler:
             [s.generator for s in sampled],
             [s.prompt + s.generated if s.request.sampling.repetition_penalty != 1.0 else [] for s in sampled],
         )
+        prompt_tokens = sum(len(chunk.tokens) for _, chunk in prefilling)
+        self.prefill_budget.observe(prompt_tokens, time.perf_counter() - started)
         for seq in decoding:
             seq.kv_len += 1
         for seq, _ in prefilling:
             seq.kv_len = seq.prefilled
         now = time.time()
-        self.metrics.step(len(decoding) + len(prefilling), sum(len(c.tokens) for _, c in prefilling), len(sampled))
+        self.metrics.step(len(decoding) + len(prefilling), prompt_tokens, len(sampled))
         for seq, token in zip(sampled, tokens):
             events.append(self._advance(seq, token, now))
         return events
@@ -240,10 +247,10 @@ class Scheduler:
         (a conversation's next turn, its history cached, does not wait behind another request's long prompt), ties
         oldest first. Aged, so that a stream of short prompts never starves a long one: each step since a prompt got its
         slot counts as 1 / PASSED_OVER_MAX of a step's budget of tokens fewer."""
-        budget = self.max_prefill_tokens
+        budget = self.prefill_budget.tokens
         planned = []
         prompts = [seq for seq in self.running.values() if not seq.decoding]
-        age_tokens = self.max_prefill_tokens / PASSED_OVER_MAX
+        age_tokens = budget / PASSED_OVER_MAX
 
         def key(seq: Sequence) -> float:
             return len(seq.prefill_ids) - seq.prefilled + age_tokens * seq.admitted_step

@@ -1,4 +1,5 @@
-"""What a step costs on this machine, measured at start-up; the prompt-token budget of a step follows from it.
+"""The prompt-token budget of a step: what fits in `batch.prefill_step_ms`, measured at start-up and then kept by the
+steps served.
 
 On a CPU a prefill is compute-bound: a step's time grows about linearly with its tokens (overhead + per-token
 cost), so prefilling several prompts in one step saves nothing and makes each of them wait for all the others.
@@ -6,6 +7,10 @@ The budget is the tokens that fit in `batch.prefill_step_ms`: short prompts that
 one after another (the first answers at once instead of all at the end), a long prompt is split into chunks
 between decode steps, and running streams never stall longer than about one such step. On a GPU, where a step's
 time hardly grows with its tokens, the budget is simply `batch.max_prefill_tokens`.
+
+The start-up timing prefills from position 0 with nothing else in the step, on a machine still busy starting the
+other processes; served steps also decode the running streams and attend to the keys before the chunk. So the
+budget follows the steps that spend all of it (PrefillBudget.observe).
 """
 
 from __future__ import annotations
@@ -15,9 +20,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
+
 from worker.llama_runner import LlamaRunner, PrefillChunk
 
+log = structlog.get_logger(__name__)
+
 MIN_PREFILL_TOKENS = 32
+SMOOTHING = 0.25
+"""Each full step moves the budget this fraction of the way (in ratio) towards what would have fit: a step slowed
+by another process moves it little."""
 
 
 @dataclass(frozen=True)
@@ -51,3 +63,24 @@ def measure(runner: LlamaRunner, small: int = 16, large: int = 128, repeats: int
     short, long = seconds(small), seconds(large)
     per_token = max((long - short) / (large - small), 1e-7)
     return StepCost(overhead_s=max(short - per_token * small, 0.0), per_token_s=per_token)
+
+
+class PrefillBudget:
+    """Prompt tokens a step may prefill. With `step_s`, each step that spends the whole budget corrects it towards
+    the tokens that would have taken `step_s` (within [MIN_PREFILL_TOKENS, ceiling]); without, it stays fixed."""
+
+    def __init__(self, tokens: int, step_s: float | None = None, ceiling: int | None = None):
+        self.tokens = tokens
+        self.step_s = step_s
+        self.floor, self.ceiling = min(MIN_PREFILL_TOKENS, tokens), ceiling or tokens
+        self._fit = float(tokens)
+        self._logged = tokens
+
+    def observe(self, prompt_tokens: int, seconds: float) -> None:
+        if self.step_s is None or prompt_tokens < self.tokens or seconds <= 0:
+            return
+        self._fit = min(max(self._fit * (self.step_s / seconds) ** SMOOTHING, self.floor), self.ceiling)
+        self.tokens = int(self._fit)
+        if abs(self.tokens - self._logged) * 4 >= self._logged:  # moved by a quarter since last said
+            log.info("worker.prefill_budget", tokens=self.tokens, step_ms=round(seconds * 1000, 1))
+            self._logged = self.tokens

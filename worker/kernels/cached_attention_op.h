@@ -4,6 +4,7 @@
 // the same bits.
 #pragma once
 #include "attention_args.h"
+#include "tasks.h"
 
 namespace {
 
@@ -31,21 +32,20 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
     }
     tiles.push_back(B);
     const int64_t T = static_cast<int64_t>(tiles.size()) - 1;
-    at::parallel_for(0, T * n_kv, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(ROWS * GROUP * longest);
-        for (int64_t task = begin; task < end; ++task) {
-            const int64_t t = task / n_kv, h = task % n_kv, b = tiles[t], rows = tiles[t + 1] - b;
-            const int64_t cache_row = (slot[b] * n_kv + h) * capacity * HD;
-            const int64_t head = h * GROUP * HD;
-            // A prompt chunk's rows (the same slot side by side) read the same keys, which stay in the CPU cache.
-            const bool keys_cached = (b > 0 && slot[b - 1] == slot[b]) || (b + rows < B && slot[b + rows] == slot[b]);
-            const QueryRows r{Q + b * q_row + head, O + b * out_row + head, q_row, out_row, length[b]};
-            if (rows == ROWS)
-                attend<GROUP, HD, ROWS>(r, K + cache_row, V + cache_row, static_cast<float>(scale), scores.data(), keys_cached);
-            else
-                for (int64_t i = 0; i < rows; ++i)
-                    attend<GROUP, HD, 1>(r.at(i), K + cache_row, V + cache_row, static_cast<float>(scale), scores.data(), keys_cached);
-        }
+    for_each_task(T * n_kv, [&](int64_t task) {
+        thread_local std::vector<float> scores;
+        scores.resize(std::max<size_t>(scores.size(), ROWS * GROUP * longest));
+        const int64_t t = task / n_kv, h = task % n_kv, b = tiles[t], rows = tiles[t + 1] - b;
+        const int64_t cache_row = (slot[b] * n_kv + h) * capacity * HD;
+        const int64_t head = h * GROUP * HD;
+        // A prompt chunk's rows (the same slot side by side) read the same keys, which stay in the CPU cache.
+        const bool keys_cached = (b > 0 && slot[b - 1] == slot[b]) || (b + rows < B && slot[b + rows] == slot[b]);
+        const QueryRows r{Q + b * q_row + head, O + b * out_row + head, q_row, out_row, length[b]};
+        if (rows == ROWS)
+            attend<GROUP, HD, ROWS>(r, K + cache_row, V + cache_row, static_cast<float>(scale), scores.data(), keys_cached);
+        else
+            for (int64_t i = 0; i < rows; ++i)
+                attend<GROUP, HD, 1>(r.at(i), K + cache_row, V + cache_row, static_cast<float>(scale), scores.data(), keys_cached);
     });
 }
 

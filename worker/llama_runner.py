@@ -261,9 +261,10 @@ class LlamaRunner:
         to_cache = self._kernel_rotary(slot_idx, pos) if self.attention_kernel else self._torch_rotary(slot_idx, pos)
         # Rows with logits: the decoding ones, then each chunk's last. In the last layer only they go on past the
         # keys and values (a prompt's other rows there would feed nothing: ~3% of a prefill's work).
-        rows = list(range(n_decode))
+        rows, offset = list(range(n_decode)), n_decode
         for chunk in prefills:
-            rows.append((rows[-1] if rows else -1) + len(chunk.tokens))
+            offset += len(chunk.tokens)
+            rows.append(offset - 1)
         n_rows = len(rows)
         if n_rows < n_tokens:
             last_rows = torch.tensor(rows, device=device)

@@ -32,6 +32,11 @@ SMOOTHING = 0.25
 by another process moves it little."""
 
 
+def within_bounds(tokens: float, ceiling: int) -> float:
+    """A step's prompt tokens kept within [MIN_PREFILL_TOKENS (or the ceiling, if lower), ceiling]."""
+    return max(min(MIN_PREFILL_TOKENS, ceiling), min(tokens, ceiling))
+
+
 @dataclass(frozen=True)
 class StepCost:
     overhead_s: float
@@ -39,8 +44,7 @@ class StepCost:
 
     def prefill_budget(self, step_s: float, ceiling: int) -> int:
         """Prompt tokens a step may prefill so that it takes about `step_s` (within [MIN_PREFILL_TOKENS, ceiling])."""
-        fits = (step_s - self.overhead_s) / self.per_token_s
-        return max(min(MIN_PREFILL_TOKENS, ceiling), min(int(fits), ceiling))
+        return int(within_bounds((step_s - self.overhead_s) / self.per_token_s, ceiling))
 
 
 def best_seconds(call: Callable[[], object], repeats: int) -> float:
@@ -72,14 +76,14 @@ class PrefillBudget:
     def __init__(self, tokens: int, step_s: float | None = None, ceiling: int | None = None):
         self.tokens = tokens
         self.step_s = step_s
-        self.floor, self.ceiling = min(MIN_PREFILL_TOKENS, tokens), ceiling or tokens
+        self.ceiling = ceiling or tokens
         self._fit = float(tokens)
         self._logged = tokens
 
     def observe(self, prompt_tokens: int, seconds: float) -> None:
         if self.step_s is None or prompt_tokens < self.tokens or seconds <= 0:
             return
-        self._fit = min(max(self._fit * (self.step_s / seconds) ** SMOOTHING, self.floor), self.ceiling)
+        self._fit = within_bounds(self._fit * (self.step_s / seconds) ** SMOOTHING, self.ceiling)
         self.tokens = int(self._fit)
         if abs(self.tokens - self._logged) * 4 >= self._logged:  # moved by a quarter since last said
             log.info("worker.prefill_budget", tokens=self.tokens, step_ms=round(seconds * 1000, 1))

@@ -120,7 +120,7 @@ def run_workloads(args: argparse.Namespace, names: list[str]) -> list[Summary]:
 
 
 def run_overhead(args: argparse.Namespace) -> dict:
-    from loadtest.overhead import InProcessEngine, client_ttfts, overhead, paired_ttfts
+    from loadtest.overhead import InProcessEngine, bare_round_trips, client_ttfts, overhead, paired_ttfts
 
     with _servers(args, with_peers=False)[0]() as server:
         engine = InProcessEngine(args.model)  # beside the fleet: the two are timed alternately, request by request
@@ -128,7 +128,8 @@ def run_overhead(args: argparse.Namespace) -> dict:
             paired_ttfts(server, engine, args.overhead_requests, args.max_tokens, args.seed)
         )
         client = asyncio.run(client_ttfts(args.model, args.overhead_requests, args.seed))  # the fleet idle
-    return overhead(gateway, in_process, client)
+        bare = asyncio.run(bare_round_trips(args.overhead_requests))
+    return overhead(gateway, in_process, client, bare)
 
 
 def run_relay(args: argparse.Namespace) -> list[Summary]:

@@ -2,18 +2,25 @@
 same engine called in-process (the worker's own Scheduler, no Redis, no HTTP) on the same prompts. The two are timed
 request by request, alternately, with the fleet up beside the in-process engine, so that a slow spell of a shared
 machine hits both alike; the overhead is the p50 of each prompt's difference. Part of it is the openai client's own
-work, which no server can remove: timed against a canned response, without a server."""
+work, which no server can remove: timed against a canned response, without a server. For scale, the machine's own
+floor: HTTP round trips to a bare ASGI app (loadtest.bare_server) after the same pause and back to back. In a VM a
+process whose core has gone idle wakes slowly, and a request through the fleet wakes the gateway, Redis, the worker
+and the client in turn."""
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import time
 
 import httpx
 
 from gateway.prompts import chat_token_ids
 from gateway.protocol import ChatCompletionRequest
+from llmfleet.supervisor import port_open, wait_until
+from loadtest.local_fleet import free_port
 from loadtest.servers import Server
 from loadtest.stats import pcts
 from loadtest.workload import chat_messages, client_for, stream_one
@@ -96,11 +103,34 @@ async def client_ttfts(model: str, requests: int, seed: int) -> list[float]:
     return ttfts[1:]  # the first one warms the client up
 
 
-def overhead(gateway: list[float], in_process: list[float], client: list[float]) -> dict:
+async def bare_round_trips(requests: int) -> dict[str, list[float]]:
+    """Seconds of each HTTP round trip to loadtest.bare_server in a process of its own: {"after_pause": each after
+    SETTLE_S, as the timed requests are, "back_to_back": none between}."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "loadtest.bare_server", str(port)])
+    try:
+        wait_until(lambda: port_open("127.0.0.1", port), 30, "loadtest.bare_server")
+        times: dict[str, list[float]] = {"after_pause": [], "back_to_back": []}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await client.post("/", content=b"{}")
+            for name, pause in (("after_pause", SETTLE_S), ("back_to_back", 0.0)):
+                for _ in range(requests):
+                    time.sleep(pause)
+                    started = time.perf_counter()
+                    (await client.post("/", content=b"{}")).raise_for_status()
+                    times[name].append(time.perf_counter() - started)
+        return times
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def overhead(gateway: list[float], in_process: list[float], client: list[float], bare: dict[str, list[float]]) -> dict:
     gaps = [g - e for g, e in zip(gateway, in_process)]
     return {
         "gateway_ttft": pcts(gateway),
         "engine_ttft": pcts(in_process),
         "overhead_p50_s": pcts(gaps)["p50"],
         "client_own_p50_s": pcts(client)["p50"],
+        "bare_round_trip_p50_s": {name: pcts(times)["p50"] for name, times in bare.items()},
     }

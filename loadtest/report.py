@@ -64,7 +64,10 @@ def _sections(summaries: list[Summary], overhead: dict | None) -> list[str]:
             f"{_ms(overhead['engine_ttft']['p50'])} ms (timed alternately, prompt by prompt): overhead, the p50 of "
             f"each prompt's difference, {_ms(overhead['overhead_p50_s'])} ms. Of this, the streaming openai "
             f"client's own work (create() to the first content chunk against a canned response, no server): "
-            f"{_ms(overhead['client_own_p50_s'])} ms p50.",
+            f"{_ms(overhead['client_own_p50_s'])} ms p50. For scale, this machine's floor: an HTTP round trip to "
+            f"a bare ASGI app (`loadtest.bare_server`, uvicorn, no route, no Redis) takes "
+            f"{_ms(overhead['bare_round_trip_p50_s']['after_pause'])} ms p50 after the same pause, "
+            f"{_ms(overhead['bare_round_trip_p50_s']['back_to_back'])} ms back to back.",
         ]
     rss = [s for s in summaries if s.extra.get("worker_rss", {}).get("peak_rss_mib") is not None]
     if rss:

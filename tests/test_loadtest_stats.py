@@ -1,10 +1,10 @@
 """The benchmark's own arithmetic: which gaps count as stalls during a long prefill, llmfleet/peer ratios, and the
-client's own share of the gateway overhead."""
+client's own share of the gateway overhead and the machine's floor under it."""
 
 import asyncio
 
 from loadtest.long_prompts import gaps_during_prefills
-from loadtest.overhead import client_ttfts
+from loadtest.overhead import bare_round_trips, client_ttfts
 from loadtest.stats import RequestTrace, ratio_table, summarise
 from shared.settings import DEFAULT_MODEL
 
@@ -28,3 +28,9 @@ def test_ratio_rows_pair_llmfleet_with_the_peer_at_the_same_workload_and_concurr
 def test_the_client_share_of_the_overhead_is_timed_without_a_server_on_a_canned_stream():
     ttfts = asyncio.run(client_ttfts(DEFAULT_MODEL, 3, seed=0))
     assert len(ttfts) == 3 and all(0 < t < 1 for t in ttfts)
+
+
+def test_the_floor_under_the_overhead_is_timed_against_a_bare_server_in_a_process_of_its_own():
+    times = asyncio.run(bare_round_trips(3))
+    assert sorted(times) == ["after_pause", "back_to_back"]
+    assert all(len(t) == 3 and all(0 < x < 1 for x in t) for t in times.values())

@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "../prefetch.h"
 #include "amx.h"
 #include "simd.h"
 
@@ -42,6 +43,7 @@ void weights(const uint8_t* codes, const at::Half* scales, const at::Half* mins,
             }
         }
         for (int64_t pair = group * gs / 2; pair < (group + 1) * gs / 2; ++pair) {
+            prefetch<64>(codes + pair * 8 * BITS + CODES_BYTES_AHEAD);
             __m128i bytes[2][2];  // [half][outputs 0-7 / 8-15]: each output's two codes
             if constexpr (BITS == 4) {
                 const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + pair * 32));

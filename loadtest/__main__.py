@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "cache-off": {"LLMFLEET_BATCH__PREFIX_CACHE_TOKENS": "0"},
     "affinity-off": {"LLMFLEET_AFFINITY": "false"},
     # The unquantized checkpoint in float32: where the CPU lacks AVX512, dense float32 matmuls beat ATen's int4
-    # kernel on batches of more than a few tokens (loadtest/RESULTS.md).
+    # kernel on batches of more than a few tokens (loadtest/RESULTS-HISTORY.md).
     "dense-fp32": {"LLMFLEET_MODELS": json.dumps({DEFAULT_MODEL: {"quantization": "none", "dtype": "float32"}})},
     # GPTQ's re-quantized model instead of the GGUF's grid, through gptqmodel's kernels.
     "gptq-grid": {"LLMFLEET_MODELS": json.dumps({DEFAULT_MODEL: {"grid": "gptq"}})},

@@ -97,6 +97,21 @@ def test_block_kernel_computes_the_blocks_exactly_whatever_the_batch(kind, varia
         assert torch.equal(layer(x[:rows]), served[:rows])
 
 
+def test_fused_layers_compute_as_the_separate_ones_on_one_copy_of_the_blocks():
+    from worker.block_quant import BlockQuantLinear
+
+    first, _ = _kernel_layers()["q4_1"]
+    second = BlockQuantLinear(first.packed[:64].clone(), first.scales[:2].clone(), first.mins[:2].clone(), 4, 32)
+    x = torch.randn(5, first.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    alone = [first(x), second(x)]
+    fused = BlockQuantLinear.concat([first, second])
+    assert torch.equal(fused(x), torch.cat(alone, dim=1))
+    assert torch.equal(first(x), alone[0]) and torch.equal(second(x), alone[1])
+    fused_memory = {t.untyped_storage().data_ptr() for t in (fused.packed, fused.scales, fused.mins)}
+    for layer in (first, second):
+        assert {t.untyped_storage().data_ptr() for t in (layer.packed, layer.scales, layer.mins)} == fused_memory
+
+
 def test_block_embedding_reads_the_q8_0_rows_exactly():
     from worker.block_quant import BlockQuantEmbedding
 

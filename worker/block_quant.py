@@ -97,6 +97,10 @@ class BlockQuantLinear(torch.nn.Module):
         start = 0
         for layer in layers:
             layer.packed = fused.packed[start : start + layer.out_features]
+            blocks = slice(start // BLOCK_N, (start + layer.out_features) // BLOCK_N)
+            layer.scales = fused.scales[blocks]
+            if layer.mins is not None:
+                layer.mins = fused.mins[blocks]
             start += layer.out_features
         return fused
 

@@ -37,16 +37,19 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+def _model_card(request: Request, name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(request.app.state.started), "owned_by": "llmfleet"}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    settings = request.app.state.settings
-    created = int(request.app.state.started)
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "llmfleet"} for name in settings.models
-        ],
-    }
+    return {"object": "list", "data": [_model_card(request, name) for name in request.app.state.settings.models]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request) -> dict:
+    _completions(request).model_or_404(model)
+    return _model_card(request, model)
 
 
 @router.post("/v1/chat/completions")

@@ -24,6 +24,10 @@ _TYPES = {
 }
 
 
+_BODY_NOT_PARSED = "There was an error parsing the body"
+"""FastAPI's detail where the body could not be decoded at all (an integer of 5,000 digits, nesting too deep)."""
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -54,13 +58,42 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def _is_branch_tag(part) -> bool:
+    """A union member's label in an error's location (`function-after[clean_text(), str]`, `list[TextPart]`, `int`),
+    not a field or an index."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith("constrained-"))
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_type_mismatch(error: dict) -> bool:
+    return error.get("type", "").endswith(("_type", "_parsing"))
+
+
 def _from_validation(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
+    """The error that says most: a union reports one error per member, and the member whose type the input has
+    (a bound broken, a field of a list item) says more than the members it is not ("Input should be a valid
+    string")."""
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
         return APIError(400, "The request body is not valid JSON.", code="invalid_json")
-    message = first.get("msg", "Invalid request.")
+    if not errors:
+        return APIError(400, "Invalid request.", code="invalid_value")
+
+    def location(error: dict) -> list[str]:
+        return [str(p) for p in error.get("loc", ()) if p != "body" and not _is_branch_tag(p)]
+
+    specific = [error for error in errors if not _is_type_mismatch(error)]
+    if specific:
+        chosen = max(specific, key=lambda error: len(location(error)))  # the first of the deepest
+        message = chosen.get("msg", "Invalid request.")
+    else:  # no member's type matched: name them all
+        chosen = errors[0]
+        same_place = [e["msg"] for e in errors if location(e) == location(chosen)]
+        kinds = dict.fromkeys(m.removeprefix("Input should be ").split(",")[0] for m in same_place)
+        message = "Input should be " + " or ".join(kinds) if len(kinds) > 1 else chosen.get("msg", "Invalid request.")
+    param = ".".join(location(chosen)) or None
     return APIError(400, f"{message}: '{param}'" if param else message, param=param, code="invalid_value")
 
 
@@ -80,6 +113,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _BODY_NOT_PARSED:  # JSON the decoder refused to finish
+            return APIError(400, "The request body is not valid JSON.", code="invalid_json").response()
         return APIError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(RedisConnectionError)

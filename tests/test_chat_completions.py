@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
+import pytest
+
 from tests.conftest import FRANCE_QUESTION, MODEL
 
 FRANCE = [{"role": "user", "content": FRANCE_QUESTION}]
@@ -130,3 +133,6 @@ def test_sixteen_concurrent_streams_complete_without_interleaving(client):
 
 def test_lists_the_served_model(client):
     assert MODEL in [m.id for m in client.models.list().data]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")

@@ -84,3 +84,29 @@ def test_completion_without_prompt_is_400(http):
 def test_openai_client_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=HI, max_tokens=-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "param", "says"),
+    [
+        ({"model": MODEL, "messages": HI, "stop": ["a"] * 9}, "/v1/chat/completions", "stop", "at most 8"),
+        ({"model": MODEL, "messages": HI, "stop": 5}, "/v1/chat/completions", "stop", "string or a valid list"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "/v1/chat/completions",
+            "messages.0.content.0.type",
+            "'text'",
+        ),
+        ({"model": MODEL, "prompt": [-1, 5]}, "/v1/completions", "prompt.0", "greater than or equal to 0"),
+    ],
+)
+def test_a_union_fields_error_names_the_field_and_what_is_wrong(http, body, path, param, says):
+    """A field that takes a string or a list reports the member the input was meant for, not pydantic's labels."""
+    error = assert_openai_error(post(http, body, path), 400, param)
+    assert says in error["message"]
+    assert "function-after" not in error["message"]
+
+
+def test_json_the_decoder_gives_up_on_is_invalid_json(http):
+    body = b'{"model": "x", "messages": [], "max_tokens": ' + b"9" * 5000 + b"}"
+    assert assert_openai_error(post(http, body), 400)["code"] == "invalid_json"

@@ -58,13 +58,17 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def _is_branch_tag(part) -> bool:
     """A union member's label in an error's location (`function-after[clean_text(), str]`, `list[TextPart]`, `int`),
     not a field or an index."""
     return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith("constrained-"))
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+def _invalid_json() -> APIError:
+    return APIError(400, "The request body is not valid JSON.", code="invalid_json")
 
 
 def _is_type_mismatch(error: dict) -> bool:
@@ -77,7 +81,7 @@ def _from_validation(exc: RequestValidationError) -> APIError:
     string")."""
     errors = exc.errors()
     if any(error.get("type") == "json_invalid" for error in errors):
-        return APIError(400, "The request body is not valid JSON.", code="invalid_json")
+        return _invalid_json()
     if not errors:
         return APIError(400, "Invalid request.", code="invalid_value")
 
@@ -114,7 +118,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == _BODY_NOT_PARSED:  # JSON the decoder refused to finish
-            return APIError(400, "The request body is not valid JSON.", code="invalid_json").response()
+            return _invalid_json().response()
         return APIError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(RedisConnectionError)

@@ -98,6 +98,8 @@ def _from_validation(exc: RequestValidationError) -> APIError:
         kinds = dict.fromkeys(m.removeprefix("Input should be ").split(",")[0] for m in same_place)
         message = "Input should be " + " or ".join(kinds) if len(kinds) > 1 else chosen.get("msg", "Invalid request.")
     param = ".".join(location(chosen)) or None
+    if param is None:  # the body itself: missing, or not an object (a list, a string, a form)
+        message = "The request body must be a JSON object."
     return APIError(400, f"{message}: '{param}'" if param else message, param=param, code="invalid_value")
 
 

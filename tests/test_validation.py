@@ -110,3 +110,8 @@ def test_a_union_fields_error_names_the_field_and_what_is_wrong(http, body, path
 def test_json_the_decoder_gives_up_on_is_invalid_json(http):
     body = b'{"model": "x", "messages": [], "max_tokens": ' + b"9" * 5000 + b"}"
     assert assert_openai_error(post(http, body), 400)["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("body", [b"", b"[1, 2]", b'"text"'])
+def test_a_body_that_is_not_a_json_object_says_so(http, body):
+    assert "must be a JSON object" in assert_openai_error(post(http, body), 400)["message"]

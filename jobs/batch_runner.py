@@ -64,6 +64,7 @@ class BatchRun:
         self.token = uuid.uuid4().hex
         self.kind = ENDPOINT_KINDS[state.meta.endpoint]
         self.in_flight: dict[int, Line] = {}
+        self.first_with_id: dict[str | None, int] = {}  # custom_id -> the first line that has it
 
     async def run(self) -> str:
         if not await self.store.acquire_lease(self.id, self.token, LEASE_TTL_S):
@@ -80,6 +81,8 @@ class BatchRun:
         except APIError:
             content = ""
         lines = [raw for raw in content.splitlines() if raw.strip()]
+        for index, raw in enumerate(lines):
+            self.first_with_id.setdefault(_custom_id(raw), index)
         await self.store.start(self.id, len(lines))
         done, dispatched = await self.store.progress(self.id)
         for index in dispatched:
@@ -145,6 +148,9 @@ class BatchRun:
         custom_id = item.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise LineError("missing_custom_id", f"Line {index + 1} has no string 'custom_id'.")
+        first = self.first_with_id.get(custom_id, index)
+        if first != index:  # its output could not be told from the first one's
+            raise LineError("duplicate_custom_id", f"Line {index + 1} repeats the custom_id of line {first + 1}.")
         if item.get("method", "POST") != "POST" or item.get("url") != self.state.meta.endpoint:
             endpoint = self.state.meta.endpoint
             raise LineError("invalid_url", f"Each line must be a POST to the batch's endpoint {endpoint}.")

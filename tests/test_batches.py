@@ -56,6 +56,7 @@ def test_batch_with_malformed_lines_gives_one_output_line_each_in_input_order(cl
     lines[3] = "{not json"
     lines[50] = json.dumps({"method": "POST", "url": TEXT, "body": {"model": MODEL, "prompt": "x"}})
     lines[99] = text_line(99, 2).replace(TEXT, "/v1/embeddings")
+    lines[120] = text_line(120, 2).replace("req-0120", "req-0007")
     lines[150] = text_line(150, 2, temperature=7)
     lines[199] = text_line(199, 2).replace(MODEL, "no-such-model")
     batch = submit(client, lines)
@@ -63,12 +64,12 @@ def test_batch_with_malformed_lines_gives_one_output_line_each_in_input_order(cl
     assert batch.request_counts.total == 0
 
     done = wait_for(client, batch.id, ("completed",))
-    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (200, 195, 5)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (200, 194, 6)
     rows = output(client, done)
     assert len(rows) == 200
     failed = {i: row["error"]["code"] for i, row in enumerate(rows) if row["error"]}
-    assert failed == {3: "invalid_json", 50: "missing_custom_id", 99: "invalid_url", 150: "invalid_value",
-                      199: "model_not_found"}  # fmt: skip
+    assert failed == {3: "invalid_json", 50: "missing_custom_id", 99: "invalid_url", 120: "duplicate_custom_id",
+                      150: "invalid_value", 199: "model_not_found"}  # fmt: skip
     answered = [row for row in rows if not row["error"]]
     assert [row["custom_id"] for row in answered] == [f"req-{i:04d}" for i in range(200) if i not in failed]
     assert all(row["response"]["status_code"] == 200 for row in answered)

@@ -79,7 +79,7 @@ async def paired_ttfts(
     return gateway, in_process
 
 
-def _canned_stream(request: httpx.Request) -> httpx.Response:
+def canned_stream(request: httpx.Request) -> httpx.Response:
     """What a server streams for a one-token answer: the role chunk, the token, the finish, the usage, [DONE]."""
     base = {"id": "chatcmpl-canned", "object": "chat.completion.chunk", "created": 0, "model": "canned"}
     deltas = [({"role": "assistant", "content": ""}, None), ({"content": " Once"}, None), ({}, "length")]
@@ -94,7 +94,7 @@ async def client_ttfts(model: str, requests: int, seed: int) -> list[float]:
     through httpx.MockTransport: the client's own work in each TTFT through the gateway."""
     rng = random.Random(seed)
     server = Server("canned", "http://canned/v1", model)
-    client = client_for(server, httpx.AsyncClient(transport=httpx.MockTransport(_canned_stream)))
+    client = client_for(server, httpx.AsyncClient(transport=httpx.MockTransport(canned_stream)))
     ttfts = []
     for messages in [chat_messages(rng) for _ in range(requests + 1)]:
         trace = await stream_one(client, server, messages, 1, True)

@@ -1,11 +1,15 @@
-"""The benchmark's own arithmetic: which gaps count as stalls during a long prefill, llmfleet/peer ratios, and the
-client's own share of the gateway overhead and the machine's floor under it."""
+"""The benchmark's own arithmetic: which gaps count as stalls during a long prefill, llmfleet/peer ratios, the
+client's own share of the gateway overhead and the machine's floor under it, and the relay's own SSE reader."""
 
 import asyncio
 
+import httpx
+
 from loadtest.long_prompts import gaps_during_prefills
-from loadtest.overhead import bare_round_trips, client_ttfts
+from loadtest.overhead import bare_round_trips, canned_stream, client_ttfts
+from loadtest.servers import Server
 from loadtest.stats import RequestTrace, ratio_table, summarise
+from loadtest.workload import client_for, stream_one, stream_one_raw
 from shared.settings import DEFAULT_MODEL
 
 
@@ -25,7 +29,7 @@ def test_ratio_rows_pair_llmfleet_with_the_peer_at_the_same_workload_and_concurr
     assert len(rows.splitlines()) == 3
 
 
-def test_the_client_share_of_the_overhead_is_timed_without_a_server_on_a_canned_stream():
+def test_the_client_share_of_the_overhead_is_timed_without_a_server_on_acanned_stream():
     ttfts = asyncio.run(client_ttfts(DEFAULT_MODEL, 3, seed=0))
     assert len(ttfts) == 3 and all(0 < t < 1 for t in ttfts)
 
@@ -34,3 +38,17 @@ def test_the_floor_under_the_overhead_is_timed_against_a_bare_server_in_a_proces
     times = asyncio.run(bare_round_trips(3))
     assert sorted(times) == ["after_pause", "back_to_back"]
     assert all(len(t) == 3 and all(0 < x < 1 for x in t) for t in times.values())
+
+
+def test_the_relays_own_sse_reader_reads_a_stream_as_the_openai_client_does():
+    server, messages = Server("canned", "http://canned/v1", DEFAULT_MODEL), [{"role": "user", "content": "hi"}]
+
+    async def both() -> tuple[RequestTrace, RequestTrace]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(canned_stream)) as http:
+            return (await stream_one(client_for(server, http), server, messages, 1, True),
+                    await stream_one_raw(http, server, messages, 1, True))  # fmt: skip
+
+    official, raw = asyncio.run(both())
+    assert raw.error is None and official.error is None
+    assert (raw.text, raw.completion_tokens, raw.prompt_tokens) == (official.text, official.completion_tokens, 1)
+    assert len(raw.token_times) == len(official.token_times) == 1 and raw.first_token is not None

@@ -30,6 +30,14 @@ def client_for(server: Server, http: httpx.AsyncClient | None = None) -> openai.
     )
 
 
+def _note_content(trace: RequestTrace, now: float, content: str | None) -> None:
+    if content:
+        if trace.first_token is None:
+            trace.first_token = now
+        trace.token_times.append(now)
+        trace.text += content
+
+
 async def stream_one(
     client: openai.AsyncOpenAI, server: Server, messages: list[dict], max_tokens: int, force: bool
 ) -> RequestTrace:
@@ -41,12 +49,7 @@ async def stream_one(
             stream_options={"include_usage": True}, extra_body=extra,
         )  # fmt: skip
         async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].delta.content:
-                if trace.first_token is None:
-                    trace.first_token = now
-                trace.token_times.append(now)
-                trace.text += chunk.choices[0].delta.content
+            _note_content(trace, time.perf_counter(), chunk.choices[0].delta.content if chunk.choices else None)
             if chunk.usage:
                 trace.completion_tokens = chunk.usage.completion_tokens
                 trace.prompt_tokens = chunk.usage.prompt_tokens
@@ -75,12 +78,7 @@ async def stream_one_raw(
                 now, chunk = time.perf_counter(), json.loads(line[6:])
                 if "error" in chunk:
                     raise ValueError(chunk["error"].get("message"))
-                content = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
-                if content:
-                    if trace.first_token is None:
-                        trace.first_token = now
-                    trace.token_times.append(now)
-                    trace.text += content
+                _note_content(trace, now, chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None)
                 if chunk.get("usage"):
                     trace.completion_tokens = chunk["usage"]["completion_tokens"]
                     trace.prompt_tokens = chunk["usage"]["prompt_tokens"]

@@ -29,7 +29,7 @@ def test_ratio_rows_pair_llmfleet_with_the_peer_at_the_same_workload_and_concurr
     assert len(rows.splitlines()) == 3
 
 
-def test_the_client_share_of_the_overhead_is_timed_without_a_server_on_acanned_stream():
+def test_the_client_share_of_the_overhead_is_timed_without_a_server_on_a_canned_stream():
     ttfts = asyncio.run(client_ttfts(DEFAULT_MODEL, 3, seed=0))
     assert len(ttfts) == 3 and all(0 < t < 1 for t in ttfts)
 

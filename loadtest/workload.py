@@ -30,6 +30,13 @@ def client_for(server: Server, http: httpx.AsyncClient | None = None) -> openai.
     )
 
 
+def _request_fields(server: Server, messages: list[dict], max_tokens: int, force: bool) -> tuple[dict, dict]:
+    """A workload's streaming request: the OpenAI fields, and the server's own ones that force the output length."""
+    fields = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+              "stream_options": {"include_usage": True}}  # fmt: skip
+    return fields, server.forced(max_tokens) if force else {}
+
+
 def _note_content(trace: RequestTrace, now: float, content: str | None) -> None:
     if content:
         if trace.first_token is None:
@@ -42,12 +49,9 @@ async def stream_one(
     client: openai.AsyncOpenAI, server: Server, messages: list[dict], max_tokens: int, force: bool
 ) -> RequestTrace:
     trace = RequestTrace(started=time.perf_counter())
-    extra = server.forced(max_tokens) if force else {}
+    fields, forced = _request_fields(server, messages, max_tokens, force)
     try:
-        stream = await client.chat.completions.create(
-            model=server.model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body=extra,
-        )  # fmt: skip
+        stream = await client.chat.completions.create(**fields, extra_body=forced)
         async for chunk in stream:
             _note_content(trace, time.perf_counter(), chunk.choices[0].delta.content if chunk.choices else None)
             if chunk.usage:
@@ -67,8 +71,8 @@ async def stream_one_raw(
     """stream_one with the SSE lines read by hand: a client that costs a fraction of the openai client's CPU, for the
     relay, whose figure must not be the client's limit."""
     trace = RequestTrace(started=time.perf_counter())
-    body = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, **(server.forced(max_tokens) if force else {})}  # fmt: skip
+    fields, forced = _request_fields(server, messages, max_tokens, force)
+    body = fields | forced
     try:
         async with http.stream("POST", f"{server.base_url}/chat/completions", json=body) as reply:
             reply.raise_for_status()

@@ -54,9 +54,7 @@ class BatchLimits(BaseModel):
     decode steps."""
     prefill_step_ms: PositiveInt = 150
     """Below max_prefill_tokens, a step prefills only the prompt tokens that fit in this time, as measured at
-    warm-up and then by the steps served (worker.step_cost): on a CPU, prompts that arrive together are then
-    prefilled one after another instead of all answering at the end, and running streams stall at most about this
-    long."""
+    warm-up and then by the steps served (worker.step_cost), so running streams stall at most about this long."""
     batch_invariant: bool = False
     """True: a sequence's logits never depend on what else the step computes (vLLM's VLLM_BATCH_INVARIANT), so greedy
     output is the same under any load. On CPUs with AMX that keeps every decoding row on the vector kernels; by

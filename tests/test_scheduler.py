@@ -70,6 +70,18 @@ def test_steps_that_spend_the_prefill_budget_keep_it_to_what_fits_in_the_step_ti
     assert WORKER.get_sample_value("llmfleet:prefill_budget_tokens", {"model_name": "m"}) == budget.tokens
 
 
+@pytest.mark.parametrize(("fixed_tokens", "first_tokens"), [(1, ["a", "ab", "abc"]), (100, ["abc", "abc", "abc"])])
+def test_prompts_that_arrive_together_answer_one_step_after_another_unless_steps_cost_more(
+    loaded_model, fixed_tokens, first_tokens
+):
+    runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
+    budget = PrefillBudget(64, fixed_tokens=fixed_tokens)  # a step's own cost, in prompt tokens
+    scheduler = Scheduler(runner, loaded_model.tokenizer, loaded_model.eos_token_ids, budget, "m", "w")
+    for rid in "abc":
+        scheduler.add(request(rid, 4, prompt=PROMPT * 2))  # 12 tokens each
+    assert [ids(scheduler.step()) for _ in range(3)] == [set(names) for names in first_tokens]
+
+
 def test_a_short_prompt_is_prefilled_before_the_rest_of_a_long_one(scheduler):
     scheduler.add(request("long", 2, prompt=PROMPT * 16))  # 96 tokens, budget 16 per step
     scheduler.step()

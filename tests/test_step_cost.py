@@ -35,3 +35,12 @@ def test_a_kept_budget_stays_within_its_floor_and_ceiling_and_a_fixed_one_never_
     fixed = PrefillBudget(16)
     fixed.observe(16, 10.0)
     assert fixed.tokens == 16
+
+
+def test_waiting_prompts_share_a_step_only_as_far_as_the_steps_fixed_cost_outweighs_their_own():
+    budget = PrefillBudget(400, step_s=0.15, ceiling=512, fixed_tokens=16)
+    assert budget.prompts_per_step([100] * 4, decoding=2) == 1  # a conversation's next turns: one a step
+    assert budget.prompts_per_step([40] * 32, decoding=0) == 4  # a burst of chat prompts: several
+    assert budget.prompts_per_step([40] * 32, decoding=32) == 6  # more so beside many decoding rows
+    assert budget.prompts_per_step([1500] * 8, decoding=8) == 1  # long prompts: a budget's chunk is their size
+    assert PrefillBudget(16).prompts_per_step([6] * 3, decoding=0) == 3  # no step cost known: as many as fit

@@ -48,7 +48,7 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
         runner,
         loaded.tokenizer,
         loaded.eos_token_ids,
-        prefill_budget=step_cost.PrefillBudget(prefill_tokens, step_s, batch.max_prefill_tokens),
+        prefill_budget=step_cost.PrefillBudget(prefill_tokens, step_s, batch.max_prefill_tokens, cost.fixed_tokens),
         model_name=model,
         worker_id=worker_id,
         max_running=batch.max_running,

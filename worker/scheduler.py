@@ -141,7 +141,7 @@ class Scheduler:
         events = self._drop_cancelled_and_expired(now)
         events += self._admit(now)
         decoding = [s for s in self.running.values() if s.decoding]
-        prefilling = self._plan_prefills()
+        prefilling = self._plan_prefills(len(decoding))
         if not decoding and not prefilling:
             return events
         started = time.perf_counter()
@@ -242,20 +242,22 @@ class Scheduler:
             return self._finish(seq, "length", now)
         return None
 
-    def _plan_prefills(self) -> list[tuple[Sequence, PrefillChunk]]:
-        """Prompt chunks for this step within the prefill token budget: the prompts with the fewest tokens left first
-        (a conversation's next turn, its history cached, does not wait behind another request's long prompt), ties
-        oldest first. Aged, so that a stream of short prompts never starves a long one: each step since a prompt got its
-        slot counts as 1 / PASSED_OVER_MAX of a step's budget of tokens fewer."""
+    def _plan_prefills(self, decoding: int) -> list[tuple[Sequence, PrefillChunk]]:
+        """Prompt chunks for this step within the prefill token budget, of at most PrefillBudget.prompts_per_step
+        prompts: the prompts with the fewest tokens left first (a conversation's next turn, its history cached, does
+        not wait behind another request's long prompt), ties oldest first. Aged, so that a stream of short prompts
+        never starves a long one: each step since a prompt got its slot counts as 1 / PASSED_OVER_MAX of a step's
+        budget of tokens fewer."""
         budget = self.prefill_budget.tokens
         planned = []
         prompts = [seq for seq in self.running.values() if not seq.decoding]
         age_tokens = budget / PASSED_OVER_MAX
+        take = self.prefill_budget.prompts_per_step([len(s.prefill_ids) - s.prefilled for s in prompts], decoding)
 
         def key(seq: Sequence) -> float:
             return len(seq.prefill_ids) - seq.prefilled + age_tokens * seq.admitted_step
 
-        for seq in sorted(prompts, key=key):
+        for seq in sorted(prompts, key=key)[:take]:
             if budget <= 0:
                 break
             ids = seq.prefill_ids

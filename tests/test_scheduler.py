@@ -90,7 +90,11 @@ def test_a_short_prompt_is_prefilled_before_the_rest_of_a_long_one(scheduler):
     assert scheduler.running["long"].prefilled == 16 + 10
 
 
-def test_a_stream_of_short_prompts_never_starves_a_long_one(scheduler):
+@pytest.mark.parametrize("fixed_tokens", [None, 1], ids=["budget-only", "one-prompt-a-step"])
+def test_a_stream_of_short_prompts_never_starves_a_long_one(loaded_model, fixed_tokens):
+    runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
+    budget = PrefillBudget(16, fixed_tokens=fixed_tokens)
+    scheduler = Scheduler(runner, loaded_model.tokenizer, loaded_model.eos_token_ids, budget, "m", "w")
     scheduler.add(request("long", 1, prompt=PROMPT * 16))  # 96 tokens, budget 16 per step: 6 steps of its own
     for n in range(PASSED_OVER_MAX * 6 + 8):
         # Three short prompts ready at every step: together more than a step's budget.

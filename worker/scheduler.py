@@ -49,8 +49,13 @@ class Sequence:
         return self.prompt + self.request.resume_token_ids
 
     @property
+    def prefill_length(self) -> int:
+        """len(prefill_ids), without building the list: asked of every running sequence at every step."""
+        return len(self.prompt) + len(self.request.resume_token_ids)
+
+    @property
     def decoding(self) -> bool:
-        return self.prefilled == len(self.prefill_ids)
+        return self.prefilled == self.prefill_length
 
     def kv_tokens(self) -> list[int]:
         return (self.prompt + self.generated)[: self.kv_len]
@@ -252,16 +257,17 @@ class Scheduler:
         planned = []
         prompts = [seq for seq in self.running.values() if not seq.decoding]
         age_tokens = budget / PASSED_OVER_MAX
-        take = self.prefill_budget.prompts_per_step([len(s.prefill_ids) - s.prefilled for s in prompts], decoding)
+        left = {seq.request.id: seq.prefill_length - seq.prefilled for seq in prompts}
+        take = self.prefill_budget.prompts_per_step(list(left.values()), decoding)
 
         def key(seq: Sequence) -> float:
-            return len(seq.prefill_ids) - seq.prefilled + age_tokens * seq.admitted_step
+            return left[seq.request.id] + age_tokens * seq.admitted_step
 
         for seq in sorted(prompts, key=key)[:take]:
             if budget <= 0:
                 break
             ids = seq.prefill_ids
-            n = min(budget, len(ids) - seq.prefilled)
+            n = min(budget, left[seq.request.id])
             planned.append((seq, PrefillChunk(seq.slot, ids[seq.prefilled : seq.prefilled + n], seq.prefilled)))
             seq.prefilled += n
             budget -= n

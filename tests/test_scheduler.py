@@ -15,10 +15,14 @@ from worker.step_cost import PrefillBudget
 PROMPT = [1, 504, 3575, 282, 4649, 314]
 
 
+def scheduler_with(loaded_model, budget: PrefillBudget | int) -> Scheduler:
+    runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
+    return Scheduler(runner, loaded_model.tokenizer, loaded_model.eos_token_ids, budget, "m", "w")
+
+
 @pytest.fixture
 def scheduler(loaded_model):
-    runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
-    return Scheduler(runner, loaded_model.tokenizer, loaded_model.eos_token_ids, 16, "m", "w")
+    return scheduler_with(loaded_model, 16)
 
 
 def request(rid: str, max_tokens: int, prompt=PROMPT, deadline_in: float = 60) -> InferenceRequest:
@@ -60,9 +64,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(schedul
 
 
 def test_steps_that_spend_the_prefill_budget_keep_it_to_what_fits_in_the_step_time(loaded_model):
-    runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
     budget = PrefillBudget(64, step_s=1e-4, ceiling=64)  # no step is this fast: each full one shrinks the budget
-    scheduler = Scheduler(runner, loaded_model.tokenizer, loaded_model.eos_token_ids, budget, "m", "w")
+    scheduler = scheduler_with(loaded_model, budget)
     scheduler.add(request("long", 2, prompt=PROMPT * 40))
     while scheduler.has_work:
         scheduler.step()
@@ -74,9 +77,8 @@ def test_steps_that_spend_the_prefill_budget_keep_it_to_what_fits_in_the_step_ti
 def test_prompts_that_arrive_together_answer_one_step_after_another_unless_steps_cost_more(
     loaded_model, fixed_tokens, first_tokens
 ):
-    runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
     budget = PrefillBudget(64, fixed_tokens=fixed_tokens)  # a step's own cost, in prompt tokens
-    scheduler = Scheduler(runner, loaded_model.tokenizer, loaded_model.eos_token_ids, budget, "m", "w")
+    scheduler = scheduler_with(loaded_model, budget)
     for rid in "abc":
         scheduler.add(request(rid, 4, prompt=PROMPT * 2))  # 12 tokens each
     assert [ids(scheduler.step()) for _ in range(3)] == [set(names) for names in first_tokens]
@@ -92,9 +94,8 @@ def test_a_short_prompt_is_prefilled_before_the_rest_of_a_long_one(scheduler):
 
 @pytest.mark.parametrize("fixed_tokens", [None, 1], ids=["budget-only", "one-prompt-a-step"])
 def test_a_stream_of_short_prompts_never_starves_a_long_one(loaded_model, fixed_tokens):
-    runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
     budget = PrefillBudget(16, fixed_tokens=fixed_tokens)
-    scheduler = Scheduler(runner, loaded_model.tokenizer, loaded_model.eos_token_ids, budget, "m", "w")
+    scheduler = scheduler_with(loaded_model, budget)
     scheduler.add(request("long", 1, prompt=PROMPT * 16))  # 96 tokens, budget 16 per step: 6 steps of its own
     for n in range(PASSED_OVER_MAX * 6 + 8):
         # Three short prompts ready at every step: together more than a step's budget.

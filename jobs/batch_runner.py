@@ -160,7 +160,12 @@ class BatchRun:
         except APIError as error:
             raise LineError(error.code or "invalid_request", error.message) from None
         request = request.model_copy(
-            update={"id": f"{self.id}-{index}", "stream": False, "deadline": float(self.state.meta.expires_at)}
+            update={
+                "id": f"{self.id}-{index}",
+                "stream": False,
+                "deadline": float(self.state.meta.expires_at),
+                "batch": True,
+            }
         )
         return Line(index, custom_id, self.kind, request)
 

@@ -52,6 +52,8 @@ class InferenceRequest(BaseModel):
     """Unix time after which the request ends `expired` instead of starting or continuing."""
     conversation: str | None = None
     """Affinity key: turns with the same key go to the worker that served the last one, when it can take them."""
+    batch: bool = False
+    """A line of a /v1/batches job: its prompt is prefilled after the interactive prompts waiting beside it."""
     resume_token_ids: list[int] = Field(default_factory=list)
     """Set only by a worker that reclaims a request: the tokens its output stream already carries, which the
     new run takes as given and continues from (never sent again)."""

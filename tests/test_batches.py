@@ -9,6 +9,8 @@ import signal
 import openai
 import pytest
 
+from shared import keys
+from shared.protocol import InferenceRequest
 from tests.conftest import MODEL
 from tests.fleet import wait_until
 
@@ -104,9 +106,23 @@ def test_batch_survives_kill_9_of_its_arq_process(client, fleet, jobs):
     assert (done.request_counts.completed, done.request_counts.failed) == (64, 0)
 
 
-def test_chat_batch_lines_get_the_synchronous_chat_response(client, jobs):
-    done = wait_for(client, submit(client, [chat_line(i, 3) for i in range(3)], CHAT).id, ("completed",))
-    rows = output(client, done)
+def test_chat_batch_lines_are_queued_as_batch_lines_and_get_the_synchronous_chat_response(client, fleet, jobs):
+    worker = fleet.procs[0].process
+    worker.send_signal(signal.SIGSTOP)  # the lines stay in the stream while the worker is frozen
+    try:
+        batch = submit(client, [chat_line(i, 3) for i in range(3)], CHAT)
+        stream = keys.batch_requests(MODEL)
+
+        def queued() -> list[InferenceRequest]:
+            entries = fleet.redis_server.client().xrange(stream)
+            lines = [InferenceRequest.model_validate_json(fields["r"]) for _, fields in entries]
+            return [line for line in lines if line.id.startswith(batch.id)]
+
+        lines = wait_until(lambda: len(found := queued()) == 3 and found, 60, "three lines queued")
+        assert all(line.batch for line in lines), "the worker prefills them after interactive prompts"
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    rows = output(client, wait_for(client, batch.id, ("completed",)))
     assert [row["response"]["body"]["object"] for row in rows] == ["chat.completion"] * 3
     assert all(row["response"]["body"]["choices"][0]["message"]["role"] == "assistant" for row in rows)
 

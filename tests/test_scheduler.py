@@ -9,7 +9,7 @@ import pytest
 from shared.metrics import WORKER
 from shared.protocol import InferenceRequest, SamplingParams
 from worker.llama_runner import LlamaRunner
-from worker.scheduler import PASSED_OVER_MAX, Scheduler
+from worker.scheduler import BATCH_DEFERRED_STEPS, PASSED_OVER_MAX, Scheduler
 from worker.step_cost import PrefillBudget
 
 PROMPT = [1, 504, 3575, 282, 4649, 314]
@@ -25,10 +25,15 @@ def scheduler(loaded_model):
     return scheduler_with(loaded_model, 16)
 
 
-def request(rid: str, max_tokens: int, prompt=PROMPT, deadline_in: float = 60) -> InferenceRequest:
+def request(rid: str, max_tokens: int, prompt=PROMPT, deadline_in: float = 60, batch: bool = False) -> InferenceRequest:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return InferenceRequest(
-        id=rid, model="m", prompt_token_ids=list(prompt), sampling=sampling, deadline=time.time() + deadline_in
+        id=rid,
+        model="m",
+        prompt_token_ids=list(prompt),
+        sampling=sampling,
+        deadline=time.time() + deadline_in,
+        batch=batch,
     )
 
 
@@ -92,19 +97,28 @@ def test_a_short_prompt_is_prefilled_before_the_rest_of_a_long_one(scheduler):
     assert scheduler.running["long"].prefilled == 16 + 10
 
 
-@pytest.mark.parametrize("fixed_tokens", [None, 1], ids=["budget-only", "one-prompt-a-step"])
-def test_a_stream_of_short_prompts_never_starves_a_long_one(loaded_model, fixed_tokens):
+def test_an_interactive_prompt_is_prefilled_before_a_batch_line_that_came_first(scheduler):
+    scheduler.add(request("line", 2, prompt=PROMPT * 2, batch=True))  # 12 tokens each, budget 16 per step
+    scheduler.add(request("chat", 2, prompt=PROMPT * 2))
+    assert ids(scheduler.step()) == {"chat"}
+    assert ids(scheduler.step()) == {"chat", "line"}
+
+
+@pytest.mark.parametrize(
+    ("fixed_tokens", "batch"), [(None, False), (1, False), (1, True)], ids=["budget-only", "one-prompt-a-step", "batch"]
+)
+def test_a_stream_of_short_prompts_never_starves_a_long_one(loaded_model, fixed_tokens, batch):
     budget = PrefillBudget(16, fixed_tokens=fixed_tokens)
     scheduler = scheduler_with(loaded_model, budget)
-    scheduler.add(request("long", 1, prompt=PROMPT * 16))  # 96 tokens, budget 16 per step: 6 steps of its own
-    for n in range(PASSED_OVER_MAX * 6 + 8):
+    scheduler.add(request("long", 1, prompt=PROMPT * 16, batch=batch))  # 96 tokens, budget 16: 6 steps of its own
+    for n in range(PASSED_OVER_MAX * 6 + 8 + (BATCH_DEFERRED_STEPS if batch else 0)):
         # Three short prompts ready at every step: together more than a step's budget.
         scheduler.add(request(f"short-{n}-0", 1))
         scheduler.add(request(f"short-{n}-1", 1))
         scheduler.add(request(f"short-{n}-2", 1))
         if "long" in ids(scheduler.step()):
             return
-    pytest.fail("the long prompt was passed over for longer than PASSED_OVER_MAX times its own prefill")
+    pytest.fail("the long prompt was passed over for longer than its bound (PASSED_OVER_MAX times its own prefill)")
 
 
 def test_a_long_prompt_alone_is_prefilled_over_steps_that_sample_nothing(scheduler):

@@ -73,6 +73,10 @@ class StepEvent:
 PASSED_OVER_MAX = 16
 """Later prompts may go first for at most this many times the steps a prompt's own prefill takes."""
 
+BATCH_DEFERRED_STEPS = 16 * PASSED_OVER_MAX
+"""A batch line's prompt is ordered as if it got its slot this many steps later: interactive prompts go first
+unless they are many budgets longer, and a stream of them still holds the line back for a bounded time."""
+
 
 class Scheduler:
     def __init__(
@@ -250,9 +254,9 @@ class Scheduler:
     def _plan_prefills(self, decoding: int) -> list[tuple[Sequence, PrefillChunk]]:
         """Prompt chunks for this step within the prefill token budget, of at most PrefillBudget.prompts_per_step
         prompts: the prompts with the fewest tokens left first (a conversation's next turn, its history cached, does
-        not wait behind another request's long prompt), ties oldest first. Aged, so that a stream of short prompts
-        never starves a long one: each step since a prompt got its slot counts as 1 / PASSED_OVER_MAX of a step's
-        budget of tokens fewer."""
+        not wait behind another request's long prompt), ties oldest first, batch lines after interactive prompts
+        (BATCH_DEFERRED_STEPS). Aged, so that a stream of short prompts never starves a long one: each step since a
+        prompt got its slot counts as 1 / PASSED_OVER_MAX of a step's budget of tokens fewer."""
         budget = self.prefill_budget.tokens
         planned = []
         prompts = [seq for seq in self.running.values() if not seq.decoding]
@@ -261,7 +265,8 @@ class Scheduler:
         take = self.prefill_budget.prompts_per_step(list(left.values()), decoding)
 
         def key(seq: Sequence) -> float:
-            return left[seq.request.id] + age_tokens * seq.admitted_step
+            deferred = BATCH_DEFERRED_STEPS if seq.request.batch else 0
+            return left[seq.request.id] + age_tokens * (seq.admitted_step + deferred)
 
         for seq in sorted(prompts, key=key)[:take]:
             if budget <= 0:

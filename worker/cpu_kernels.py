@@ -19,12 +19,13 @@ log = structlog.get_logger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
-_AVX512 = ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vnni"]
+# Both AVX512 sets store the KV cache's keys transposed, block by block (worker/kernels/common/rotary_to_cache.cpp).
+_AVX512 = ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vnni", "-DLLMFLEET_KEYS_TRANSPOSED"]
 # Each kernel set's sources (globs under worker/kernels) and compiler flags.
 KERNEL_SETS = {
     "avx512": (
         ["avx512/*.cpp", "avx512_vnni/block_quant_int16.cpp", "common/*.cpp"],
-        [*_AVX512, "-mavx512bf16", "-mavx512vbmi", "-DLLMFLEET_KEYS_TRANSPOSED"],  # the KV cache's key layout
+        [*_AVX512, "-mavx512bf16", "-mavx512vbmi"],
     ),
     "avx512_vnni": (["avx512_vnni/*.cpp", "common/*.cpp"], _AVX512),
     "avx2": (["avx2/*.cpp", "common/*.cpp"], _AVX2),

@@ -6,7 +6,7 @@ layers run once per step for everybody, and each sequence keeps its own position
 The weights and layer modules are the transformers model's own; the attention over the slot cache is ours
 (worker.slot_attention), and so is calling the 4-bit layers' kernels directly (worker.int4_calls).
 
-KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor (where the AVX512-BF16 kernels run, each block
+KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor (where the AVX512 kernels run, each block
 of KEY_BLOCK keys is stored with the dimension pairs outermost: worker/kernels/common/rotary_to_cache.cpp). A
 sequence owns a slot from its first prompt chunk to its end. On the CPU the tensors live in anonymous memory maps:
 zeros that become resident only where positions are written, so a large capacity costs nothing until used, and no

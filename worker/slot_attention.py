@@ -10,7 +10,7 @@ import torch
 
 ATTENTION_BLOCK = 64
 KEY_BLOCK = 16
-"""Keys the AVX512-BF16 attention kernel stores as one block (worker/kernels/common/rotary_to_cache.cpp)."""
+"""Keys the AVX512 attention kernels store as one block (worker/kernels/common/rotary_to_cache.cpp)."""
 
 
 def padded(n: int) -> int:

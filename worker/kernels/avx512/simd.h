@@ -48,23 +48,3 @@ inline __m512 exp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
-
-// Sums of 16 vectors' lanes in one vector: lane 4 * a + b holds the sum of v[4 * b + a]. The same additions in the
-// same order as _mm512_reduce_add_ps on each vector (halves, quarters, pairs; GCC's reduction), so bitwise its
-// results, in a tree of shuffles shared by all 16.
-inline __m512 lane_sums(const __m512 (&v)[16]) {
-    __m512 t[8], u[4], w[2];
-    Unroll<8>{}([&](auto i) {
-        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-    });
-    Unroll<4>{}([&](auto i) {
-        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
-    });
-    Unroll<2>{}([&](auto i) {
-        w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44),
-                             _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
-    });
-    return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
-}

@@ -1,9 +1,10 @@
 // Attention of query rows over the slot KV cache with AVX512 float32 FMAs, for CPUs without AVX512-BF16 (Ice Lake):
 // the same op and the same way as ../avx512/cached_attention.cpp (each (row, KV head) task reads its sequence's first
-// `length` keys and values straight from the bf16 cache; scores, softmax and the weighted sum in float32), the keys
-// and values converted from bf16 as they are read, by unpack instructions (one per 16 values; widening and shifting
-// took two: one layer's 300-row chunk after 900 cached tokens 8.6-10.7 -> 6.5-7.1 ms). A task's result depends on
-// its own row only, so a token's output is the same in any batch, and the same whether it was decoded or prefilled.
+// `length` keys and values straight from the bf16 cache, the keys stored transposed block by block; scores, softmax
+// and the weighted sum in float32), the keys and values converted from bf16 as they are read. A task's result depends
+// on its own row only, so a token's output is the same in any batch, and the same whether it was decoded or prefilled.
+// On an Ice Lake VM, 30 layers of a 300-row chunk after 900 cached keys (21.8 GFLOP) take 116-127 ms: ~180 GFLOP/s,
+// half of what a loop of independent FMAs reaches on its two cores (184 GFLOP/s each).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -18,8 +19,8 @@
 namespace {
 
 // 32 bf16 -> 32 floats in two vectors, in the unpack instructions' order: per 128-bit lane i, values 8i..8i+3 in the
-// first and 8i+4..8i+7 in the second (one instruction each). Queries, keys and values all take this order, and
-// to_bf16_pair puts the results back in theirs.
+// first and 8i+4..8i+7 in the second (one instruction each; widening and shifting took two). The weighted sum takes
+// the values in this order, and to_bf16_pair puts its results back in theirs.
 __attribute__((always_inline)) inline void bf16_pair_to_float(const at::BFloat16* p, __m512& first, __m512& second) {
     const __m512i v = _mm512_loadu_si512(p);
     first = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v));
@@ -32,99 +33,72 @@ __attribute__((always_inline)) inline __m512i to_bf16_pair(__m512 first, __m512 
     return _mm512_packus_epi32(bf16_lanes(first), bf16_lanes(second));
 }
 
-// One key (HD bf16) as floats in that order, for the dot products below.
-template <int HD>
-__attribute__((always_inline)) inline void key_to_float(const at::BFloat16* key, float* out) {
-    for (int c = 0; c < HD / 16; c += 2) {
-        __m512 a, b;
-        bf16_pair_to_float(key + c * 16, a, b);
-        _mm512_store_ps(out + c * 16, a);
-        _mm512_store_ps(out + c * 16 + 16, b);
-    }
-}
-
-// A key's dot product with a query, chunk by chunk: the same operations wherever a key's score is computed.
-template <int CHUNKS>
-__attribute__((always_inline)) inline __m512 dot(const __m512 (&q)[CHUNKS], const float* key) {
-    __m512 d = _mm512_setzero_ps();
-    Unroll<CHUNKS>{}([&](auto c) { d = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(key + c * 16), d); });
-    return d;
-}
-
-// Scores (scaled dot products) of the GROUP queries with keys 0..len-1, and each query's highest, key by key.
-template <int GROUP, int CHUNKS, int HD>
-void scores_by_key(const __m512 (&qv)[GROUP][CHUNKS], const at::BFloat16* k, int64_t len, float scale,
-                   float* scores, float (&top)[GROUP]) {
-    std::fill_n(top, GROUP, -INFINITY);
-    alignas(64) float key[HD];
-    for (int64_t j = 0; j < len; ++j) {
-        prefetch<HD>(k + (j + KEYS_AHEAD) * HD);
-        key_to_float<HD>(k + j * HD, key);
-        for (int g = 0; g < GROUP; ++g) {
-            const float s = _mm512_reduce_add_ps(dot<CHUNKS>(qv[g], key)) * scale;
-            scores[g * len + j] = s;
-            top[g] = std::max(top[g], s);
-        }
-    }
-}
-
-// The same bits 16 keys at a time (the last 16 padded with the last key), converted to float32 once for the
-// QUERIES = ROWS * GROUP queries (row r's head g is query r * GROUP + g, its scores at scores + query * stride) and
-// their products summed by lane_sums: for a prompt chunk's rows, whose keys are in the CPU cache. Row r attends to
-// len + r keys; a block's keys past a row's own are masked out of its scores.
-template <int ROWS, int GROUP, int CHUNKS, int HD>
-void scores_by_block(const __m512 (&qv)[ROWS * GROUP][CHUNKS], const at::BFloat16* k, int64_t len, int64_t stride,
-                     float scale, float* scores, float (&top)[ROWS * GROUP]) {
+// Scores (scaled dot products) of the QUERIES = ROWS * GROUP queries (row r's head g is query r * GROUP + g, its
+// scores at scores + query * stride) with the keys of each row, and each query's highest. The cache holds each block
+// of 16 keys with the dimension pairs outermost (rotary_to_cache, LLMFLEET_KEYS_TRANSPOSED), as for the AVX512-BF16
+// kernel: one load is one pair of dimensions of 16 keys, a shift and a mask make the two dimensions floats, and a
+// query's 16 scores are two chains of FMAs (even and odd dimensions) with no sums across lanes, whether the row
+// decodes or is one of a prompt chunk's. A block's lanes past a row's length hold whatever the cache holds there:
+// masked out. Against the keys stored row by row (a horizontal sum per key for decoding rows, lane_sums' shuffles per
+// 16 keys for a chunk's), 30 layers' attention (scratch benchmark, Ice Lake, in one process, ten alternated rounds):
+// decode of 32 rows at 450 cached keys 10.0-16.6 -> 8.6-12.9 ms (lower in every round); a 300-row chunk after 900
+// unchanged (116-195 against 117-164 ms).
+template <int GROUP, int HD, int ROWS>
+void scores_by_block(const QueryRows& rows, const at::BFloat16* k, int64_t stride, float scale, float* scores,
+                     float (&top)[ROWS * GROUP]) {
     constexpr int QUERIES = ROWS * GROUP;
-    const int64_t longest = len + ROWS - 1;
+    const int64_t longest = rows.len + ROWS - 1;
     __m512 tops[QUERIES];
     std::fill_n(tops, QUERIES, _mm512_set1_ps(-INFINITY));
-    alignas(64) float keys[16][HD];  // key 4 * (i % 4) + i / 4 in row i: lane_sums puts its score in lane i
+    alignas(64) float qf[QUERIES][HD];
+    for (int i = 0; i < QUERIES; ++i) {
+        const at::BFloat16* query = rows.q + (i / GROUP) * rows.q_row + (i % GROUP) * HD;
+        for (int c = 0; c < HD; c += 16) _mm512_store_ps(qf[i] + c, bf16_to_float(query + c));
+    }
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t j0 = 0; j0 < longest; j0 += 16) {
         __mmask16 valid[ROWS];
-        for (int r = 0; r < ROWS; ++r) valid[r] = first_lanes(len + r - j0);
-        for (int i = 0; i < 16; ++i) {
-            const at::BFloat16* key = k + std::min<int64_t>(j0 + 4 * (i % 4) + i / 4, longest - 1) * HD;
-            key_to_float<HD>(key, keys[i]);
-        }
-        for (int q = 0; q < QUERIES; ++q) {
-            __m512 d[16];
-            Unroll<16>{}([&](auto i) { d[i] = dot<CHUNKS>(qv[q], keys[i]); });
-            const __m512 s = _mm512_mul_ps(lane_sums(d), _mm512_set1_ps(scale));
-            _mm512_mask_storeu_ps(scores + q * stride + j0, valid[q / GROUP], s);
-            tops[q] = _mm512_mask_max_ps(tops[q], valid[q / GROUP], tops[q], s);
+        for (int r = 0; r < ROWS; ++r) valid[r] = first_lanes(rows.len + r - j0);
+        const at::BFloat16* block = k + j0 * HD;
+        __m512 even[QUERIES], odd[QUERIES];
+        for (int i = 0; i < QUERIES; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+        Unroll<HD / 2>{}([&](auto p) {
+            const __m512i pair = _mm512_loadu_si512(block + p * 32);
+            prefetch<32>(block + KEYS_AHEAD * HD + p * 32);  // a line a load
+            const __m512 k_even = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            const __m512 k_odd = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
+            for (int i = 0; i < QUERIES; ++i) {
+                even[i] = _mm512_fmadd_ps(_mm512_set1_ps(qf[i][2 * p]), k_even, even[i]);
+                odd[i] = _mm512_fmadd_ps(_mm512_set1_ps(qf[i][2 * p + 1]), k_odd, odd[i]);
+            }
+        });
+        for (int i = 0; i < QUERIES; ++i) {
+            const __m512 s = _mm512_mul_ps(_mm512_add_ps(even[i], odd[i]), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + i * stride + j0, valid[i / GROUP], s);
+            tops[i] = _mm512_mask_max_ps(tops[i], valid[i / GROUP], tops[i], s);
         }
     }
-    for (int q = 0; q < QUERIES; ++q) top[q] = _mm512_reduce_max_ps(tops[q]);
+    for (int i = 0; i < QUERIES; ++i) top[i] = _mm512_reduce_max_ps(tops[i]);
 }
 
 // Rows of a prompt chunk attended together: each block of keys, and each value, converted once for both rows' query
 // heads. 30 layers' attention of a 300-row chunk after 900 cached keys, this kernel timed on a Zen 5 (scratch
-// benchmark, outputs bitwise as before): 85-88 -> 75-76 ms.
+// benchmark, outputs bitwise as before): 85-88 -> 75-76 ms. With the keys transposed, 4 rows (Ice Lake): 117-127 ->
+// 151-161 ms.
 template <int GROUP, int HD>
 constexpr int TILE_ROWS = GROUP <= 3 ? 2 : 1;
 
-// ROWS rows' GROUP query heads that share one KV head; HD the head size. `keys_cached`: the keys are likely in the
-// CPU cache (other rows of the call read them too). Every score is the same chain of FMAs and the same sum across
-// lanes, and every output the same sum over its keys in order, whatever ROWS: a row's keys past its own length (the
-// later rows') get probability 0 and add +-0, which leaves a sum's bits as they are (never -0: it starts at +0).
+// ROWS rows' GROUP query heads that share one KV head; HD the head size. Every score is the same two chains of FMAs,
+// and every output the same sum over its keys in order, whatever ROWS: a row's keys past its own length (the later
+// rows') get probability 0 and add +-0, which leaves a sum's bits as they are (never -0: it starts at +0).
 template <int GROUP, int HD, int ROWS>
 void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v, float scale, float* scores,
-            bool keys_cached) {
+            bool /*keys_cached*/) {
     constexpr int QUERIES = ROWS * GROUP;
     constexpr int CHUNKS = HD / 16;  // 16 floats a register
     const int64_t longest = rows.len + ROWS - 1;
-    __m512 qv[QUERIES][CHUNKS];
-    for (int q = 0; q < QUERIES; ++q) {
-        const at::BFloat16* query = rows.q + (q / GROUP) * rows.q_row + (q % GROUP) * HD;
-        for (int c = 0; c < CHUNKS; c += 2) bf16_pair_to_float(query + c * 16, qv[q][c], qv[q][c + 1]);
-    }
-
     float top[QUERIES];
-    if (ROWS == 1 && !keys_cached)
-        scores_by_key<QUERIES, CHUNKS, HD>(qv, k, longest, scale, scores, top);
-    else
-        scores_by_block<ROWS, GROUP, CHUNKS, HD>(qv, k, rows.len, longest, scale, scores, top);
+    scores_by_block<GROUP, HD, ROWS>(rows, k, longest, scale, scores, top);
 
     float total[QUERIES];
     for (int q = 0; q < QUERIES; ++q) {

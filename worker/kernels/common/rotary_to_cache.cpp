@@ -19,8 +19,8 @@ void rotate(const at::BFloat16* __restrict__ x, const at::BFloat16* __restrict__
 }
 
 #ifdef LLMFLEET_KEYS_TRANSPOSED
-// The AVX512-BF16 attention (avx512/cached_attention.cpp) reads keys 16 at a time with the dimension pairs
-// outermost: key j's pair p at (j / 16) * 16 * D + p * 32 + (j % 16) * 2 of its (slot, head) rows.
+// The AVX512 attention kernels (avx512/, avx512_vnni/cached_attention.cpp) read keys 16 at a time with the dimension
+// pairs outermost: key j's pair p at (j / 16) * 16 * D + p * 32 + (j % 16) * 2 of its (slot, head) rows.
 constexpr bool keys_transposed = true;
 #else
 constexpr bool keys_transposed = false;

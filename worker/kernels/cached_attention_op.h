@@ -1,7 +1,6 @@
 // The cached_attention op of every instruction set's kernel: checks its arguments and runs the `attend<GROUP, HD,
 // ROWS>` of the source that includes this header last (with its TILE_ROWS<GROUP, HD>), one (tile of rows, KV head)
-// task at a time. `attend` may compute a row whose keys other rows read too (a prompt chunk's) another way, but to
-// the same bits.
+// task at a time.
 #pragma once
 #include "attention_args.h"
 #include "tasks.h"
@@ -38,14 +37,12 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
         const int64_t t = task / n_kv, h = task % n_kv, b = tiles[t], rows = tiles[t + 1] - b;
         const int64_t cache_row = (slot[b] * n_kv + h) * capacity * HD;
         const int64_t head = h * GROUP * HD;
-        // A prompt chunk's rows (the same slot side by side) read the same keys, which stay in the CPU cache.
-        const bool keys_cached = (b > 0 && slot[b - 1] == slot[b]) || (b + rows < B && slot[b + rows] == slot[b]);
         const QueryRows r{Q + b * q_row + head, O + b * out_row + head, q_row, out_row, length[b]};
         if (rows == ROWS)
-            attend<GROUP, HD, ROWS>(r, K + cache_row, V + cache_row, static_cast<float>(scale), scores.data(), keys_cached);
+            attend<GROUP, HD, ROWS>(r, K + cache_row, V + cache_row, static_cast<float>(scale), scores.data());
         else
             for (int64_t i = 0; i < rows; ++i)
-                attend<GROUP, HD, 1>(r.at(i), K + cache_row, V + cache_row, static_cast<float>(scale), scores.data(), keys_cached);
+                attend<GROUP, HD, 1>(r.at(i), K + cache_row, V + cache_row, static_cast<float>(scale), scores.data());
     });
 }
 

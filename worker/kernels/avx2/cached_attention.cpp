@@ -23,8 +23,7 @@ constexpr int TILE_ROWS = GROUP <= 3 ? 2 : 1;
 // chain of FMAs and the same sum across lanes, and every output the same sum over its keys in order, whatever ROWS:
 // a row's bits do not depend on the rows it shares a task with.
 template <int GROUP, int HD, int ROWS>
-void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v, float scale, float* scores,
-            bool /* keys_cached: one way here */) {
+void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v, float scale, float* scores) {
     constexpr int CHUNKS = HD / 8;  // 8 floats a register
     constexpr int QUERIES = ROWS * GROUP;
     constexpr int KEYS = QUERIES == 4 || QUERIES == 6 ? 2 : 4;  // keys a pass: QUERIES * KEYS accumulators

@@ -70,8 +70,7 @@ constexpr int TILE_ROWS = GROUP * HD <= 192 ? 2 : 1;
 // products, and every output the same sum over its keys in order, whatever ROWS: a row's keys past its own length
 // (the later rows') get probability 0 and add +-0, which leaves a sum's bits as they are (never -0: it starts at +0).
 template <int GROUP, int HD, int ROWS>
-void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v, float scale, float* scores,
-            bool /*keys_cached*/) {
+void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v, float scale, float* scores) {
     constexpr int QUERIES = ROWS * GROUP;
     constexpr int PAIRS = HD / 32;  // 32 bf16 values a register
     constexpr int CHUNKS = HD / 16; // 16 floats a register for the weighted sum

@@ -3,8 +3,9 @@
 // `length` keys and values straight from the bf16 cache, the keys stored transposed block by block; scores, softmax
 // and the weighted sum in float32), the keys and values converted from bf16 as they are read. A task's result depends
 // on its own row only, so a token's output is the same in any batch, and the same whether it was decoded or prefilled.
-// On an Ice Lake VM, 30 layers of a 300-row chunk after 900 cached keys (21.8 GFLOP) take 116-127 ms: ~180 GFLOP/s,
-// half of what a loop of independent FMAs reaches on its two cores (184 GFLOP/s each).
+// On an Ice Lake VM, 30 layers of a 300-row chunk after 900 cached keys (21.8 GFLOP) took 116-127 ms before the
+// scores took two blocks of keys at a time: ~180 GFLOP/s, half of what a loop of independent FMAs reaches on its two
+// cores (184 GFLOP/s each).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -33,6 +34,48 @@ __attribute__((always_inline)) inline __m512i to_bf16_pair(__m512 first, __m512 
     return _mm512_packus_epi32(bf16_lanes(first), bf16_lanes(second));
 }
 
+// The scores of BLOCKS blocks of 16 keys from key j0 (see scores_by_block).
+template <int BLOCKS, int GROUP, int HD, int ROWS>
+__attribute__((always_inline)) inline void score_blocks(const QueryRows& rows, const float (&qf)[ROWS * GROUP][HD],
+                                                        const at::BFloat16* k, int64_t j0, int64_t stride, float scale,
+                                                        float* scores, __m512 (&tops)[ROWS * GROUP]) {
+    constexpr int QUERIES = ROWS * GROUP;
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const at::BFloat16* block = k + j0 * HD;
+    // Reads the queries from memory here, each broadcast a load: GCC otherwise kept them in registers and broadcast
+    // each dimension by shuffles (valignd, vshufps), beside the FMAs on their ports, or kept every broadcast on the
+    // stack (2 x QUERIES x HD / 2 vectors).
+    asm volatile("" ::: "memory");
+    __m512 even[BLOCKS][QUERIES], odd[BLOCKS][QUERIES];
+    for (int b = 0; b < BLOCKS; ++b)
+        for (int i = 0; i < QUERIES; ++i) even[b][i] = odd[b][i] = _mm512_setzero_ps();
+    Unroll<HD / 2>{}([&](auto p) __attribute__((always_inline)) {
+        __m512 k_even[BLOCKS], k_odd[BLOCKS];
+        for (int b = 0; b < BLOCKS; ++b) {
+            const __m512i pair = _mm512_loadu_si512(block + b * 16 * HD + p * 32);
+            prefetch<32>(block + (KEYS_AHEAD + b * 16) * HD + p * 32);  // a line a load
+            k_even[b] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            k_odd[b] = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
+        }
+        for (int i = 0; i < QUERIES; ++i) {
+            const __m512 q_even = _mm512_set1_ps(qf[i][2 * p]), q_odd = _mm512_set1_ps(qf[i][2 * p + 1]);
+            for (int b = 0; b < BLOCKS; ++b) {
+                even[b][i] = _mm512_fmadd_ps(q_even, k_even[b], even[b][i]);
+                odd[b][i] = _mm512_fmadd_ps(q_odd, k_odd[b], odd[b][i]);
+            }
+        }
+    });
+    for (int b = 0; b < BLOCKS; ++b) {
+        const int64_t j = j0 + 16 * b;
+        for (int i = 0; i < QUERIES; ++i) {
+            const __mmask16 valid = first_lanes(rows.len + i / GROUP - j);
+            const __m512 s = _mm512_mul_ps(_mm512_add_ps(even[b][i], odd[b][i]), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + i * stride + j, valid, s);
+            tops[i] = _mm512_mask_max_ps(tops[i], valid, tops[i], s);
+        }
+    }
+}
+
 // Scores (scaled dot products) of the QUERIES = ROWS * GROUP queries (row r's head g is query r * GROUP + g, its
 // scores at scores + query * stride) with the keys of each row, and each query's highest. The cache holds each block
 // of 16 keys with the dimension pairs outermost (rotary_to_cache, LLMFLEET_KEYS_TRANSPOSED), as for the AVX512-BF16
@@ -43,10 +86,15 @@ __attribute__((always_inline)) inline __m512i to_bf16_pair(__m512 first, __m512 
 // 16 keys for a chunk's), 30 layers' attention (scratch benchmark, Ice Lake, in one process, ten alternated rounds):
 // decode of 32 rows at 450 cached keys 10.0-16.6 -> 8.6-12.9 ms (lower in every round); a 300-row chunk after 900
 // unchanged (116-195 against 117-164 ms).
+// Two blocks of keys at a time where the accumulators fit the registers, each broadcast of a query's dimension
+// serving both: 30 layers' attention (scratch, both kernels built side by side, two threads, twelve alternated
+// rounds) of a 300-row chunk after 900 cached keys 148-166 -> 128-160 ms (lower in every round), of a 128-row chunk
+// from 0 6.0-15.9 -> 4.7-5.4 ms; decoding rows unchanged. Each score is computed the same way either way.
 template <int GROUP, int HD, int ROWS>
 void scores_by_block(const QueryRows& rows, const at::BFloat16* k, int64_t stride, float scale, float* scores,
                      float (&top)[ROWS * GROUP]) {
     constexpr int QUERIES = ROWS * GROUP;
+    constexpr int BLOCKS = QUERIES <= 6 ? 2 : 1;
     const int64_t longest = rows.len + ROWS - 1;
     __m512 tops[QUERIES];
     std::fill_n(tops, QUERIES, _mm512_set1_ps(-INFINITY));
@@ -55,29 +103,11 @@ void scores_by_block(const QueryRows& rows, const at::BFloat16* k, int64_t strid
         const at::BFloat16* query = rows.q + (i / GROUP) * rows.q_row + (i % GROUP) * HD;
         for (int c = 0; c < HD; c += 16) _mm512_store_ps(qf[i] + c, bf16_to_float(query + c));
     }
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    for (int64_t j0 = 0; j0 < longest; j0 += 16) {
-        __mmask16 valid[ROWS];
-        for (int r = 0; r < ROWS; ++r) valid[r] = first_lanes(rows.len + r - j0);
-        const at::BFloat16* block = k + j0 * HD;
-        __m512 even[QUERIES], odd[QUERIES];
-        for (int i = 0; i < QUERIES; ++i) even[i] = odd[i] = _mm512_setzero_ps();
-        Unroll<HD / 2>{}([&](auto p) {
-            const __m512i pair = _mm512_loadu_si512(block + p * 32);
-            prefetch<32>(block + KEYS_AHEAD * HD + p * 32);  // a line a load
-            const __m512 k_even = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-            const __m512 k_odd = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
-            for (int i = 0; i < QUERIES; ++i) {
-                even[i] = _mm512_fmadd_ps(_mm512_set1_ps(qf[i][2 * p]), k_even, even[i]);
-                odd[i] = _mm512_fmadd_ps(_mm512_set1_ps(qf[i][2 * p + 1]), k_odd, odd[i]);
-            }
-        });
-        for (int i = 0; i < QUERIES; ++i) {
-            const __m512 s = _mm512_mul_ps(_mm512_add_ps(even[i], odd[i]), _mm512_set1_ps(scale));
-            _mm512_mask_storeu_ps(scores + i * stride + j0, valid[i / GROUP], s);
-            tops[i] = _mm512_mask_max_ps(tops[i], valid[i / GROUP], tops[i], s);
-        }
-    }
+    // The last block read holds a key below `longest`, so it lies within the cache (its capacity a multiple of 16).
+    int64_t j0 = 0;
+    for (; j0 + 16 * (BLOCKS - 1) < longest; j0 += 16 * BLOCKS)
+        score_blocks<BLOCKS, GROUP, HD, ROWS>(rows, qf, k, j0, stride, scale, scores, tops);
+    for (; j0 < longest; j0 += 16) score_blocks<1, GROUP, HD, ROWS>(rows, qf, k, j0, stride, scale, scores, tops);
     for (int i = 0; i < QUERIES; ++i) top[i] = _mm512_reduce_max_ps(tops[i]);
 }
 

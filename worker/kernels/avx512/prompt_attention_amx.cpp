@@ -123,26 +123,27 @@ __attribute__((target("amx-tile,amx-bf16"))) void weighted_sum_on_tiles(const at
     asm volatile("" ::: "memory");
 }
 
-// Row by row: scale, softmax over the row's own `len` keys, bf16 probabilities over the scores' memory (zero up to
-// `width`, a multiple of 32), and the sum of the unrounded ones.
+// Row by row: softmax of the scaled scores over the row's own `len` keys, bf16 probabilities over the scores' memory
+// (zero up to `width`, a multiple of 32), and the sum of the unrounded ones. scale > 0, so the largest score is the
+// largest scaled one, and e^(scale (x - max)) = 2^(c x - c max) with c = scale log2(e): one FMA a lane.
 float softmax_row(float* row, int64_t len, int64_t width, float scale) {
     __m512 tops = _mm512_set1_ps(-INFINITY);
-    const __m512 s = _mm512_set1_ps(scale);
     int64_t j = 0;
-    for (; j + 16 <= len; j += 16) tops = _mm512_max_ps(tops, _mm512_mul_ps(_mm512_loadu_ps(row + j), s));
+    for (; j + 16 <= len; j += 16) tops = _mm512_max_ps(tops, _mm512_loadu_ps(row + j));
     const __mmask16 tail = first_lanes(len - j);
-    if (j < len) tops = _mm512_mask_max_ps(tops, tail, tops, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, row + j), s));
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(tops));
+    if (j < len) tops = _mm512_mask_max_ps(tops, tail, tops, _mm512_maskz_loadu_ps(tail, row + j));
+    const float c = scale * LOG2_E;
+    const __m512 by = _mm512_set1_ps(c), shift = _mm512_set1_ps(c * _mm512_reduce_max_ps(tops));
     auto* probs = reinterpret_cast<uint16_t*>(row);  // element j at bytes 2j..2j+1, behind the floats still to read
     __m512 sum = _mm512_setzero_ps();
     for (j = 0; j + 16 <= len; j += 16) {
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(row + j), s), max));
+        const __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), by, shift));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j), (__m256i)_mm512_cvtneps_pbh(e));
         sum = _mm512_add_ps(sum, e);
     }
     if (j < len) {
-        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, row + j), s);
-        const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(x, max)));
+        const __m512 t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, row + j), by, shift);
+        const __m512 e = _mm512_maskz_mov_ps(tail, exp2_nonpositive(t));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j), (__m256i)_mm512_cvtneps_pbh(e));
         sum = _mm512_add_ps(sum, e);
         j += 16;
@@ -223,6 +224,7 @@ void prompt_attention_amx(const torch::Tensor& q, const torch::Tensor& k_cache, 
     TORCH_CHECK(slot >= 0 && slot < k_cache.size(0) && start >= 0 && start + q.size(0) <= k_cache.size(2),
                 "slot, start: within the cache");
     if (q.size(0) == 0) return;
+    TORCH_CHECK(scale > 0, "prompt_attention_amx: scale > 0");
     TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "prompt_attention_amx: head size 64 or 128 only");
     if (q.size(3) == 64) {
         run<64>(q, k_cache, v_cache, slot, start, scale, out);

@@ -5,7 +5,9 @@
 Prints perplexity on a held-out public-domain text shipped with the repo (loadtest/data/heldout.txt: the US
 Declaration of Independence and the Gettysburg Address; not in the calibration set), the share of a fixed probe
 set whose greedy answers are unchanged, and weight memory, for the served 4-bit model against bf16; and, as the
-noise floor of the probe figure, how many answers the same bf16 weights give differently computed in float32."""
+noise floor of the probe figure, how many answers the same bf16 weights give differently computed in float32.
+These go through transformers' forward over the 4-bit layers; the perplexity also through the worker's own step
+(worker.llama_runner: its attention, norm and activation kernels and its bf16 KV cache), as the model is served."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from shared.settings import DEFAULT_MODEL, ModelSpec, Settings
 from worker import model_loader
 from worker.block_quant import BlockQuantLinear
+from worker.llama_runner import LlamaRunner, PrefillChunk
 
 HELDOUT = Path(__file__).with_name("data") / "heldout.txt"
 PROBES = [
@@ -44,6 +47,21 @@ def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
         loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
         nll += float(loss)
         count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def served_perplexity(model, tokenizer, text: str, window: int = 512) -> float:
+    """perplexity() through the worker's step: each window prefilled in one step as chunks of one token, so that
+    every position has its logits (the kernels give a prompt row the same bits in any chunk)."""
+    runner = LlamaRunner(model, slots=1, capacity=window)
+    ids = tokenizer(text)["input_ids"]
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window + 1]
+        logits = runner.step([], [], [], [PrefillChunk(0, [token], i) for i, token in enumerate(chunk[:-1])])
+        loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(chunk[1:]), reduction="sum")
+        nll += float(loss)
+        count += len(chunk) - 1
     return math.exp(nll / count)
 
 
@@ -115,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| figure | bf16 | 4-bit | ratio | target |\n|---|---|---|---|---|")
     ratio = quant["ppl"] / base["ppl"]
     print(f"| perplexity (held-out) | {base['ppl']:.2f} | {quant['ppl']:.2f} | {ratio:.3f} | ≤ 1.03 |")
+    served = served_perplexity(quant_loaded.model, quant_loaded.tokenizer, text)
+    print(f"| perplexity, 4-bit through the worker's step | {base['ppl']:.2f} | {served:.2f} | "
+          f"{served / base['ppl']:.3f} | ≤ 1.03 |")  # fmt: skip
     print(f"| probe answers unchanged ({PROBE_TOKENS} greedy tokens) | – | {same}/{len(PROBES)} | "
           f"{same / len(PROBES):.2f} | ≥ 0.90 |")  # fmt: skip
     print(

@@ -3,9 +3,8 @@
 #include <immintrin.h>
 #include <cstdint>
 
+#include "../exp2_fit.h"
 #include "../unroll.h"
-
-constexpr float LOG2_E = 1.44269504f;
 
 // 8 bf16 -> 8 floats: the bf16 bits are a float's upper half.
 inline __m256 bf16_to_float(const void* p) {
@@ -42,18 +41,14 @@ inline __m128 sum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-// 2^t for t <= 0: 2^n * p(f), n the nearest integer, f = t - n in [-0.5, 0.5], p a degree-5 fit to 2^f (relative
-// error 1.5e-7, as the degree-6 Taylor series of e^f it replaces, one FMA and a multiply fewer). Below -125, 2^-125.
+// 2^t for t <= 0: 2^n * p(f), n the nearest integer, f = t - n in [-0.5, 0.5], p the fit of exp2_fit.h. Below -125,
+// 2^-125.
 inline __m256 exp2_nonpositive(__m256 t) {
     t = _mm256_max_ps(t, _mm256_set1_ps(-125.0f));
     const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(0.001327647129073739f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.009675540961325169f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.05550713092088699f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022120237350464f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931469440460205f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
+    __m256 p = _mm256_set1_ps(EXP2_FIT[0]);
+    for (int i = 1; i <= EXP2_DEGREE; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_FIT[i]));
     const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }

@@ -5,9 +5,8 @@
 #include <immintrin.h>
 #include <cstdint>
 
+#include "../exp2_fit.h"
 #include "../unroll.h"
-
-constexpr float LOG2_E = 1.44269504f;
 
 inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
@@ -36,18 +35,14 @@ inline __m512i bf16_lanes(__m512 v) {
 // 16 floats -> 16 bf16, rounded as above.
 inline __m256i float_to_bf16(__m512 v) { return _mm512_cvtepi32_epi16(bf16_lanes(v)); }
 
-// 2^t for t <= 0: 2^n * p(f), n the nearest integer, f = t - n in [-0.5, 0.5], p a degree-5 fit to 2^f (relative
-// error 1.5e-7, as the degree-6 Taylor series of e^f it replaces, one FMA and a multiply fewer). Below -125, 2^-125.
+// 2^t for t <= 0: 2^n * p(f), n the nearest integer, f = t - n in [-0.5, 0.5], p the fit of exp2_fit.h. Below -125,
+// 2^-125.
 inline __m512 exp2_nonpositive(__m512 t) {
     t = _mm512_max_ps(t, _mm512_set1_ps(-125.0f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(0.001327647129073739f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675540961325169f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+    __m512 p = _mm512_set1_ps(EXP2_FIT[0]);
+    for (int i = 1; i <= EXP2_DEGREE; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_FIT[i]));
     return _mm512_scalef_ps(p, n);
 }
 

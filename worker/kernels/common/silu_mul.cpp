@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../exp2_fit.h"
+
 #if defined(__AVX512F__)
 #define SILU_MUL_AVX512
 #include "../avx512/simd.h"
@@ -20,19 +22,14 @@
 
 namespace {
 
-// e^x, relative error ~1e-7: 2^n * e^f, |f| <= ln(2)/2, Taylor to degree 6. The branch-free form vectorizes.
+// e^x as 2^n * p(f) (exp2_fit.h), t = x log2(e), n the nearest integer, f = t - n. The branch-free form vectorizes.
 inline float exp_approx(float x) {
     x = std::min(std::max(x, -87.0f), 88.0f);
-    const float t = x * 1.44269504f;
+    const float t = x * LOG2_E;
     const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-    const float f = (t - n) * 0.69314718f;
-    float p = 1.0f / 720;
-    p = p * f + 1.0f / 120;
-    p = p * f + 1.0f / 24;
-    p = p * f + 1.0f / 6;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
+    const float f = t - n;
+    float p = EXP2_FIT[0];
+    for (int i = 1; i <= EXP2_DEGREE; ++i) p = p * f + EXP2_FIT[i];
     const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof scale);

@@ -39,28 +39,30 @@ PROBE_TOKENS = 24
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    nll, count = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = ids[start : start + window + 1].unsqueeze(0)
-        logits = model(chunk[:, :-1]).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
-        nll += float(loss)
-        count += chunk.shape[1] - 1
-    return math.exp(nll / count)
+    """Through transformers' forward, window by window."""
+    return windowed_perplexity(lambda ids: model(torch.tensor([ids])).logits[0], tokenizer, text, window)
 
 
 def served_perplexity(model, tokenizer, text: str, window: int = 512) -> float:
-    """perplexity() through the worker's step: each window prefilled in one step as chunks of one token, so that
-    every position has its logits (the kernels give a prompt row the same bits in any chunk)."""
+    """Through the worker's step: each window prefilled in one step as chunks of one token, so that every position
+    has its logits (the kernels give a prompt row the same bits in any chunk)."""
     runner = LlamaRunner(model, slots=1, capacity=window)
+
+    def logits(ids: list[int]) -> torch.Tensor:
+        return runner.step([], [], [], [PrefillChunk(0, [token], i) for i, token in enumerate(ids)])
+
+    return windowed_perplexity(logits, tokenizer, text, window)
+
+
+def windowed_perplexity(logits_of, tokenizer, text: str, window: int) -> float:
+    """`text`'s perplexity in windows of `window` tokens, each from an empty context; logits_of(ids) gives the logits
+    after each of ids."""
     ids = tokenizer(text)["input_ids"]
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start : start + window + 1]
-        logits = runner.step([], [], [], [PrefillChunk(0, [token], i) for i, token in enumerate(chunk[:-1])])
-        loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(chunk[1:]), reduction="sum")
-        nll += float(loss)
+        logits = logits_of(chunk[:-1]).float()
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum"))
         count += len(chunk) - 1
     return math.exp(nll / count)
 

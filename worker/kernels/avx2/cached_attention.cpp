@@ -68,19 +68,18 @@ void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v,
         for (; j + 8 <= own; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(row + j));
         float top1 = max8(top);
         for (; j < own; ++j) top1 = std::max(top1, row[j]);
-        // e^(s - top) as 2^(s log2(e) - top log2(e)): one FMA a lane.
-        const __m256 max = _mm256_set1_ps(top1 * LOG2_E), by = _mm256_set1_ps(LOG2_E);
+        const __m256 top_log2e = _mm256_set1_ps(top1 * LOG2_E);
         __m256 sum = _mm256_setzero_ps();
         j = 0;
         for (; j + 8 <= own; j += 8) {
-            const __m256 e = exp2_nonpositive(_mm256_fmsub_ps(_mm256_loadu_ps(row + j), by, max));
+            const __m256 e = exp_below(_mm256_loadu_ps(row + j), top_log2e);
             _mm256_storeu_ps(row + j, e);
             sum = _mm256_add_ps(sum, e);
         }
         if (j < own) {
             const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(own - j)),
                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            const __m256 e = exp2_nonpositive(_mm256_fmsub_ps(_mm256_maskload_ps(row + j, tail), by, max));
+            const __m256 e = exp_below(_mm256_maskload_ps(row + j, tail), top_log2e);
             _mm256_maskstore_ps(row + j, tail, e);
             sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(tail)));
         }

@@ -55,3 +55,8 @@ inline __m256 exp2_nonpositive(__m256 t) {
 
 // e^x for x <= 0.
 inline __m256 exp_nonpositive(__m256 x) { return exp2_nonpositive(_mm256_mul_ps(x, _mm256_set1_ps(LOG2_E))); }
+
+// e^(x - top) for x <= top, given top_log2e = top log2(e): one FMA before 2^t (a softmax's subtraction folded in).
+inline __m256 exp_below(__m256 x, __m256 top_log2e) {
+    return exp2_nonpositive(_mm256_fmsub_ps(x, _mm256_set1_ps(LOG2_E), top_log2e));
+}

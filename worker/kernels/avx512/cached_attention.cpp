@@ -87,19 +87,17 @@ void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v,
         const int64_t len = rows.len + i / GROUP;
         float* row = scores + i * longest;
         auto* probs = reinterpret_cast<uint16_t*>(row);
-        // e^(s - top) as 2^(s log2(e) - top log2(e)): one FMA a lane.
-        const __m512 max = _mm512_set1_ps(top[i] * LOG2_E), by = _mm512_set1_ps(LOG2_E);
+        const __m512 top_log2e = _mm512_set1_ps(top[i] * LOG2_E);
         __m512 sum = _mm512_setzero_ps();
         int64_t j = 0;
         for (; j + 16 <= len; j += 16) {
-            const __m512 e = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), by, max));
+            const __m512 e = exp_below(_mm512_loadu_ps(row + j), top_log2e);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j), (__m256i)_mm512_cvtneps_pbh(e));
             sum = _mm512_add_ps(sum, e);
         }
         if (j < len) {
             const __mmask16 tail = first_lanes(len - j);
-            const __m512 t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, row + j), by, max);
-            const __m512 e = _mm512_maskz_mov_ps(tail, exp2_nonpositive(t));
+            const __m512 e = _mm512_maskz_mov_ps(tail, exp_below(_mm512_maskz_loadu_ps(tail, row + j), top_log2e));
             _mm256_mask_storeu_epi16(probs + j, tail, (__m256i)_mm512_cvtneps_pbh(e));
             sum = _mm512_add_ps(sum, e);
         }

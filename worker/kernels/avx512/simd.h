@@ -48,3 +48,8 @@ inline __m512 exp2_nonpositive(__m512 t) {
 
 // e^x for x <= 0.
 inline __m512 exp_nonpositive(__m512 x) { return exp2_nonpositive(_mm512_mul_ps(x, _mm512_set1_ps(LOG2_E))); }
+
+// e^(x - top) for x <= top, given top_log2e = top log2(e): one FMA before 2^t (a softmax's subtraction folded in).
+inline __m512 exp_below(__m512 x, __m512 top_log2e) {
+    return exp2_nonpositive(_mm512_fmsub_ps(x, _mm512_set1_ps(LOG2_E), top_log2e));
+}

@@ -133,13 +133,11 @@ void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v,
     for (int q = 0; q < QUERIES; ++q) {
         const int64_t len = rows.len + q / GROUP;
         float* row = scores + q * longest;
-        // e^(s - top) as 2^(s log2(e) - top log2(e)): one FMA a lane.
-        const __m512 max = _mm512_set1_ps(top[q] * LOG2_E), by = _mm512_set1_ps(LOG2_E);
+        const __m512 top_log2e = _mm512_set1_ps(top[q] * LOG2_E);
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < len; j += 16) {
             const __mmask16 part = first_lanes(len - j);
-            const __m512 t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(part, row + j), by, max);
-            const __m512 e = _mm512_maskz_mov_ps(part, exp2_nonpositive(t));
+            const __m512 e = _mm512_maskz_mov_ps(part, exp_below(_mm512_maskz_loadu_ps(part, row + j), top_log2e));
             _mm512_mask_storeu_ps(row + j, part, e);
             sum = _mm512_add_ps(sum, e);
         }

@@ -15,11 +15,6 @@
 
 namespace {
 
-// Keys (and values) fetched this far ahead here, not prefetch.h's 48: on a Zen 3, the CPU this set serves, 30 layers of
-// decode of 32 rows at 120 / 300 / 450 keys ran 7.4-8.3 / 14.6-18.2 / 22.7-25.2 ms with 48 against 6.5-7.5 /
-// 12.6-15.9 / 20.3-21.7 with 16 and the weighted sum's 4 spans (none: 19.8 ms at 300).
-constexpr int64_t AHEAD = 16;
-
 // Rows of a prompt chunk attended together: each key and value converted once for all their query heads.
 template <int GROUP, int HD>
 constexpr int TILE_ROWS = GROUP <= 3 ? 2 : 1;
@@ -45,7 +40,7 @@ void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v,
         Unroll<QUERIES * KEYS>{}([&](auto i) { dot[i] = _mm256_setzero_ps(); });
         const at::BFloat16* key[KEYS];
         for (int jj = 0; jj < KEYS; ++jj) key[jj] = k + std::min(j0 + jj, len - 1) * HD;
-        prefetch<KEYS * HD>(k + (j0 + AHEAD) * HD);
+        prefetch<KEYS * HD>(k + (j0 + KEYS_AHEAD) * HD);
         for (int c = 0; c < CHUNKS; ++c) {
             Unroll<KEYS>{}([&](auto jj) {
                 const __m256 kc = bf16_to_float(key[jj] + c * 8);
@@ -92,19 +87,18 @@ void attend(const QueryRows& rows, const at::BFloat16* k, const at::BFloat16* v,
         total[g] = sum8(sum);
     }
 
-    // The weighted sum, SPAN registers of columns at a time for all queries: each value converted once. A decoding row's
-    // 3 query heads (SmolLM2's group) take 4 spans: 12 accumulators, the 3 probabilities and a value in registers.
-    constexpr int SPAN = std::min(CHUNKS, QUERIES <= 3 ? 4 : QUERIES <= 6 ? 2 : 1);
+    // The weighted sum, SPAN registers of columns at a time for all queries: each value converted once.
+    constexpr int SPAN = std::min(CHUNKS, QUERIES <= 2 ? 4 : QUERIES <= 6 ? 2 : 1);
     for (int c0 = 0; c0 < CHUNKS; c0 += SPAN) {
         __m256 acc[QUERIES * SPAN];
         Unroll<QUERIES * SPAN>{}([&](auto i) { acc[i] = _mm256_setzero_ps(); });
         for (int64_t j = 0; j < len; ++j) {
-            if (c0 == 0) prefetch<HD>(v + (j + AHEAD) * HD);  // the later spans find the values in the cache
-            __m256 p[QUERIES];
-            Unroll<QUERIES>{}([&](auto g) { p[g] = _mm256_broadcast_ss(scores + g * len + j); });
-            Unroll<SPAN>{}([&](auto s) {
-                const __m256 vv = bf16_to_float(v + j * HD + (c0 + s) * 8);
-                Unroll<QUERIES>{}([&](auto g) { acc[g * SPAN + s] = _mm256_fmadd_ps(p[g], vv, acc[g * SPAN + s]); });
+            __m256 vv[SPAN];
+            Unroll<SPAN>{}([&](auto s) { vv[s] = bf16_to_float(v + j * HD + (c0 + s) * 8); });
+            if (c0 == 0) prefetch<HD>(v + (j + KEYS_AHEAD) * HD);  // the later spans find the values in the cache
+            Unroll<QUERIES>{}([&](auto g) {
+                const __m256 p = _mm256_broadcast_ss(scores + g * len + j);
+                Unroll<SPAN>{}([&](auto s) { acc[g * SPAN + s] = _mm256_fmadd_ps(p, vv[s], acc[g * SPAN + s]); });
             });
         }
         Unroll<QUERIES * SPAN>{}([&](auto i) {

@@ -19,8 +19,7 @@ log = structlog.get_logger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
-# Both AVX512 sets store the KV cache's keys transposed, block by block (worker/kernels/common/rotary_to_cache.cpp).
-_AVX512 = ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vnni", "-DLLMFLEET_KEYS_TRANSPOSED"]
+_AVX512 = ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512vnni"]
 # Each kernel set's sources (globs under worker/kernels) and compiler flags.
 KERNEL_SETS = {
     "avx512": (

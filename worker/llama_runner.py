@@ -6,7 +6,7 @@ layers run once per step for everybody, and each sequence keeps its own position
 The weights and layer modules are the transformers model's own; the attention over the slot cache is ours
 (worker.slot_attention), and so is calling the 4-bit layers' kernels directly (worker.int4_calls).
 
-KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor (where the AVX512 kernels run, each block
+KV cache: per layer one [slots, kv_heads, capacity, head_dim] tensor (where our kernels run, each block
 of KEY_BLOCK keys is stored with the dimension pairs outermost: worker/kernels/common/rotary_to_cache.cpp). A
 sequence owns a slot from its first prompt chunk to its end. On the CPU the tensors live in anonymous memory maps:
 zeros that become resident only where positions are written, so a large capacity costs nothing until used, and no
@@ -179,9 +179,9 @@ class LlamaRunner:
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Give slot `target` the KV of the first `length` positions of slot `source` (prefix reuse). Whole blocks
-        of KEY_BLOCK positions, as the attention kernel may store keys block by block (worker.cpu_kernels): the
+        of KEY_BLOCK positions, as the attention kernels store keys block by block (worker.cpu_kernels): the
         positions past `length` that come along are written by the target's own tokens before it reads them."""
-        end = -(-length // KEY_BLOCK) * KEY_BLOCK  # within the capacity, a multiple of ATTENTION_BLOCK
+        end = -(-length // KEY_BLOCK) * KEY_BLOCK  # within the capacity, a multiple of KEY_BLOCK
         for cache in (*self.k_cache, *self.v_cache):
             cache[target, :, :end].copy_(cache[source, :, :end])
 

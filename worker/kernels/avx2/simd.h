@@ -35,12 +35,6 @@ inline float max8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-// The sums of 4 vectors of 8 floats (each in the same fixed order, whichever of the 4 it is).
-inline __m128 sum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
-    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-
 // 2^t for t <= 0: 2^n * p(f), n the nearest integer, f = t - n in [-0.5, 0.5], p the fit of exp2_fit.h. Below -125,
 // 2^-125.
 inline __m256 exp2_nonpositive(__m256 t) {

@@ -22,7 +22,7 @@ namespace {
 
 // Scores (scaled dot products) of the QUERIES = ROWS * GROUP queries (row r's head g is query r * GROUP + g, its
 // scores at scores + query * stride) with the keys of each row, and each query's highest. The cache holds each block of
-// 16 keys with the dimension pairs outermost (rotary_to_cache, LLMFLEET_KEYS_TRANSPOSED): one load is one pair of
+// 16 keys with the dimension pairs outermost (rotary_to_cache): one load is one pair of
 // dimensions of 16 keys, so a query's 16 scores are one chain of bf16 dot products (two: even and odd pairs) with no
 // sums across lanes, whether the row decodes or is one of a prompt chunk's. Against the keys stored row by row (a
 // horizontal sum per key for decoding rows, lane_sums' shuffles per 16 keys for a chunk's), 30 layers' attention

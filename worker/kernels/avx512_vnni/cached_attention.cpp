@@ -78,7 +78,7 @@ __attribute__((always_inline)) inline void score_blocks(const QueryRows& rows, c
 
 // Scores (scaled dot products) of the QUERIES = ROWS * GROUP queries (row r's head g is query r * GROUP + g, its
 // scores at scores + query * stride) with the keys of each row, and each query's highest. The cache holds each block
-// of 16 keys with the dimension pairs outermost (rotary_to_cache, LLMFLEET_KEYS_TRANSPOSED), as for the AVX512-BF16
+// of 16 keys with the dimension pairs outermost (rotary_to_cache), as for the AVX512-BF16
 // kernel: one load is one pair of dimensions of 16 keys, a shift and a mask make the two dimensions floats, and a
 // query's 16 scores are two chains of FMAs (even and odd dimensions) with no sums across lanes, whether the row
 // decodes or is one of a prompt chunk's. A block's lanes past a row's length hold whatever the cache holds there:

@@ -18,20 +18,10 @@ void rotate(const at::BFloat16* __restrict__ x, const at::BFloat16* __restrict__
     }
 }
 
-#ifdef LLMFLEET_KEYS_TRANSPOSED
-// The AVX512 attention kernels (avx512/, avx512_vnni/cached_attention.cpp) read keys 16 at a time with the dimension
-// pairs outermost: key j's pair p at (j / 16) * 16 * D + p * 32 + (j % 16) * 2 of its (slot, head) rows.
-constexpr bool keys_transposed = true;
-#else
-constexpr bool keys_transposed = false;
-#endif
-
-// Where position `j`'s key goes in its (slot, head) rows `keys`.
+// Where position `j`'s key goes in its (slot, head) rows `keys`: every kernel set's attention (*/cached_attention.cpp)
+// reads keys 16 at a time with the dimension pairs outermost, key j's pair p at (j / 16) * 16 * D + p * 32 + (j % 16) *
+// 2.
 void write_key(const at::BFloat16* key, at::BFloat16* keys, int64_t j, int64_t D) {
-    if (!keys_transposed) {
-        std::copy_n(key, D, keys + j * D);
-        return;
-    }
     at::BFloat16* block = keys + (j / 16) * 16 * D + (j % 16) * 2;
     for (int64_t p = 0; p < D / 2; ++p) {
         block[p * 32] = key[2 * p];
@@ -50,7 +40,7 @@ torch::Tensor rotary_to_cache(const torch::Tensor& qkv, int64_t heads, const tor
     TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous() && qkv.dim() == 3, "qkv: bf16 [T, H, D]");
     const int64_t T = qkv.size(0), D = qkv.size(2), n_kv = k_cache.size(1), capacity = k_cache.size(2);
     TORCH_CHECK(D % 2 == 0 && D <= 256 && qkv.size(1) == heads + 2 * n_kv, "qkv: [T, heads + 2 * kv_heads, D <= 256]");
-    TORCH_CHECK(!keys_transposed || capacity % 16 == 0, "capacity: a multiple of 16");
+    TORCH_CHECK(capacity % 16 == 0, "capacity: a multiple of 16");
     for (const auto* cache : {&k_cache, &v_cache})
         TORCH_CHECK(cache->scalar_type() == at::kBFloat16 && cache->is_contiguous() && cache->dim() == 4 &&
                         cache->sizes() == k_cache.sizes() && cache->size(3) == D, "caches: bf16 [slots, kv_heads, capacity, D]");

@@ -179,7 +179,7 @@ class LlamaRunner:
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Give slot `target` the KV of the first `length` positions of slot `source` (prefix reuse). Whole blocks
-        of KEY_BLOCK positions, as the attention kernels store keys block by block (worker.cpu_kernels): the
+        of KEY_BLOCK positions, as the attention kernels store keys block by block (rotary_to_cache): the
         positions past `length` that come along are written by the target's own tokens before it reads them."""
         end = -(-length // KEY_BLOCK) * KEY_BLOCK  # within the capacity, a multiple of KEY_BLOCK
         for cache in (*self.k_cache, *self.v_cache):

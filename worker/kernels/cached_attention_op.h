@@ -32,7 +32,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
     tiles.push_back(B);
     const int64_t T = static_cast<int64_t>(tiles.size()) - 1;
     for_each_task(T * n_kv, [&](int64_t task) {
-        thread_local std::vector<float> scores;
+        thread_local std::vector<float> scores;  // rows of scores padded to 16 (avx2/ stores 8 lanes at a time)
         scores.resize(std::max<size_t>(scores.size(), ROWS * GROUP * ((longest + 15) / 16 * 16)));
         const int64_t t = task / n_kv, h = task % n_kv, b = tiles[t], rows = tiles[t + 1] - b;
         const int64_t cache_row = (slot[b] * n_kv + h) * capacity * HD;

@@ -18,9 +18,9 @@ void rotate(const at::BFloat16* __restrict__ x, const at::BFloat16* __restrict__
     }
 }
 
-// Where position `j`'s key goes in its (slot, head) rows `keys`: every kernel set's attention (*/cached_attention.cpp)
-// reads keys 16 at a time with the dimension pairs outermost, key j's pair p at (j / 16) * 16 * D + p * 32 + (j % 16) *
-// 2.
+// Where position `j`'s key goes in its (slot, head) rows `keys`. Every kernel set's attention (*/cached_attention.cpp)
+// reads keys 16 at a time with the dimension pairs outermost: key j's pair p at
+// (j / 16) * 16 * D + p * 32 + (j % 16) * 2.
 void write_key(const at::BFloat16* key, at::BFloat16* keys, int64_t j, int64_t D) {
     at::BFloat16* block = keys + (j / 16) * 16 * D + (j % 16) * 2;
     for (int64_t p = 0; p < D / 2; ++p) {

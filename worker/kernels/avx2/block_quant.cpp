@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../prefetch.h"
+#include "../tasks.h"
 #include "simd.h"
 
 namespace {
@@ -180,16 +181,16 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
     const int nth = at::get_num_threads();
     // Rows go in chunks whose quantized inputs stay in L2 while every block of the thread's outputs reads them.
     const int64_t chunk_rows = div_up(div_up(M, div_up(M * K * 2, CHUNK_BYTES)), TILE_M) * TILE_M;
+    Shares shares(NB, nth, div_up(M, chunk_rows));
 #pragma omp parallel num_threads(nth)
     {
         thread_local std::vector<uint8_t> widened;  // kept between calls
         thread_local std::vector<float> acc;
         widened.resize(std::max<size_t>(widened.size(), gs / 2 * PAIR_BYTES));
         acc.resize(std::max<size_t>(acc.size(), chunk_rows * BLOCK_N));
-        const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
         for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
             const int64_t rows = std::min(chunk_rows, M - m0);
-            for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
+            shares.run([&](int64_t nb) {
                 const int64_t n0 = nb * BLOCK_N;
                 std::fill_n(acc.data(), rows * BLOCK_N, 0.0f);
                 for (int64_t g = 0; g < groups; ++g) {
@@ -227,7 +228,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                     for (int j = 0; j < VECS; ++j)
                         _mm_storeu_si128(reinterpret_cast<__m128i*>(C + (m0 + r) * N + n0 + j * 8),
                                          float_to_bf16(_mm256_loadu_ps(acc.data() + r * BLOCK_N + j * 8)));
-            }
+            }, m0 / chunk_rows);
         }
     }
 }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../prefetch.h"
+#include "../tasks.h"
 #include "amx.h"
 #include "simd.h"
 
@@ -137,13 +138,13 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
     const at::Half* Z = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
     const int64_t NB = N / BLOCK_N;
     const int nth = at::get_num_threads();
+    Shares shares(NB, nth);
 #pragma omp parallel num_threads(nth)
     {
         thread_local std::vector<at::BFloat16> w;  // kept between calls: no allocation a call
         w.resize(std::max<size_t>(w.size(), K * BLOCK_N));
         configure_tiles();
-        const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
-        for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
+        shares.run([&](int64_t nb) {
             const int64_t n0 = nb * BLOCK_N;
             const int64_t block_scales = n0 * (K / gs);
             weights<BITS>(codes + n0 * K * BITS / 8, S + block_scales, Z == nullptr ? nullptr : Z + block_scales, K, gs,
@@ -157,7 +158,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                     rows_times_block<1>(a, real, w.data(), K, C + t * TILE_ROWS * N + n0, N);
                 }
             }
-        }
+        });
         release_tiles();
     }
 }

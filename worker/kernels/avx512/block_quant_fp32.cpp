@@ -17,6 +17,7 @@
 #include <optional>
 #include <vector>
 
+#include "../tasks.h"
 #include "simd.h"
 
 namespace {
@@ -137,15 +138,15 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
     const int nth = at::get_num_threads();
     // Rows go in chunks whose float32 inputs stay in L2 while every block of the thread's outputs reads them.
     const int64_t chunk_rows = div_up(div_up(M, div_up(M * K * 4, CHUNK_BYTES)), TILE_M) * TILE_M;
+    Shares shares(NB, nth, div_up(M, chunk_rows));
 #pragma omp parallel num_threads(nth)
     {
         thread_local std::vector<float> w, acc;  // kept between calls: no allocation a call
         w.resize(std::max<size_t>(w.size(), gs * BLOCK_N));
         acc.resize(std::max<size_t>(acc.size(), chunk_rows * BLOCK_N));
-        const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
         for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
             const int64_t rows = std::min(chunk_rows, M - m0);
-            for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
+            shares.run([&](int64_t nb) {
                 const int64_t n0 = nb * BLOCK_N;
                 std::fill_n(acc.data(), rows * BLOCK_N, 0.0f);
                 for (int64_t g = 0; g < groups; ++g) {
@@ -195,7 +196,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                     _mm512_storeu_si512(C + (m0 + r) * N + n0,
                                         (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(acc.data() + r * BLOCK_N + 16),
                                                                      _mm512_loadu_ps(acc.data() + r * BLOCK_N)));
-            }
+            }, m0 / chunk_rows);
         }
     }
 }

@@ -20,6 +20,7 @@
 
 #include "../avx512/simd.h"
 #include "../prefetch.h"
+#include "../tasks.h"
 
 namespace {
 
@@ -192,6 +193,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
     const int nth = at::get_num_threads();
     // Rows go in chunks whose quantized inputs stay in L2 while every block of the thread's outputs reads them.
     const int64_t chunk_rows = div_up(div_up(M, div_up(M * K * 2, CHUNK_BYTES)), TILE_M) * TILE_M;
+    Shares shares(NB, nth, div_up(M, chunk_rows));
 #pragma omp parallel num_threads(nth)
     {
         thread_local std::vector<uint8_t> widened;  // kept between calls
@@ -200,10 +202,9 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
         group_scales.resize(std::max<size_t>(group_scales.size(), groups * BLOCK_N));
         group_mins.resize(std::max<size_t>(group_mins.size(), groups * BLOCK_N));
         acc.resize(std::max<size_t>(acc.size(), chunk_rows * BLOCK_N));
-        const int64_t per = div_up(NB, nth), first = omp_get_thread_num() * per;
         for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
             const int64_t rows = std::min(chunk_rows, M - m0);
-            for (int64_t nb = first; nb < std::min(NB, first + per); ++nb) {
+            shares.run([&](int64_t nb) {
                 const int64_t n0 = nb * BLOCK_N;
                 for (int64_t g = 0; g < groups; ++g) {
                     for (int h = 0; h < 2; ++h) {
@@ -235,7 +236,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                     for (int h = 0; h < 2; ++h)
                         _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + (m0 + r) * N + n0 + h * 16),
                                             float_to_bf16(_mm512_loadu_ps(acc.data() + r * BLOCK_N + h * 16)));
-            }
+            }, m0 / chunk_rows);
         }
     }
 }

@@ -15,6 +15,8 @@
 
 constexpr int64_t SPANS_PER_THREAD = 8;
 
+inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
 template <typename Task>
 void for_each_task(int64_t n, const Task& task) {
     if (n <= 0) return;
@@ -36,7 +38,7 @@ void for_each_task(int64_t n, const Task& task) {
 class Shares {
 public:
     Shares(int64_t n, int threads, int64_t rounds = 1)
-        : n_(n), threads_(threads), per_((n + threads - 1) / threads), next_(new Counter[rounds * threads]) {
+        : n_(n), threads_(threads), per_(div_up(n, threads)), next_(new Counter[rounds * threads]) {
         for (int64_t r = 0; r < rounds; ++r)
             for (int t = 0; t < threads; ++t) next_[r * threads + t].next = t * per_;
     }

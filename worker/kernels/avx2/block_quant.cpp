@@ -35,8 +35,6 @@ constexpr int64_t PAIR_BYTES = VECS * 32;  // one input pair of a block, the cod
 constexpr int64_t TILE_M = 2;
 constexpr int64_t CHUNK_BYTES = 256 * 1024;
 
-inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
-
 inline __m256 load_half(const at::Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }

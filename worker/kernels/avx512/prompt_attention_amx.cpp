@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../attention_args.h"
+#include "../tasks.h"
 #include "amx.h"
 #include "simd.h"
 

@@ -8,8 +8,6 @@
 #include "../exp2_fit.h"
 #include "../unroll.h"
 
-inline int64_t div_up(int64_t x, int64_t y) { return (x + y - 1) / y; }
-
 // The mask of a vector's first n of 16 lanes: none for n <= 0, all for n >= 16.
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 

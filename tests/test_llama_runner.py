@@ -30,6 +30,20 @@ def test_the_kernel_set_this_cpu_can_run_builds():
     assert cpu_kernels.isa() == cpu_kernels.cpu_isa()
 
 
+def test_every_op_the_worker_calls_directly_binds_to_its_kernel():
+    if not cpu_kernels.available():
+        pytest.skip("no kernels on this CPU")
+    names = [*cpu_kernels.block_quant_ops(), "cached_attention", "rotary_to_cache", "rms_norm", "add_rms_norm"]
+    if cpu_kernels.amx():
+        names += ["block_quant_matmul_amx", "prompt_attention_amx"]
+    for name in names:  # a signature other than the kernel's throws here
+        assert callable(cpu_kernels.op(name))
+    gate_up = torch.randn(3, 2 * 1536, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert torch.equal(cpu_kernels.op("silu_mul")(gate_up), torch.ops.llmfleet.silu_mul(gate_up))
+    with pytest.raises(KeyError):
+        cpu_kernels.op("no_such_op")
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False

@@ -74,7 +74,7 @@ class BlockQuantLinear(torch.nn.Module):
         self.register_buffer("mins", None if mins is None else by_block(mins))
         self.bits, self.group_size = bits, group
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 8 // bits
-        self.matmul = getattr(torch.ops.llmfleet, cpu_kernels.block_quant_op())
+        self.matmul = cpu_kernels.op(cpu_kernels.block_quant_op())
 
     @classmethod
     def from_gptq(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> BlockQuantLinear:
@@ -118,7 +118,7 @@ class BlockQuantLinear(torch.nn.Module):
         )  # fmt: skip
         if tile_rows is None or not cpu_kernels.amx():
             return lambda x: matmul(x, packed, scales, mins, group, bits)
-        tiles = torch.ops.llmfleet.block_quant_matmul_amx
+        tiles = cpu_kernels.op("block_quant_matmul_amx")
 
         def split(x: torch.Tensor) -> torch.Tensor:
             start = tile_rows.start

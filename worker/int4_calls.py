@@ -58,7 +58,7 @@ def _fused(
 def _gated_activation(act: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """[tokens, gate | up] -> act(gate) * up: one kernel call for silu in bf16 where worker.cpu_kernels runs."""
     if type(act).__name__ in ("SiLU", "SiLUActivation") and dtype == torch.bfloat16 and cpu_kernels.available():
-        return torch.ops.llmfleet.silu_mul
+        return cpu_kernels.op("silu_mul")
 
     def gated(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)

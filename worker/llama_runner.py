@@ -75,7 +75,8 @@ def rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     ):
         return module
     eps = module.variance_epsilon
-    return lambda x: torch.ops.llmfleet.rms_norm(x.contiguous(), weight, eps)
+    kernel = cpu_kernels.op("rms_norm")
+    return lambda x: kernel(x.contiguous(), weight, eps)
 
 
 def add_rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -90,7 +91,8 @@ def add_rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tenso
 
         return separate
     weight, eps = module.weight, module.variance_epsilon
-    return lambda x, delta: torch.ops.llmfleet.add_rms_norm(x, delta.contiguous(), weight, eps)
+    kernel = cpu_kernels.op("add_rms_norm")
+    return lambda x, delta: kernel(x, delta.contiguous(), weight, eps)
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,7 @@ class LlamaRunner:
 
     def _kernel_rotary(self, slots: torch.Tensor, positions: torch.Tensor) -> Callable:
         """qkv -> rotated queries, with rotated keys and values written to the cache: one kernel call a layer."""
-        rotary = torch.ops.llmfleet.rotary_to_cache
+        rotary = cpu_kernels.op("rotary_to_cache")
         return lambda qkv, k_cache, v_cache: rotary(
             qkv, self.n_heads, self.cos, self.sin, slots, positions, k_cache, v_cache
         )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from worker import cpu_kernels
+
 ATTENTION_BLOCK = 64
 KEY_BLOCK = 16
 """Keys the AVX512 attention kernels store as one block (worker/kernels/common/rotary_to_cache.cpp)."""
@@ -39,11 +41,11 @@ class KernelAttention:
         q, out = (t.view(rows, self.n_kv, heads // self.n_kv, head_dim) for t in (q, out))
         n = self.vector_rows
         if n:
-            torch.ops.llmfleet.cached_attention(q[:n], k_cache, v_cache, self.slots, self.lengths, self.scale, out[:n])
+            cpu_kernels.op("cached_attention")(q[:n], k_cache, v_cache, self.slots, self.lengths, self.scale, out[:n])
         first = n
         for chunk in self.prompt_chunks or ():
             end = first + len(chunk.tokens)
-            torch.ops.llmfleet.prompt_attention_amx(
+            cpu_kernels.op("prompt_attention_amx")(
                 q[first:end], k_cache, v_cache, chunk.slot, chunk.start, self.scale, out[first:end]
             )
             first = end

@@ -87,9 +87,10 @@ void quantize_rows(const at::BFloat16* X, int64_t M, int64_t K, int64_t gs, Quan
 // The block's codes of one input pair (k, k+1), at p in the packing, widened to 16 bits within each 128-bit lane:
 // 4 vectors of 8 outputs x the pair's two codes, outputs {0-3, 8-11}, {4-7, 12-15}, {16-19, 24-27}, {20-23, 28-31}
 // ("lane order"). Widening across lanes (vpmovzxbw from the upper half) made the one-row kernel, which widens as it
-// reads, ~1.7x slower on a Zen 3.
+// reads, ~1.7x slower on a Zen 3. The codes CODES_BYTES_AHEAD on are fetched into the cache.
 template <int BITS>
 __attribute__((always_inline)) inline void unpack_pair(const uint8_t* p, __m256i v[VECS]) {
+    prefetch<64>(p + CODES_BYTES_AHEAD);
     const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     if constexpr (BITS == 4) {  // outputs 16-31 in the high nibbles of 0-15's bytes
         const __m256i nibble = _mm256_set1_epi8(0xF), zero = _mm256_setzero_si256();
@@ -160,7 +161,6 @@ __attribute__((always_inline)) inline void dot_block(const Rows& x, const uint8_
             Unroll<VECS>{}([&](auto j) { __asm__("" : "+x"(c[j])); });
         } else {
             unpack_pair<BITS>(codes + kk * 8 * BITS, c);
-            prefetch<64>(codes + kk * 8 * BITS + CODES_BYTES_AHEAD);
         }
         Unroll<ROWS>{}([&](auto r) {
             int32_t pair;
@@ -277,7 +277,6 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
                         for (int64_t kk = 0; kk < XBLOCK / 2; ++kk) {
                             __m256i c[VECS];
                             unpack_pair<BITS>(block + kk * 8 * BITS, c);
-                            prefetch<64>(block + kk * 8 * BITS + CODES_BYTES_AHEAD);
                             for (int j = 0; j < VECS; ++j)
                                 _mm256_storeu_si256(reinterpret_cast<__m256i*>(widened.data() + kk * PAIR_BYTES + j * 32), c[j]);
                         }

@@ -57,10 +57,11 @@ class BatchLimits(BaseModel):
     warm-up and then by the steps served (worker.step_cost), so running streams stall at most about this long."""
     batch_invariant: bool = False
     """True: a sequence's logits never depend on what else the step computes (vLLM's VLLM_BATCH_INVARIANT), so greedy
-    output is the same under any load. On CPUs with AMX that keeps every decoding row on the vector kernels; by
-    default a step that decodes 16 or more sequences computes their linear layers on AMX tiles
-    (worker.block_quant.TileRows), faster, and a sequence's logits then differ in the last bits between steps with
-    fewer and more than 16 sequences. Elsewhere every step is batch invariant either way."""
+    output is the same under any load. On CPUs with AVX512-BF16 that keeps every decoding row (and without AMX every
+    row) on the exact vector kernels; by default a step that decodes 16 or more sequences (without AMX: has 16 or
+    more rows) computes their linear layers over the weights rounded to bf16, on AMX tiles or with AVX512-BF16's dot
+    product (worker.block_quant.TileRows), faster, and a sequence's logits then differ in the last bits between steps
+    with fewer and more than 16. Elsewhere (AVX2, AVX512 without BF16) every step is batch invariant either way."""
     prefix_cache_tokens: int = Field(default=32768, ge=0)
     """Tokens of finished sequences' KV kept for prefix reuse (LRU); 0 turns the prefix cache off."""
     kv_prefault_tokens: int = Field(default=256, ge=0)

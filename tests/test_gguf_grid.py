@@ -79,14 +79,16 @@ def _kernel_layers():
     return {"q4_1": (q4_1, dense(codes4, m)), "q8_0": (q8_0, dense(codes8, np.zeros_like(m)))}
 
 
-@pytest.mark.parametrize("variant", [*cpu_kernels.BLOCK_QUANT_OPS, "block_quant_matmul_amx"])
+@pytest.mark.parametrize(
+    "variant", [*cpu_kernels.BLOCK_QUANT_OPS, "block_quant_matmul_amx", "block_quant_matmul_rounded"]
+)
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 def test_block_kernel_computes_the_blocks_exactly_whatever_the_batch(kind, variant):
     """Each of worker.block_quant's kernel variants against the float32 product of the blocks: off by bf16 output
-    rounding (and the 16-bit steps of the integer variants' inputs, the bf16 weights of the AMX variant), and a row's
+    rounding (and the 16-bit steps of the integer variants' inputs, the bf16 weights of the tile ops), and a row's
     bits the same alone, in a few rows or in many."""
     layer, weight = _kernel_layers()[kind]
-    if variant not in [*cpu_kernels.block_quant_ops(), *(["block_quant_matmul_amx"] if cpu_kernels.amx() else [])]:
+    if variant not in [*cpu_kernels.block_quant_ops(), cpu_kernels.tile_op()]:
         pytest.skip(f"{variant}: not among this CPU's kernels")
     layer.matmul = getattr(torch.ops.llmfleet, variant)
     x = torch.randn(40, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

@@ -34,8 +34,10 @@ def test_every_op_the_worker_calls_directly_binds_to_its_kernel():
     if not cpu_kernels.available():
         pytest.skip("no kernels on this CPU")
     names = [*cpu_kernels.block_quant_ops(), "cached_attention", "rotary_to_cache", "rms_norm", "add_rms_norm"]
+    if cpu_kernels.tile_op():
+        names.append(cpu_kernels.tile_op())
     if cpu_kernels.amx():
-        names += ["block_quant_matmul_amx", "prompt_attention_amx"]
+        names.append("prompt_attention_amx")
     for name in names:  # a signature other than the kernel's throws here
         assert callable(cpu_kernels.op(name))
     gate_up = torch.randn(3, 2 * 1536, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -80,10 +82,11 @@ def test_chunked_prefill_gives_the_same_tokens(loaded_model, kernel):
 
 @attention
 def test_a_prompts_logits_do_not_depend_on_how_it_is_chunked(loaded_model, kernel):
-    """Prompt rows (on AMX tiles where the CPU has them) get the same bits in a chunk of 1, 7 or all of them: a prompt
-    prefix taken from the cache holds exactly what recomputing it would."""
+    """Batch invariant, prompt rows (on AMX tiles where the CPU has them) get the same bits in a chunk of 1, 7 or all
+    of them: a prompt prefix taken from the cache holds exactly what recomputing it would. (By default, without AMX,
+    a chunk of DECODE_TILE_ROWS or more rows takes the rounded weights, worker.block_quant.TileRows.)"""
     prompt = chat_ids(loaded_model.tokenizer, "Describe a sunny day at the beach in two sentences.")
-    runner = make_runner(loaded_model, 3, 256, kernel)
+    runner = make_runner(loaded_model, 3, 256, kernel, batch_invariant=True)
     last = []
     for slot, chunk in enumerate((len(prompt), 7, 1)):
         for start in range(0, len(prompt), chunk):
@@ -118,8 +121,9 @@ def test_logits_do_not_depend_on_the_rest_of_the_batch(loaded_model, kernel):
 
 @pytest.mark.parametrize("batch_invariant", [True, False], ids=["batch-invariant", "default"])
 def test_a_sequence_decoded_alone_or_among_many_gets_the_same_token(loaded_model, batch_invariant):
-    """Beside DECODE_TILE_ROWS others, decoding rows go to AMX tiles where the CPU has them, unless batch invariant:
-    then a sequence's logits are the same bits alone or among many; otherwise the same greedy token."""
+    """Beside DECODE_TILE_ROWS others, decoding rows go to the CPU's tile op where it has one (AMX tiles, or the
+    rounded weights on AVX512-BF16), unless batch invariant: then a sequence's logits are the same bits alone or among
+    many; otherwise the same greedy token."""
     prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
     n = DECODE_TILE_ROWS + 1
     runner = LlamaRunner(loaded_model.model, slots=n, capacity=128, batch_invariant=batch_invariant)
@@ -127,7 +131,7 @@ def test_a_sequence_decoded_alone_or_among_many_gets_the_same_token(loaded_model
         runner.step([], [], [], [PrefillChunk(slot, prompt, 0)])
     alone = runner.step([0], [42], [len(prompt)], [])[0]
     among_many = runner.step(list(range(n)), [42] * n, [len(prompt)] * n, [])[0]
-    if batch_invariant or not cpu_kernels.amx():
+    if batch_invariant or cpu_kernels.tile_op() is None:
         assert torch.equal(alone, among_many)
     assert alone.argmax() == among_many.argmax()
     assert (alone.float() - among_many.float()).abs().max() < 0.05 * alone.float().abs().max()
@@ -160,9 +164,11 @@ def test_the_silu_mul_kernel_rounds_the_float32_result_once_row_by_row():
 
 
 def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_kernel(loaded_model, monkeypatch):
-    """The kernel computes a prompt's rows as it computes decoding ones. (On a CPU with AMX a step does not:
-    prompt rows go to AMX tiles, worker.block_quant.TileRows; here they take the decoding rows' kernels.)"""
+    """The kernel computes a prompt's rows as it computes decoding ones. (With a tile op a step does not: prompt
+    rows go to AMX tiles, or many rows to the rounded weights, worker.block_quant.TileRows; here they take the
+    decoding rows' kernels.)"""
     monkeypatch.setattr(cpu_kernels, "amx", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "tile_op", lambda: None)
     prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
     decoded = make_runner(loaded_model, 1, 128, True)
     decoded.step([], [], [], [PrefillChunk(0, prompt[:-1], 0)])

@@ -44,21 +44,26 @@ def by_block(scales: torch.Tensor) -> torch.Tensor:
 
 
 DECODE_TILE_ROWS = 16
-"""Decoding rows a step needs before they too go to AMX tiles (unless batch invariant): below ~12 rows the vector
-kernels are faster (one layer's gate/up projection at 8 / 16 rows: 0.11 / 0.18 ms vector, 0.12 / 0.12 on tiles)."""
+"""Rows a step needs before its decoding rows too go to AMX tiles, or, without AMX, before its rows go to the rounded
+weights' vector kernel (unless batch invariant): below ~12 rows the exact vector kernels are faster (AMX, one layer's
+gate/up projection at 8 / 16 rows: 0.11 / 0.18 ms vector, 0.12 / 0.12 on tiles; Zen 4, the model's block calls at 8 /
+16 rows: 6.7 / 13.1 ms exact, 9.1 / 12.1 rounded)."""
 
 
 class TileRows:
-    """Where the rows a runner's step computes on AMX tiles start (its decoding rows come first, then its prompt
-    chunks' rows), read by the step's layer calls.
+    """Where the rows of a runner's step that go to the CPU's tile op start (cpu_kernels.tile_op(): the weights rounded
+    to bf16 once a call, then every row against them), its decoding rows first, then its prompt chunks' rows; read by
+    the step's layer calls.
 
-    On CPUs with AMX, prompt rows are computed on AMX tiles (block_quant_matmul_amx: the weights rounded to bf16 once
-    a call, then 16 x 16 tiles; from ~12 rows on faster than the vector kernels, 4x at 512 rows; their attention too,
-    worker.slot_attention.KernelAttention), and so are decoding rows when a step decodes DECODE_TILE_ROWS or more or
-    has prompt rows too; otherwise decoding rows go to the vector kernels (fastest for a few rows). Batch invariant
-    (the setting `batch.batch_invariant`), decoding rows always take the vector kernels: a row's bits then never
-    depend on what else is in the step, and prompt rows' never on how the prompt was chunked. Either way a token
-    computed as a decoding row and the same token computed as a prompt row differ in the last bits."""
+    On CPUs with AMX, prompt rows are computed on AMX tiles (block_quant_matmul_amx; from ~12 rows on faster than the
+    vector kernels, 4x at 512 rows; their attention too, worker.slot_attention.KernelAttention), and so are decoding
+    rows when a step decodes DECODE_TILE_ROWS or more or has prompt rows too. On AVX512-BF16 without AMX, all of a
+    step's rows go to block_quant_matmul_rounded when it has DECODE_TILE_ROWS or more (10-14% faster from 32 rows,
+    Zen 4), none when fewer. The other rows take the exact vector kernels (fastest for a few rows). Batch invariant
+    (the setting `batch.batch_invariant`), decoding rows always take the exact vector kernels, and so does every row
+    without AMX: a row's bits then never depend on what else is in the step, and prompt rows' never on how the prompt
+    was chunked. On AMX, either way, a token computed as a decoding row and the same token computed as a prompt row
+    differ in the last bits."""
 
     start = 0
 
@@ -112,13 +117,15 @@ class BlockQuantLinear(torch.nn.Module):
     def rows_call(self, tile_rows: TileRows | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The product as a plain function of a contiguous [tokens, in_features] x, bound to the weights as they are
         now: none of nn.Module's call machinery and no reshapes, ~5 us less a call (121 calls a decode step). With
-        `tile_rows`, on a CPU with AMX, the rows from tile_rows.start on are computed on AMX tiles."""
+        `tile_rows`, where the CPU has a tile op (cpu_kernels.tile_op()), the rows from tile_rows.start on are
+        computed by it."""
         matmul, packed, scales, mins, group, bits = (
             self.matmul, self.packed, self.scales, self.mins, self.group_size, self.bits
         )  # fmt: skip
-        if tile_rows is None or not cpu_kernels.amx():
+        tile_op = cpu_kernels.tile_op() if tile_rows is not None else None
+        if tile_op is None:
             return lambda x: matmul(x, packed, scales, mins, group, bits)
-        tiles = cpu_kernels.op("block_quant_matmul_amx")
+        tiles = cpu_kernels.op(tile_op)
 
         def split(x: torch.Tensor) -> torch.Tensor:
             start = tile_rows.start

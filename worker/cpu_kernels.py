@@ -1,6 +1,7 @@
 """The worker's own CPU kernels, built once by torch's extension builder (~30-60 s, cached in
 ~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant; with
-AVX512 also `_fp32` and `_int16` variants, see block_quant_op(), and `_amx` on AMX tiles, see amx()),
+AVX512 also `_fp32` and `_int16` variants, see block_quant_op(), and `_amx` and `_rounded` for many rows, see
+tile_op()),
 `cached_attention` and `prompt_attention_amx` (worker.slot_attention), `rms_norm`, `add_rms_norm` and
 `rotary_to_cache` (worker.llama_runner) and `silu_mul` (worker.int4_calls), which the worker calls through op(). One
 kernel set per instruction set (KERNEL_SETS: sources in worker/kernels/<isa>/, with worker/kernels/common/):
@@ -123,6 +124,18 @@ def amx() -> bool:
 
     flags = isa() == "avx512" and {"amx_tile", "amx_bf16"} <= _cpu_flags()
     return flags and torch.ops.llmfleet.amx_permitted()
+
+
+@functools.cache
+def tile_op() -> str | None:
+    """The block_quant_matmul variant for a step's many rows (worker.block_quant.TileRows), over the weights rounded to
+    bf16 once a call: on AMX tiles where the process may use them; else, where AVX512-BF16's dot product serves the
+    block kernels (block_quant_op()), that dot product over all of K with no scales to apply a group. None elsewhere."""
+    if amx():
+        return "block_quant_matmul_amx"
+    if isa() == "avx512" and block_quant_op() == BLOCK_QUANT_OPS[0]:
+        return "block_quant_matmul_rounded"
+    return None
 
 
 def block_quant_ops() -> list[str]:

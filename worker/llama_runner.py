@@ -20,10 +20,11 @@ its 6.8 s in attention.
 Batch invariance: a token's logits do not depend on what else is in the step, nor on how its prompt was chunked
 or whether its prefix came from the cache. The linear layers already compute each row independently of the
 others; attention does too (worker.slot_attention). That is what makes greedy output repeatable under load and the
-prefix cache exact. On a CPU with AMX (worker.block_quant.TileRows), prompt rows are computed on AMX tiles, and so
-are decoding rows when a step has many or has prompt rows too, unless `batch_invariant`: a decoding row's bits then
-depend on what shared its step. Either way a previous turn's answer taken from the cache carries its decoding
-bits, where recomputing it as a prompt gives other last bits.
+prefix cache exact. Where the CPU has a tile op (worker.block_quant.TileRows), rows go to it unless
+`batch_invariant`: on AMX, prompt rows always, and decoding rows when a step has many or has prompt rows too; on
+AVX512-BF16 without AMX, a step's rows when it has many. A row's bits then depend on what shared its step (and
+without AMX, a prompt row's on how the prompt was chunked). Either way, on AMX, a previous turn's answer taken from
+the cache carries its decoding bits, where recomputing it as a prompt gives other last bits.
 """
 
 from __future__ import annotations
@@ -231,6 +232,17 @@ class LlamaRunner:
         return to_cache
 
     @torch.inference_mode()
+    def _many(self, rows: int) -> bool:
+        """Enough rows for the tile op to pay for rounding the weights, and permitted (TileRows)."""
+        return rows >= DECODE_TILE_ROWS and not self.batch_invariant
+
+    def _tile_start(self, n_decode: int, n_rows: int) -> int:
+        if self.prompt_tiles:
+            # AMX: prompt rows always; decoding rows too when many, or when prompt rows pay for the rounding anyway.
+            prompt_rows = n_rows > n_decode
+            return 0 if self._many(n_decode) or (prompt_rows and not self.batch_invariant) else n_decode
+        return 0 if self._many(n_rows) else n_rows
+
     def step(
         self,
         decode_slots: list[int],
@@ -241,11 +253,9 @@ class LlamaRunner:
         """Run one step. Returns logits in the model's dtype: one row per decode sequence, then one row per prefill
         chunk (the logits after its last token; callers ignore the row of a chunk that does not finish its prompt).
         Not converted to float32 here: a greedy choice needs no copy (32 rows of a 49k vocabulary: ~0.8 ms)."""
-        n_decode = len(decode_tokens)
-        # Decoding rows join the tiles when there are many, or when prompt rows pay for the weights' rounding anyway.
-        many = n_decode >= DECODE_TILE_ROWS and not self.batch_invariant
-        self.tile_rows.start = 0 if many or (prefills and not self.batch_invariant) else n_decode
-        self.logit_rows.start = 0 if many else n_decode + len(prefills)
+        n_decode, n_logits = len(decode_tokens), len(decode_tokens) + len(prefills)
+        self.tile_rows.start = self._tile_start(n_decode, n_decode + sum(len(chunk.tokens) for chunk in prefills))
+        self.logit_rows.start = 0 if self._many(n_logits) else n_logits
         tokens = list(decode_tokens)
         slots = list(decode_slots)
         positions = list(decode_positions)

@@ -13,9 +13,9 @@
 #include <optional>
 #include <vector>
 
-#include "../prefetch.h"
 #include "../tasks.h"
 #include "amx.h"
+#include "rounded_weights.h"
 #include "simd.h"
 
 #define BLOCK_QUANT_OP block_quant_matmul_amx
@@ -24,52 +24,6 @@ namespace {
 
 constexpr int64_t BLOCK_N = 32;  // outputs per task: one packing block, two tiles of 16
 constexpr int64_t TILE_K = 32;   // inputs per tile step: 16 pairs
-
-// The block's weights as bf16, [half][input pair][output in half][input in pair]: half h holds outputs 16h to 16h + 15.
-template <int BITS>
-void weights(const uint8_t* codes, const at::Half* scales, const at::Half* mins, int64_t K, int64_t gs,
-             at::BFloat16* out) {
-    const __m512i first8 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i dup[2] = {first8, _mm512_add_epi32(first8, _mm512_set1_epi32(8))};
-    auto half_out = [&](int h) { return out + h * K * 16; };
-    for (int64_t group = 0; group < K / gs; ++group) {
-        // Each output's scale and minimum, twice (once per input of a pair): [half][outputs 0-7 / 8-15].
-        __m512 scale[2][2], min[2][2];
-        for (int h = 0; h < 2; ++h) {
-            const __m512 s = load_half(scales + group * BLOCK_N + 16 * h);
-            const __m512 m = mins == nullptr ? _mm512_setzero_ps() : load_half(mins + group * BLOCK_N + 16 * h);
-            for (int q = 0; q < 2; ++q) {
-                scale[h][q] = _mm512_permutexvar_ps(dup[q], s);
-                min[h][q] = _mm512_permutexvar_ps(dup[q], m);
-            }
-        }
-        for (int64_t pair = group * gs / 2; pair < (group + 1) * gs / 2; ++pair) {
-            prefetch<64>(codes + pair * 8 * BITS + CODES_BYTES_AHEAD);
-            __m128i bytes[2][2];  // [half][outputs 0-7 / 8-15]: each output's two codes
-            if constexpr (BITS == 4) {
-                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + pair * 32));
-                const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi8(0xF));
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0xF));
-                bytes[0][0] = _mm256_castsi256_si128(lo), bytes[0][1] = _mm256_extracti128_si256(lo, 1);
-                bytes[1][0] = _mm256_castsi256_si128(hi), bytes[1][1] = _mm256_extracti128_si256(hi, 1);
-            } else {
-                for (int h = 0; h < 2; ++h) {
-                    for (int q = 0; q < 2; ++q) {
-                        bytes[h][q] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 64 + 32 * h + 16 * q));
-                    }
-                }
-            }
-            for (int h = 0; h < 2; ++h) {
-                __m512 w[2];
-                for (int q = 0; q < 2; ++q) {
-                    const __m512i c = BITS == 4 ? _mm512_cvtepu8_epi32(bytes[h][q]) : _mm512_cvtepi8_epi32(bytes[h][q]);
-                    w[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), scale[h][q], min[h][q]);
-                }
-                _mm512_storeu_si512(half_out(h) + pair * 32, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
-            }
-        }
-    }
-}
 
 // Tile results, float32 [16 rows][16 outputs], rounded into out (rows N apart); `rows` of the 16 are real.
 void store_rows(const float* tile, int64_t rows, at::BFloat16* out, int64_t N) {
@@ -147,8 +101,8 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
         shares.run([&](int64_t nb) {
             const int64_t n0 = nb * BLOCK_N;
             const int64_t block_scales = n0 * (K / gs);
-            weights<BITS>(codes + n0 * K * BITS / 8, S + block_scales, Z == nullptr ? nullptr : Z + block_scales, K, gs,
-                          w.data());
+            rounded_weights<BITS>(codes + n0 * K * BITS / 8, S + block_scales,
+                                  Z == nullptr ? nullptr : Z + block_scales, K, gs, w.data());
             for (int64_t t = 0; t < tiles; t += 2) {
                 const at::BFloat16* a[2] = {tile_x(t), t + 1 < tiles ? tile_x(t + 1) : nullptr};
                 const int64_t real[2] = {tile_rows(t), t + 1 < tiles ? tile_rows(t + 1) : 0};

@@ -42,7 +42,7 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
         per_token_ms=round(cost.per_token_s * 1000, 2),
         prefill_tokens_per_step=prefill_tokens,
         compute_dtype=str(runner.compute_dtype),
-        amx_tiles=runner.prompt_tiles,
+        tile_op=cpu_kernels.tile_op(),  # where a step's many rows go (worker.block_quant.TileRows), or None
     )
     return Scheduler(
         runner,

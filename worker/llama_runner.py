@@ -231,7 +231,6 @@ class LlamaRunner:
 
         return to_cache
 
-    @torch.inference_mode()
     def _many(self, rows: int) -> bool:
         """Enough rows for the tile op to pay for rounding the weights, and permitted (TileRows)."""
         return rows >= DECODE_TILE_ROWS and not self.batch_invariant
@@ -243,6 +242,7 @@ class LlamaRunner:
             return 0 if self._many(n_decode) or (prompt_rows and not self.batch_invariant) else n_decode
         return 0 if self._many(n_rows) else n_rows
 
+    @torch.inference_mode()
     def step(
         self,
         decode_slots: list[int],

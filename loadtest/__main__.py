@@ -33,7 +33,7 @@ from loadtest.memory import PeakRss
 from loadtest.mixed import run_mixed
 from loadtest.report import write_report
 from loadtest.servers import Server
-from loadtest.stats import Summary, table
+from loadtest.stats import Summary, error_lines, table
 from loadtest.workload import run_chat, run_multiturn
 from shared.settings import DEFAULT_MODEL
 
@@ -115,6 +115,8 @@ def run_workloads(args: argparse.Namespace, names: list[str]) -> list[Summary]:
                 for summary in results:
                     summary.extra["worker_rss"] = rss.as_dict()
                     print(table([summary]).splitlines()[-1], flush=True)
+                    if summary.errors:
+                        print(error_lines([summary]), flush=True)
                 summaries += results
     return summaries
 

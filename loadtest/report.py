@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from loadtest.plots import write_plots
-from loadtest.stats import Summary, ratio_table, table
+from loadtest.stats import Summary, error_lines, ratio_table, table
 
 
 def _ms(value: float | None) -> str:
@@ -24,6 +24,9 @@ def _turn_cells(summary: Summary) -> list[str]:
 
 def _sections(summaries: list[Summary], overhead: dict | None) -> list[str]:
     parts = ["## All runs", table(summaries)] if summaries else []
+    errors = error_lines(summaries)
+    if errors:
+        parts += ["## Errors", errors]
     ratios = ratio_table(summaries)
     if ratios:
         parts += ["## llmfleet / peer", ratios]

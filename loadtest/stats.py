@@ -4,6 +4,7 @@ percentiles, output tokens/s, requests/s, errors."""
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 
@@ -49,6 +50,8 @@ class Summary:
     """True for a peer server (the denominator of every ratio)."""
     extra: dict = field(default_factory=dict)
     """Workload-specific figures (e.g. ITL during long prefills) and the server's worker RSS."""
+    error_reasons: dict[str, int] = field(default_factory=dict)
+    """Each error the client saw, and how many requests ended with it."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +81,7 @@ def summarise(
         e2e=pcts([t.ended - t.started for t in ok]),
         workload=workload,
         peer=peer,
+        error_reasons=dict(Counter(t.error for t in traces if t.error is not None).most_common()),
     )
 
 
@@ -99,6 +103,15 @@ def table(summaries: list[Summary]) -> str:
         for s in summaries
     ]
     return "\n".join([head, *rows])
+
+
+def error_lines(summaries: list[Summary]) -> str:
+    """Why requests failed, run by run ("" when none did)."""
+    return "\n".join(
+        f"- {s.workload}, {s.label}, c={s.concurrency}: {count} x {reason}"
+        for s in summaries
+        for reason, count in s.error_reasons.items()
+    )
 
 
 def _ratio(ours: float | None, peer: float | None) -> str:

@@ -8,7 +8,7 @@ import httpx
 from loadtest.long_prompts import gaps_during_prefills
 from loadtest.overhead import bare_round_trips, canned_stream, client_ttfts
 from loadtest.servers import Server
-from loadtest.stats import RequestTrace, ratio_table, summarise
+from loadtest.stats import RequestTrace, error_lines, ratio_table, summarise
 from loadtest.workload import client_for, stream_one, stream_one_raw
 from shared.settings import DEFAULT_MODEL
 
@@ -52,3 +52,16 @@ def test_the_relays_own_sse_reader_reads_a_stream_as_the_openai_client_does():
     assert raw.error is None and official.error is None
     assert (raw.text, raw.completion_tokens, raw.prompt_tokens) == (official.text, official.completion_tokens, 1)
     assert len(raw.token_times) == len(official.token_times) == 1 and raw.first_token is not None
+
+
+def test_each_run_says_why_its_requests_failed():
+    ok = RequestTrace(started=0.0, first_token=0.5, token_times=[0.5], ended=1.0, completion_tokens=1)
+    failed = [RequestTrace(started=0.0, error="ReadTimeout: "), RequestTrace(started=0.0, error="ReadTimeout: ")]
+    summary = summarise("ours", 128, [ok, *failed, RequestTrace(started=0.0, error="ValueError: expired")], 1.0)
+    assert summary.errors == 3
+    assert summary.error_reasons == {"ReadTimeout: ": 2, "ValueError: expired": 1}
+    assert error_lines([summary]).splitlines() == [
+        "- chat, ours, c=128: 2 x ReadTimeout: ",
+        "- chat, ours, c=128: 1 x ValueError: expired",
+    ]
+    assert error_lines([summarise("ours", 1, [ok], 1.0)]) == ""

@@ -115,7 +115,7 @@ def run_workloads(args: argparse.Namespace, names: list[str]) -> list[Summary]:
                 for summary in results:
                     summary.extra["worker_rss"] = rss.as_dict()
                     print(table([summary]).splitlines()[-1], flush=True)
-                    if summary.errors:
+                    if summary.error_reasons:
                         print(error_lines([summary]), flush=True)
                 summaries += results
     return summaries

@@ -74,8 +74,10 @@ def test_greedy_tokens_match_transformers_generate(loaded_model, kernel):
 
 @attention
 def test_chunked_prefill_gives_the_same_tokens(loaded_model, kernel):
+    """Batch invariant: otherwise, where the CPU has a tile op, the whole prompt's rows take it and the chunks of 7 do
+    not, and this prompt's 7th token is a tie of two logits in bf16 that any other rounding decides."""
     prompt = chat_ids(loaded_model.tokenizer, "Describe a sunny day at the beach in two sentences.")
-    runner = make_runner(loaded_model, 2, 256, kernel)
+    runner = make_runner(loaded_model, 2, 256, kernel, batch_invariant=True)
     whole = greedy(runner, prompt, 8, chunk=len(prompt), slot=0)
     assert greedy(runner, prompt, 8, chunk=7, slot=1) == whole
 
@@ -84,7 +86,7 @@ def test_chunked_prefill_gives_the_same_tokens(loaded_model, kernel):
 def test_a_prompts_logits_do_not_depend_on_how_it_is_chunked(loaded_model, kernel):
     """Batch invariant, prompt rows (on AMX tiles where the CPU has them) get the same bits in a chunk of 1, 7 or all
     of them: a prompt prefix taken from the cache holds exactly what recomputing it would. (By default, without AMX,
-    a chunk of DECODE_TILE_ROWS or more rows takes the rounded weights, worker.block_quant.TileRows.)"""
+    a chunk of DECODE_TILE_ROWS or more rows takes the CPU's tile op, worker.block_quant.TileRows.)"""
     prompt = chat_ids(loaded_model.tokenizer, "Describe a sunny day at the beach in two sentences.")
     runner = make_runner(loaded_model, 3, 256, kernel, batch_invariant=True)
     last = []
@@ -121,9 +123,9 @@ def test_logits_do_not_depend_on_the_rest_of_the_batch(loaded_model, kernel):
 
 @pytest.mark.parametrize("batch_invariant", [True, False], ids=["batch-invariant", "default"])
 def test_a_sequence_decoded_alone_or_among_many_gets_the_same_token(loaded_model, batch_invariant):
-    """Beside DECODE_TILE_ROWS others, decoding rows go to the CPU's tile op where it has one (AMX tiles, or the
-    rounded weights on AVX512-BF16), unless batch invariant: then a sequence's logits are the same bits alone or among
-    many; otherwise the same greedy token."""
+    """Beside DECODE_TILE_ROWS others, decoding rows go to the CPU's tile op where it has one (AMX tiles, or the rounded
+    weights on AVX512-BF16, float32 weights on AVX2 where faster), unless batch invariant: then a sequence's logits are
+    the same bits alone or among many; otherwise the same greedy token."""
     prompt = chat_ids(loaded_model.tokenizer, "Name a planet.")
     n = DECODE_TILE_ROWS + 1
     runner = LlamaRunner(loaded_model.model, slots=n, capacity=128, batch_invariant=batch_invariant)
@@ -165,7 +167,7 @@ def test_the_silu_mul_kernel_rounds_the_float32_result_once_row_by_row():
 
 def test_a_token_decoded_or_prefilled_gets_the_same_logits_with_the_attention_kernel(loaded_model, monkeypatch):
     """The kernel computes a prompt's rows as it computes decoding ones. (With a tile op a step does not: prompt
-    rows go to AMX tiles, or many rows to the rounded weights, worker.block_quant.TileRows; here they take the
+    rows go to AMX tiles, or many rows to the tile op's weights, worker.block_quant.TileRows; here they take the
     decoding rows' kernels.)"""
     monkeypatch.setattr(cpu_kernels, "amx", lambda: False)
     monkeypatch.setattr(cpu_kernels, "tile_op", lambda: None)

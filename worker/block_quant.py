@@ -44,26 +44,27 @@ def by_block(scales: torch.Tensor) -> torch.Tensor:
 
 
 DECODE_TILE_ROWS = 16
-"""Rows a step needs before its decoding rows too go to AMX tiles, or, without AMX, before its rows go to the rounded
-weights' vector kernel (unless batch invariant): below ~12 rows the exact vector kernels are faster (AMX, one layer's
-gate/up projection at 8 / 16 rows: 0.11 / 0.18 ms vector, 0.12 / 0.12 on tiles; Zen 4, the model's block calls at 8 /
-16 rows: 6.7 / 13.1 ms exact, 9.1 / 12.1 rounded)."""
+"""Rows a step needs before its decoding rows too go to AMX tiles, or, without AMX, before its rows go to the tile op's
+vector kernel over weights computed once a call (unless batch invariant): below ~12 rows the exact vector kernels are
+faster (AMX, one layer's gate/up projection at 8 / 16 rows: 0.11 / 0.18 ms vector, 0.12 / 0.12 on tiles; Zen 4, the
+model's block calls at 8 / 16 rows: 6.7 / 13.1 ms exact, 9.1 / 12.1 rounded)."""
 
 
 class TileRows:
-    """Where the rows of a runner's step that go to the CPU's tile op start (cpu_kernels.tile_op(): the weights rounded
-    to bf16 once a call, then every row against them), its decoding rows first, then its prompt chunks' rows; read by
+    """Where the rows of a runner's step that go to the CPU's tile op start (cpu_kernels.tile_op(): the weights computed
+    once a call, then every row against them), its decoding rows first, then its prompt chunks' rows; read by
     the step's layer calls.
 
     On CPUs with AMX, prompt rows are computed on AMX tiles (block_quant_matmul_amx; from ~12 rows on faster than the
     vector kernels, 4x at 512 rows; their attention too, worker.slot_attention.KernelAttention), and so are decoding
     rows when a step decodes DECODE_TILE_ROWS or more or has prompt rows too. On AVX512-BF16 without AMX, all of a
-    step's rows go to block_quant_matmul_rounded when it has DECODE_TILE_ROWS or more (10-14% faster from 32 rows,
-    Zen 4), none when fewer. The other rows take the exact vector kernels (fastest for a few rows). Batch invariant
-    (the setting `batch.batch_invariant`), decoding rows always take the exact vector kernels, and so does every row
-    without AMX: a row's bits then never depend on what else is in the step, and prompt rows' never on how the prompt
-    was chunked. On AMX, either way, a token computed as a decoding row and the same token computed as a prompt row
-    differ in the last bits."""
+    step's rows go to block_quant_matmul_rounded when it has DECODE_TILE_ROWS or more (10-14% faster from 32 rows, Zen
+    4), none when fewer; on AVX2 likewise to block_quant_matmul_dense where it is faster (Zen 1, the model's block calls
+    of a step at 16 / 32 / 128 / 256 rows: 69 / 129 / 501 / 986 -> 66 / 116 / 410 / 792 ms). The other rows take the
+    exact vector kernels (fastest for a few rows). Batch invariant (the setting `batch.batch_invariant`), decoding rows
+    always take the exact vector kernels, and so does every row without AMX: a row's bits then never depend on what else
+    is in the step, and prompt rows' never on how the prompt was chunked. On AMX, either way, a token computed as a
+    decoding row and the same token computed as a prompt row differ in the last bits."""
 
     start = 0
 

@@ -1,13 +1,12 @@
-"""The worker's own CPU kernels, built once by torch's extension builder (~30-60 s, cached in
-~/.cache/torch_extensions) and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant; with
-AVX512 also `_fp32` and `_int16` variants, see block_quant_op(), and `_amx` and `_rounded` for many rows, see
-tile_op()),
-`cached_attention` and `prompt_attention_amx` (worker.slot_attention), `rms_norm`, `add_rms_norm` and
-`rotary_to_cache` (worker.llama_runner) and `silu_mul` (worker.int4_calls), which the worker calls through op(). One
-kernel set per instruction set (KERNEL_SETS: sources in worker/kernels/<isa>/, with worker/kernels/common/):
-AVX512-BF16 (with AMX where the CPU has it); AVX512-VNNI without BF16 (Ice Lake: the 16-bit integer block kernel,
-float32 attention); AVX2 with FMA and F16C. Elsewhere (ARM) or where the build fails, `isa()` is None and the worker
-uses library kernels instead."""
+"""The worker's own CPU kernels, built once by torch's extension builder (~30-60 s, cached in ~/.cache/torch_extensions)
+and registered as torch.ops.llmfleet.*: `block_quant_matmul` (worker.block_quant; with AVX512 also `_fp32` and `_int16`
+variants, see block_quant_op(); for many rows `_amx` and `_rounded` on AVX512, `_dense` on AVX2, see tile_op()),
+`cached_attention` and `prompt_attention_amx` (worker.slot_attention), `rms_norm`, `add_rms_norm` and `rotary_to_cache`
+(worker.llama_runner) and `silu_mul` (worker.int4_calls), which the worker calls through op(). One kernel set per
+instruction set (KERNEL_SETS: sources in worker/kernels/<isa>/, with worker/kernels/common/): AVX512-BF16 (with AMX
+where the CPU has it); AVX512-VNNI without BF16 (Ice Lake: the 16-bit integer block kernel, float32 attention); AVX2
+with FMA and F16C. Elsewhere (ARM) or where the build fails, `isa()` is None and the worker uses library kernels
+instead."""
 
 from __future__ import annotations
 
@@ -128,14 +127,31 @@ def amx() -> bool:
 
 @functools.cache
 def tile_op() -> str | None:
-    """The block_quant_matmul variant for a step's many rows (worker.block_quant.TileRows), over the weights rounded to
-    bf16 once a call: on AMX tiles where the process may use them; else, where AVX512-BF16's dot product serves the
-    block kernels (block_quant_op()), that dot product over all of K with no scales to apply a group. None elsewhere."""
+    """The block_quant_matmul variant for a step's many rows (worker.block_quant.TileRows), over weights computed once a
+    call: on AMX tiles where the process may use them; else, where AVX512-BF16's dot product serves the block kernels
+    (block_quant_op()), that dot product over all of K on the weights rounded to bf16; on AVX2, float32 FMAs on the
+    weights in float32 where a few test calls ran them clearly faster than the 16-bit integer kernel (Zen 1, whose
+    vpmaddwd makes as many products a cycle as its FMAs). None elsewhere."""
     if amx():
         return "block_quant_matmul_amx"
     if isa() == "avx512" and block_quant_op() == BLOCK_QUANT_OPS[0]:
         return "block_quant_matmul_rounded"
+    if isa() == "avx2":
+        chosen = _timed_choice("tile_op", [BLOCK_QUANT_OPS[0], "block_quant_matmul_dense"], _timing_calls(TILE_CALLS))
+        return None if chosen == BLOCK_QUANT_OPS[0] else chosen
     return None
+
+
+def tile_ops() -> list[str]:
+    """The tile op variants this machine can run, whether or not tile_op() serves one."""
+    import torch
+
+    names = ["block_quant_matmul_amx"] if amx() else []
+    return names + [
+        name
+        for name in ("block_quant_matmul_rounded", "block_quant_matmul_dense")
+        if available() and hasattr(torch.ops.llmfleet, name)
+    ]
 
 
 def block_quant_ops() -> list[str]:
@@ -149,15 +165,20 @@ def block_quant_ops() -> list[str]:
 def block_quant_op() -> str:
     """The block_quant_matmul variant this machine serves: on AVX512, whichever of AVX512-BF16's dot product, float32
     FMAs and 16-bit integers (AVX512-VNNI) computed a few test calls faster. Intel's CPUs without AMX run the bf16 dot
-    product at half the rate of float32 FMAs, AMD's at twice it. Timed once per machine and kept beside the built
-    kernels, so that every process here computes the same bits. The bf16 dot product, the closest to the bf16 model
+    product at half the rate of float32 FMAs, AMD's at twice it. The bf16 dot product, the closest to the bf16 model
     (teacher-forced KL 0.0038 against 0.0042 for 16-bit integers), unless another is clearly faster."""
     names = block_quant_ops()
     if len(names) <= 1:
         return names[0] if names else BLOCK_QUANT_OPS[0]
+    return _timed_choice("block_quant_op", names, _timing_calls(BLOCK_CALLS))
+
+
+def _timed_choice(record_name: str, names: list[str], calls: list[tuple]) -> str:
+    """The fastest of `names` on `calls`, the first unless another is CLEARLY_FASTER. Timed once per machine and kept
+    beside the built kernels as `record_name`, so that every process here computes the same bits."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    record = Path(_get_build_directory(_build_name(isa()), verbose=False)) / "block_quant_op"
+    record = Path(_get_build_directory(_build_name(isa()), verbose=False)) / record_name
     # Kept with the sources it was timed on: torch rebuilds changed kernels in place, and the choice is timed again.
     built_from = _sources_digest(isa())
     if record.is_file():
@@ -166,12 +187,11 @@ def block_quant_op() -> str:
             return name
     # Two passes, best of each: the variant timed first also paid for the machine's warm-up (4.6 ms against its
     # 0.8 on one start), and lost to a slower one.
-    calls = _timing_calls()
     seconds = {name: _block_quant_seconds(name, calls) for name in names}
     seconds = {name: min(seconds[name], _block_quant_seconds(name, calls)) for name in names}
     chosen = min(seconds, key=lambda name: seconds[name] * (1.0 if name == names[0] else CLEARLY_FASTER))
     record.write_text(f"{chosen} {built_from}")
-    log.info("cpu_kernels.block_quant_op", chosen=chosen, seconds={k: round(v, 5) for k, v in seconds.items()})
+    log.info(f"cpu_kernels.{record_name}", chosen=chosen, seconds={k: round(v, 5) for k, v in seconds.items()})
     return chosen
 
 
@@ -183,7 +203,7 @@ def _sources_digest(isa: str) -> str:
 
 
 def _block_quant_seconds(name: str, calls: list[tuple]) -> float:
-    """The variant's seconds for `calls` (_timing_calls()), best of 5 each, summed."""
+    """The variant's seconds for `calls` (_timing_calls), best of 5 each, summed."""
     from worker.step_cost import best_seconds
 
     kernel = op(name)
@@ -195,15 +215,22 @@ def _block_quant_seconds(name: str, calls: list[tuple]) -> float:
     return total
 
 
-def _timing_calls() -> list[tuple]:
-    """The calls of a step, as _block_quant_seconds times them: an MLP-sized 4-bit layer (1536 x 576) at 1, 32 and 256
-    rows, and an 8-bit one the size of an output projection (49152 x 576, beyond the CPU's cache) at 8 rows. (The
-    4-bit layer alone at 1, 16 and 256 rows timed 16-bit integers level with the bf16 dot product on a Zen 5, whose
-    decode steps they made 30% slower.) Made once for every variant and pass, and not kept (~30 MB)."""
+# Test calls as (outputs, bits, rows), inputs 576 (the model's width): an MLP-sized 4-bit layer (1536 x 576), and an
+# 8-bit one the size of an output projection (49152 x 576, beyond the CPU's cache). The block kernels serve every row
+# count: 1, 32 and 256 rows, and the output projection at 8 (the 4-bit layer alone at 1, 16 and 256 rows timed 16-bit
+# integers level with the bf16 dot product on a Zen 5, whose decode steps they made 30% slower). A tile op serves
+# DECODE_TILE_ROWS (16) rows and more.
+BLOCK_CALLS = ((1536, 4, 1), (1536, 4, 32), (1536, 4, 256), (49152, 8, 8))
+TILE_CALLS = ((1536, 4, 32), (1536, 4, 256), (49152, 8, 32))
+
+
+def _timing_calls(shapes: tuple[tuple[int, int, int], ...]) -> list[tuple]:
+    """The calls _block_quant_seconds times, random weights and inputs of `shapes`. Made once for every variant and
+    pass, and not kept (~30 MB)."""
     import torch
 
     k, group, calls = 576, 32, []
-    for n, bits, rows in [(1536, 4, 1), (1536, 4, 32), (1536, 4, 256), (49152, 8, 8)]:
+    for n, bits, rows in shapes:
         packed = torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8)
         scales = torch.rand(n // 32, k // group, 32).half()  # worker.block_quant.by_block's layout
         mins = torch.rand(n // 32, k // group, 32).half() if bits == 4 else None

@@ -130,8 +130,8 @@ def tile_op() -> str | None:
     """The block_quant_matmul variant for a step's many rows (worker.block_quant.TileRows), over weights computed once a
     call: on AMX tiles where the process may use them; else, where AVX512-BF16's dot product serves the block kernels
     (block_quant_op()), that dot product over all of K on the weights rounded to bf16; on AVX2, float32 FMAs on the
-    weights in float32 where a few test calls ran them clearly faster than the 16-bit integer kernel (Zen 1, whose
-    vpmaddwd makes as many products a cycle as its FMAs). None elsewhere."""
+    weights in float32 where a few test calls ran them clearly faster than the 16-bit integer kernel (Zen 1: 5-25%
+    faster from 16 rows; written for Zen 3, the integer kernel makes twice an FMA's products there). None elsewhere."""
     if amx():
         return "block_quant_matmul_amx"
     if isa() == "avx512" and block_quant_op() == BLOCK_QUANT_OPS[0]:

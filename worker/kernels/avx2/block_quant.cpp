@@ -35,10 +35,6 @@ constexpr int64_t PAIR_BYTES = VECS * 32;  // one input pair of a block, the cod
 constexpr int64_t TILE_M = 2;
 constexpr int64_t CHUNK_BYTES = 256 * 1024;
 
-inline __m256 load_half(const at::Half* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 // x as 16-bit integers per row: round(x / scale) per block of 32 inputs, the blocks' scales, and each group's float
 // sum of the inputs (which the group's minimum multiplies). The codes are stored block by block, [K / 32][M][32]: the
 // rows a tile reads, and the next tile's, lie side by side (row by row, each row's block was a line K x 2 bytes from

@@ -1,5 +1,5 @@
 // block_quant_matmul_dense: the block_quant_matmul op (same arguments and packing) for a step's many rows on AVX2
-// CPUs whose float32 FMAs outrun their 16-bit integer products (Zen 1 issues vpmaddwd on one pipe, FMAs on two). A
+// CPUs whose float32 FMAs outrun their 16-bit integer products there (Zen 1; worker.cpu_kernels.tile_op() times it). A
 // task is one block of 32 outputs: its weights are computed once a call in float32 (scale * code + min, exact), then
 // every row of x, converted to float32 once a call, takes its dot product with them over all of K in FMAs, TILE_M
 // rows at a time. Each output is the same sum in the same order for any number of rows: a row's result does not
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../prefetch.h"
+#include "../row_tiles.h"
 #include "../tasks.h"
 #include "simd.h"
 
@@ -24,10 +25,6 @@ namespace {
 constexpr int64_t BLOCK_N = 32;  // outputs a task: one packing block, two halves of 16
 constexpr int64_t HALF = 16;
 constexpr int TILE_M = 6;  // rows a register tile: 6 x 2 accumulators, 2 vectors of weights and a broadcast
-
-inline __m256 load_half(const at::Half* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 // 16 codes (16-bit, outputs in order) as floats times their outputs' scales plus minimums, stored at w.
 __attribute__((always_inline)) inline void store_weights(__m256i codes, const __m256 scale[2], const __m256 min[2],
@@ -93,16 +90,6 @@ __attribute__((noinline)) void tile(const float* x, const float* w, uint16_t* ou
     });
 }
 
-// All M rows in tiles of TILE_M, the last one smaller.
-template <int ROWS = TILE_M>
-void rows(const float* x, const float* w, uint16_t* out, int64_t M, int64_t K, int64_t N) {
-    int64_t r = 0;
-    for (; r + ROWS <= M; r += ROWS) tile<ROWS>(x + r * K, w, out + r * N, K, N);
-    if constexpr (ROWS > 1) {
-        if (r < M) rows<ROWS - 1>(x + r * K, w, out + r * N, M - r, K, N);
-    }
-}
-
 template <int BITS>
 void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
          const std::optional<torch::Tensor>& mins, int64_t gs, torch::Tensor& out) {
@@ -128,7 +115,11 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
             const int64_t n0 = nb * BLOCK_N;
             dense_weights<BITS>(codes + n0 * K * BITS / 8, S + n0 * groups, Z == nullptr ? nullptr : Z + n0 * groups,
                                 K, gs, w.data());
-            for (int h = 0; h < 2; ++h) rows(xf, w.data() + h * K * HALF, C + n0 + h * HALF, M, K, N);
+            for (int h = 0; h < 2; ++h) {
+                row_tiles<TILE_M>(M, [&](auto rows, int64_t r) {
+                    tile<rows>(xf + r * K, w.data() + h * K * HALF, C + r * N + n0 + h * HALF, K, N);
+                });
+            }
         });
     }
 }

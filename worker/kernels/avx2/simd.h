@@ -12,6 +12,9 @@ inline __m256 bf16_to_float(const void* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
+// 8 float16 -> 8 floats (F16C).
+inline __m256 load_half(const void* p) { return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p))); }
+
 // 8 floats -> 8 bf16, rounded to nearest even as torch rounds (no NaN among these results).
 inline __m128i float_to_bf16(__m256 v) {
     const __m256i bits = _mm256_castps_si256(v);

@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "../row_tiles.h"
 #include "../tasks.h"
 #include "rounded_weights.h"
 #include "simd.h"
@@ -45,16 +46,6 @@ void tile(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* out, int64
     });
 }
 
-// All M rows in tiles of TILE_M, the last one smaller.
-template <int ROWS = TILE_M>
-void rows(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* out, int64_t M, int64_t K, int64_t N) {
-    int64_t r = 0;
-    for (; r + ROWS <= M; r += ROWS) tile<ROWS>(x + r * K, w, out + r * N, K, N);
-    if constexpr (ROWS > 1) {
-        if (r < M) rows<ROWS - 1>(x + r * K, w, out + r * N, M - r, K, N);
-    }
-}
-
 template <int BITS>
 void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
          const std::optional<torch::Tensor>& mins, int64_t gs, torch::Tensor& out) {
@@ -74,7 +65,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tenso
             const int64_t n0 = nb * BLOCK_N;
             rounded_weights<BITS>(codes + n0 * K * BITS / 8, S + n0 * groups, Z == nullptr ? nullptr : Z + n0 * groups,
                                   K, gs, w.data());
-            rows(X, w.data(), C + n0, M, K, N);
+            row_tiles<TILE_M>(M, [&](auto rows, int64_t r) { tile<rows>(X + r * K, w.data(), C + r * N + n0, K, N); });
         });
     }
 }

@@ -137,7 +137,7 @@ def tile_op() -> str | None:
     if isa() == "avx512" and block_quant_op() == BLOCK_QUANT_OPS[0]:
         return "block_quant_matmul_rounded"
     if isa() == "avx2":
-        chosen = _timed_choice("tile_op", [BLOCK_QUANT_OPS[0], "block_quant_matmul_dense"], _timing_calls(TILE_CALLS))
+        chosen = _timed_choice("tile_op", [BLOCK_QUANT_OPS[0], "block_quant_matmul_dense"], TILE_CALLS)
         return None if chosen == BLOCK_QUANT_OPS[0] else chosen
     return None
 
@@ -170,12 +170,13 @@ def block_quant_op() -> str:
     names = block_quant_ops()
     if len(names) <= 1:
         return names[0] if names else BLOCK_QUANT_OPS[0]
-    return _timed_choice("block_quant_op", names, _timing_calls(BLOCK_CALLS))
+    return _timed_choice("block_quant_op", names, BLOCK_CALLS)
 
 
-def _timed_choice(record_name: str, names: list[str], calls: list[tuple]) -> str:
-    """The fastest of `names` on `calls`, the first unless another is CLEARLY_FASTER. Timed once per machine and kept
-    beside the built kernels as `record_name`, so that every process here computes the same bits."""
+def _timed_choice(record_name: str, names: list[str], shapes: tuple[tuple[int, int, int], ...]) -> str:
+    """The fastest of `names` on calls of `shapes` (_timing_calls), the first unless another is CLEARLY_FASTER. Timed
+    once per machine and kept beside the built kernels as `record_name`, so that every process here computes the same
+    bits."""
     from torch.utils.cpp_extension import _get_build_directory
 
     record = Path(_get_build_directory(_build_name(isa()), verbose=False)) / record_name
@@ -187,6 +188,7 @@ def _timed_choice(record_name: str, names: list[str], calls: list[tuple]) -> str
             return name
     # Two passes, best of each: the variant timed first also paid for the machine's warm-up (4.6 ms against its
     # 0.8 on one start), and lost to a slower one.
+    calls = _timing_calls(shapes)
     seconds = {name: _block_quant_seconds(name, calls) for name in names}
     seconds = {name: min(seconds[name], _block_quant_seconds(name, calls)) for name in names}
     chosen = min(seconds, key=lambda name: seconds[name] * (1.0 if name == names[0] else CLEARLY_FASTER))

@@ -78,14 +78,19 @@ def _workers_of(pid: int) -> list[psutil.Process]:
 
 @contextmanager
 def transformers_serve(peer: str, model: str, extra_args: str = "", log: Path | None = None) -> Iterator[Server]:
-    """`transformers serve DIR --continuous-batching --dtype bfloat16 --device cpu` on a free loopback port,
-    ready once /health answers (its /v1/models scans the hub cache and may answer 500)."""
+    """`transformers serve DIR --continuous-batching --dtype bfloat16 --device cpu` (cuda where there is one) on a free
+    loopback port, ready once /health answers (its /v1/models scans the hub cache and may answer 500). DIR: the model's
+    configured path, else its bf16 or 4-bit directory as the peer says."""
+    import torch
+
     settings = Settings()
     weights = PEERS[peer]
-    model_dir = str(settings.dense_model_dir(model) if weights == "bf16" else settings.model_dir(model))
+    spec = settings.models[model]
+    model_dir = str(spec.path or (settings.dense_model_dir(model) if weights == "bf16" else settings.model_dir(model)))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     port = free_port()
-    argv = [str(Path(sys.executable).with_name("transformers")), "serve", model_dir, "--continuous-batching",
-            "--dtype", "bfloat16", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+    argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", model_dir, "--continuous-batching",
+            "--dtype", "bfloat16", "--device", device, "--host", "127.0.0.1", "--port", str(port),
             *shlex.split(extra_args)]  # fmt: skip
     # gptqmodel refuses to import on a 2-core machine without this (STACK-NOTES); loading a GPTQ directory
     # imports torch's cpp_extension, whose setuptools otherwise asserts over the stdlib distutils already loaded.

@@ -28,6 +28,9 @@ class ModelSpec(BaseModel):
     """What computes the gguf grid on a CPU. auto: the worker's own kernel (worker.block_quant) where it builds
     (AVX512, AVX2, worker.cpu_kernels), gptqmodel's ATen int4 kernel and a bf16 embedding elsewhere; aten:
     the latter everywhere."""
+    gpu_kernel: str = "auto"
+    """gptqmodel's kernel for a GPTQ model on a GPU, a `gptqmodel.BACKEND` value: gptq_marlin, gptq_exllama_v2,
+    gptq_triton, gptq_torch, ...; auto lets gptqmodel choose. Its CUDA kernels are compiled on first use."""
     bits: int = 4
     group_size: int = 32
     desc_act: bool = False

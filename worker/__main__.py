@@ -42,7 +42,9 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
         per_token_ms=round(cost.per_token_s * 1000, 2),
         prefill_tokens_per_step=prefill_tokens,
         compute_dtype=str(runner.compute_dtype),
-        tile_op=cpu_kernels.tile_op(),  # where a step's many rows go (worker.block_quant.TileRows), or None
+        device=str(loaded.device),
+        # Where a step's many rows go on a CPU (worker.block_quant.TileRows), or None.
+        tile_op=cpu_kernels.tile_op() if loaded.device.type == "cpu" else None,
     )
     return Scheduler(
         runner,
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare_only:
         model_loader.configure_torch(settings)
         print(model_store.prepare(settings, args.model))
-        cpu_kernels.block_quant_op()  # builds the kernels, and times the block kernel's variants once
+        if model_loader.pick_device(settings.device).type == "cpu":
+            cpu_kernels.block_quant_op()  # builds the kernels, and times the block kernel's variants once
         return
 
     stop = threading.Event()

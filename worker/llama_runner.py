@@ -139,7 +139,8 @@ class LlamaRunner:
             and not native_bf16(self.device)
             and not isinstance(self.lm_head, BlockQuantLinear)
         )
-        self.prompt_tiles = cpu_kernels.amx()  # prompt rows' products and attention on AMX tiles
+        # Prompt rows' products and attention on AMX tiles. Asked only on a CPU: the question builds the CPU kernels.
+        self.prompt_tiles = self.device.type == "cpu" and cpu_kernels.amx()
         self.batch_invariant = batch_invariant  # decoding rows never on tiles (TileRows)
         self.tile_rows = TileRows()
         self.calls = [layer_calls(layer, self.dtype, self.tile_rows) for layer in self.layers]

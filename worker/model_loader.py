@@ -46,7 +46,12 @@ def load(path: Path, spec: ModelSpec, device: torch.device) -> LoadedModel:
     if has_blocks and not exact_grid:
         # Not measured on a GPU: on the CPU the rounded zero points give perplexity x1.73 of bf16, GPTQ x1.47.
         log.warning("model.gguf_grid_rounded", device=str(device), advice="set grid: gptq for this model on a GPU")
-    options = {"quantization_config": GPTQConfig(bits=4, backend=gguf_grid.ATEN_BACKEND)} if exact_grid else {}
+    backend = "auto"
+    if exact_grid:
+        backend = gguf_grid.ATEN_BACKEND
+    elif spec.quantization == "gptq" and device.type == "cuda":
+        backend = spec.gpu_kernel
+    options = {"quantization_config": GPTQConfig(bits=spec.bits, backend=backend)} if backend != "auto" else {}
     with warnings.catch_warnings():
         # Passing a backend for a quantized checkpoint is what that warning describes; it is meant.
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")

@@ -7,10 +7,11 @@ import torch
 from shared.protocol import SamplingParams
 
 
-def new_generator(params: SamplingParams) -> torch.Generator | None:
+def new_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The random source of a sampled sequence, on the device its logits are on (a CUDA draw needs a CUDA generator)."""
     if params.greedy:
         return None
-    generator = torch.Generator()
+    generator = torch.Generator(device=device)
     if params.seed is None:
         generator.seed()
     else:

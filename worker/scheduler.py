@@ -225,7 +225,7 @@ class Scheduler:
                 request=request,
                 slot=slot,
                 output=TextOutput(self.tokenizer, request.sampling.stop),
-                generator=new_generator(request.sampling),
+                generator=new_generator(request.sampling, self.runner.device),
                 started=now,
                 admitted_step=self.steps,
                 prefilled=reused,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+import torch
 
 from worker.llama_runner import LlamaRunner, PrefillChunk
 
@@ -68,8 +69,13 @@ def measure(runner: LlamaRunner, small: int = 16, large: int = 128, repeats: int
     runner.step([], [], [], [PrefillChunk(0, [1, 2, 3], 0)])
     runner.step([0], [4], [3], [])
 
+    def prefill(tokens: int) -> None:
+        runner.step([], [], [], [PrefillChunk(0, list(range(1, tokens + 1)), 0)])
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()  # a GPU step returns once queued
+
     def seconds(tokens: int) -> float:
-        return best_seconds(lambda: runner.step([], [], [], [PrefillChunk(0, list(range(1, tokens + 1)), 0)]), repeats)
+        return best_seconds(lambda: prefill(tokens), repeats)
 
     short, long = seconds(small), seconds(large)
     per_token = max((long - short) / (large - small), 1e-7)

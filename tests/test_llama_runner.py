@@ -9,7 +9,7 @@ from tests.conftest import FRANCE_QUESTION
 from worker import cpu_kernels
 from worker.block_quant import DECODE_TILE_ROWS
 from worker.int4_calls import LayerCalls
-from worker.llama_runner import LlamaRunner, PrefillChunk, add_rms_norm, rms_norm
+from worker.llama_runner import LlamaRunner, PrefillChunk, add_rms_norm, check_kv_fits, rms_norm
 
 # Attention through worker.cpu_kernels' cached_attention, or through torch matmuls (other CPUs, GPUs).
 attention = pytest.mark.parametrize("kernel", [True, False], ids=["kernel-attention", "matmul-attention"])
@@ -244,3 +244,12 @@ def test_prefault_makes_the_first_positions_of_every_slot_resident(loaded_model)
     runner.prefault(256)
     assert psutil.Process().memory_info().rss - before > 0.9 * expected
     assert all(not cache.any() for cache in runner.k_cache)
+
+
+def test_a_gpu_kv_cache_that_would_not_fit_is_refused_with_the_settings_to_lower(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 2**31))
+    gpu = torch.device("cuda")
+    check_kv_fits(2**20, 1024, gpu)  # 1 GiB: fits
+    with pytest.raises(MemoryError, match="max_context or batch.max_running"):
+        check_kv_fits(2**20, 1025, gpu)
+    check_kv_fits(2**40, 1024, torch.device("cpu"))  # mapped on demand: never refused

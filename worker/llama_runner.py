@@ -50,6 +50,20 @@ def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.d
     return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
+def check_kv_fits(slot_bytes: int, slots: int, device: torch.device) -> None:
+    """On a GPU the KV cache is allocated whole at start-up (on a CPU it is mapped on demand): refuse to start, saying
+    which settings to lower, where it would not fit the memory free, instead of failing inside an allocation."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if slot_bytes * slots > free:
+        raise MemoryError(
+            f"the KV cache of {slots} slots x {slot_bytes / 2**20:.0f} MiB needs {slot_bytes * slots / 2**30:.1f} GiB"
+            f" and {device} has {free / 2**30:.1f} GiB free: lower the model's max_context or batch.max_running, or set"
+            " batch.prefix_cache_tokens to 0 (the prefix cache doubles the slots)"
+        )
+
+
 def native_bf16(device: torch.device) -> bool:
     # oneDNN also runs bf16 on AVX512 CPUs without AVX512-BF16 (Ice Lake), by emulation: slower than float32 there
     # (decode of 32 sequences 346 vs 230 ms), and a row's result depends on how many rows share the call.
@@ -157,9 +171,11 @@ class LlamaRunner:
         ]
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
+        element = torch.tensor([], dtype=self.compute_dtype).element_size()
+        self.kv_bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * element
+        check_kv_fits(self.kv_bytes_per_token * capacity, slots, self.device)
         self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
         self.v_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
-        self.kv_bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.k_cache[0].element_size()
 
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))

@@ -253,3 +253,16 @@ def test_a_gpu_kv_cache_that_would_not_fit_is_refused_with_the_settings_to_lower
     with pytest.raises(MemoryError, match="max_context or batch.max_running"):
         check_kv_fits(2**20, 1025, gpu)
     check_kv_fits(2**40, 1024, torch.device("cpu"))  # mapped on demand: never refused
+
+
+def test_a_decode_steps_layers_in_one_call_give_the_bits_of_the_op_by_op_loop(loaded_model):
+    runner = LlamaRunner(loaded_model.model, slots=4, capacity=256)
+    if runner.layer_chain is None:
+        pytest.skip("the layer chain needs the worker's own kernels (AVX512 or AVX2)")
+    ids = loaded_model.tokenizer(FRANCE_QUESTION)["input_ids"]
+    runner.step([], [], [], [PrefillChunk(0, ids, 0), PrefillChunk(2, ids[:5], 0)])
+    chained = runner.step([0, 2], [7, 9], [len(ids), 5], [])
+    chain, runner.layer_chain = runner.layer_chain, None
+    looped = runner.step([0, 2], [7, 9], [len(ids), 5], [])
+    runner.layer_chain = chain
+    assert torch.equal(chained, looped)

@@ -109,6 +109,14 @@ def available() -> bool:
     return isa() is not None
 
 
+def layer_chain(*args) -> Callable:
+    """A decode step's layers as one call (worker/kernels/common/python_calls.cpp, LayerChain; arguments as there).
+    Only where the kernels are available()."""
+    built = _built()
+    assert built is not None, "the kernels did not build"
+    return built[1].layer_chain(*args)
+
+
 # A variant other than the first (where the bf16 dot product serves) must be this much faster to serve.
 CLEARLY_FASTER = 1.1
 BLOCK_QUANT_OPS = ("block_quant_matmul", "block_quant_matmul_fp32", "block_quant_matmul_int16")

@@ -46,15 +46,6 @@ class Int4Call:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
 
 
-def _fused(
-    modules: list[torch.nn.Module], dtype: torch.dtype, tile_rows: TileRows | None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """[tokens, in_features] contiguous -> the modules' outputs side by side."""
-    if isinstance(modules[0], BlockQuantLinear):
-        return BlockQuantLinear.concat(modules).rows_call(tile_rows)
-    return Int4Call(modules, dtype)
-
-
 def _gated_activation(act: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """[tokens, gate | up] -> act(gate) * up: one kernel call for silu in bf16 where worker.cpu_kernels runs."""
     if type(act).__name__ in ("SiLU", "SiLUActivation") and dtype == torch.bfloat16 and cpu_kernels.available():
@@ -68,14 +59,20 @@ def _gated_activation(act: torch.nn.Module, dtype: torch.dtype) -> Callable[[tor
 
 
 class LayerCalls:
-    """One decoder layer's projections: q/k/v fused, o, gate/up fused, down."""
+    """One decoder layer's projections: q/k/v fused, o, gate/up fused, down; each a function of a contiguous
+    [tokens, in_features] x."""
 
     def __init__(self, layer: torch.nn.Module, dtype: torch.dtype, tile_rows: TileRows | None = None):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype, tile_rows)
-        self.o = _fused([attn.o_proj], dtype, tile_rows)
-        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], dtype, tile_rows)
-        self.down = _fused([mlp.down_proj], dtype, tile_rows)
+        groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
+        self.products: list[BlockQuantLinear] | None = None
+        """q/k/v, o, gate/up and down on the worker's own kernel (worker.llama_runner's layer chain reads them)."""
+        if isinstance(attn.q_proj, BlockQuantLinear):
+            self.products = [BlockQuantLinear.concat(modules) for modules in groups]
+            calls = [product.rows_call(tile_rows) for product in self.products]
+        else:
+            calls = [Int4Call(modules, dtype) for modules in groups]
+        self.qkv, self.o, self.gate_up, self.down = calls
         self.gated = _gated_activation(mlp.act_fn, dtype)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:

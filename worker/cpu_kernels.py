@@ -96,25 +96,27 @@ def isa() -> str | None:
     return built[0] if built else None
 
 
+def _module() -> ModuleType:
+    built = _built()
+    assert built is not None, "the kernels did not build"
+    return built[1]
+
+
 @functools.cache
 def op(name: str) -> Callable:
     """torch.ops.llmfleet.`name` as a direct call (worker/kernels/common/python_calls.cpp): the same op for ~3 us less
     a call, for the calls of every step. Only where the kernels are available()."""
-    built = _built()
-    assert built is not None, "the kernels did not build"
-    return built[1].bind(name)
-
-
-def available() -> bool:
-    return isa() is not None
+    return _module().bind(name)
 
 
 def layer_chain(*args) -> Callable:
     """A decode step's layers as one call (worker/kernels/common/python_calls.cpp, LayerChain; arguments as there).
     Only where the kernels are available()."""
-    built = _built()
-    assert built is not None, "the kernels did not build"
-    return built[1].layer_chain(*args)
+    return _module().layer_chain(*args)
+
+
+def available() -> bool:
+    return isa() is not None
 
 
 # A variant other than the first (where the bf16 dot product serves) must be this much faster to serve.

@@ -164,10 +164,10 @@ class LlamaRunner:
         # Each residual update comes with the norm that reads it next: a layer's MLP norm after attention, the next
         # layer's attention norm (the model's final one after the last layer) after the MLP.
         self.first_norm = rms_norm(self.layers[0].input_layernorm)
-        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [model.model.norm]
+        self.next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [model.model.norm]
         self.residual_norms = [
             (add_rms_norm(layer.post_attention_layernorm), add_rms_norm(after))
-            for layer, after in zip(self.layers, next_norms)
+            for layer, after in zip(self.layers, self.next_norms)
         ]
 
         shape = (slots, self.n_kv, capacity, self.head_dim)
@@ -195,8 +195,8 @@ class LlamaRunner:
         bits, without the Python between them); else None. Zen 4, in-process, decode of 1 / 4 / 8 sequences at 400
         tokens: 5.67 / 9.12 / 13.77 -> 4.88 / 8.27 / 12.79 ms; served, c=1: 132, 133 -> 169, 169 tok/s."""
         products = [getattr(calls, "products", None) for calls in self.calls]
-        norms = [norm for layer in self.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        norms.append(self.model.model.norm)
+        attention_norms = [layer.post_attention_layernorm for layer in self.layers]
+        norms = [self.layers[0].input_layernorm, *attention_norms, *self.next_norms]
         if (
             not self.attention_kernel
             or None in products
@@ -212,8 +212,8 @@ class LlamaRunner:
             [[p.packed for p in kind] for kind in by_kind],
             [[p.scales for p in kind] for kind in by_kind],
             [[p.mins for p in kind] for kind in by_kind],
-            [layer.post_attention_layernorm.weight for layer in self.layers],
-            [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.model.model.norm.weight],
+            [norm.weight for norm in attention_norms],
+            [norm.weight for norm in self.next_norms],
             self.k_cache, self.v_cache, self.cos, self.sin,
             self.n_heads, self.n_kv, self.head_dim, first.group_size, first.bits,
             norms[0].variance_epsilon, self.head_dim**-0.5,

@@ -15,15 +15,20 @@ namespace {
 
 using at::Tensor;
 
+// Op llmfleet::`name`; typed() throws where Signature is not the op's kernel's.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find(const std::string& name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(("llmfleet::" + name).c_str(), "").typed<Signature>();
+}
+
 template <typename Signature>
 struct Bound;
 
-// Op `name` found once, called with the GIL released, as torch.ops does. typed() throws where Signature is not the
-// op's kernel's.
+// Op `name` found once, called with the GIL released, as torch.ops does.
 template <typename R, typename... Args>
 struct Bound<R(Args...)> {
     static py::cpp_function of(const std::string& name) {
-        const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(("llmfleet::" + name).c_str(), "").typed<R(Args...)>();
+        const auto op = find<R(Args...)>(name);
         return py::cpp_function([op](Args... args) -> R { return op.call(args...); },
                                 py::call_guard<py::gil_scoped_release>());
     }
@@ -44,11 +49,6 @@ py::cpp_function bind(const std::string& name) {
     if (name == "add_rms_norm") return Bound<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double)>::of(name);
     if (name == "silu_mul") return Bound<Tensor(const Tensor&)>::of(name);
     throw py::key_error("no direct call for llmfleet::" + name);
-}
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find(const std::string& name) {
-    return c10::Dispatcher::singleton().findSchemaOrThrow(("llmfleet::" + name).c_str(), "").typed<Signature>();
 }
 
 // One 4-bit product of a layer (worker.block_quant.BlockQuantLinear), its weights as one matrix.

@@ -20,21 +20,21 @@ from worker import model_loader
 from worker.llama_runner import LlamaRunner, PrefillChunk
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(call, device: torch.device, repeats: int = 20) -> float:
+def median_ms(runner: LlamaRunner, call, repeats: int = 20) -> float:
     call()
-    _sync(device)
+    runner.synchronize()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         call()
-        _sync(device)
+        runner.synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
+
+
+def decode(runner: LlamaRunner, batch: int, position: int) -> torch.Tensor:
+    """A decode step of sequences in slots 0..batch-1, all at `position`."""
+    return runner.step(list(range(batch)), [7] * batch, [position] * batch, [])
 
 
 @torch.inference_mode()
@@ -59,10 +59,10 @@ def check(runner: LlamaRunner, model: torch.nn.Module, prompt: list[int], steps:
 def timings(runner: LlamaRunner, batches: list[int], position: int, prefill: int) -> dict:
     result = {}
     for b in batches:
-        ms = median_ms(lambda b=b: runner.step(list(range(b)), [7] * b, [position] * b, []), runner.device)
+        ms = median_ms(runner, lambda b=b: decode(runner, b, position))
         result[f"decode_{b}"] = {"ms": ms, "tok_s": b * 1000 / ms}
     chunk = PrefillChunk(max(batches), list(range(5, 5 + prefill)), 0)
-    ms = median_ms(lambda: runner.step([], [], [], [chunk]), runner.device, repeats=10)
+    ms = median_ms(runner, lambda: runner.step([], [], [], [chunk]), repeats=10)
     result[f"prefill_{prefill}"] = {"ms": ms, "tok_s": prefill * 1000 / ms}
     return result
 
@@ -73,13 +73,12 @@ def profile(runner: LlamaRunner, batch: int, position: int) -> str:
     from torch.profiler import profile as profiler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
-    step = lambda: runner.step(list(range(batch)), [7] * batch, [position] * batch, [])  # noqa: E731
-    step()
-    _sync(runner.device)
+    decode(runner, batch, position)
+    runner.synchronize()
     with profiler(activities=activities) as prof:
         for _ in range(5):
-            step()
-        _sync(runner.device)
+            decode(runner, batch, position)
+        runner.synchronize()
     sort = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
     return f"decode {batch}, 5 steps:\n" + prof.key_averages().table(sort_by=sort, row_limit=15)
 

@@ -219,6 +219,11 @@ class LlamaRunner:
             norms[0].variance_epsilon, self.head_dim**-0.5,
         )  # fmt: skip
 
+    def synchronize(self) -> None:
+        """Wait for the steps queued on a GPU (a GPU step returns once queued), for timings."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.inference_mode()
     def prefault(self, positions: int) -> None:
         """Write the first `positions` of every slot's KV once, so that requests do not pay for the first touch of

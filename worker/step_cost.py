@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-import torch
 
 from worker.llama_runner import LlamaRunner, PrefillChunk
 
@@ -71,8 +70,7 @@ def measure(runner: LlamaRunner, small: int = 16, large: int = 128, repeats: int
 
     def prefill(tokens: int) -> None:
         runner.step([], [], [], [PrefillChunk(0, list(range(1, tokens + 1)), 0)])
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize()  # a GPU step returns once queued
+        runner.synchronize()
 
     def seconds(tokens: int) -> float:
         return best_seconds(lambda: prefill(tokens), repeats)

@@ -37,6 +37,8 @@ struct Bound<R(Args...)> {
 using BlockQuant = Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t, int64_t);
 using CachedAttention = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, Tensor&);
 using PromptAttention = void(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double, Tensor&);
+using AddRmsNorm = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double);
+using SiluMul = Tensor(const Tensor&);
 using RotaryToCache = Tensor(const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,
                              Tensor&);
 
@@ -46,8 +48,8 @@ py::cpp_function bind(const std::string& name) {
     if (name == "prompt_attention_amx") return Bound<PromptAttention>::of(name);
     if (name == "rotary_to_cache") return Bound<RotaryToCache>::of(name);
     if (name == "rms_norm") return Bound<Tensor(const Tensor&, const Tensor&, double)>::of(name);
-    if (name == "add_rms_norm") return Bound<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double)>::of(name);
-    if (name == "silu_mul") return Bound<Tensor(const Tensor&)>::of(name);
+    if (name == "add_rms_norm") return Bound<AddRmsNorm>::of(name);
+    if (name == "silu_mul") return Bound<SiluMul>::of(name);
     throw py::key_error("no direct call for llmfleet::" + name);
 }
 
@@ -65,8 +67,8 @@ struct LayerChain {
     c10::TypedOperatorHandle<BlockQuant> matmul;
     c10::TypedOperatorHandle<RotaryToCache> rotary;
     c10::TypedOperatorHandle<CachedAttention> attention;
-    c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double)> add_norm;
-    c10::TypedOperatorHandle<Tensor(const Tensor&)> silu_mul;
+    c10::TypedOperatorHandle<AddRmsNorm> add_norm;
+    c10::TypedOperatorHandle<SiluMul> silu_mul;
     std::vector<Product> qkv, o, gate_up, down;
     std::vector<Tensor> attention_norms, next_norms, k_cache, v_cache;
     Tensor cos, sin;
@@ -118,8 +120,8 @@ py::cpp_function layer_chain(const std::string& matmul, const std::vector<std::v
     LayerChain chain{find<BlockQuant>(matmul),
                      find<RotaryToCache>("rotary_to_cache"),
                      find<CachedAttention>("cached_attention"),
-                     find<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double)>("add_rms_norm"),
-                     find<Tensor(const Tensor&)>("silu_mul"),
+                     find<AddRmsNorm>("add_rms_norm"),
+                     find<SiluMul>("silu_mul"),
                      products(packed[0], scales[0], mins[0]),
                      products(packed[1], scales[1], mins[1]),
                      products(packed[2], scales[2], mins[2]),

@@ -255,14 +255,19 @@ def test_a_gpu_kv_cache_that_would_not_fit_is_refused_with_the_settings_to_lower
     check_kv_fits(2**40, 1024, torch.device("cpu"))  # mapped on demand: never refused
 
 
-def test_a_decode_steps_layers_in_one_call_give_the_bits_of_the_op_by_op_loop(loaded_model):
-    runner = LlamaRunner(loaded_model.model, slots=4, capacity=256)
+@pytest.mark.parametrize("sequences", [2, DECODE_TILE_ROWS + 2], ids=["vector kernels", "tile op"])
+def test_a_steps_layers_in_one_call_give_the_bits_of_the_op_by_op_loop(loaded_model, sequences):
+    runner = LlamaRunner(loaded_model.model, slots=sequences + 2, capacity=256)
     if runner.layer_chain is None:
         pytest.skip("the layer chain needs the worker's own kernels (AVX512 or AVX2)")
     ids = loaded_model.tokenizer(FRANCE_QUESTION)["input_ids"]
-    runner.step([], [], [], [PrefillChunk(0, ids, 0), PrefillChunk(2, ids[:5], 0)])
-    chained = runner.step([0, 2], [7, 9], [len(ids), 5], [])
-    chain, runner.layer_chain = runner.layer_chain, None
-    looped = runner.step([0, 2], [7, 9], [len(ids), 5], [])
-    runner.layer_chain = chain
-    assert torch.equal(chained, looped)
+    lengths = [len(ids) - slot % 7 for slot in range(sequences)]
+    runner.step([], [], [], [PrefillChunk(slot, ids[:length], 0) for slot, length in enumerate(lengths)])
+    decoding = (list(range(sequences)), [7 + slot for slot in range(sequences)], lengths)
+    chunks = [PrefillChunk(sequences, ids[:9], 0), PrefillChunk(sequences + 1, ids[:4], 0)]
+    for step in ((*decoding, []), (*decoding, chunks), ([], [], [], chunks)):
+        chained = runner.step(*step)
+        chain, runner.layer_chain = runner.layer_chain, None
+        looped = runner.step(*step)
+        runner.layer_chain = chain
+        assert torch.equal(chained, looped)

@@ -110,7 +110,7 @@ def op(name: str) -> Callable:
 
 
 def layer_chain(*args) -> Callable:
-    """A decode step's layers as one call (worker/kernels/common/python_calls.cpp, LayerChain; arguments as there).
+    """A step's layers as one call (worker/kernels/common/python_calls.cpp, LayerChain; arguments as there).
     Only where the kernels are available()."""
     return _module().layer_chain(*args)
 

@@ -190,10 +190,10 @@ class LlamaRunner:
         self.layer_chain = self._layer_chain()
 
     def _layer_chain(self) -> Callable | None:
-        """All the layers of a step of decoding rows on the vector kernels (no tile op, kernel attention) in one call,
-        where every layer is on the worker's own kernels (cpu_kernels.layer_chain: _layers' ops in its order, the same
-        bits, without the Python between them); else None. Zen 4, in-process, decode of 1 / 4 / 8 sequences at 400
-        tokens: 5.67 / 9.12 / 13.77 -> 4.88 / 8.27 / 12.79 ms; served, c=1: 132, 133 -> 169, 169 tok/s."""
+        """All the layers of a step in one call where every layer is on the worker's own kernels and attention is
+        the kernel's (cpu_kernels.layer_chain: _layers' ops in its order, the same bits, without the Python between
+        them); else None. Zen 4, in-process, decode of 1 / 4 / 8 sequences at 400 tokens: 5.67 / 9.12 / 13.77 -> 4.88
+        / 8.27 / 12.79 ms; served, c=1: 132, 133 -> 169, 169 tok/s."""
         products = [getattr(calls, "products", None) for calls in self.calls]
         attention_norms = [layer.post_attention_layernorm for layer in self.layers]
         norms = [self.layers[0].input_layernorm, *attention_norms, *self.next_norms]
@@ -209,6 +209,7 @@ class LlamaRunner:
         by_kind = [[layer[kind] for layer in products] for kind in range(4)]  # q/k/v, o, gate/up, down
         return cpu_kernels.layer_chain(
             cpu_kernels.block_quant_op(),
+            cpu_kernels.tile_op() or cpu_kernels.block_quant_op(),
             [[p.packed for p in kind] for kind in by_kind],
             [[p.scales for p in kind] for kind in by_kind],
             [[p.mins for p in kind] for kind in by_kind],
@@ -304,20 +305,13 @@ class LlamaRunner:
         prefills: list[PrefillChunk],
         slot_idx: torch.Tensor,
         pos: torch.Tensor,
+        last_rows: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The step's layers, op by op: the final norm's rows that have logits."""
-        n_tokens, n_decode = hidden.shape[0], len(decode_slots)
+        """The step's layers, op by op: the final norm's rows that have logits (`last_rows`, where not all do)."""
+        n_tokens = hidden.shape[0]
         attend = self._attention(decode_slots, decode_positions, prefills, slot_idx, pos)
         to_cache = self._kernel_rotary(slot_idx, pos) if self.attention_kernel else self._torch_rotary(slot_idx, pos)
-        # Rows with logits: the decoding ones, then each chunk's last. In the last layer only they go on past the
-        # keys and values (a prompt's other rows there would feed nothing: ~3% of a prefill's work).
-        rows, offset = list(range(n_decode)), n_decode
-        for chunk in prefills:
-            offset += len(chunk.tokens)
-            rows.append(offset - 1)
-        n_rows = len(rows)
-        if n_rows < n_tokens:
-            last_rows = torch.tensor(rows, device=self.device)
+        if last_rows is not None:
             last_chunks = [PrefillChunk(c.slot, c.tokens[-1:], c.start + len(c.tokens) - 1) for c in prefills]
             attend_last = self._attention(
                 decode_slots, decode_positions, last_chunks, slot_idx[last_rows], pos[last_rows]
@@ -327,7 +321,7 @@ class LlamaRunner:
             qkv = calls.qkv(normed).view(n_tokens, -1, self.head_dim).to(self.compute_dtype)
             k_cache, v_cache = self.k_cache[layer_no], self.v_cache[layer_no]
             q = to_cache(qkv, k_cache, v_cache)
-            if layer_no == last_layer and n_rows < n_tokens:
+            if layer_no == last_layer and last_rows is not None:
                 q, hidden, attend = q[last_rows], hidden[last_rows], attend_last
             out = torch.empty(q.shape[0], self.n_heads, self.head_dim, dtype=self.compute_dtype, device=self.device)
             attend(q, k_cache, v_cache, out)
@@ -353,23 +347,29 @@ class LlamaRunner:
         tokens = list(decode_tokens)
         slots = list(decode_slots)
         positions = list(decode_positions)
+        # Rows with logits: the decoding ones, then each chunk's last. In the last layer only they go on past the
+        # keys and values (a prompt's other rows there would feed nothing: ~3% of a prefill's work).
+        rows = list(range(n_decode))
         for chunk in prefills:
             tokens.extend(chunk.tokens)
             slots.extend([chunk.slot] * len(chunk.tokens))
             positions.extend(range(chunk.start, chunk.start + len(chunk.tokens)))
+            rows.append(len(tokens) - 1)
         device = self.device
         ids = torch.tensor(tokens, device=device)
         pos = torch.tensor(positions, device=device)
         slot_idx = torch.tensor(slots, device=device)
-        n_tokens = ids.shape[0]
+        last_rows = torch.tensor(rows, device=device) if len(rows) < len(tokens) else None
 
         hidden = self.embed(ids)
         normed = self.first_norm(hidden)
-        # A step of decoding rows on the vector kernels takes the layer chain (its attention is the kernel's).
-        if self.layer_chain and self.attention_kernel and not prefills and self.tile_rows.start >= n_tokens:
-            _, normed = self.layer_chain(hidden, normed, slot_idx, pos, pos + 1)
+        # The layer chain serves every step whose rows all attend with cached_attention (prompt rows on AMX tiles do
+        # not) and so all go to the tile op or none (_tile_start).
+        if self.layer_chain and not (prefills and self.prompt_tiles):
+            on_tiles = self.tile_rows.start == 0
+            _, normed = self.layer_chain(hidden, normed, slot_idx, pos, pos + 1, on_tiles, last_rows)
         else:
-            normed = self._layers(hidden, normed, decode_slots, decode_positions, prefills, slot_idx, pos)
+            normed = self._layers(hidden, normed, decode_slots, decode_positions, prefills, slot_idx, pos, last_rows)
         if self.pad_logit_rows:
             normed = normed[[*range(n_logits)] + [n_logits - 1] * (max(4, n_logits + n_logits % 2) - n_logits)]
         return (self.logits or self.lm_head)(normed)[:n_logits]

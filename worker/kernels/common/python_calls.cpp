@@ -59,12 +59,13 @@ struct Product {
     std::optional<Tensor> mins;
 };
 
-// A decode step's layers, one call from Python instead of ~10 a layer: the ops that worker.llama_runner.LlamaRunner.step
-// calls for a step of decoding rows on the vector kernels (no tile op, no prompt rows), in the same order on the same
-// inputs, so its results are the same bits, without the Python between them (~0.8 ms of a one-sequence step of 5.7 ms on
-// Zen 4).
+// A step's layers, one call from Python instead of ~10 a layer: the ops that worker.llama_runner.LlamaRunner._layers
+// calls for a step whose rows all attend with cached_attention, in the same order on the same inputs, so its results
+// are the same bits, without the Python between them (~0.8 ms of a one-sequence decode step of 5.7 ms on Zen 4). Its
+// products run on the vector kernel (`matmul`) or, for a step whose rows all go to the tile op
+// (worker.block_quant.TileRows), on `tiles`.
 struct LayerChain {
-    c10::TypedOperatorHandle<BlockQuant> matmul;
+    c10::TypedOperatorHandle<BlockQuant> matmul, tiles;
     c10::TypedOperatorHandle<RotaryToCache> rotary;
     c10::TypedOperatorHandle<CachedAttention> attention;
     c10::TypedOperatorHandle<AddRmsNorm> add_norm;
@@ -75,18 +76,26 @@ struct LayerChain {
     int64_t heads, kv_heads, head_dim, group_size, bits;
     double eps, scale;
 
-    Tensor product(const Product& w, const Tensor& x) const {
-        return matmul.call(x, w.packed, w.scales, w.mins, group_size, bits);
-    }
-
-    // (hidden, normed) after the last layer, from the embedded rows and their first norm.
-    std::tuple<Tensor, Tensor> operator()(Tensor hidden, Tensor normed, const Tensor& slots, const Tensor& positions,
-                                          const Tensor& lengths) const {
-        const int64_t rows = hidden.size(0);
+    // (hidden, normed) after the last layer, from the embedded rows and their first norm. `last_rows`: the rows that
+    // go on past the last layer's keys and values (those with logits), where not all do.
+    std::tuple<Tensor, Tensor> operator()(Tensor hidden, Tensor normed, Tensor slots, const Tensor& positions,
+                                          Tensor lengths, bool on_tiles,
+                                          const std::optional<Tensor>& last_rows) const {
+        const auto& op = on_tiles ? tiles : matmul;
+        const auto product = [&](const Product& w, const Tensor& x) {
+            return op.call(x, w.packed, w.scales, w.mins, group_size, bits);
+        };
         for (size_t i = 0; i < qkv.size(); ++i) {
             Tensor keys = k_cache[i], values = v_cache[i];  // handles of the cache, which the ops write
-            const Tensor q = rotary.call(product(qkv[i], normed).view({rows, -1, head_dim}), heads, cos, sin, slots,
-                                         positions, keys, values);
+            Tensor q = rotary.call(product(qkv[i], normed).view({hidden.size(0), -1, head_dim}), heads, cos, sin, slots,
+                                   positions, keys, values);
+            if (last_rows && i + 1 == qkv.size()) {
+                q = q.index_select(0, *last_rows);
+                hidden = hidden.index_select(0, *last_rows);
+                slots = slots.index_select(0, *last_rows);
+                lengths = lengths.index_select(0, *last_rows);
+            }
+            const int64_t rows = q.size(0);
             Tensor out = at::empty({rows, heads, head_dim}, q.options());
             Tensor grouped = out.view({rows, kv_heads, heads / kv_heads, head_dim});
             attention.call(q.view({rows, kv_heads, heads / kv_heads, head_dim}), keys, values, slots, lengths, scale,
@@ -107,9 +116,10 @@ std::vector<Product> products(const std::vector<Tensor>& packed, const std::vect
     return all;
 }
 
-// layer_chain(matmul op name, [qkv, o, gate_up, down] as (packed, scales, mins) lists each, ...): LayerChain as a
-// Python function (hidden, normed, slots, positions, lengths) -> (hidden, normed), run with the GIL released.
-py::cpp_function layer_chain(const std::string& matmul, const std::vector<std::vector<Tensor>>& packed,
+// layer_chain(matmul op name, tile op name, [qkv, o, gate_up, down] as (packed, scales, mins) lists each, ...):
+// LayerChain as a Python function (hidden, normed, slots, positions, lengths, on_tiles, last_rows) -> (hidden, normed),
+// run with the GIL released.
+py::cpp_function layer_chain(const std::string& matmul, const std::string& tiles, const std::vector<std::vector<Tensor>>& packed,
                              const std::vector<std::vector<Tensor>>& scales,
                              const std::vector<std::vector<std::optional<Tensor>>>& mins,
                              std::vector<Tensor> attention_norms, std::vector<Tensor> next_norms,
@@ -118,6 +128,7 @@ py::cpp_function layer_chain(const std::string& matmul, const std::vector<std::v
                              double eps, double scale) {
     TORCH_CHECK(packed.size() == 4 && scales.size() == 4 && mins.size() == 4, "layer_chain: qkv, o, gate_up, down");
     LayerChain chain{find<BlockQuant>(matmul),
+                     find<BlockQuant>(tiles),
                      find<RotaryToCache>("rotary_to_cache"),
                      find<CachedAttention>("cached_attention"),
                      find<AddRmsNorm>("add_rms_norm"),
@@ -129,8 +140,10 @@ py::cpp_function layer_chain(const std::string& matmul, const std::vector<std::v
                      std::move(attention_norms), std::move(next_norms), std::move(k_cache), std::move(v_cache),
                      std::move(cos), std::move(sin), heads, kv_heads, head_dim, group_size, bits, eps, scale};
     return py::cpp_function(
-        [chain](Tensor hidden, Tensor normed, const Tensor& slots, const Tensor& positions, const Tensor& lengths) {
-            return chain(std::move(hidden), std::move(normed), slots, positions, lengths);
+        [chain](Tensor hidden, Tensor normed, Tensor slots, const Tensor& positions, Tensor lengths, bool on_tiles,
+                const std::optional<Tensor>& last_rows) {
+            return chain(std::move(hidden), std::move(normed), std::move(slots), positions, std::move(lengths), on_tiles,
+                         last_rows);
         },
         py::call_guard<py::gil_scoped_release>());
 }
@@ -139,5 +152,5 @@ py::cpp_function layer_chain(const std::string& matmul, const std::vector<std::v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("bind", &bind, "Op llmfleet::`name` as a direct call.");
-    module.def("layer_chain", &layer_chain, "A decode step's layers as one call (LayerChain).");
+    module.def("layer_chain", &layer_chain, "A step's layers as one call (LayerChain).");
 }

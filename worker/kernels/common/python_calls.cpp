@@ -119,7 +119,8 @@ std::vector<Product> products(const std::vector<Tensor>& packed, const std::vect
 // layer_chain(matmul op name, tile op name, [qkv, o, gate_up, down] as (packed, scales, mins) lists each, ...):
 // LayerChain as a Python function (hidden, normed, slots, positions, lengths, on_tiles, last_rows) -> (hidden, normed),
 // run with the GIL released.
-py::cpp_function layer_chain(const std::string& matmul, const std::string& tiles, const std::vector<std::vector<Tensor>>& packed,
+py::cpp_function layer_chain(const std::string& matmul, const std::string& tiles,
+                             const std::vector<std::vector<Tensor>>& packed,
                              const std::vector<std::vector<Tensor>>& scales,
                              const std::vector<std::vector<std::optional<Tensor>>>& mins,
                              std::vector<Tensor> attention_norms, std::vector<Tensor> next_norms,

@@ -143,8 +143,8 @@ py::cpp_function layer_chain(const std::string& matmul, const std::string& tiles
     return py::cpp_function(
         [chain](Tensor hidden, Tensor normed, Tensor slots, const Tensor& positions, Tensor lengths, bool on_tiles,
                 const std::optional<Tensor>& last_rows) {
-            return chain(std::move(hidden), std::move(normed), std::move(slots), positions, std::move(lengths), on_tiles,
-                         last_rows);
+            return chain(std::move(hidden), std::move(normed), std::move(slots), positions, std::move(lengths),
+                         on_tiles, last_rows);
         },
         py::call_guard<py::gil_scoped_release>());
 }

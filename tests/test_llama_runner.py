@@ -255,9 +255,13 @@ def test_a_gpu_kv_cache_that_would_not_fit_is_refused_with_the_settings_to_lower
     check_kv_fits(2**40, 1024, torch.device("cpu"))  # mapped on demand: never refused
 
 
-@pytest.mark.parametrize("sequences", [2, DECODE_TILE_ROWS + 2], ids=["vector kernels", "tile op"])
-def test_a_steps_layers_in_one_call_give_the_bits_of_the_op_by_op_loop(loaded_model, sequences):
-    runner = LlamaRunner(loaded_model.model, slots=sequences + 2, capacity=256)
+@pytest.mark.parametrize(
+    ("sequences", "batch_invariant"),
+    [(2, False), (DECODE_TILE_ROWS + 2, False), (DECODE_TILE_ROWS + 2, True)],
+    ids=["vector kernels", "tile op", "batch invariant"],  # on AMX, the last one's mixed step splits its rows
+)
+def test_a_steps_layers_in_one_call_give_the_bits_of_the_op_by_op_loop(loaded_model, sequences, batch_invariant):
+    runner = LlamaRunner(loaded_model.model, slots=sequences + 2, capacity=256, batch_invariant=batch_invariant)
     if runner.layer_chain is None:
         pytest.skip("the layer chain needs the worker's own kernels (AVX512 or AVX2)")
     ids = loaded_model.tokenizer(FRANCE_QUESTION)["input_ids"]

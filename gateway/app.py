@@ -84,5 +84,6 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         log_level="warning",
         access_log=False,
+        timeout_keep_alive=settings.gateway_keep_alive_s,
         timeout_graceful_shutdown=int(settings.delivery.drain_grace_s) + 1,
     )

@@ -1,6 +1,11 @@
-"""What every request meets before a route: security headers, a body size bound, UTF-8 bodies only."""
+"""What every request meets before a route: security headers, a body size bound, UTF-8 bodies only; and the connection
+it comes on, kept open while the client may still reuse it."""
 
 from __future__ import annotations
+
+import socket
+import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -43,3 +48,15 @@ def test_invalid_utf8_is_400(http):
     body = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "caf\xe9 \xff"}]}'
     reply = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert assert_openai_error(reply, 400)["code"] == "invalid_encoding"
+
+
+def test_an_idle_connection_outlives_the_clients_own_expiry(gateway_url):
+    # httpx, and so the openai client, reuses an idle connection for up to 5 s: a gateway that closed it first would
+    # reset a request sent at that moment.
+    address = urlsplit(gateway_url)
+    request = f"GET /health HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode()
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        for pause in (0, 5.5):
+            time.sleep(pause)
+            connection.sendall(request)
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")

@@ -60,14 +60,14 @@ struct Product {
     std::optional<Tensor> mins;
 };
 
-// A step's layers, one call from Python instead of ~10 a layer: the ops that worker.llama_runner.LlamaRunner._layers
-// calls for a step, in the same order on the same inputs, so its results are the same bits, without the Python between
-// them (~0.8 ms of a one-sequence decode step of 5.7 ms on Zen 4). Its products run on the vector kernel (`matmul`),
-// the rows from `tile_start` on on `tiles` (worker.block_quant.TileRows); its rows attend with cached_attention, but
-// for the prompt chunks' rows on AMX, which attend with prompt_attention_amx.
 // A prompt chunk's rows in a step: its slot, its first row's position, its rows.
 using Chunk = std::tuple<int64_t, int64_t, int64_t>;
 
+// A step's layers, one call from Python instead of ~10 a layer: the ops that worker.llama_runner.LlamaRunner._layers
+// calls for a step, in the same order on the same inputs, so its results are the same bits, without the Python between
+// them (~0.8 ms of a one-sequence decode step of 5.7 ms on Zen 4). Its products run on the vector kernel (`matmul`),
+// the rows from `tile_start` on on `tiles`, as BlockQuantLinear.rows_call splits them; its rows attend with
+// cached_attention, but for the prompt chunks' rows on AMX, which attend with prompt_attention_amx (KernelAttention).
 struct LayerChain {
     c10::TypedOperatorHandle<BlockQuant> matmul, tiles;
     c10::TypedOperatorHandle<RotaryToCache> rotary;

@@ -12,7 +12,7 @@ import openai
 
 from loadtest import batch_workload
 from loadtest.servers import Server
-from loadtest.stats import RequestTrace, Summary, summarise
+from loadtest.stats import RequestTrace, Summary, failure_reason, summarise
 from loadtest.workload import chat_messages, client_for, run_chat
 
 
@@ -25,7 +25,7 @@ async def _plain(client: openai.AsyncOpenAI, server: Server, messages: list[dict
         )  # fmt: skip
         trace.completion_tokens = reply.usage.completion_tokens if reply.usage else 0
     except openai.OpenAIError as error:
-        trace.error = f"{type(error).__name__}: {error}"
+        trace.error = failure_reason(error)
     trace.ended = time.perf_counter()
     return trace
 

@@ -24,6 +24,17 @@ class RequestTrace:
     """Which of the workload's prompts it ran."""
 
 
+def failure_reason(error: BaseException) -> str:
+    """Why a request failed, as its run lists it: the error's type and message, then each cause under it, where the
+    error alone may say nothing (a connection reset: `ReadError:  <- ReadError:  <- BrokenResourceError: `)."""
+    reasons = []
+    cause: BaseException | None = error
+    while cause is not None:
+        reasons.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__
+    return " <- ".join(reasons)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None

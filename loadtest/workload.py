@@ -13,7 +13,7 @@ import httpx
 import openai
 
 from loadtest.servers import Server
-from loadtest.stats import RequestTrace, Summary, percentile, summarise
+from loadtest.stats import RequestTrace, Summary, failure_reason, percentile, summarise
 
 TOPICS = ["the ocean", "a lighthouse", "volcanoes", "the history of tea", "a robot learning to paint",
           "winter in a city", "honeybees", "the first computer", "a long train journey", "mountains at dawn",
@@ -60,7 +60,7 @@ async def stream_one(
                 details = chunk.usage.prompt_tokens_details
                 trace.cached_tokens = details.cached_tokens if details else None
     except openai.OpenAIError as error:
-        trace.error = f"{type(error).__name__}: {error}"
+        trace.error = failure_reason(error)
     trace.ended = time.perf_counter()
     return trace
 
@@ -87,7 +87,7 @@ async def stream_one_raw(
                     trace.completion_tokens = chunk["usage"]["completion_tokens"]
                     trace.prompt_tokens = chunk["usage"]["prompt_tokens"]
     except (httpx.HTTPError, ValueError) as error:
-        trace.error = f"{type(error).__name__}: {error}"
+        trace.error = failure_reason(error)
     trace.ended = time.perf_counter()
     return trace
 

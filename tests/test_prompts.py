@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from gateway.errors import APIError
+from gateway.prompts import PromptTokenizer
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "  Two\tspaces, a tab\n\nlines "}],
+    [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello. How can I help?"},
+        {"role": "user", "content": "Ünïcödé, 漢字, emoji 🚀, and <|im_end|> typed as text"},
+    ],
+    [{"role": "user", "content": ""}],
+]
+TEXTS = ["Once upon a time", " leading space , odd  spacing .", "<|im_start|>user\nhi<|im_end|>", "naïve café 🚀\n"]
+
+
+def test_the_gateways_tokenizer_gives_autotokenizers_ids_and_text(model_dir):
+    ours, theirs = PromptTokenizer(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    for messages in CHATS:
+        text = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert ours.chat_ids(messages) == theirs(text, add_special_tokens=False)["input_ids"]
+    for text in TEXTS:
+        ids = theirs(text)["input_ids"]
+        assert ours.encode(text) == ids
+        assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.vocab_size == len(theirs)
+
+
+def test_the_gateway_and_the_job_runner_load_tokenizers_without_torch(model_dir):
+    """transformers' tokenizer classes import torch: ~1 GB in every gateway process for counting tokens."""
+    code = (
+        "import sys, gateway.app, jobs.worker; from gateway.prompts import Tokenizers; from shared.settings import "
+        "DEFAULT_MODEL, Settings; Tokenizers(Settings()).get(DEFAULT_MODEL); print('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_a_template_that_refuses_the_messages_or_no_template_is_a_400(model_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(APIError) as no_template:
+        PromptTokenizer(tmp_path).chat_ids(messages)
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('Conversation roles must alternate') }}")
+    with pytest.raises(APIError) as refused:
+        PromptTokenizer(tmp_path).chat_ids(messages)
+    assert no_template.value.status == refused.value.status == 400
+    assert "completions" in no_template.value.message and "must alternate" in refused.value.message

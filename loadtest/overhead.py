@@ -17,7 +17,7 @@ import time
 
 import httpx
 
-from gateway.prompts import chat_token_ids
+from gateway.prompts import PromptTokenizer, chat_token_ids
 from gateway.protocol import ChatCompletionRequest
 from llmfleet.supervisor import port_open, wait_until
 from loadtest.local_fleet import free_port
@@ -37,11 +37,12 @@ class InProcessEngine:
         self.settings = Settings()
         self.model = model
         self.scheduler = build_scheduler(self.settings, model, "loadtest-in-process")
+        self.prompts = PromptTokenizer(self.settings.model_dir(model))
 
     def ttft(self, messages: list[dict], max_tokens: int) -> float:
         """Seconds from Scheduler.add to the step that produced the first token; the request then runs to its end."""
         body = ChatCompletionRequest.model_validate({"model": self.model, "messages": messages})
-        ids = chat_token_ids(self.scheduler.tokenizer, body)
+        ids = chat_token_ids(self.prompts, body)
         sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         request = InferenceRequest(
             id=f"in-process-{time.perf_counter_ns()}", model=self.model, prompt_token_ids=ids, sampling=sampling,

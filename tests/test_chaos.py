@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from gateway.prompts import chat_token_ids
+from gateway.prompts import PromptTokenizer, chat_token_ids
 from gateway.protocol import ChatCompletionRequest
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest, SamplingParams
@@ -95,14 +95,15 @@ def stream_chat(url: str, prompt: str, max_tokens: int = MAX_TOKENS) -> Outcome:
 class GreedyReference:
     """Checks token ids against the model run alone (see the module docstring)."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, model_dir):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        self.prompts = PromptTokenizer(model_dir)
         self.checked: dict[tuple[int, ...], float] = {}
 
     def prompt_ids(self, prompt: str) -> list[int]:
         body = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": prompt}])
-        return chat_token_ids(self.tokenizer, body)
+        return chat_token_ids(self.prompts, body)
 
     def worst_margin(self, prompt: str, generated: list[int]) -> float:
         """How far below the best logit the least greedy generated token was (0: all were the argmax)."""
@@ -119,8 +120,8 @@ class GreedyReference:
 
 
 @pytest.fixture(scope="module")
-def greedy(loaded_model) -> GreedyReference:
-    return GreedyReference(loaded_model)
+def greedy(loaded_model, model_dir) -> GreedyReference:
+    return GreedyReference(loaded_model, model_dir)
 
 
 def check_completed(redis_client, outcome: Outcome, greedy: GreedyReference) -> None:

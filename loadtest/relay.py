@@ -73,6 +73,7 @@ def run_relay(model: str, concurrency: list[int], requests_per_user: int, max_to
             summary.workload = "relay"
             summary.extra["gateway_cpu_share"] = round((_cpu_s(gateway) - gateway_cpu) / wall, 2)
             summary.extra["client_cpu_share"] = round((_cpu_s(client) - client_cpu) / wall, 2)
+            summary.extra["gateway_rss_mib"] = round(gateway.memory_info().rss / 2**20)
             summary.extra["step_ms"] = step_ms
             summaries.append(summary)
     return summaries

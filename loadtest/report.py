@@ -54,11 +54,11 @@ def _sections(summaries: list[Summary], overhead: dict | None) -> list[str]:
     relay = [s for s in summaries if s.workload == "relay"]
     if relay:
         columns = ["c", "relayed tok/s", "gateway CPU (cores)", "relayed tok/s per gateway core", "client CPU (cores)"]
-        head = "| " + " | ".join([*columns, "errors"]) + " |\n" + "|---" * 6 + "|"
+        head = "| " + " | ".join([*columns, "gateway RSS MiB", "errors"]) + " |\n" + "|---" * 7 + "|"
         rows = [
             f"| {s.concurrency} | {s.output_tok_s:.0f} | {s.extra['gateway_cpu_share']} | "
             f"{s.output_tok_s / max(s.extra['gateway_cpu_share'], 0.01):.0f} | {s.extra['client_cpu_share']} | "
-            f"{s.errors} |"
+            f"{s.extra['gateway_rss_mib']} | {s.errors} |"
             for s in relay
         ]
         note = (

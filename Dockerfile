@@ -16,6 +16,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared shared
 COPY gateway gateway
+COPY jobs jobs
 COPY worker worker
 COPY llmfleet llmfleet
 COPY loadtest loadtest

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -74,6 +75,16 @@ def test_dockerfile_is_multi_stage_non_root_with_a_model_volume():
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2
     assert re.search(r"^USER (?!root)\S+", text, re.M)
     assert re.search(r"^VOLUME /models", text, re.M) and "LLMFLEET_MODELS_DIR=/models" in text
+
+
+def test_the_image_installs_every_package_the_project_ships():
+    """`pip install .` in the image sees only what was copied before it: a package left out installs nothing and
+    its importers fail only when a container starts (the image lacked `jobs`, which the gateway imports)."""
+    text = (ROOT / "Dockerfile").read_text()
+    build = text[: text.index("RUN pip install .")]
+    copied = set(re.findall(r"^COPY (\S+) ", build, re.M))
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {pattern.rstrip("*") for pattern in include} <= copied
 
 
 # -- Kubernetes ------------------------------------------------------------------------------------------------

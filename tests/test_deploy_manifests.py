@@ -134,6 +134,14 @@ def test_worker_is_ready_on_model_loaded_and_its_grace_period_covers_the_drain(r
     assert gpu == (1 if name == "base" else None)
 
 
+def test_kubernetes_runs_the_job_layer_on_the_gateways_configuration(rendered):
+    """Without `python -m jobs` batches stay queued and no cron trims the streams (compose ran it, k8s did not)."""
+    _, docs = rendered
+    container = lambda name: by_kind(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
+    assert container("jobs")["command"] == ["python", "-m", "jobs"]
+    assert container("jobs")["envFrom"] == container("gateway")["envFrom"]
+
+
 def test_redis_keeps_an_aof_on_a_volume_and_the_gateway_autoscales(rendered):
     _, docs = rendered
     redis = by_kind(docs, "StatefulSet", "redis")["spec"]

@@ -4,6 +4,7 @@ Grafana dashboard against the metrics the code defines."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -29,6 +30,8 @@ CRD_SCHEMAS = {
 }
 KUSTOMIZATIONS = {"base": ROOT / "k8s/base", "cpu": ROOT / "k8s/overlays/cpu"}
 DASHBOARD = ROOT / "deploy/grafana/dashboards/llmfleet.json"
+SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+PACKAGES = [pattern.rstrip("*") for pattern in SETUPTOOLS["packages"]["find"]["include"]]
 
 
 def schema_errors(instance, schema: dict) -> list[str]:
@@ -83,8 +86,25 @@ def test_the_image_installs_every_package_the_project_ships():
     text = (ROOT / "Dockerfile").read_text()
     build = text[: text.index("RUN pip install .")]
     copied = set(re.findall(r"^COPY (\S+) ", build, re.M))
-    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert {pattern.rstrip("*") for pattern in include} <= copied
+    assert set(PACKAGES) <= copied
+
+
+def test_every_file_a_package_reads_is_installed_with_it():
+    """Package data not declared in pyproject stays out of the wheel, and so out of the image (`loadtest long` and
+    the fidelity check read loadtest/data, which was missing)."""
+    declared = SETUPTOOLS["package-data"]
+    for package in PACKAGES:
+        tracked = subprocess.run(["git", "ls-files", package], cwd=ROOT, capture_output=True, text=True, check=True)
+        for path in tracked.stdout.split():
+            relative = path.removeprefix(f"{package}/")
+            if not relative.endswith((".py", ".md")):
+                assert any(_glob_matches(relative, glob) for glob in declared.get(package, [])), path
+
+
+def _glob_matches(path: str, glob: str) -> bool:
+    """As setuptools' package-data globs: `*` stays within one directory."""
+    parts, patterns = path.split("/"), glob.split("/")
+    return len(parts) == len(patterns) and all(map(fnmatch.fnmatchcase, parts, patterns))
 
 
 # -- Kubernetes ------------------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def test_compose_runs_redis_with_aof_gateway_replicas_gpu_and_cpu_workers_jobs_a
     assert services["worker-cpu"]["profiles"] == ["cpu"] and "deploy" not in services["worker-cpu"]
     assert services["worker-cpu"]["environment"]["LLMFLEET_DEVICE"] == "cpu"
     assert services["jobs"]["command"] == ["python", "-m", "jobs"]
+    # Both tokenize: the job layer must see the models the workers prepared into the volume, as the gateway does.
+    assert services["jobs"]["volumes"] == services["gateway"]["volumes"]
     for service in services.values():  # every file compose mounts from the repository exists
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]

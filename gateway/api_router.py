@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import metrics
+from gateway.batches import UPLOAD_PATH
 from gateway.errors import APIError
 from gateway.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest
 
@@ -89,7 +90,7 @@ async def cancel_job(job_id: str, request: Request) -> dict:
     return await request.app.state.jobs.cancel(job_id, _owner(request))
 
 
-@router.post("/v1/files")
+@router.post(UPLOAD_PATH)
 async def upload_file(request: Request) -> dict:
     try:
         form = await request.form()

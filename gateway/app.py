@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from gateway import errors
 from gateway.api_keys import ApiKeys
 from gateway.api_router import router
-from gateway.batches import Batches
+from gateway.batches import UPLOAD_ENVELOPE_BYTES, UPLOAD_PATH, Batches
 from gateway.http_guards import Authentication, BodyLimit, SecurityHeaders
 from gateway.jobs import Jobs
 from gateway.metrics import RequestCounter
@@ -60,7 +60,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     protection = settings.protection
     # Added innermost first: headers wrap everything, authentication runs before any body is read.
-    app.add_middleware(BodyLimit, max_bytes=protection.max_body_bytes)
+    uploads = {UPLOAD_PATH: settings.jobs.max_file_bytes + UPLOAD_ENVELOPE_BYTES}
+    app.add_middleware(BodyLimit, max_bytes=protection.max_body_bytes, path_limits=uploads)
     app.add_middleware(Authentication, state=app.state, open_mode=protection.auth == "open")
     app.add_middleware(SecurityHeaders)
     if protection.auth == "open":

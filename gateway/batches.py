@@ -17,6 +17,12 @@ from shared.settings import Settings
 PURPOSES = ("batch",)
 
 
+UPLOAD_PATH = "/v1/files"
+UPLOAD_ENVELOPE_BYTES = 64 * 1024
+"""What a file upload's body may carry beside the file (multipart boundaries, part headers, `purpose`): the
+gateway's body limit on UPLOAD_PATH is `jobs.max_file_bytes` plus this, and the file itself is held to the setting."""
+
+
 class Batches:
     def __init__(self, settings: Settings, store: BatchStore, arq: ArqRedis):
         self.settings = settings

@@ -82,21 +82,24 @@ def _refuse(message: str):
 
 
 class BodyLimit:
-    """Reads the whole body (at most `max_bytes`, else 413) and checks it is UTF-8 (else 400) before the app
-    sees it; then hands the app the body in one message and the live receive channel after it."""
+    """Reads the whole body (at most `max_bytes`, or the path's own limit in `path_limits`, else 413) and checks it
+    is UTF-8 (else 400) before the app sees it; then hands the app the body in one message and the live receive
+    channel after it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return await self.app(scope, receive, send)
+        max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         too_large = APIError(
-            413, f"The request body is larger than {self.max_bytes} bytes.", code="request_too_large"
+            413, f"The request body is larger than {max_bytes} bytes.", code="request_too_large"
         ).response()
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
             return await too_large(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -105,7 +108,7 @@ class BodyLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > max_bytes:
                 return await too_large(scope, receive, send)
             chunks.append(chunk)
             if not message.get("more_body", False):

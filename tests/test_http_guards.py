@@ -3,6 +3,7 @@ it comes on, kept open while the client may still reuse it."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from urllib.parse import urlsplit
@@ -10,7 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import MODEL, STRICT_MAX_BODY_BYTES
+from tests.conftest import MODEL, STRICT_MAX_BODY_BYTES, STRICT_MAX_FILE_BYTES
 from tests.test_validation import assert_openai_error
 
 HI = [{"role": "user", "content": "hi"}]
@@ -30,6 +31,21 @@ def test_a_body_over_the_limit_is_413(strict_gateway, auth_headers):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * STRICT_MAX_BODY_BYTES}]}
     reply = httpx.post(f"{strict_gateway}/v1/chat/completions", json=body, headers=auth_headers, timeout=10)
     assert assert_openai_error(reply, 413)["code"] == "request_too_large"
+
+
+def test_a_batch_file_is_held_to_the_file_limit_not_the_body_limit(strict_gateway, auth_headers):
+    """A batch file of a few MB is ordinary (OpenAI takes up to 200 MB); the body limit is for request bodies."""
+    line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x" * 900}})
+
+    def upload(size: int) -> httpx.Response:
+        content = "\n".join([line] * (size // (len(line) + 1))).encode()
+        files, data = {"file": ("in.jsonl", content)}, {"purpose": "batch"}
+        return httpx.post(f"{strict_gateway}/v1/files", files=files, data=data, headers=auth_headers, timeout=30)
+
+    accepted = upload(2 * STRICT_MAX_BODY_BYTES)
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["bytes"] > STRICT_MAX_BODY_BYTES
+    assert assert_openai_error(upload(STRICT_MAX_FILE_BYTES + 4096), 413)["code"] == "file_too_large"
 
 
 def test_a_chunked_body_over_the_limit_is_413(strict_gateway, auth_headers):

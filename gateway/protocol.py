@@ -41,6 +41,7 @@ class ChatMessage(BaseModel):
 _DEFAULT_ONLY = {
     # name: the only value we accept
     "n": 1,
+    "response_format": {"type": "text"},
     "best_of": 1,
     "logprobs": None,
     "top_logprobs": None,
@@ -50,8 +51,19 @@ _DEFAULT_ONLY = {
 }
 
 
+_NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "top_k", "repetition_penalty", "stream", "ignore_eos"})
+"""Fields OpenAI's schema (and vLLM) take as null, meaning their default: clients and proxies send explicit nulls."""
+
+
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in _NULL_IS_DEFAULT)}
+        return data
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     max_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
@@ -75,6 +87,7 @@ class _SamplingFields(BaseModel):
 
     # Accepted only at their default (see _DEFAULT_ONLY).
     n: int | None = None
+    response_format: dict | None = None
     best_of: int | None = None
     logprobs: bool | int | None = None
     top_logprobs: int | None = None

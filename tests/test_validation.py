@@ -62,6 +62,17 @@ def test_unsupported_parameter_is_400_naming_it(http, field, value):
     assert field in error["message"]
 
 
+def test_nulls_and_defaults_that_clients_send_explicitly_are_accepted(http):
+    """OpenAI's schema makes these nullable (null: the default), and SDKs and proxies send them so."""
+    nulls = dict.fromkeys(["temperature", "top_p", "stream", "max_tokens", "stop", "seed", "n", "logprobs"])
+    body = {"model": MODEL, "messages": HI, "max_completion_tokens": 2, "response_format": {"type": "text"}, **nulls}
+    reply = post(http, body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] <= 2
+    json_mode = {"model": MODEL, "messages": HI, "response_format": {"type": "json_object"}}
+    assert assert_openai_error(post(http, json_mode), 400, "response_format")["code"] == "unsupported_value"
+
+
 @pytest.mark.parametrize(
     "body",
     [

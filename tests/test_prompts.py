@@ -1,3 +1,5 @@
+"""The gateway's tokenizers: the ids, text and vocabulary of transformers' AutoTokenizer, without its torch."""
+
 import subprocess
 import sys
 

@@ -3,8 +3,8 @@ it comes on, kept open while the client may still reuse it."""
 
 from __future__ import annotations
 
+import http.client
 import json
-import socket
 import time
 from urllib.parse import urlsplit
 
@@ -70,9 +70,15 @@ def test_an_idle_connection_outlives_the_clients_own_expiry(gateway_url):
     # httpx, and so the openai client, reuses an idle connection for up to 5 s: a gateway that closed it first would
     # reset a request sent at that moment.
     address = urlsplit(gateway_url)
-    request = f"GET /health HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode()
-    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    try:
         for pause in (0, 5.5):
             time.sleep(pause)
-            connection.sendall(request)
-            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+            connection.request("GET", "/health")
+            if pause == 0:
+                first = connection.sock
+            reply = connection.getresponse()  # raises RemoteDisconnected where the gateway closed the connection
+            assert reply.status == 200 and reply.read()
+        assert connection.sock is first  # the same connection, not a new one
+    finally:
+        connection.close()

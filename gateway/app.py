@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         log_level="warning",
+        log_config=None,  # uvicorn's records go to the root logger: JSON and masked (shared.logging)
         access_log=False,
         timeout_keep_alive=settings.gateway_keep_alive_s,
         timeout_graceful_shutdown=int(settings.delivery.drain_grace_s) + 1,

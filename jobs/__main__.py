@@ -4,6 +4,7 @@ reaches the shared Redis; SIGTERM/SIGINT stop it, and a batch it was running is 
 from __future__ import annotations
 
 import argparse
+import logging
 
 from jobs.worker import build_worker
 from shared.logging import configure as configure_logging
@@ -16,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_level, process="jobs")
+    # arq logs each cron run (every RECLAIM_EVERY_S) and a health line at INFO; batches log their own events.
+    logging.getLogger("arq").setLevel(max(logging.WARNING, logging.getLogger().level))
     build_worker(settings, max_jobs=args.max_jobs).run()
 
 

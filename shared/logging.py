@@ -1,4 +1,5 @@
-"""structlog JSON lines for every process. The request id travels in the `request_id` field.
+"""structlog JSON lines for every process, the standard library's log records included. The request id travels in
+the `request_id` field.
 
 Every event passes through `mask_secrets` before it is rendered: API keys, e-mail addresses, phone numbers and
 card-like numbers never reach a log line, whatever a caller passed. Prompts are not logged at INFO at all."""
@@ -46,14 +47,33 @@ def mask_secrets(_logger, _method: str, event_dict: dict) -> dict:
 
 
 def configure(level: str = "INFO", process: str = "llmfleet") -> None:
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    """structlog's events and the standard library's records (uvicorn, arq, httpx, ...) alike: masked JSON lines."""
+    before_render = [
+        structlog.processors.format_exc_info,
+        mask_secrets,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.contextvars.merge_contextvars, structlog.stdlib.add_log_level,
+                               structlog.stdlib.add_logger_name],  # fmt: skip
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *before_render,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.captureWarnings(True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.format_exc_info,
-            mask_secrets,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *before_render,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import httpx
 
 from shared.logging import mask_text
@@ -18,6 +22,25 @@ def test_mask_text_hides_keys_emails_phones_and_cards():
     for secret in ("s3cr3tS3cr3t", "abc.def", "abcdefghijkl", "alice", "4111", "555"):
         assert secret not in masked
     assert "llmf-0a1b2c3d4e5f-***" in masked and "2026-01-02" in masked and "127.0.0.1:8000" in masked
+
+
+def test_the_standard_librarys_records_are_masked_json_lines_too():
+    """uvicorn's errors, arq's and httpx's records: they went out as plain text, unmasked."""
+    code = """if True:
+        import logging
+        from shared.logging import configure
+        configure("INFO", process="test")
+        try:
+            raise ValueError("sk-abcdefghijkl")
+        except ValueError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application for bob@example.org")
+        logging.getLogger("arq.worker").debug("below the level")
+    """
+    stderr = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    (line,) = [json.loads(raw) for raw in stderr.splitlines()]
+    assert line["event"] == "Exception in ASGI application for [email]" and line["level"] == "error"
+    assert line["logger"] == "uvicorn.error" and line["process"] == "test"
+    assert "ValueError: sk-***" in line["exception"] and "abcdefghijkl" not in stderr
 
 
 def test_gateway_log_lines_hold_no_secret_and_no_prompt(fleet, gateway_url, auth_headers):

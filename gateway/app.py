@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import structlog
 import uvicorn
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from gateway import errors
 from gateway.api_keys import ApiKeys
@@ -63,6 +64,14 @@ def create_app(settings: Settings) -> FastAPI:
     uploads = {UPLOAD_PATH: settings.jobs.max_file_bytes + UPLOAD_ENVELOPE_BYTES}
     app.add_middleware(BodyLimit, max_bytes=protection.max_body_bytes, path_limits=uploads)
     app.add_middleware(Authentication, state=app.state, open_mode=protection.auth == "open")
+    if protection.cors_origins:  # outside authentication: a browser's preflight carries no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=protection.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],  # the SDKs send their own (x-stainless-*) beside authorization
+            expose_headers=["retry-after", "location"],
+        )
     app.add_middleware(SecurityHeaders)
     if protection.auth == "open":
         log.warning("gateway.auth_open", note="no API keys required: local development only")

@@ -112,6 +112,9 @@ class Protection(BaseModel):
     max_body_bytes: PositiveInt = 1_048_576
     deny_patterns: list[str] = Field(default_factory=list)
     """Regular expressions (Python syntax, case-insensitive); a prompt matching any is refused with a 400."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Web origins whose pages may call the API from a browser (CORS), e.g. ["https://chat.example.com"], or ["*"].
+    Empty: no CORS headers, so browsers refuse cross-origin calls (servers and the SDKs are not affected)."""
 
 
 class _YamlSource(PydanticBaseSettingsSource):

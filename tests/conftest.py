@@ -61,20 +61,23 @@ def second_gateway_url(fleet) -> str:
 PARKED = "parked"
 """A second model name in `strict_gateway` (same files as MODEL) that no worker serves unless a test fakes one."""
 DENIED = r"open\s+sesame"
+ALLOWED_ORIGIN = "https://chat.example.com"
 STRICT_MAX_BODY_BYTES = 65536
 STRICT_MAX_FILE_BYTES = 4 * STRICT_MAX_BODY_BYTES
 
 
 @pytest.fixture(scope="session")
 def strict_gateway(fleet, model_dir) -> str:
-    """A third gateway on the shared Redis with tight bounds: a deny-list, small body and file limits, at most 8
-    output tokens (so fuzzed requests are quick for the worker), and the model PARKED whose queue bound is 2."""
+    """A third gateway on the shared Redis with tight bounds: a deny-list, small body and file limits, one CORS origin,
+    at most 8 output tokens (so fuzzed requests are quick for the worker), and the model PARKED whose queue bound is
+    2."""
     models = {MODEL: {}, PARKED: {"path": str(model_dir), "max_queue_depth": 2}}
     proc = fleet.gateway(
         LLMFLEET_MODELS=json.dumps(models),
         LLMFLEET_PROTECTION__DENY_PATTERNS=json.dumps([DENIED]),
         LLMFLEET_PROTECTION__MAX_BODY_BYTES=str(STRICT_MAX_BODY_BYTES),
         LLMFLEET_JOBS__MAX_FILE_BYTES=str(STRICT_MAX_FILE_BYTES),
+        LLMFLEET_PROTECTION__CORS_ORIGINS=json.dumps([ALLOWED_ORIGIN]),
         LLMFLEET_MAX_OUTPUT_TOKENS="8",
         LLMFLEET_DEFAULT_MAX_TOKENS="4",
     )

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import MODEL, STRICT_MAX_BODY_BYTES, STRICT_MAX_FILE_BYTES
+from tests.conftest import ALLOWED_ORIGIN, MODEL, STRICT_MAX_BODY_BYTES, STRICT_MAX_FILE_BYTES
 from tests.test_validation import assert_openai_error
 
 HI = [{"role": "user", "content": "hi"}]
@@ -25,6 +25,21 @@ def test_security_headers_are_on_every_response(gateway_url, auth_headers, metho
         assert reply.headers["x-frame-options"] == "DENY"
         assert "default-src 'none'" in reply.headers["content-security-policy"]
         assert reply.headers["cache-control"] == "no-store"
+
+
+def test_a_configured_origin_may_call_from_a_browser_and_no_other(strict_gateway, gateway_url, auth_headers):
+    preflight = {"origin": ALLOWED_ORIGIN, "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization, content-type, x-stainless-os"}  # fmt: skip
+    allowed = httpx.options(f"{strict_gateway}/v1/chat/completions", headers=preflight, timeout=10)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    other = httpx.options(f"{strict_gateway}/v1/chat/completions", headers={**preflight, "origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    # The answer itself, refusals included, is readable by the page; a gateway without origins sends no CORS headers.
+    refused = httpx.get(f"{strict_gateway}/v1/models", headers={"origin": ALLOWED_ORIGIN}, timeout=10)
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    plain = httpx.get(f"{gateway_url}/v1/models", headers={**auth_headers, "origin": ALLOWED_ORIGIN}, timeout=10)
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
 
 
 def test_a_body_over_the_limit_is_413(strict_gateway, auth_headers):

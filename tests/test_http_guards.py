@@ -33,7 +33,9 @@ def test_a_configured_origin_may_call_from_a_browser_and_no_other(strict_gateway
     allowed = httpx.options(f"{strict_gateway}/v1/chat/completions", headers=preflight, timeout=10)
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
-    other = httpx.options(f"{strict_gateway}/v1/chat/completions", headers={**preflight, "origin": "https://evil.example"})
+    other = httpx.options(
+        f"{strict_gateway}/v1/chat/completions", headers={**preflight, "origin": "https://evil.example"}
+    )
     assert "access-control-allow-origin" not in other.headers
     # The answer itself, refusals included, is readable by the page; a gateway without origins sends no CORS headers.
     refused = httpx.get(f"{strict_gateway}/v1/models", headers={"origin": ALLOWED_ORIGIN}, timeout=10)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Body, Header, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -113,6 +115,14 @@ async def get_file_content(file_id: str, request: Request) -> Response:
 @router.post("/v1/batches")
 async def create_batch(body: BatchCreateRequest, request: Request) -> dict:
     return await request.app.state.batches.create(body, _owner(request))
+
+
+@router.get("/v1/batches")
+async def list_batches(
+    request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> dict:
+    """The caller's batches, newest first (OpenAI's cursor: `after` a batch id)."""
+    return await request.app.state.batches.list_owned(_owner(request), after, limit)
 
 
 @router.get("/v1/batches/{batch_id}")

@@ -81,5 +81,11 @@ class Batches:
     async def get(self, batch_id: str, owner: str | None) -> dict:
         return (await self.store.batch(batch_id, owner)).view()
 
+    async def list_owned(self, owner: str | None, after: str | None, limit: int) -> dict:
+        states, has_more = await self.store.owner_batches(owner, after, limit)
+        data = [state.view() for state in states]
+        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more}
+
     async def cancel(self, batch_id: str, owner: str | None) -> dict:
         return (await self.store.request_cancel(batch_id, owner)).view()

@@ -162,8 +162,30 @@ class BatchStore:
             pipe.hset(keys.batch(meta.id), mapping={"meta": meta.model_dump_json(), "status": "validating"})
             pipe.expire(keys.batch(meta.id), ttl_s)
             pipe.sadd(keys.ACTIVE_BATCHES, meta.id)
+            pipe.zadd(keys.owner_batches(meta.owner), {meta.id: time.time()})  # created_at's seconds would tie
+            pipe.expire(keys.owner_batches(meta.owner), ttl_s)  # the index lives as long as its newest batch
             await pipe.execute()
         return BatchState(meta=meta, status="validating")
+
+    async def owner_batches(self, owner: str | None, after: str | None, limit: int) -> tuple[list[BatchState], bool]:
+        """(Up to `limit` of the owner's batches, newest first, from the one after `after`; whether more follow).
+        Ids whose record has expired are dropped from the index as they are met."""
+        index = keys.owner_batches(owner)
+        start = 0
+        if after is not None:
+            rank = await self.redis.zrevrank(index, after)
+            if rank is None:
+                raise _not_found("batch", "after", after)
+            start = rank + 1
+        ids = await self.redis.zrevrange(index, start, start + limit)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in ids[:limit]:
+                pipe.hgetall(keys.batch(batch_id))
+            records = await pipe.execute()
+        gone = [batch_id for batch_id, fields in zip(ids, records) if not fields]
+        if gone:
+            await self.redis.zrem(index, *gone)
+        return [_state(fields) for fields in records if fields], len(ids) > limit
 
     async def batch(self, batch_id: str, owner: str | None = None, check_owner: bool = True) -> BatchState:
         fields = await self.redis.hgetall(keys.batch(batch_id))

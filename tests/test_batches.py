@@ -12,7 +12,7 @@ import pytest
 from shared import keys
 from shared.protocol import InferenceRequest
 from tests.conftest import MODEL
-from tests.fleet import wait_until
+from tests.fleet import create_api_key, wait_until
 
 CHAT = "/v1/chat/completions"
 TEXT = "/v1/completions"
@@ -125,6 +125,19 @@ def test_chat_batch_lines_are_queued_as_batch_lines_and_get_the_synchronous_chat
     rows = output(client, wait_for(client, batch.id, ("completed",)))
     assert [row["response"]["body"]["object"] for row in rows] == ["chat.completion"] * 3
     assert all(row["response"]["body"]["choices"][0]["message"]["role"] == "assistant" for row in rows)
+
+
+def test_a_key_lists_its_own_batches_newest_first_page_by_page(client, jobs, fleet, gateway_url):
+    """`client.batches.list()` follows OpenAI's cursor (`after`, `has_more`) through every page."""
+    created = [submit(client, [text_line(i, 1)]).id for i in range(3)]
+    listed = [batch.id for batch in client.batches.list(limit=2)]  # the SDK fetches page after page
+    assert [i for i in listed if i in created] == created[::-1] and len(set(listed)) == len(listed)
+    page = client.batches.list(limit=2)
+    assert len(page.data) == 2 and page.has_more
+    other = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=create_api_key(fleet.redis_server, name="tenant-b"))
+    assert not set(created) & {batch.id for batch in other.batches.list()}
+    with pytest.raises(openai.NotFoundError):
+        other.batches.list(after=created[0])
 
 
 def test_unknown_batches_and_files_are_404_and_bad_batches_400(client, jobs):

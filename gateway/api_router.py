@@ -101,6 +101,22 @@ async def upload_file(request: Request) -> dict:
     return await request.app.state.batches.upload(form.get("file"), form.get("purpose"), _owner(request))
 
 
+@router.get("/v1/files")
+async def list_files(
+    request: Request,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+) -> dict:
+    """The caller's files, newest first (OpenAI's cursor: `after` a file id)."""
+    return await request.app.state.batches.list_files(_owner(request), purpose, after, limit)
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, request: Request) -> dict:
+    return await request.app.state.batches.delete_file(file_id, _owner(request))
+
+
 @router.get("/v1/files/{file_id}")
 async def get_file(file_id: str, request: Request) -> dict:
     return await request.app.state.batches.file(file_id, _owner(request))
@@ -122,7 +138,7 @@ async def list_batches(
     request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict:
     """The caller's batches, newest first (OpenAI's cursor: `after` a batch id)."""
-    return await request.app.state.batches.list_owned(_owner(request), after, limit)
+    return await request.app.state.batches.list_batches(_owner(request), after, limit)
 
 
 @router.get("/v1/batches/{batch_id}")

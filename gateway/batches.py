@@ -56,6 +56,14 @@ class Batches:
     async def file_content(self, file_id: str, owner: str | None) -> str:
         return await self.store.file_content(file_id, owner)
 
+    async def list_files(self, owner: str | None, purpose: str | None, after: str | None, limit: int) -> dict:
+        records, has_more = await self.store.owner_files(owner, purpose, after, limit)
+        return _page([record.view() for record in records], has_more)
+
+    async def delete_file(self, file_id: str, owner: str | None) -> dict:
+        await self.store.delete_file(file_id, owner)
+        return {"id": file_id, "object": "file", "deleted": True}
+
     async def create(self, body: BatchCreateRequest, owner: str | None) -> dict:
         source = await self.store.file(body.input_file_id, owner)
         if source.purpose != "batch":
@@ -81,11 +89,15 @@ class Batches:
     async def get(self, batch_id: str, owner: str | None) -> dict:
         return (await self.store.batch(batch_id, owner)).view()
 
-    async def list_owned(self, owner: str | None, after: str | None, limit: int) -> dict:
+    async def list_batches(self, owner: str | None, after: str | None, limit: int) -> dict:
         states, has_more = await self.store.owner_batches(owner, after, limit)
-        data = [state.view() for state in states]
-        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
-        return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more}
+        return _page([state.view() for state in states], has_more)
 
     async def cancel(self, batch_id: str, owner: str | None) -> dict:
         return (await self.store.request_cancel(batch_id, owner)).view()
+
+
+def _page(data: list[dict], has_more: bool) -> dict:
+    """OpenAI's list object, with its cursor fields."""
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more}

@@ -137,8 +137,7 @@ class BatchStore:
             expires_at=now + ttl_s,
         )
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.file_content(record.id), content, ex=ttl_s)
-            pipe.set(keys.file(record.id), record.model_dump_json(), ex=ttl_s)
+            _put_file(pipe, record, content, ttl_s)
             await pipe.execute()
         return record
 
@@ -148,6 +147,20 @@ class BatchStore:
         if record is None or record.owner != owner:
             raise _not_found("file", "file_id", file_id)
         return record
+
+    async def owner_files(self, owner: str | None, purpose: str | None, after: str | None, limit: int):
+        """(Up to `limit` of the owner's files, newest first, from the one after `after`, of `purpose` if given;
+        whether more follow)."""
+        bodies, more = await self._owned_page(keys.owner_files(owner), "file", after, limit, keys.file, "get")
+        records = [FileRecord.model_validate_json(body) for body in bodies]
+        return [record for record in records if purpose in (None, record.purpose)], more
+
+    async def delete_file(self, file_id: str, owner: str | None) -> None:
+        await self.file(file_id, owner)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.file(file_id), keys.file_content(file_id))
+            pipe.zrem(keys.owner_files(owner), file_id)
+            await pipe.execute()
 
     async def file_content(self, file_id: str, owner: str | None) -> str:
         await self.file(file_id, owner)
@@ -162,30 +175,33 @@ class BatchStore:
             pipe.hset(keys.batch(meta.id), mapping={"meta": meta.model_dump_json(), "status": "validating"})
             pipe.expire(keys.batch(meta.id), ttl_s)
             pipe.sadd(keys.ACTIVE_BATCHES, meta.id)
-            pipe.zadd(keys.owner_batches(meta.owner), {meta.id: time.time()})  # created_at's seconds would tie
-            pipe.expire(keys.owner_batches(meta.owner), ttl_s)  # the index lives as long as its newest batch
+            _index(pipe, keys.owner_batches(meta.owner), meta.id, ttl_s)
             await pipe.execute()
         return BatchState(meta=meta, status="validating")
 
     async def owner_batches(self, owner: str | None, after: str | None, limit: int) -> tuple[list[BatchState], bool]:
-        """(Up to `limit` of the owner's batches, newest first, from the one after `after`; whether more follow).
-        Ids whose record has expired are dropped from the index as they are met."""
-        index = keys.owner_batches(owner)
+        """(Up to `limit` of the owner's batches, newest first, from the one after `after`; whether more follow)."""
+        records, more = await self._owned_page(keys.owner_batches(owner), "batch", after, limit, keys.batch, "hgetall")
+        return [_state(fields) for fields in records], more
+
+    async def _owned_page(self, index: str, kind: str, after: str | None, limit: int, key, read: str):
+        """Records (read by the command `read` from `key(id)`) of an owner's index, newest first, from the id after
+        `after`: up to `limit`, and whether more follow. Ids whose record expired leave the index as they are met."""
         start = 0
         if after is not None:
             rank = await self.redis.zrevrank(index, after)
             if rank is None:
-                raise _not_found("batch", "after", after)
+                raise _not_found(kind, "after", after)
             start = rank + 1
         ids = await self.redis.zrevrange(index, start, start + limit)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for batch_id in ids[:limit]:
-                pipe.hgetall(keys.batch(batch_id))
+            for ident in ids[:limit]:
+                getattr(pipe, read)(key(ident))
             records = await pipe.execute()
-        gone = [batch_id for batch_id, fields in zip(ids, records) if not fields]
+        gone = [ident for ident, record in zip(ids, records) if not record]
         if gone:
             await self.redis.zrem(index, *gone)
-        return [_state(fields) for fields in records if fields], len(ids) > limit
+        return [record for record in records if record], len(ids) > limit
 
     async def batch(self, batch_id: str, owner: str | None = None, check_owner: bool = True) -> BatchState:
         fields = await self.redis.hgetall(keys.batch(batch_id))
@@ -258,8 +274,7 @@ class BatchStore:
             expires_at=now + result_ttl_s,
         )
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.file_content(output.id), content, ex=result_ttl_s)
-            pipe.set(keys.file(output.id), output.model_dump_json(), ex=result_ttl_s)
+            _put_file(pipe, output, content, result_ttl_s)
             pipe.hset(
                 keys.batch(batch_id),
                 mapping={"status": status, "output_file_id": output.id, f"{status}_at": now, "finalizing_at": now},
@@ -275,6 +290,20 @@ class BatchStore:
 
     async def forget(self, batch_id: str) -> None:
         await self.redis.srem(keys.ACTIVE_BATCHES, batch_id)
+
+
+def _put_file(pipe, record: FileRecord, content: str, ttl_s: int) -> None:
+    pipe.set(keys.file_content(record.id), content, ex=ttl_s)
+    pipe.set(keys.file(record.id), record.model_dump_json(), ex=ttl_s)
+    _index(pipe, keys.owner_files(record.owner), record.id, ttl_s)
+
+
+def _index(pipe, index: str, ident: str, ttl_s: int) -> None:
+    """Adds `ident` to an owner's index (scored by the time now: creation seconds would tie), which then lives as
+    long as its longest-lived entry."""
+    pipe.zadd(index, {ident: time.time()})
+    pipe.expire(index, ttl_s, nx=True)
+    pipe.expire(index, ttl_s, gt=True)
 
 
 def _state(fields: dict[str, str]) -> BatchState:

@@ -104,6 +104,11 @@ def batch(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}"
 
 
+def owner_files(owner: str | None) -> str:
+    """Sorted set: an owner's file ids by creation time, for GET /v1/files (None: open mode, no key)."""
+    return f"{PREFIX}:files:by-owner:{owner or '-'}"
+
+
 def owner_batches(owner: str | None) -> str:
     """Sorted set: an owner's batch ids by creation time, for GET /v1/batches (None: open mode, no key)."""
     return f"{PREFIX}:batches:by-owner:{owner or '-'}"

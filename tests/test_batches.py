@@ -140,6 +140,22 @@ def test_a_key_lists_its_own_batches_newest_first_page_by_page(client, jobs, fle
         other.batches.list(after=created[0])
 
 
+def test_a_key_lists_and_deletes_its_own_files(client, fleet, gateway_url):
+    uploads = [client.files.create(file=(f"{i}.jsonl", io.BytesIO(text_line(i, 1).encode())), purpose="batch").id
+               for i in range(2)]  # fmt: skip
+    listed = [file.id for file in client.files.list(purpose="batch")]
+    assert [i for i in listed if i in uploads] == uploads[::-1]
+    other = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=create_api_key(fleet.redis_server, name="tenant-c"))
+    assert not set(uploads) & {file.id for file in other.files.list()}
+    with pytest.raises(openai.NotFoundError):
+        other.files.delete(uploads[0])
+    assert client.files.delete(uploads[0]).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploads[0])
+    assert uploads[0] not in {file.id for file in client.files.list()}
+    assert uploads[1] in {file.id for file in client.files.list()}
+
+
 def test_unknown_batches_and_files_are_404_and_bad_batches_400(client, jobs):
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")

@@ -151,7 +151,8 @@ class BatchStore:
     async def owner_files(self, owner: str | None, purpose: str | None, after: str | None, limit: int):
         """(Up to `limit` of the owner's files, newest first, from the one after `after`, of `purpose` if given;
         whether more follow)."""
-        bodies, more = await self._owned_page(keys.owner_files(owner), "file", after, limit, keys.file, "get")
+        read = lambda pipe, file_id: pipe.get(keys.file(file_id))  # noqa: E731
+        bodies, more = await self._owned_page(keys.owner_files(owner), "file", after, limit, read)
         records = [FileRecord.model_validate_json(body) for body in bodies]
         return [record for record in records if purpose in (None, record.purpose)], more
 
@@ -181,12 +182,13 @@ class BatchStore:
 
     async def owner_batches(self, owner: str | None, after: str | None, limit: int) -> tuple[list[BatchState], bool]:
         """(Up to `limit` of the owner's batches, newest first, from the one after `after`; whether more follow)."""
-        records, more = await self._owned_page(keys.owner_batches(owner), "batch", after, limit, keys.batch, "hgetall")
+        read = lambda pipe, batch_id: pipe.hgetall(keys.batch(batch_id))  # noqa: E731
+        records, more = await self._owned_page(keys.owner_batches(owner), "batch", after, limit, read)
         return [_state(fields) for fields in records], more
 
-    async def _owned_page(self, index: str, kind: str, after: str | None, limit: int, key, read: str):
-        """Records (read by the command `read` from `key(id)`) of an owner's index, newest first, from the id after
-        `after`: up to `limit`, and whether more follow. Ids whose record expired leave the index as they are met."""
+    async def _owned_page(self, index: str, kind: str, after: str | None, limit: int, read):
+        """Records (`read(pipeline, id)`) of an owner's index, newest first, from the id after `after`: up to `limit`,
+        and whether more follow. Ids whose record expired leave the index as they are met."""
         start = 0
         if after is not None:
             rank = await self.redis.zrevrank(index, after)
@@ -196,7 +198,7 @@ class BatchStore:
         ids = await self.redis.zrevrange(index, start, start + limit)
         async with self.redis.pipeline(transaction=False) as pipe:
             for ident in ids[:limit]:
-                getattr(pipe, read)(key(ident))
+                read(pipe, ident)
             records = await pipe.execute()
         gone = [ident for ident, record in zip(ids, records) if not record]
         if gone:

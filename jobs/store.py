@@ -38,6 +38,13 @@ _REFRESH_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# Add an id to an owner's index (scored by the time now: creation seconds would tie), and keep the index as long as
+# its longest-lived entry (EXPIRE's GT and NX options would need Redis 7; the rest of the service runs on 6.2).
+_INDEX = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
 _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -121,6 +128,7 @@ class BatchStore:
         self._record = client.register_script(_RECORD)
         self._refresh = client.register_script(_REFRESH_LEASE)
         self._release = client.register_script(_RELEASE_LEASE)
+        self._index_script = client.register_script(_INDEX)
 
     # -- files -------------------------------------------------------------------------------------------------
     async def put_file(
@@ -137,7 +145,7 @@ class BatchStore:
             expires_at=now + ttl_s,
         )
         async with self.redis.pipeline(transaction=True) as pipe:
-            _put_file(pipe, record, content, ttl_s)
+            await self._put_file(pipe, record, content, ttl_s)
             await pipe.execute()
         return record
 
@@ -170,13 +178,21 @@ class BatchStore:
             raise _not_found("file", "file_id", file_id)
         return content
 
+    async def _put_file(self, pipe, record: FileRecord, content: str, ttl_s: int) -> None:
+        pipe.set(keys.file_content(record.id), content, ex=ttl_s)
+        pipe.set(keys.file(record.id), record.model_dump_json(), ex=ttl_s)
+        await self._index(pipe, keys.owner_files(record.owner), record.id, ttl_s)
+
+    async def _index(self, pipe, index: str, ident: str, ttl_s: int) -> None:
+        await self._index_script(keys=[index], args=[time.time(), ident, ttl_s], client=pipe)
+
     # -- batches: the gateway's side ---------------------------------------------------------------------------
     async def create_batch(self, meta: BatchMeta, ttl_s: int) -> BatchState:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.batch(meta.id), mapping={"meta": meta.model_dump_json(), "status": "validating"})
             pipe.expire(keys.batch(meta.id), ttl_s)
             pipe.sadd(keys.ACTIVE_BATCHES, meta.id)
-            _index(pipe, keys.owner_batches(meta.owner), meta.id, ttl_s)
+            await self._index(pipe, keys.owner_batches(meta.owner), meta.id, ttl_s)
             await pipe.execute()
         return BatchState(meta=meta, status="validating")
 
@@ -276,7 +292,7 @@ class BatchStore:
             expires_at=now + result_ttl_s,
         )
         async with self.redis.pipeline(transaction=True) as pipe:
-            _put_file(pipe, output, content, result_ttl_s)
+            await self._put_file(pipe, output, content, result_ttl_s)
             pipe.hset(
                 keys.batch(batch_id),
                 mapping={"status": status, "output_file_id": output.id, f"{status}_at": now, "finalizing_at": now},
@@ -292,20 +308,6 @@ class BatchStore:
 
     async def forget(self, batch_id: str) -> None:
         await self.redis.srem(keys.ACTIVE_BATCHES, batch_id)
-
-
-def _put_file(pipe, record: FileRecord, content: str, ttl_s: int) -> None:
-    pipe.set(keys.file_content(record.id), content, ex=ttl_s)
-    pipe.set(keys.file(record.id), record.model_dump_json(), ex=ttl_s)
-    _index(pipe, keys.owner_files(record.owner), record.id, ttl_s)
-
-
-def _index(pipe, index: str, ident: str, ttl_s: int) -> None:
-    """Adds `ident` to an owner's index (scored by the time now: creation seconds would tie), which then lives as
-    long as its longest-lived entry."""
-    pipe.zadd(index, {ident: time.time()})
-    pipe.expire(index, ttl_s, nx=True)
-    pipe.expire(index, ttl_s, gt=True)
 
 
 def _state(fields: dict[str, str]) -> BatchState:

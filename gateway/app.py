@@ -38,9 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.redis = client
         tokenizers = Tokenizers(settings)
         # Load tokenizers of prepared models now, so the first request does not pay for it.
-        for model in settings.models:
-            if (settings.model_dir(model) / "tokenizer_config.json").is_file():
-                await asyncio.to_thread(tokenizers.get, model)
+        await asyncio.to_thread(tokenizers.load_prepared)
         app.state.api_keys = ApiKeys(client)
         limiter = RateLimiter(client, lease_s=settings.request_timeout_s + GRACE_AFTER_DEADLINE_S)
         app.state.completions = Completions(settings, QueueClient(client, settings), tokenizers, limiter)

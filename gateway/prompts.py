@@ -63,11 +63,19 @@ class Tokenizers:
             return tokenizer
         with self._lock:
             if model not in self._loaded:
-                path = self._settings.model_dir(model)
-                if not (path / "tokenizer_config.json").is_file():
+                if not self._prepared(model):
                     raise APIError(503, f"Model '{model}' is not prepared yet.", code="model_not_ready")
-                self._loaded[model] = PromptTokenizer(path)
+                self._loaded[model] = PromptTokenizer(self._settings.model_dir(model))
             return self._loaded[model]
+
+    def load_prepared(self) -> None:
+        """Loads the tokenizer of every model already prepared, so that no request (or batch run) pays for it."""
+        for model in self._settings.models:
+            if self._prepared(model):
+                self.get(model)
+
+    def _prepared(self, model: str) -> bool:
+        return (self._settings.model_dir(model) / "tokenizer_config.json").is_file()
 
 
 def chat_token_ids(tokenizer: PromptTokenizer, request: ChatCompletionRequest) -> list[int]:

@@ -38,9 +38,7 @@ def build_worker(settings: Settings, max_jobs: int = 10) -> Worker:
         ctx["store"] = BatchStore(client)
         tokenizers = Tokenizers(settings)
         # Loaded now, not inside a batch run, where a slow first load would stall its lease refresh.
-        for model in settings.models:
-            if (settings.model_dir(model) / "tokenizer_config.json").is_file():
-                await asyncio.to_thread(tokenizers.get, model)
+        await asyncio.to_thread(tokenizers.load_prepared)
         ctx["completions"] = Completions(settings, QueueClient(client, settings), tokenizers)
 
     async def shutdown(ctx: dict) -> None:

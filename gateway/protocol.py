@@ -1,8 +1,7 @@
 """OpenAI-compatible request bodies, with bounds on every field.
 
 A parameter we do not implement is refused with a 400 that names it, rather than silently ignored; parameters
-that only matter at a non-default value (n, logprobs, presence/frequency penalties …) are accepted at their
-default. The repetition control we implement is `repetition_penalty` (as in vLLM and TGI)."""
+that only matter at a non-default value (n, best_of, echo …) are accepted at their default."""
 
 from __future__ import annotations
 
@@ -43,15 +42,18 @@ _DEFAULT_ONLY = {
     "n": 1,
     "response_format": {"type": "text"},
     "best_of": 1,
-    "logprobs": None,
-    "top_logprobs": None,
     "echo": False,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
 }
 
+MAX_LOGPROBS = 20
+"""The most alternatives a token's log probabilities list (OpenAI's chat bound, and vLLM's default)."""
 
-_NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "top_k", "repetition_penalty", "stream", "ignore_eos"})
+_NULL_IS_DEFAULT = frozenset(
+    {
+        "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "stream",
+        "ignore_eos", "logprobs",
+    }
+)  # fmt: skip
 """Fields OpenAI's schema (and vLLM) take as null, meaning their default: clients and proxies send explicit nulls."""
 
 
@@ -71,6 +73,8 @@ class _SamplingFields(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0, le=100_000)] = 0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     stop: (
         Annotated[Text, Field(max_length=256)]
@@ -89,11 +93,7 @@ class _SamplingFields(BaseModel):
     n: int | None = None
     response_format: dict | None = None
     best_of: int | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
     echo: bool | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -101,11 +101,10 @@ class _SamplingFields(BaseModel):
             raise APIError(400, f"Unsupported parameter: '{name}'.", param=name, code="unsupported_parameter")
         for name, accepted in _DEFAULT_ONLY.items():
             value = getattr(self, name)
-            if value is not None and value != accepted and not (accepted is None and value is False):
+            if value is not None and value != accepted:
                 raise APIError(
                     400,
-                    f"Unsupported value for '{name}': only {accepted!r} is supported"
-                    + ("; use 'repetition_penalty' instead." if name.endswith("_penalty") else "."),
+                    f"Unsupported value for '{name}': only {accepted!r} is supported.",
                     param=name,
                     code="unsupported_value",
                 )
@@ -121,6 +120,20 @@ class _SamplingFields(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(
+                400, "'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs", code="invalid_value"
+            )
+        return self
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _check_roles_and_order(self):
@@ -147,10 +160,15 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[Text], Field(min_length=1, max_length=1)]
         | Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
     )
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class BatchCreateRequest(BaseModel):

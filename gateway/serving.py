@@ -18,6 +18,7 @@ from gateway.api_keys import ApiKey
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
 from gateway.errors import APIError
+from gateway.logprobs import LogprobsFormat
 from gateway.prompts import Tokenizers, chat_token_ids, completion_token_ids, output_budget
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import QueueClient
@@ -109,9 +110,12 @@ class Completions:
                 top_p=body.top_p,
                 top_k=body.top_k,
                 repetition_penalty=body.repetition_penalty,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
                 seed=body.seed,
                 stop=body.stop_list(),
                 ignore_eos=body.ignore_eos,
+                logprobs=body.logprobs_count,
             ),
             stream=body.stream,
             created=now,
@@ -200,6 +204,7 @@ class Completions:
     ) -> AsyncIterator[dict]:
         finished = False
         generated = 0
+        logprobs = LogprobsFormat(kind) if request.sampling.logprobs is not None else None
         try:
             yield {"data": json.dumps(_chunk(kind, request, "", None, first=True))}
             async for event in self.queue.follow(request):
@@ -207,8 +212,9 @@ class Completions:
                 if isinstance(event, TokenDelta):
                     if admission is not None:
                         await admission.charge_output(generated)
-                    if event.text:
-                        yield {"data": json.dumps(_chunk(kind, request, event.text, None))}
+                    if event.text or event.logprobs:
+                        shown = logprobs.format(event.logprobs) if logprobs else None
+                        yield {"data": json.dumps(_chunk(kind, request, event.text, None, logprobs=shown))}
                     continue
                 finished = True
                 if event.finish_reason not in ("stop", "length"):
@@ -253,12 +259,19 @@ def _ids(kind: Kind, request: InferenceRequest) -> dict:
     return {"id": f"{prefix}-{request.id}", "created": int(request.created), "model": request.model}
 
 
-def _chunk(kind: Kind, request: InferenceRequest, text: str, finish_reason: str | None, first: bool = False) -> dict:
+def _chunk(
+    kind: Kind,
+    request: InferenceRequest,
+    text: str,
+    finish_reason: str | None,
+    first: bool = False,
+    logprobs: dict | None = None,
+) -> dict:
     if kind == "chat":
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**_ids(kind, request), "object": "chat.completion.chunk", "choices": [choice]}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_ids(kind, request), "object": "text_completion", "choices": [choice]}
 
 
@@ -268,15 +281,16 @@ def _usage_chunk(kind: Kind, request: InferenceRequest, final: FinalResult) -> d
 
 
 def whole_response(kind: Kind, request: InferenceRequest, final: FinalResult) -> dict:
+    logprobs = None if final.logprobs is None else LogprobsFormat(kind).format(final.logprobs)
     if kind == "chat":
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": final.text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": final.finish_reason,
         }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": final.text, "logprobs": None, "finish_reason": final.finish_reason}
+        choice = {"index": 0, "text": final.text, "logprobs": logprobs, "finish_reason": final.finish_reason}
         obj = "text_completion"
     return {**_ids(kind, request), "object": obj, "choices": [choice], "usage": usage(final)}

@@ -31,9 +31,15 @@ class SamplingParams(BaseModel):
     top_k: int = 0
     """0 means no top-k cut."""
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    """OpenAI's penalties, on the tokens generated so far (not the prompt's, as in vLLM): a token's logit is lowered
+    by presence_penalty once it has appeared and by frequency_penalty for each time it has."""
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: no log probabilities; k: each generated token's, with the k most likely tokens' at its position."""
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +65,15 @@ class InferenceRequest(BaseModel):
     new run takes as given and continues from (never sent again)."""
 
 
+class TokenLogprob(BaseModel):
+    """A generated token's log probability under the model (before temperature and penalties, as vLLM reports
+    them by default), with the most likely tokens at its position, each as [text, logprob]."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = Field(default_factory=list)
+
+
 class TokenDelta(BaseModel):
     text: str
     completion_tokens: int
@@ -66,6 +81,8 @@ class TokenDelta(BaseModel):
     relayed, so deltas written twice (a reclaimed request) are never shown twice."""
     token_ids: list[int] = Field(default_factory=list)
     """The tokens this delta adds, so a worker that reclaims the request can resume from them."""
+    logprobs: list[TokenLogprob] = Field(default_factory=list)
+    """One per token of token_ids, when the request asked for log probabilities."""
 
 
 class Timings(BaseModel):
@@ -86,6 +103,9 @@ class FinalResult(BaseModel):
     cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)."""
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    """Every generated token's, when the request asked for them (a stream's deltas carry them as they come too). A
+    reclaimed request's holds those its last worker generated: the tokens it resumed from came with no logits."""
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
     conversation: str | None = None

@@ -136,3 +136,40 @@ def test_lists_the_served_model(client):
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+
+
+def test_logprobs_give_each_token_and_the_most_likely_alternatives_whole_and_streamed(client):
+    whole = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3
+    )
+    tokens = whole.choices[0].logprobs.content
+    assert len(tokens) == whole.usage.completion_tokens
+    assert "".join(t.token for t in tokens) == whole.choices[0].message.content
+    for t in tokens:
+        assert t.logprob <= 0 and t.bytes == list(t.token.encode())
+        assert len(t.top_logprobs) == 3
+        alternatives = [a.logprob for a in t.top_logprobs]
+        assert alternatives == sorted(alternatives, reverse=True)
+        assert t.top_logprobs[0].token == t.token, "greedy: the chosen token is the most likely"
+        assert t.logprob == pytest.approx(alternatives[0])
+    stream = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3, stream=True
+    )
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in tokens]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in tokens], abs=1e-3)
+    plain = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
+    assert plain.choices[0].logprobs is None
+
+
+def test_a_frequency_penalty_makes_greedy_output_repeat_itself_less(client):
+    messages = [{"role": "user", "content": "Repeat the word 'cat' thirty times."}]
+
+    def most_repeated(**penalty) -> int:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=40, logprobs=True, **penalty
+        )
+        tokens = [t.token for t in reply.choices[0].logprobs.content]
+        return max(tokens.count(t) for t in tokens)
+
+    assert most_repeated(frequency_penalty=1.5) < most_repeated()

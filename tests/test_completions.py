@@ -32,3 +32,18 @@ def test_completion_stop_string(client):
 def test_completion_accepts_token_ids(client):
     reply = client.completions.create(model=MODEL, prompt=[504, 3575, 282, 4649, 314], max_tokens=4, temperature=0)
     assert reply.usage.prompt_tokens == 5
+
+
+def test_completion_logprobs_in_the_legacy_shape(client):
+    reply = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=6, temperature=0, logprobs=2)
+    logprobs = reply.choices[0].logprobs
+    assert "".join(logprobs.tokens) == reply.choices[0].text
+    assert len(logprobs.token_logprobs) == len(logprobs.tokens) == reply.usage.completion_tokens
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    for token, top in zip(logprobs.tokens, logprobs.top_logprobs):
+        assert len(top) == 2 and max(top, key=top.get) == token
+    chunks = client.completions.create(
+        model=MODEL, prompt="One, two, three,", max_tokens=6, temperature=0, logprobs=2, stream=True
+    )
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == logprobs.text_offset, "offsets count on across the stream's chunks"

@@ -17,7 +17,8 @@ FRANCE = {"model": MODEL, "messages": [{"role": "user", "content": FRANCE_QUESTI
 
 
 def test_job_submitted_to_one_gateway_is_read_through_another(gateway_url, second_gateway_url, auth_headers):
-    submitted = httpx.post(f"{gateway_url}/v1/jobs", json=FRANCE, headers=auth_headers, timeout=30)
+    body = {**FRANCE, "logprobs": True}
+    submitted = httpx.post(f"{gateway_url}/v1/jobs", json=body, headers=auth_headers, timeout=30)
     assert submitted.status_code == 202
     job = submitted.json()
     assert submitted.headers["location"] == f"/v1/jobs/{job['id']}"
@@ -32,6 +33,7 @@ def test_job_submitted_to_one_gateway_is_read_through_another(gateway_url, secon
     assert result["object"] == "chat.completion"
     assert "Paris" in result["choices"][0]["message"]["content"]
     assert result["usage"]["completion_tokens"] > 0
+    assert len(result["choices"][0]["logprobs"]["content"]) == result["usage"]["completion_tokens"]
 
 
 def test_unknown_job_is_404(http):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import collections
 
+import pytest
 import torch
 
 from shared.protocol import SamplingParams
-from worker.sampling import _nucleus, choose_tokens, new_generator
+from worker.sampling import _nucleus, choose_tokens, new_generator, token_logprobs
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])  # probabilities .563 .207 .126 .076 .028
 
@@ -24,7 +25,7 @@ def test_draws_follow_the_nucleus_probabilities_and_repeat_with_a_seed():
 
     def draws(n: int) -> list[int]:
         generator = new_generator(params)
-        return [choose_tokens(LOGITS, [params], [generator], [[]])[0] for _ in range(n)]
+        return [choose_tokens(LOGITS, [params], [generator], [[]], [[]])[0] for _ in range(n)]
 
     counts = collections.Counter(draws(4000))
     assert set(counts) == {0, 1, 2}
@@ -38,5 +39,34 @@ def test_greedy_rows_take_the_first_of_tied_highest_logits_as_argmax_does():
     logits = (torch.randn(8, 49152, generator=torch.Generator().manual_seed(0)) * 2).round().bfloat16()  # many ties
     logits[3, [7, 9000]] = 100  # two equal maxima: the first wins
     greedy = [SamplingParams(max_tokens=1, temperature=0)] * 8
-    chosen = choose_tokens(logits, greedy, [None] * 8, [[]] * 8)
+    chosen = choose_tokens(logits, greedy, [None] * 8, [[]] * 8, [[]] * 8)
     assert chosen == logits.float().argmax(dim=-1).tolist() and chosen[3] == 7
+
+
+def test_presence_and_frequency_penalties_lower_generated_tokens_by_openais_formula():
+    """logit - count * frequency - (count > 0) * presence, counted over generated tokens only (not the prompt)."""
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0]])
+
+    def greedy(prompt: list[int], generated: list[int], **penalties) -> int:
+        params = SamplingParams(max_tokens=1, temperature=0, **penalties)
+        return choose_tokens(logits, [params], [None], [prompt], [generated])[0]
+
+    assert greedy([], [0]) == 0, "no penalty: the highest logit"
+    assert greedy([], [0], presence_penalty=0.6) == 1, "3.0 - 0.6 < 2.5"
+    assert greedy([], [0, 1], presence_penalty=0.6) == 0, "both lowered by the same 0.6"
+    assert greedy([], [0, 0], frequency_penalty=0.3) == 1, "3.0 - 2 x 0.3 < 2.5"
+    assert greedy([], [0], frequency_penalty=0.3) == 0, "3.0 - 0.3 > 2.5"
+    assert greedy([0, 0, 0], [], presence_penalty=2.0, frequency_penalty=2.0) == 0, "prompt tokens are not counted"
+    assert greedy([], [1, 2], presence_penalty=-1.0) == 1, "a negative penalty favours what was generated"
+    assert logits[0, 0] == 3.0, "the step's logits are left as they were"
+
+
+def test_token_logprobs_are_the_log_softmax_of_the_chosen_token_and_the_most_likely():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)).bfloat16()
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    found = token_logprobs(logits, [7, 0, 49], [0, 3, 1])
+    for (chosen, alternatives), row, token, k in zip(found, expected, [7, 0, 49], [0, 3, 1]):
+        assert chosen == pytest.approx(float(row[token]))
+        ids = [i for i, _ in alternatives]
+        assert ids == row.topk(k).indices.tolist() and len(ids) == k
+        assert [v for _, v in alternatives] == pytest.approx(row.topk(k).values.tolist())

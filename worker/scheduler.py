@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 from shared.metrics import WorkerMetrics
-from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings
+from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings, TokenLogprob
 from worker.kv_slots import KVSlots
 from worker.llama_runner import LlamaRunner, PrefillChunk
-from worker.sampling import choose_tokens, new_generator
+from worker.sampling import choose_tokens, new_generator, token_logprobs
 from worker.step_cost import PrefillBudget
 from worker.text_output import TextOutput
 
@@ -35,6 +35,8 @@ class Sequence:
     kv_len: int = 0
     """Positions of prompt + generated whose KV is in the slot."""
     generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """The generated tokens' log probabilities, for the final record, when the request asked for them."""
     first_token_at: float | None = None
     last_token_at: float = 0.0
 
@@ -68,6 +70,7 @@ class StepEvent:
     completion_tokens: int = 0
     final: FinalResult | None = None
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 PASSED_OVER_MAX = 16
@@ -169,8 +172,10 @@ class Scheduler:
             logits,
             [s.request.sampling for s in sampled],
             [s.generator for s in sampled],
-            [s.prompt + s.generated if s.request.sampling.repetition_penalty != 1.0 else [] for s in sampled],
+            [s.prompt for s in sampled],
+            [s.generated for s in sampled],
         )
+        logprobs = self._logprobs(logits, sampled, tokens)
         prompt_tokens = sum(len(chunk.tokens) for _, chunk in prefilling)
         self.prefill_budget.observe(prompt_tokens, time.perf_counter() - started)
         for seq in decoding:
@@ -179,9 +184,28 @@ class Scheduler:
             seq.kv_len = seq.prefilled
         now = time.time()
         self.metrics.step(len(decoding) + len(prefilling), prompt_tokens, len(sampled))
-        for seq, token in zip(sampled, tokens):
-            events.append(self._advance(seq, token, now))
+        for i, (seq, token) in enumerate(zip(sampled, tokens)):
+            events.append(self._advance(seq, token, now, logprobs.get(i)))
         return events
+
+    def _logprobs(self, logits: torch.Tensor, sampled: list[Sequence], tokens: list[int]) -> dict[int, TokenLogprob]:
+        """The log probabilities of the rows whose requests asked for them, by row."""
+        rows = [i for i, s in enumerate(sampled) if s.request.sampling.logprobs is not None]
+        if not rows:
+            return {}
+        found = token_logprobs(
+            logits[torch.tensor(rows, dtype=torch.long)],
+            [tokens[i] for i in rows],
+            [sampled[i].request.sampling.logprobs for i in rows],
+        )
+        text = self._token_text
+        return {
+            i: TokenLogprob(token=text(tokens[i]), logprob=lp, top=[(text(t), tlp) for t, tlp in top])
+            for i, (lp, top) in zip(rows, found)
+        }
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
     def _drop_cancelled_and_expired(self, now: float) -> list[StepEvent]:
         events = []
@@ -278,7 +302,7 @@ class Scheduler:
             budget -= n
         return planned
 
-    def _advance(self, seq: Sequence, token: int, now: float) -> StepEvent:
+    def _advance(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> StepEvent:
         sampling = seq.request.sampling
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -288,16 +312,26 @@ class Scheduler:
         if token in self.eos_token_ids and not sampling.ignore_eos:
             return self._finish(seq, "stop", now)
         seq.generated.append(token)
+        logprobs = [logprob] if logprob is not None else []
+        seq.logprobs += logprobs
         delta = seq.output.add(token)
         if seq.output.stopped:
-            return self._finish(seq, "stop", now, delta, [token])
+            return self._finish(seq, "stop", now, delta, [token], logprobs)
         at_capacity = len(seq.prompt) + len(seq.generated) >= self.runner.capacity
         if len(seq.generated) >= sampling.max_tokens or at_capacity:
-            return self._finish(seq, "length", now, delta, [token])
-        return StepEvent(seq.request.id, delta=delta, completion_tokens=len(seq.generated), token_ids=[token])
+            return self._finish(seq, "length", now, delta, [token], logprobs)
+        return StepEvent(
+            seq.request.id, delta=delta, completion_tokens=len(seq.generated), token_ids=[token], logprobs=logprobs
+        )
 
     def _finish(
-        self, seq: Sequence, reason: FinishReason, now: float, delta: str = "", token_ids: list[int] | None = None
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        now: float,
+        delta: str = "",
+        token_ids: list[int] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> StepEvent:
         del self.running[seq.request.id]
         self.slots.park(seq.slot, seq.kv_tokens())
@@ -312,8 +346,15 @@ class Scheduler:
             started=seq.started,
             first_token_at=seq.first_token_at,
         )
+        if seq.request.sampling.logprobs is not None:
+            final.logprobs = seq.logprobs
         return StepEvent(
-            seq.request.id, delta=delta, completion_tokens=len(seq.generated), final=final, token_ids=token_ids or []
+            seq.request.id,
+            delta=delta,
+            completion_tokens=len(seq.generated),
+            final=final,
+            token_ids=token_ids or [],
+            logprobs=logprobs or [],
         )
 
     def _final(

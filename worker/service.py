@@ -219,7 +219,7 @@ class WorkerService:
         pipe = self.redis.pipeline(transaction=False)
         for event in events:
             held = self._held.get(event.request_id)
-            if held is not None and held.streams and (event.delta or event.final is None):
+            if held is not None and held.streams and (event.delta or event.logprobs or event.final is None):
                 self._write_delta(pipe, event)
             if event.final is not None:
                 self._write_final(pipe, event.final, held)
@@ -276,7 +276,12 @@ class WorkerService:
 
     def _write_delta(self, pipe, event: StepEvent) -> None:
         out = keys.output(event.request_id)
-        delta = TokenDelta(text=event.delta, completion_tokens=event.completion_tokens, token_ids=event.token_ids)
+        delta = TokenDelta(
+            text=event.delta,
+            completion_tokens=event.completion_tokens,
+            token_ids=event.token_ids,
+            logprobs=event.logprobs,
+        )
         pipe.xadd(out, {"d": delta.model_dump_json()})
         pipe.expire(out, self.settings.token_stream_ttl_s)
 

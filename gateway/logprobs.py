@@ -1,0 +1,37 @@
+"""Log probabilities the worker reports, in the shape each OpenAI endpoint gives them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from shared.protocol import TokenLogprob
+
+
+def _entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
+class LogprobsFormat:
+    """Chat: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`. Completions: the legacy
+    `{tokens, token_logprobs, top_logprobs, text_offset}`, whose offsets count on across a stream's chunks."""
+
+    def __init__(self, kind: Literal["chat", "text"]):
+        self.kind = kind
+        self.offset = 0
+
+    def format(self, logprobs: list[TokenLogprob]) -> dict:
+        if self.kind == "chat":
+            content = [
+                {**_entry(lp.token, lp.logprob), "top_logprobs": [_entry(t, v) for t, v in lp.top]} for lp in logprobs
+            ]
+            return {"content": content, "refusal": None}
+        offsets = []
+        for lp in logprobs:
+            offsets.append(self.offset)
+            self.offset += len(lp.token)
+        return {
+            "tokens": [lp.token for lp in logprobs],
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [dict(lp.top) for lp in logprobs],
+            "text_offset": offsets,
+        }

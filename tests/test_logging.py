@@ -58,3 +58,14 @@ def test_gateway_log_lines_hold_no_secret_and_no_prompt(fleet, gateway_url, auth
     leaks = ("alice.liddell", "NotTheRealSecret", api_key, "Zanzibar", "bob@example.org", "7946 0958", "4111-1111")
     for secret in leaks:
         assert secret not in text, secret
+
+
+def test_every_line_the_fleets_processes_write_is_a_json_record(fleet, http):
+    """torch's, transformers' and gptqmodel's own output included (their handlers, progress bars and banner)."""
+    assert http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}).status_code == 200
+    names = set()
+    for proc in fleet.procs:
+        names.add(proc.log.name.split("-")[0])
+        for raw in proc.log.read_text().splitlines():
+            assert isinstance(json.loads(raw), dict), f"{proc.log.name}: {raw!r}"
+    assert {"worker", "gateway"} <= names

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,10 +34,29 @@ def pick_device(setting: str) -> torch.device:
 
 
 def configure_torch(settings: Settings) -> None:
+    """torch and the libraries on it: threads, gptqmodel's pool, and their output as the worker's JSON lines."""
     # gptqmodel sizes a thread pool at import time and refuses to start on a 2-core machine without this.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    _library_logs_as_json()
+
+
+def _library_logs_as_json() -> None:
+    # torch and transformers give their loggers handlers of their own, transformers draws progress bars, and
+    # gptqmodel's logger (logbar) prints a banner and notes in a format of its own when it is first imported.
+    import transformers.utils.logging as transformers_logging
+
+    torch_logger = logging.getLogger("torch")
+    torch_logger.handlers.clear()
+    torch_logger.propagate = True
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    transformers_logging.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):  # the blank line logbar prints when it makes its logger
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.ERROR)
 
 
 def load(path: Path, spec: ModelSpec, device: torch.device) -> LoadedModel:

@@ -160,7 +160,8 @@ class WorkerService:
             except (redis.ConnectionError, redis.TimeoutError) as error:
                 if self._stop.is_set() and backoff >= STOP_RETRY_LIMIT_S:
                     # What is not acknowledged stays pending in the group, for another worker to reclaim.
-                    raise SystemExit("stopping, and Redis is unreachable") from None
+                    log.error("worker.stopped_without_redis", error=str(error))
+                    raise SystemExit(1) from None
                 log.warning("worker.redis_unavailable", error=str(error), retry_in_s=backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -83,11 +83,17 @@ def chat_token_ids(tokenizer: PromptTokenizer, request: ChatCompletionRequest) -
     return tokenizer.chat_ids(messages)
 
 
+def check_token_ids(tokenizer: PromptTokenizer, ids, param: str) -> None:
+    if ids and max(ids) >= tokenizer.vocab_size:
+        raise APIError(
+            400, f"A token id in '{param}' is out of the vocabulary range.", param=param, code="invalid_value"
+        )
+
+
 def completion_token_ids(tokenizer: PromptTokenizer, request: CompletionRequest) -> list[int]:
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        if max(prompt) >= tokenizer.vocab_size or min(prompt) < 0:
-            raise APIError(400, "Prompt token id out of the vocabulary range.", param="prompt", code="invalid_value")
+        check_token_ids(tokenizer, prompt, "prompt")
         return list(prompt)
     text = prompt[0] if isinstance(prompt, list) else prompt
     if not text:

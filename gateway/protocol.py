@@ -75,6 +75,14 @@ class _SamplingFields(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    logit_bias: (
+        Annotated[
+            dict[Annotated[int, Field(ge=0, lt=2**31)], Annotated[float, Field(ge=-100, le=100)]],
+            Field(max_length=1024),
+        ]
+        | None
+    ) = None
+    """Token id (a JSON key, so a string) -> a value added to its logit; -100 bans the token, 100 all but forces it."""
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     stop: (
         Annotated[Text, Field(max_length=256)]

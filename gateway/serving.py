@@ -19,7 +19,7 @@ from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
 from gateway.errors import APIError
 from gateway.logprobs import LogprobsFormat
-from gateway.prompts import Tokenizers, chat_token_ids, completion_token_ids, output_budget
+from gateway.prompts import Tokenizers, chat_token_ids, check_token_ids, completion_token_ids, output_budget
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import QueueClient
 from gateway.rate_limits import Admission, RateLimiter
@@ -96,6 +96,7 @@ class Completions:
         spec = self.model_or_404(body.model)
         tokenizer = self.tokenizers.get(body.model)
         ids = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
+        check_token_ids(tokenizer, body.logit_bias, "logit_bias")
         if self.deny_list.patterns:
             self.deny_list.check(_prompt_texts(body, tokenizer, ids))
         max_tokens = output_budget(len(ids), body.requested_max_tokens, spec.max_context, self.settings)
@@ -112,6 +113,7 @@ class Completions:
                 repetition_penalty=body.repetition_penalty,
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
+                logit_bias=body.logit_bias or {},
                 seed=body.seed,
                 stop=body.stop_list(),
                 ignore_eos=body.ignore_eos,

@@ -35,6 +35,8 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = 0.0
     """OpenAI's penalties, on the tokens generated so far (not the prompt's, as in vLLM): a token's logit is lowered
     by presence_penalty once it has appeared and by frequency_penalty for each time it has."""
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    """Token id -> a value added to its logit before the choice."""
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False

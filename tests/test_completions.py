@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gateway.prompts import PromptTokenizer
 from tests.conftest import MODEL
 
 
@@ -47,3 +48,17 @@ def test_completion_logprobs_in_the_legacy_shape(client):
     )
     offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
     assert offsets == logprobs.text_offset, "offsets count on across the stream's chunks"
+
+
+def test_logit_bias_bans_or_forces_tokens(client, model_dir):
+    tokenizer = PromptTokenizer(model_dir)
+    prompt = "The capital of France is"
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0).choices[0].text
+    (banned,) = tokenizer.encode(first)
+    other = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logit_bias={banned: -100}
+    )
+    assert other.choices[0].text != first
+    (forced,) = tokenizer.encode(" banana")
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logit_bias={forced: 100})
+    assert reply.choices[0].text == " banana"

@@ -70,3 +70,18 @@ def test_token_logprobs_are_the_log_softmax_of_the_chosen_token_and_the_most_lik
         ids = [i for i, _ in alternatives]
         assert ids == row.topk(k).indices.tolist() and len(ids) == k
         assert [v for _, v in alternatives] == pytest.approx(row.topk(k).values.tolist())
+
+
+def test_logit_bias_is_added_to_its_tokens_logits_greedy_rows_included():
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0]])
+
+    def greedy(bias: dict[int, float]) -> int:
+        params = SamplingParams(max_tokens=1, temperature=0, logit_bias=bias)
+        return choose_tokens(logits, [params], [None], [[]], [[]])[0]
+
+    assert greedy({0: -100}) == 1, "-100 bans a token"
+    assert greedy({4: 3.5}) == 4, "0.0 + 3.5 > 3.0"
+    assert greedy({4: 2.5, 3: 2.5}) == 3, "1.0 + 2.5 > 0.0 + 2.5 and 3.0"
+    sampled = SamplingParams(max_tokens=1, logit_bias={k: -100 for k in range(4)}, seed=1)
+    draws = {choose_tokens(logits, [sampled], [new_generator(sampled)], [[]], [[]])[0] for _ in range(20)}
+    assert draws == {4}, "sampled rows never draw a banned token"

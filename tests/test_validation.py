@@ -55,7 +55,7 @@ def test_prompt_longer_than_the_context_is_400(http, settings):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("logit_bias", {"1": 5}), ("tools", []), ("n", 2), ("echo", True), ("no_such_field", 1)],
+    [("tools", []), ("n", 2), ("echo", True), ("no_such_field", 1)],
 )
 def test_unsupported_parameter_is_400_naming_it(http, field, value):
     error = assert_openai_error(post(http, {"model": MODEL, "messages": HI, field: value}), 400, field)
@@ -66,7 +66,7 @@ def test_nulls_and_defaults_that_clients_send_explicitly_are_accepted(http):
     """OpenAI's schema makes these nullable (null: the default), and SDKs and proxies send them so."""
     nulls = dict.fromkeys(
         ["temperature", "top_p", "stream", "max_tokens", "stop", "seed", "n", "logprobs", "top_logprobs"]
-        + ["presence_penalty", "frequency_penalty"]
+        + ["presence_penalty", "frequency_penalty", "logit_bias"]
     )
     body = {"model": MODEL, "messages": HI, "max_completion_tokens": 2, "response_format": {"type": "text"}, **nulls}
     reply = post(http, body)
@@ -83,6 +83,9 @@ def test_nulls_and_defaults_that_clients_send_explicitly_are_accepted(http):
         {"model": MODEL, "messages": HI, "temperature": 5},
         {"model": MODEL, "messages": HI, "top_p": 0},
         {"model": MODEL, "messages": HI, "presence_penalty": 2.5},
+        {"model": MODEL, "messages": HI, "logit_bias": {"1": 101}},
+        {"model": MODEL, "messages": HI, "logit_bias": {"one": 1}},
+        {"model": MODEL, "messages": HI, "logit_bias": {"-1": 1}},
         {"model": MODEL, "messages": HI, "logprobs": True, "top_logprobs": 21},
         {"model": MODEL, "messages": "hello"},
         {"messages": HI},
@@ -91,6 +94,11 @@ def test_nulls_and_defaults_that_clients_send_explicitly_are_accepted(http):
 )
 def test_out_of_bounds_fields_are_400(http, body):
     assert_openai_error(post(http, body), 400)
+
+
+def test_a_logit_bias_token_outside_the_vocabulary_is_400(http):
+    body = {"model": MODEL, "messages": HI, "logit_bias": {"49152": 1, "3": -1}}
+    assert assert_openai_error(post(http, body), 400, "logit_bias")["code"] == "invalid_value"
 
 
 def test_top_logprobs_without_logprobs_is_400(http):

@@ -34,8 +34,20 @@ def _apply_output_penalties(row: torch.Tensor, generated: list[int], params: Sam
     row[index] -= counts.to(row.dtype) * params.frequency_penalty + params.presence_penalty
 
 
-def _penalized(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+def _apply_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
+    ids = [i for i in bias if i < row.shape[-1]]  # the gateway checked them against the tokenizer's vocabulary
+    row[torch.tensor(ids, dtype=torch.long, device=row.device)] += torch.tensor(
+        [bias[i] for i in ids], device=row.device
+    )
+
+
+def _adjusts_logits(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+        or bool(params.logit_bias)
+    )
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,18 +89,21 @@ def choose_tokens(
     generated: list[list[int]],
 ) -> list[int]:
     """logits: [rows, vocab], any float dtype (greedy rows take their argmax as they are; the others are sampled in
-    float32). Row i's prompt and generated tokens are only read when it has a penalty."""
+    float32). Row i's prompt and generated tokens are only read when it has a penalty. Logit bias and penalties
+    apply to greedy rows too."""
     # max's indices, not argmax: the same first index of the highest, but vectorized for bf16 (32 rows of a 49k
     # vocabulary 2.8 -> 0.65 ms, ~6% of a 32-sequence decode step on Zen 4).
     chosen = logits.max(dim=-1).indices.tolist()
     for i, p in enumerate(params):
-        if p.greedy and not _penalized(p):
+        if p.greedy and not _adjusts_logits(p):
             continue
         row = logits[i].to(torch.float32, copy=True)
         if p.repetition_penalty != 1.0:
             _apply_repetition_penalty(row, prompts[i] + generated[i], p.repetition_penalty)
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
             _apply_output_penalties(row, generated[i], p)
+        if p.logit_bias:
+            _apply_logit_bias(row, p.logit_bias)
         chosen[i] = int(row.argmax()) if p.greedy else _sample_row(row, p, generators[i])
     return chosen
 

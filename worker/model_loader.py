@@ -43,8 +43,8 @@ def configure_torch(settings: Settings) -> None:
 
 
 def _library_logs_as_json() -> None:
-    # torch and transformers give their loggers handlers of their own, transformers draws progress bars, and
-    # gptqmodel's logger (logbar) prints a banner and notes in a format of its own when it is first imported.
+    # torch and transformers give their loggers handlers of their own, and gptqmodel's logger (logbar) prints a banner
+    # and notes in a format of its own when it is first imported (progress bars: worker/__init__.py).
     import transformers.utils.logging as transformers_logging
 
     torch_logger = logging.getLogger("torch")
@@ -52,7 +52,6 @@ def _library_logs_as_json() -> None:
     torch_logger.propagate = True
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
-    transformers_logging.disable_progress_bar()
     with contextlib.redirect_stdout(io.StringIO()):  # the blank line logbar prints when it makes its logger
         from logbar import LogBar
 

@@ -11,7 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway import metrics
 from gateway.batches import UPLOAD_PATH
 from gateway.errors import APIError
-from gateway.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest
+from gateway.protocol import (
+    BatchCreateRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 router = APIRouter()
 
@@ -63,6 +69,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     return await _completions(request).create("text", body, request)
+
+
+@router.post("/tokenize")
+@router.post("/v1/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    return _completions(request).tokenize(body)
+
+
+@router.post("/detokenize")
+@router.post("/v1/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    return _completions(request).detokenize(body)
 
 
 def _owner(request: Request) -> str | None:

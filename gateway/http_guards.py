@@ -41,8 +41,12 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+_KEYED_OUTSIDE_V1 = frozenset({"/tokenize", "/detokenize"})
+
+
 class Authentication:
-    """Puts the caller's key on request.state (api_key, key_id, key_name), or answers 401 for /v1 paths.
+    """Puts the caller's key on request.state (api_key, key_id, key_name), or answers 401 for /v1 paths (and vLLM's
+    /tokenize and /detokenize, which it serves outside /v1).
 
     In open mode every request passes with key_id None. `state` is the app's state, whose `api_keys` the
     lifespan sets."""
@@ -56,7 +60,7 @@ class Authentication:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         key = None
-        if not self.open_mode and scope["path"].startswith("/v1/"):
+        if not self.open_mode and (scope["path"].startswith("/v1/") or scope["path"] in _KEYED_OUTSIDE_V1):
             scheme, _, token = (Headers(scope=scope).get("authorization") or "").partition(" ")
             token = token.strip()
             if scheme.lower() != "bearer" or not token:

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from gateway.errors import APIError
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from shared.settings import Settings
 
 
@@ -78,7 +78,7 @@ class Tokenizers:
         return (self._settings.model_dir(model) / "tokenizer_config.json").is_file()
 
 
-def chat_token_ids(tokenizer: PromptTokenizer, request: ChatCompletionRequest) -> list[int]:
+def chat_token_ids(tokenizer: PromptTokenizer, request: ChatCompletionRequest | TokenizeRequest) -> list[int]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
     return tokenizer.chat_ids(messages)
 

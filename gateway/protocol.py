@@ -179,6 +179,31 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM has it: a prompt's ids, or chat messages' ids through the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | None = None
+    add_special_tokens: bool = True
+    """For a prompt: the tokenizer's own special tokens (a BOS, where it adds one); a template places its own."""
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "Give either 'prompt' or 'messages'.", param="prompt", code="invalid_value")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize, as vLLM has it."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]
+
+
 class BatchCreateRequest(BaseModel):
     """POST /v1/batches, as OpenAI's Batch API has it."""
 

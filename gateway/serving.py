@@ -20,7 +20,7 @@ from gateway.conversations import conversation_key
 from gateway.errors import APIError
 from gateway.logprobs import LogprobsFormat
 from gateway.prompts import Tokenizers, chat_token_ids, check_token_ids, completion_token_ids, output_budget
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from gateway.queue_client import QueueClient
 from gateway.rate_limits import Admission, RateLimiter
 from gateway.sanitize import DenyList
@@ -87,6 +87,21 @@ class Completions:
         if spec is None:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
         return spec
+
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        spec = self.model_or_404(body.model)
+        tokenizer = self.tokenizers.get(body.model)
+        if body.messages is not None:
+            ids = chat_token_ids(tokenizer, body)
+        else:
+            ids = tokenizer.encode(body.prompt, special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": spec.max_context, "tokens": ids}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.model_or_404(body.model)
+        tokenizer = self.tokenizers.get(body.model)
+        check_token_ids(tokenizer, body.tokens, "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
     def build(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str] | None = None

@@ -52,11 +52,15 @@ def parse_body(body: object, kind: Kind | None = None) -> tuple[Kind, ChatComple
     kind = kind or ("chat" if "messages" in body else "text")
     model = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
-        return kind, model.model_validate({**body, "stream": False})
+        parsed = model.model_validate({**body, "stream": False})
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise APIError(400, f"{first['msg']}: '{param}'", param=param, code="invalid_value") from None
+    if parsed.n != 1:
+        # A job's record and a batch line's output hold one result each.
+        raise APIError(400, "Jobs and batch lines take one choice: 'n' must be 1.", param="n", code="unsupported_value")
+    return kind, parsed
 
 
 class Jobs:

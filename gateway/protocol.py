@@ -1,7 +1,7 @@
 """OpenAI-compatible request bodies, with bounds on every field.
 
 A parameter we do not implement is refused with a 400 that names it, rather than silently ignored; parameters
-that only matter at a non-default value (n, best_of, echo …) are accepted at their default."""
+that only matter at a non-default value (best_of, echo …) are accepted at their default."""
 
 from __future__ import annotations
 
@@ -39,11 +39,13 @@ class ChatMessage(BaseModel):
 
 _DEFAULT_ONLY = {
     # name: the only value we accept
-    "n": 1,
     "response_format": {"type": "text"},
     "best_of": 1,
     "echo": False,
 }
+
+MAX_CHOICES = 16
+"""The most choices (`n`) a request may ask for: each is a sequence in a worker's batch."""
 
 MAX_LOGPROBS = 20
 """The most alternatives a token's log probabilities list (OpenAI's chat bound, and vLLM's default)."""
@@ -51,7 +53,7 @@ MAX_LOGPROBS = 20
 _NULL_IS_DEFAULT = frozenset(
     {
         "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "stream",
-        "ignore_eos", "logprobs",
+        "ignore_eos", "logprobs", "n",
     }
 )  # fmt: skip
 """Fields OpenAI's schema (and vLLM) take as null, meaning their default: clients and proxies send explicit nulls."""
@@ -97,8 +99,10 @@ class _SamplingFields(BaseModel):
     conversation_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     """Affinity hint (also accepted as the X-Conversation-Id header): turns of one conversation reuse one cache."""
 
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    """Choices: each runs as a request of its own (its own id and seed; the prompt's KV shared by the prefix cache)."""
+
     # Accepted only at their default (see _DEFAULT_ONLY).
-    n: int | None = None
     response_format: dict | None = None
     best_of: int | None = None
     echo: bool | None = None

@@ -34,11 +34,13 @@ Kind = Literal["chat", "text"]
 _FAILURE_STATUS = {"expired": 504, "cancelled": 499, "error": 500}
 
 
-def usage(final: FinalResult) -> dict:
+def usage(final: FinalResult, *others: FinalResult) -> dict:
+    """Of one or more choices of a request: their prompt counted once, as OpenAI counts it, their outputs summed."""
+    completion = final.completion_tokens + sum(f.completion_tokens for f in others)
     return {
         "prompt_tokens": final.prompt_tokens,
-        "completion_tokens": final.completion_tokens,
-        "total_tokens": final.prompt_tokens + final.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": final.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": final.cached_tokens},
     }
 
@@ -140,30 +142,43 @@ class Completions:
             conversation=conversation_key(body, headers.get(CONVERSATION_HEADER)),
         )
 
-    async def enqueue(self, request: InferenceRequest, key: ApiKey | None, followed: bool = True) -> Admission | None:
-        """Admit `request` against its key's limits (none in open mode), then queue it; a refusal raises.
+    async def enqueue(
+        self, request: InferenceRequest, key: ApiKey | None, followed: bool = True, choices: int = 1
+    ) -> tuple[Admission | None, list[InferenceRequest]]:
+        """Admit `request` against its key's limits (none in open mode), then queue it, and for `choices` > 1 its
+        copies (one a choice, each with its own id and seed); a refusal raises, and unqueues what went before it.
+        Returns the admission and the queued requests, `request` first.
 
         A `followed` request (a connection relays it) holds a concurrency slot and is charged its output as it is
         relayed. One nobody follows (a job) holds no slot and is charged its prompt plus `max_tokens` up front, as
-        OpenAI counts it, since no gateway sees its tokens go by."""
+        OpenAI counts it, since no gateway sees its tokens go by. A prompt is charged once, whatever `choices`."""
         admission = None
+        requests = [request] + [_another_choice(request, i) for i in range(1, choices)]
         cost = len(request.prompt_token_ids) + (0 if followed else request.sampling.max_tokens)
         if key is not None and self.limiter is not None:
             admission = await self.limiter.admit(key, request.id, cost, hold_slot=followed)
+        queued = []
         try:
-            await self.queue.submit(request)
+            for each in requests:
+                await self.queue.submit(each)
+                queued.append(each)
         except BaseException:
-            if admission is not None:
-                await asyncio.shield(admission.refund(cost))
+            await asyncio.shield(self._unqueue(queued, admission, cost))
             raise
-        return admission
+        return admission, requests
+
+    async def _unqueue(self, queued: list[InferenceRequest], admission: Admission | None, cost: int) -> None:
+        for request in queued:
+            await self.queue.cancel(request.id)
+        if admission is not None:
+            await admission.refund(cost)
 
     async def create(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request):
         http.state.model_name = body.model  # a label of llmfleet:requests_total (gateway.metrics)
         request = self.build(kind, body, http.headers)
         key: ApiKey | None = getattr(http.state, "api_key", None)
         structlog.contextvars.bind_contextvars(request_id=request.id)
-        admission = await self.enqueue(request, key)
+        admission, requests = await self.enqueue(request, key, choices=body.n)
         # Never the prompt at INFO; `user` is often an e-mail address, which the log processor masks.
         log.info(
             "request.accepted",
@@ -171,33 +186,59 @@ class Completions:
             user=body.user,
             prompt_tokens=len(request.prompt_token_ids),
             max_tokens=request.sampling.max_tokens,
+            choices=body.n,
             stream=body.stream,
         )
         headers = {"x-request-id": request.id, **(admission.headers if admission else {})}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(
-                self._events(kind, request, include_usage, admission),
+                self._events(kind, requests, include_usage, admission),
                 headers=headers,
                 ping=15,
                 # A gateway told to stop lets open streams finish for this long before it cuts them.
                 shutdown_grace_period=self.settings.delivery.drain_grace_s,
             )
-        final = None
+        finals: list[FinalResult] = []
         try:
-            final = await self._final_unless_disconnected(request, http)
+            finals = await self._finals_unless_disconnected(requests, http)
         finally:
-            await asyncio.shield(_settle(admission, final.completion_tokens if final else 0))
-        if final.finish_reason not in ("stop", "length"):
-            raise failure(final)
-        return JSONResponse(whole_response(kind, request, final), headers=headers)
+            await asyncio.shield(_settle(admission, sum(f.completion_tokens for f in finals)))
+        for final in finals:
+            if final.finish_reason not in ("stop", "length"):
+                raise failure(final)
+        return JSONResponse(whole_response(kind, request, *finals), headers=headers)
 
-    async def _final_unless_disconnected(self, request: InferenceRequest, http: Request) -> FinalResult:
-        async def final() -> FinalResult:
+    async def _follow(self, requests: list[InferenceRequest]) -> AsyncIterator[tuple[int, TokenDelta | FinalResult]]:
+        """(choice index, event) of every request as they come, until each has ended."""
+        if len(requests) == 1:
+            async for event in self.queue.follow(requests[0]):
+                yield 0, event
+            return
+        events: asyncio.Queue[tuple[int, TokenDelta | FinalResult]] = asyncio.Queue()
+
+        async def pump(index: int, request: InferenceRequest) -> None:
             async for event in self.queue.follow(request):
+                await events.put((index, event))
+
+        pumps = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            ended = 0
+            while ended < len(requests):
+                index, event = await events.get()
+                ended += isinstance(event, FinalResult)
+                yield index, event
+        finally:
+            for task in pumps:
+                task.cancel()
+
+    async def _finals_unless_disconnected(self, requests: list[InferenceRequest], http: Request) -> list[FinalResult]:
+        async def finals() -> list[FinalResult]:
+            ended: dict[int, FinalResult] = {}
+            async for index, event in self._follow(requests):
                 if isinstance(event, FinalResult):
-                    return event
-            raise AssertionError("follow() always ends with a final record")
+                    ended[index] = event
+            return [ended[i] for i in range(len(requests))]
 
         async def disconnected() -> None:
             # Raced against the ASGI disconnect event, as vLLM does: polling is_disconnected() breaks under
@@ -205,54 +246,68 @@ class Completions:
             while (await http.receive())["type"] != "http.disconnect":
                 pass
 
-        waiting = asyncio.ensure_future(final())
+        waiting = asyncio.ensure_future(finals())
         watching = asyncio.ensure_future(disconnected())
         done, _ = await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
         watching.cancel()
         if waiting in done:
             return waiting.result()
         waiting.cancel()
-        await self.queue.cancel(request.id)
+        for request in requests:
+            await self.queue.cancel(request.id)
         log.info("request.client_disconnected")
         raise APIError(499, "Client closed the request.", code="client_disconnected")
 
     async def _events(
-        self, kind: Kind, request: InferenceRequest, include_usage: bool, admission: Admission | None
+        self, kind: Kind, requests: list[InferenceRequest], include_usage: bool, admission: Admission | None
     ) -> AsyncIterator[dict]:
-        finished = False
-        generated = 0
-        logprobs = LogprobsFormat(kind) if request.sampling.logprobs is not None else None
+        request = requests[0]
+        ended: dict[int, FinalResult] = {}
+        generated = [0] * len(requests)
+        logprobs = [LogprobsFormat(kind) for _ in requests] if request.sampling.logprobs is not None else None
         try:
-            yield {"data": json.dumps(_chunk(kind, request, "", None, first=True))}
-            async for event in self.queue.follow(request):
-                generated = event.completion_tokens
+            for index in range(len(requests)):
+                yield {"data": json.dumps(_chunk(kind, request, "", None, first=True, index=index))}
+            async for index, event in self._follow(requests):
+                generated[index] = event.completion_tokens
                 if isinstance(event, TokenDelta):
                     if admission is not None:
-                        await admission.charge_output(generated)
+                        await admission.charge_output(sum(generated))
                     if event.text or event.logprobs:
-                        shown = logprobs.format(event.logprobs) if logprobs else None
-                        yield {"data": json.dumps(_chunk(kind, request, event.text, None, logprobs=shown))}
+                        shown = logprobs[index].format(event.logprobs) if logprobs else None
+                        chunk = _chunk(kind, request, event.text, None, logprobs=shown, index=index)
+                        yield {"data": json.dumps(chunk)}
                     continue
-                finished = True
+                ended[index] = event
                 if event.finish_reason not in ("stop", "length"):
                     yield {"data": json.dumps(failure(event).body())}
                     return
-                yield {"data": json.dumps(_chunk(kind, request, "", event.finish_reason))}
-                if include_usage:
-                    yield {"data": json.dumps(_usage_chunk(kind, request, event))}
-                yield {"data": "[DONE]"}
+                yield {"data": json.dumps(_chunk(kind, request, "", event.finish_reason, index=index))}
+            if include_usage:
+                yield {"data": json.dumps(_usage_chunk(kind, request, [ended[i] for i in range(len(requests))]))}
+            yield {"data": "[DONE]"}
         finally:
             # One shielded step: a second cancellation would otherwise stop the cleanup halfway.
-            await asyncio.shield(self._end_stream(request, finished, admission, generated))
+            unfinished = [r for i, r in enumerate(requests) if i not in ended]
+            await asyncio.shield(self._end_stream(unfinished, admission, sum(generated)))
 
     async def _end_stream(
-        self, request: InferenceRequest, finished: bool, admission: Admission | None, generated: int
+        self, unfinished: list[InferenceRequest], admission: Admission | None, generated: int
     ) -> None:
-        if not finished:
-            # The client went away (or we are shutting down): free the worker's slot.
-            await self.queue.cancel(request.id)
+        if unfinished:
+            # The client went away (or we are shutting down, or another choice failed): free the workers' slots.
+            for request in unfinished:
+                await self.queue.cancel(request.id)
             log.info("request.stream_closed_early")
         await _settle(admission, generated)
+
+
+def _another_choice(request: InferenceRequest, index: int) -> InferenceRequest:
+    """Choice `index` of a request for several: its own id, and with a seed, its own (seed + index)."""
+    sampling = request.sampling
+    if sampling.seed is not None:
+        sampling = sampling.model_copy(update={"seed": (sampling.seed + index) % 2**63})
+    return request.model_copy(update={"id": new_request_id(), "sampling": sampling})
 
 
 async def _settle(admission: Admission | None, completion_tokens: int) -> None:
@@ -283,31 +338,31 @@ def _chunk(
     finish_reason: str | None,
     first: bool = False,
     logprobs: dict | None = None,
+    index: int = 0,
 ) -> dict:
     if kind == "chat":
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**_ids(kind, request), "object": "chat.completion.chunk", "choices": [choice]}
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_ids(kind, request), "object": "text_completion", "choices": [choice]}
 
 
-def _usage_chunk(kind: Kind, request: InferenceRequest, final: FinalResult) -> dict:
+def _usage_chunk(kind: Kind, request: InferenceRequest, finals: list[FinalResult]) -> dict:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {**_ids(kind, request), "object": obj, "choices": [], "usage": usage(final)}
+    return {**_ids(kind, request), "object": obj, "choices": [], "usage": usage(*finals)}
 
 
-def whole_response(kind: Kind, request: InferenceRequest, final: FinalResult) -> dict:
-    logprobs = None if final.logprobs is None else LogprobsFormat(kind).format(final.logprobs)
-    if kind == "chat":
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": final.text},
-            "logprobs": logprobs,
-            "finish_reason": final.finish_reason,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": final.text, "logprobs": logprobs, "finish_reason": final.finish_reason}
-        obj = "text_completion"
-    return {**_ids(kind, request), "object": obj, "choices": [choice], "usage": usage(final)}
+def whole_response(kind: Kind, request: InferenceRequest, *finals: FinalResult) -> dict:
+    """The response to a request whose choices ended with `finals`, in order."""
+    choices = []
+    for index, final in enumerate(finals):
+        logprobs = None if final.logprobs is None else LogprobsFormat(kind).format(final.logprobs)
+        choice: dict = {"index": index}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": final.text}
+        else:
+            choice["text"] = final.text
+        choices.append({**choice, "logprobs": logprobs, "finish_reason": final.finish_reason})
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return {**_ids(kind, request), "object": obj, "choices": choices, "usage": usage(*finals)}

@@ -173,3 +173,33 @@ def test_a_frequency_penalty_makes_greedy_output_repeat_itself_less(client):
         return max(tokens.count(t) for t in tokens)
 
     assert most_repeated(frequency_penalty=1.5) < most_repeated()
+
+
+def test_n_choices_each_sampled_with_its_own_seed_whole_and_streamed(client):
+    story = [{"role": "user", "content": "Tell me a story."}]
+    options = {"model": MODEL, "messages": story, "max_tokens": 6, "seed": 11, "extra_body": {"ignore_eos": True}}
+    whole = client.chat.completions.create(n=3, **options)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) > 1, "each choice draws with its own seed"
+    one = client.chat.completions.create(n=1, **options)
+    assert one.choices[0].message.content == texts[0], "choice 0 is the request with its seed as given"
+    assert whole.usage.completion_tokens == 18
+    assert whole.usage.prompt_tokens == one.usage.prompt_tokens, "the prompt is counted once"
+
+    stream = client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **options)
+    pieces: dict[int, str] = {0: "", 1: "", 2: ""}
+    finishes, usage = [], None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            pieces[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes.append(choice.index)
+    assert [pieces[i] for i in range(3)] == texts
+    assert sorted(finishes) == [0, 1, 2] and usage.completion_tokens == 18
+
+
+def test_a_job_of_several_choices_is_refused(http):
+    reply = http.post("/v1/jobs", json={"model": MODEL, "messages": FRANCE, "n": 2})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"

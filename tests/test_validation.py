@@ -55,7 +55,7 @@ def test_prompt_longer_than_the_context_is_400(http, settings):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("tools", []), ("n", 2), ("echo", True), ("no_such_field", 1)],
+    [("tools", []), ("best_of", 2), ("echo", True), ("no_such_field", 1)],
 )
 def test_unsupported_parameter_is_400_naming_it(http, field, value):
     error = assert_openai_error(post(http, {"model": MODEL, "messages": HI, field: value}), 400, field)
@@ -83,6 +83,8 @@ def test_nulls_and_defaults_that_clients_send_explicitly_are_accepted(http):
         {"model": MODEL, "messages": HI, "temperature": 5},
         {"model": MODEL, "messages": HI, "top_p": 0},
         {"model": MODEL, "messages": HI, "presence_penalty": 2.5},
+        {"model": MODEL, "messages": HI, "n": 0},
+        {"model": MODEL, "messages": HI, "n": 17},
         {"model": MODEL, "messages": HI, "logit_bias": {"1": 101}},
         {"model": MODEL, "messages": HI, "logit_bias": {"one": 1}},
         {"model": MODEL, "messages": HI, "logit_bias": {"-1": 1}},

@@ -307,7 +307,7 @@ def _another_choice(request: InferenceRequest, index: int) -> InferenceRequest:
     sampling = request.sampling
     if sampling.seed is not None:
         sampling = sampling.model_copy(update={"seed": (sampling.seed + index) % 2**63})
-    return request.model_copy(update={"id": new_request_id(), "sampling": sampling})
+    return request.model_copy(update={"id": new_request_id(), "sampling": sampling, "choice_of": request.id})
 
 
 async def _settle(admission: Admission | None, completion_tokens: int) -> None:

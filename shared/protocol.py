@@ -60,6 +60,8 @@ class InferenceRequest(BaseModel):
     """Unix time after which the request ends `expired` instead of starting or continuing."""
     conversation: str | None = None
     """Affinity key: turns with the same key go to the worker that served the last one, when it can take them."""
+    choice_of: str | None = None
+    """Set on the later choices of a request for several (n): the first choice's id, whose prompt they share."""
     batch: bool = False
     """A line of a /v1/batches job: its prompt is prefilled after the interactive prompts waiting beside it."""
     resume_token_ids: list[int] = Field(default_factory=list)

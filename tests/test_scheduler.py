@@ -195,3 +195,26 @@ def test_concurrent_requests_sharing_a_system_prompt_compute_it_once(loaded_mode
     scheduler.add(request("b", 8, prompt=system + [9, 10]))
     scheduler.step()
     assert scheduler.running["b"].reused == len(system)
+
+
+def test_the_later_choices_of_a_request_wait_for_the_first_ones_prefill_and_copy_it(loaded_model):
+    """The choices of one request (n) share their whole prompt: computed once, not once a choice."""
+    scheduler = cached_scheduler(loaded_model, 4096)
+    prompt = PROMPT * 16
+    scheduler.add(request("a", 4, prompt=prompt))
+    for rid in ("b", "c"):
+        scheduler.add(request(rid, 4, prompt=prompt).model_copy(update={"choice_of": "a"}))
+    scheduler.add(request("other", 4, prompt=prompt))
+    first = scheduler.step()
+    assert ids(first) == {"a", "other"}, "the later choices wait; a request of its own does not"
+    scheduler.step()
+    assert scheduler.running["b"].reused == scheduler.running["c"].reused == len(prompt) - 1
+    finals = {e.request_id: e.final for e in run_steps(scheduler) if e.final}
+    assert finals["a"].text == finals["b"].text == finals["c"].text == finals["other"].text
+
+
+def run_steps(scheduler):
+    events = []
+    while scheduler.has_work:
+        events += scheduler.step()
+    return events

@@ -231,8 +231,12 @@ class Scheduler:
 
     def _admit(self, now: float) -> list[StepEvent]:
         events = []
+        deferred = []
         while self.waiting and len(self.running) < self.max_running:
             request = self.waiting.popleft()
+            if self._first_choice_prefilling(request):
+                deferred.append(request)
+                continue
             prompt = request.prompt_token_ids + request.resume_token_ids
             source, reused = (None, 0)
             if self.slots.cache_tokens:
@@ -260,7 +264,14 @@ class Scheduler:
                 ended = self._resume(seq, now)
                 if ended is not None:
                     events.append(ended)
+        self.waiting.extendleft(reversed(deferred))
         return events
+
+    def _first_choice_prefilling(self, request: InferenceRequest) -> bool:
+        """A later choice of a request for several waits while the first one prefills their prompt, then copies
+        that KV from it (the prefix cache), instead of computing the same positions beside it."""
+        first = self.running.get(request.choice_of) if request.choice_of and self.slots.cache_tokens else None
+        return first is not None and first.kv_len < len(request.prompt_token_ids) - 1
 
     def _resume(self, seq: Sequence, now: float) -> StepEvent | None:
         """Replay the tokens an earlier run streamed, so text and stop-string state continue exactly where the

@@ -100,7 +100,8 @@ class _SamplingFields(BaseModel):
     """Affinity hint (also accepted as the X-Conversation-Id header): turns of one conversation reuse one cache."""
 
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    """Choices: each runs as a request of its own (its own id and seed; the prompt's KV shared by the prefix cache)."""
+    """Choices: each runs as a request of its own (its own id and seed; the later ones copy the first one's prompt KV
+    where they share its worker)."""
 
     # Accepted only at their default (see _DEFAULT_ONLY).
     response_format: dict | None = None

@@ -215,17 +215,22 @@ class Completions:
             async for event in self.queue.follow(requests[0]):
                 yield 0, event
             return
-        events: asyncio.Queue[tuple[int, TokenDelta | FinalResult]] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int, TokenDelta | FinalResult | Exception]] = asyncio.Queue()
 
         async def pump(index: int, request: InferenceRequest) -> None:
-            async for event in self.queue.follow(request):
-                await events.put((index, event))
+            try:
+                async for event in self.queue.follow(request):
+                    await events.put((index, event))
+            except Exception as error:  # raised where the events are read, not lost in a task nobody awaits
+                await events.put((index, error))
 
         pumps = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
         try:
             ended = 0
             while ended < len(requests):
                 index, event = await events.get()
+                if isinstance(event, Exception):
+                    raise event
                 ended += isinstance(event, FinalResult)
                 yield index, event
         finally:

@@ -70,7 +70,7 @@ class InferenceRequest(BaseModel):
 
 
 class TokenLogprob(BaseModel):
-    """A generated token's log probability under the model (before temperature and penalties, as vLLM reports
+    """A generated token's log probability under the model (before temperature, penalties and bias, as vLLM reports
     them by default), with the most likely tokens at its position, each as [text, logprob]."""
 
     token: str

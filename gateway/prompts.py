@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import threading
+from functools import cached_property
 from pathlib import Path
 
 from jinja2 import TemplateError
+from llguidance import LLTokenizer
 from tokenizers import Tokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -49,6 +51,11 @@ class PromptTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    @cached_property
+    def grammar_tokenizer(self) -> LLTokenizer:
+        """The vocabulary that structured-output grammars are checked against (~0.2 s and ~30 MB, at first use)."""
+        return LLTokenizer(self._tokenizer.to_str())
 
 
 class Tokenizers:

@@ -1,7 +1,7 @@
 """OpenAI-compatible request bodies, with bounds on every field.
 
 A parameter we do not implement is refused with a 400 that names it, rather than silently ignored; parameters
-that only matter at a non-default value (best_of, echo …) are accepted at their default."""
+that only matter at a non-default value (best_of, echo) are accepted at their default."""
 
 from __future__ import annotations
 
@@ -37,9 +37,59 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON that matches a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise APIError(
+                400,
+                "'json_schema' is required with type 'json_schema', and only with it.",
+                param="response_format",
+                code="invalid_value",
+            )
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: the output matches a JSON schema, a regular expression, one of the choices, or a
+    grammar (Lark or GBNF); exactly one of them."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=1024)] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [self.json_, self.regex, self.choice, self.grammar, self.json_object or None]
+        if sum(value is not None for value in given) != 1:
+            raise APIError(
+                400,
+                "'structured_outputs' takes exactly one of 'json', 'regex', 'choice', 'grammar', 'json_object'.",
+                param="structured_outputs",
+                code="invalid_value",
+            )
+        return self
+
+
 _DEFAULT_ONLY = {
     # name: the only value we accept
-    "response_format": {"type": "text"},
     "best_of": 1,
     "echo": False,
 }
@@ -103,8 +153,11 @@ class _SamplingFields(BaseModel):
     """Choices: each runs as a request of its own (its own id and seed; the later ones copy the first one's prompt KV
     where they share its worker)."""
 
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    """Structured output (see gateway.structured_output): at most one of the two, other than response_format text."""
+
     # Accepted only at their default (see _DEFAULT_ONLY).
-    response_format: dict | None = None
     best_of: int | None = None
     echo: bool | None = None
 

@@ -24,6 +24,7 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest, Detokeniz
 from gateway.queue_client import QueueClient
 from gateway.rate_limits import Admission, RateLimiter
 from gateway.sanitize import DenyList
+from gateway.structured_output import output_grammar
 from shared.protocol import FinalResult, InferenceRequest, SamplingParams, TokenDelta, new_request_id
 from shared.settings import Settings
 
@@ -135,6 +136,7 @@ class Completions:
                 stop=body.stop_list(),
                 ignore_eos=body.ignore_eos,
                 logprobs=body.logprobs_count,
+                grammar=output_grammar(body, tokenizer),
             ),
             stream=body.stream,
             created=now,

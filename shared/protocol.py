@@ -42,6 +42,9 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: int | None = None
     """None: no log probabilities; k: each generated token's, with the k most likely tokens' at its position."""
+    grammar: str | None = None
+    """Structured output: an llguidance grammar (as `llguidance.LLMatcher.grammar_from_*` writes it) that the
+    output must match; the worker allows only the tokens it allows, and ends the output where it does."""
 
     @property
     def greedy(self) -> bool:
@@ -71,7 +74,8 @@ class InferenceRequest(BaseModel):
 
 class TokenLogprob(BaseModel):
     """A generated token's log probability under the model (before temperature, penalties and bias, as vLLM reports
-    them by default), with the most likely tokens at its position, each as [text, logprob]."""
+    them by default; after a structured output's grammar, which leaves the tokens it rules out at -9999), with the
+    most likely tokens at its position, each as [text, logprob]."""
 
     token: str
     logprob: float

@@ -10,9 +10,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from llguidance import LLMatcher
 
 from shared.metrics import WorkerMetrics
 from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings, TokenLogprob
+from worker.grammar import OutputGrammars
 from worker.kv_slots import KVSlots
 from worker.llama_runner import LlamaRunner, PrefillChunk
 from worker.sampling import choose_tokens, new_generator, token_logprobs
@@ -39,6 +41,8 @@ class Sequence:
     """The generated tokens' log probabilities, for the final record, when the request asked for them."""
     first_token_at: float | None = None
     last_token_at: float = 0.0
+    matcher: LLMatcher | None = None
+    """Where the output stands in its request's grammar (structured output), if it has one."""
 
     @property
     def prompt(self) -> list[int]:
@@ -107,6 +111,7 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}
         self.max_running = max_running or runner.slots
         self.slots = KVSlots(runner.slots, prefix_cache_tokens)
+        self.grammars = OutputGrammars(tokenizer, eos_token_ids)
         self._cancelled: set[str] = set()
         self.prompt_tokens_total = 0
         self.reused_tokens_total = 0
@@ -168,6 +173,9 @@ class Scheduler:
         sampled = decoding + [s for s, _ in prefilling if s.decoding]
         if rows != list(range(logits.shape[0])):
             logits = logits[torch.tensor(rows, dtype=torch.long)]
+        constrained = [i for i, s in enumerate(sampled) if s.matcher is not None]
+        if constrained:
+            logits = self.grammars.masked(logits, constrained, [sampled[i].matcher for i in constrained])
         tokens = choose_tokens(
             logits,
             [s.request.sampling for s in sampled],
@@ -260,6 +268,11 @@ class Scheduler:
                 reused=reused,
                 kv_len=reused,
             )
+            if request.sampling.grammar is not None:
+                seq.matcher = self.grammars.matcher(request.sampling.grammar)
+                if seq.matcher.is_error():
+                    events.append(self._finish(seq, "error", now, error=f"Grammar: {seq.matcher.get_error()}"))
+                    continue
             if request.resume_token_ids:
                 ended = self._resume(seq, now)
                 if ended is not None:
@@ -279,6 +292,8 @@ class Scheduler:
         for token in seq.request.resume_token_ids:
             seq.generated.append(token)
             seq.output.add(token)
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
         seq.first_token_at = now
         if seq.output.stopped:
             return self._finish(seq, "stop", now)
@@ -326,7 +341,10 @@ class Scheduler:
         logprobs = [logprob] if logprob is not None else []
         seq.logprobs += logprobs
         delta = seq.output.add(token)
-        if seq.output.stopped:
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            error = f"Grammar: {seq.matcher.get_error()}"
+            return self._finish(seq, "error", now, delta, [token], logprobs, error=error)
+        if seq.output.stopped or (seq.matcher is not None and seq.matcher.is_stopped()):
             return self._finish(seq, "stop", now, delta, [token], logprobs)
         at_capacity = len(seq.prompt) + len(seq.generated) >= self.runner.capacity
         if len(seq.generated) >= sampling.max_tokens or at_capacity:
@@ -343,6 +361,7 @@ class Scheduler:
         delta: str = "",
         token_ids: list[int] | None = None,
         logprobs: list[TokenLogprob] | None = None,
+        error: str | None = None,
     ) -> StepEvent:
         del self.running[seq.request.id]
         self.slots.park(seq.slot, seq.kv_tokens())
@@ -356,6 +375,7 @@ class Scheduler:
             completion_tokens=len(seq.generated),
             started=seq.started,
             first_token_at=seq.first_token_at,
+            error=error,
         )
         if seq.request.sampling.logprobs is not None:
             final.logprobs = seq.logprobs
@@ -378,13 +398,14 @@ class Scheduler:
         completion_tokens: int = 0,
         started: float | None = None,
         first_token_at: float | None = None,
+        error: str | None = None,
     ) -> FinalResult:
         return FinalResult(
             id=request.id,
             model=self.model_name,
             text=text,
             finish_reason=reason,
-            error={"expired": "request deadline passed", "cancelled": "cancelled by the client"}.get(reason),
+            error=error or {"expired": "request deadline passed", "cancelled": "cancelled by the client"}.get(reason),
             prompt_tokens=len(request.prompt_token_ids),
             cached_tokens=cached_tokens,
             completion_tokens=completion_tokens,

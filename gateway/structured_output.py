@@ -1,0 +1,62 @@
+"""Structured output: OpenAI's `response_format` or vLLM's `structured_outputs` as the llguidance grammar a worker
+constrains the output with (SamplingParams.grammar). A grammar that does not compile is a 400 here, before anything
+is queued."""
+
+from __future__ import annotations
+
+import json
+
+from llguidance import LLMatcher, grammar_from
+
+from gateway.errors import APIError
+from gateway.prompts import PromptTokenizer
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat, StructuredOutputs
+
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""JSON laid out as json.dumps writes it: with free whitespace a small model tends to fill its output with newlines.
+A schema's own "x-guidance" options override these."""
+
+_ANY_OBJECT = {"type": "object"}
+
+
+def output_grammar(body: ChatCompletionRequest | CompletionRequest, tokenizer: PromptTokenizer) -> str | None:
+    """The grammar the request's output must match, or None for free text."""
+    response_format = body.response_format if body.response_format and body.response_format.type != "text" else None
+    if response_format is None and body.structured_outputs is None:
+        return None
+    if response_format is not None and body.structured_outputs is not None:
+        raise APIError(
+            400, "Give 'response_format' or 'structured_outputs', not both.", param="structured_outputs",
+            code="invalid_value",
+        )  # fmt: skip
+    param = "response_format" if response_format else "structured_outputs"
+    try:
+        grammar = _from_response_format(response_format) if response_format else _from_vllm(body.structured_outputs)
+        error = LLMatcher.validate_grammar(grammar, tokenizer.grammar_tokenizer)
+    except ValueError as exc:
+        error = str(exc)
+    if error:
+        raise APIError(400, f"'{param}' does not compile: {error.strip()}", param=param, code="invalid_value")
+    return grammar
+
+
+def json_grammar(schema: dict | str) -> str:
+    return LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+
+
+def _from_response_format(response_format: ResponseFormat) -> str:
+    if response_format.type == "json_object":
+        return json_grammar(_ANY_OBJECT)
+    return json_grammar(response_format.json_schema.schema_)
+
+
+def _from_vllm(outputs: StructuredOutputs) -> str:
+    if outputs.json_ is not None:
+        return json_grammar(json.loads(outputs.json_) if isinstance(outputs.json_, str) else outputs.json_)
+    if outputs.regex is not None:
+        return grammar_from("regex", outputs.regex)
+    if outputs.choice is not None:
+        return grammar_from("choice", outputs.choice)
+    if outputs.grammar is not None:
+        return grammar_from("grammar", outputs.grammar)  # Lark, or GBNF converted to it
+    return json_grammar(_ANY_OBJECT)

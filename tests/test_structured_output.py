@@ -1,0 +1,131 @@
+"""Structured output: the output matches the request's JSON schema, regular expression, choices or grammar, on
+the real model, through the gateway and the openai client; a grammar that does not compile is a 400."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from llguidance import LLMatcher
+
+from gateway.structured_output import json_grammar
+from shared.protocol import InferenceRequest, SamplingParams
+from tests.conftest import FRANCE_QUESTION, MODEL
+from tests.test_scheduler import scheduler_with
+from tests.test_validation import assert_openai_error, post
+
+FRANCE = [{"role": "user", "content": FRANCE_QUESTION}]
+ANSWER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon", "Rome"]}, "sure": {"type": "boolean"}},
+    "required": ["city", "sure"],
+    "additionalProperties": False,
+}
+PHONE = r"\d{3}-\d{4}"
+
+
+def run(scheduler, grammar: str, **sampling) -> dict:
+    scheduler.add(
+        InferenceRequest(
+            id="r",
+            model="m",
+            prompt_token_ids=[1, 504, 3575, 282, 4649, 314],
+            sampling=SamplingParams(max_tokens=40, grammar=grammar, **sampling),
+            deadline=time.time() + 60,
+        )
+    )
+    while scheduler.has_work:
+        for event in scheduler.step():
+            if event.final:
+                return event.final
+    raise AssertionError("no final record")
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.5, "seed": 3}])
+def test_the_worker_only_chooses_tokens_the_grammar_allows_and_stops_where_it_ends(loaded_model, sampling):
+    scheduler = scheduler_with(loaded_model, 16)
+    final = run(scheduler, LLMatcher.grammar_from_regex(PHONE), **sampling)
+    assert final.finish_reason == "stop" and re.fullmatch(PHONE, final.text), final.text
+    final = run(scheduler, json_grammar(ANSWER), **sampling)
+    assert final.finish_reason == "stop", final.text
+    assert json.loads(final.text)["city"] in ("Paris", "Lyon", "Rome")
+
+
+def test_a_grammar_the_worker_cannot_compile_fails_the_request_with_its_reason(loaded_model):
+    final = run(scheduler_with(loaded_model, 16), LLMatcher.grammar_from_lark("start: <[99999999]>"))
+    assert final.finish_reason == "error" and "Grammar" in final.error
+
+
+def test_a_json_schema_response_format_gives_json_that_matches_it(client):
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=FRANCE,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}},
+        logprobs=True,
+        top_logprobs=5,
+    )
+    answer = json.loads(reply.choices[0].message.content)
+    assert answer["city"] == "Paris" and isinstance(answer["sure"], bool)
+    assert reply.choices[0].finish_reason == "stop"
+    # Where the grammar allows fewer than five tokens, the others are ruled out: finite, as vLLM clamps them.
+    tops = [top.logprob for token in reply.choices[0].logprobs.content for top in token.top_logprobs]
+    assert -9999.0 in tops and min(tops) == -9999.0
+
+
+def test_json_object_mode_streams_a_json_object(client):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe Paris as a JSON object with two short fields."}],
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+        response_format={"type": "json_object"},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop", text
+    assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "matches"),
+    [
+        ({"choice": ["Paris", "London", "Berlin"]}, lambda text: text == "Paris"),
+        ({"regex": PHONE}, lambda text: re.fullmatch(PHONE, text)),
+        ({"grammar": 'root ::= "The answer is " [0-9]+'}, lambda text: re.fullmatch(r"The answer is \d+", text)),
+        ({"json": ANSWER}, lambda text: json.loads(text)["city"] in ("Paris", "Lyon", "Rome")),
+    ],
+)
+def test_vllms_structured_outputs_constrain_completions_too(client, outputs, matches):
+    reply = client.completions.create(
+        model=MODEL,
+        prompt="The capital of France is",
+        max_tokens=30,
+        temperature=0,
+        extra_body={"structured_outputs": outputs},
+    )
+    assert matches(reply.choices[0].text), reply.choices[0].text
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "frob"}}}},
+         "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs"),
+        ({"structured_outputs": {"grammar": "start: <[99999999]>"}}, "structured_outputs"),
+        ({"structured_outputs": {"json": "{not json"}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "structured_outputs"),
+    ],
+)  # fmt: skip
+def test_a_grammar_that_does_not_compile_or_a_muddled_request_is_400(http, extra, param):
+    error = assert_openai_error(post(http, {"model": MODEL, "messages": FRANCE, **extra}), 400, param)
+    assert error["code"] == "invalid_value" or "type" in param

@@ -26,7 +26,7 @@ ANSWER = {
 PHONE = r"\d{3}-\d{4}"
 
 
-def run(scheduler, grammar: str, **sampling) -> dict:
+def run(scheduler, grammar: str, resume: list[int] = (), **sampling) -> dict:
     scheduler.add(
         InferenceRequest(
             id="r",
@@ -34,6 +34,7 @@ def run(scheduler, grammar: str, **sampling) -> dict:
             prompt_token_ids=[1, 504, 3575, 282, 4649, 314],
             sampling=SamplingParams(max_tokens=40, grammar=grammar, **sampling),
             deadline=time.time() + 60,
+            resume_token_ids=list(resume),
         )
     )
     while scheduler.has_work:
@@ -51,6 +52,12 @@ def test_the_worker_only_chooses_tokens_the_grammar_allows_and_stops_where_it_en
     final = run(scheduler, json_grammar(ANSWER), **sampling)
     assert final.finish_reason == "stop", final.text
     assert json.loads(final.text)["city"] in ("Paris", "Lyon", "Rome")
+
+
+def test_a_reclaimed_request_continues_the_grammar_from_the_tokens_already_streamed(loaded_model):
+    streamed = loaded_model.tokenizer.encode('{"city": "Ro', add_special_tokens=False)
+    final = run(scheduler_with(loaded_model, 16), json_grammar(ANSWER), resume=streamed, temperature=0)
+    assert final.finish_reason == "stop" and json.loads(final.text)["city"] == "Rome", final.text
 
 
 def test_a_grammar_the_worker_cannot_compile_fails_the_request_with_its_reason(loaded_model):

@@ -103,7 +103,7 @@ MAX_LOGPROBS = 20
 _NULL_IS_DEFAULT = frozenset(
     {
         "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "stream",
-        "ignore_eos", "logprobs", "n",
+        "ignore_eos", "logprobs", "n", "min_tokens",
     }
 )  # fmt: skip
 """Fields OpenAI's schema (and vLLM) take as null, meaning their default: clients and proxies send explicit nulls."""
@@ -141,6 +141,10 @@ class _SamplingFields(BaseModel):
         | Annotated[list[Annotated[Text, Field(min_length=1, max_length=256)]], Field(max_length=8)]
         | None
     ) = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(max_length=64)] | None = None
+    """vLLM's: token ids that end the output as the end-of-sequence token does."""
+    min_tokens: Annotated[int, Field(ge=0, le=2**31)] = 0
+    """vLLM's: no end-of-sequence token, stop token or stop string ends the output before this many tokens."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -174,6 +178,18 @@ class _SamplingFields(BaseModel):
                     param=name,
                     code="unsupported_value",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _min_tokens_fit(self):
+        if self.min_tokens and self.requested_max_tokens is not None and self.min_tokens > self.requested_max_tokens:
+            raise APIError(400, "'min_tokens' exceeds 'max_tokens'.", param="min_tokens", code="invalid_value")
+        structured = self.structured_outputs or (self.response_format and self.response_format.type != "text")
+        if self.min_tokens and structured:
+            # A grammar ends the output where it ends: min_tokens would leave its last step no token to choose.
+            raise APIError(
+                400, "'min_tokens' does not combine with structured output.", param="min_tokens", code="invalid_value"
+            )
         return self
 
     def stop_list(self) -> list[str]:

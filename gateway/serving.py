@@ -115,6 +115,7 @@ class Completions:
         tokenizer = self.tokenizers.get(body.model)
         ids = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
         check_token_ids(tokenizer, body.logit_bias, "logit_bias")
+        check_token_ids(tokenizer, body.stop_token_ids, "stop_token_ids")
         if self.deny_list.patterns:
             self.deny_list.check(_prompt_texts(body, tokenizer, ids))
         max_tokens = output_budget(len(ids), body.requested_max_tokens, spec.max_context, self.settings)
@@ -134,6 +135,8 @@ class Completions:
                 logit_bias=body.logit_bias or {},
                 seed=body.seed,
                 stop=body.stop_list(),
+                stop_token_ids=body.stop_token_ids or [],
+                min_tokens=body.min_tokens,
                 ignore_eos=body.ignore_eos,
                 logprobs=body.logprobs_count,
                 grammar=output_grammar(body, tokenizer),

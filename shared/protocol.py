@@ -39,6 +39,10 @@ class SamplingParams(BaseModel):
     """Token id -> a value added to its logit before the choice."""
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    """Tokens that end the output as the end-of-sequence token does (not part of its text)."""
+    min_tokens: int = 0
+    """Tokens generated before the end-of-sequence token, a stop token or a stop string can end the output."""
     ignore_eos: bool = False
     logprobs: int | None = None
     """None: no log probabilities; k: each generated token's, with the k most likely tokens' at its position."""

@@ -62,3 +62,27 @@ def test_logit_bias_bans_or_forces_tokens(client, model_dir):
     (forced,) = tokenizer.encode(" banana")
     reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logit_bias={forced: 100})
     assert reply.choices[0].text == " banana"
+
+
+def test_a_stop_token_id_ends_the_output_before_it(client, model_dir):
+    (comma,) = PromptTokenizer(model_dir).encode(",")
+    reply = client.completions.create(
+        model=MODEL, prompt="One, two, three,", max_tokens=20, temperature=0, extra_body={"stop_token_ids": [comma]}
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].text.strip() and "," not in reply.choices[0].text
+
+
+def test_min_tokens_holds_off_the_end_of_sequence_and_stop_strings(client):
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+    short = client.chat.completions.create(model=MODEL, messages=france, max_tokens=64, temperature=0)
+    assert short.choices[0].finish_reason == "stop"
+    n = short.usage.completion_tokens
+    longer = client.chat.completions.create(
+        model=MODEL, messages=france, max_tokens=64, temperature=0, extra_body={"min_tokens": n + 5}
+    )
+    assert longer.usage.completion_tokens >= n + 5
+    stopped = client.completions.create(
+        model=MODEL, prompt="One, two, three,", max_tokens=20, temperature=0, stop=[","], extra_body={"min_tokens": 4}
+    )
+    assert stopped.choices[0].text.count(",") >= 1 and stopped.usage.completion_tokens >= 4

@@ -85,3 +85,16 @@ def test_logit_bias_is_added_to_its_tokens_logits_greedy_rows_included():
     sampled = SamplingParams(max_tokens=1, logit_bias={k: -100 for k in range(4)}, seed=1)
     draws = {choose_tokens(logits, [sampled], [new_generator(sampled)], [[]], [[]])[0] for _ in range(20)}
     assert draws == {4}, "sampled rows never draw a banned token"
+
+
+def test_min_tokens_rules_out_the_end_and_stop_tokens_until_reached():
+    logits = torch.tensor([[1.0, 3.0, 2.5, 2.0, 0.0]])  # 1: end of sequence, then 2, then 3
+
+    def greedy(generated: int, **params) -> int:
+        sampling = SamplingParams(max_tokens=9, temperature=0, **params)
+        return choose_tokens(logits, [sampling], [None], [[]], [[7] * generated], frozenset({1}))[0]
+
+    assert greedy(0) == 1
+    assert greedy(0, min_tokens=2) == 2 and greedy(1, min_tokens=2) == 2
+    assert greedy(2, min_tokens=2) == 1, "reached: the end token is allowed again"
+    assert greedy(0, min_tokens=1, stop_token_ids=[2]) == 3, "the row's stop tokens too"

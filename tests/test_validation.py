@@ -144,3 +144,20 @@ def test_json_the_decoder_gives_up_on_is_invalid_json(http):
 @pytest.mark.parametrize("body", [b"", b"[1, 2]", b'"text"'])
 def test_a_body_that_is_not_a_json_object_says_so(http, body):
     assert "must be a JSON object" in assert_openai_error(post(http, body), 400)["message"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"min_tokens": 9, "max_tokens": 4},
+        {"min_tokens": 2, "response_format": {"type": "json_object"}},
+        {"min_tokens": -1},
+    ],
+)
+def test_min_tokens_beyond_max_tokens_or_with_a_grammar_is_400(http, extra):
+    assert_openai_error(post(http, {"model": MODEL, "messages": HI, **extra}), 400, "min_tokens")
+
+
+def test_a_stop_token_id_outside_the_vocabulary_is_400(http):
+    reply = post(http, {"model": MODEL, "messages": HI, "stop_token_ids": [2**30]})
+    assert assert_openai_error(reply, 400, "stop_token_ids")["code"] == "invalid_value"

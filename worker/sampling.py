@@ -41,12 +41,13 @@ def _apply_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
     )
 
 
-def _adjusts_logits(params: SamplingParams) -> bool:
+def _adjusts_logits(params: SamplingParams, generated: int) -> bool:
     return (
         params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0
         or bool(params.logit_bias)
+        or generated < params.min_tokens
     )
 
 
@@ -87,15 +88,17 @@ def choose_tokens(
     generators: list[torch.Generator | None],
     prompts: list[list[int]],
     generated: list[list[int]],
+    end_tokens: frozenset[int] = frozenset(),
 ) -> list[int]:
     """logits: [rows, vocab], any float dtype (greedy rows take their argmax as they are; the others are sampled in
     float32). Row i's prompt and generated tokens are only read when it has a penalty. Logit bias and penalties
-    apply to greedy rows too."""
+    apply to greedy rows too. `end_tokens` (the model's end-of-sequence tokens) and a row's stop tokens are ruled
+    out until it has its min_tokens."""
     # max's indices, not argmax: the same first index of the highest, but vectorized for bf16 (32 rows of a 49k
     # vocabulary 2.8 -> 0.65 ms, ~6% of a 32-sequence decode step on Zen 4).
     chosen = logits.max(dim=-1).indices.tolist()
     for i, p in enumerate(params):
-        if p.greedy and not _adjusts_logits(p):
+        if p.greedy and not _adjusts_logits(p, len(generated[i])):
             continue
         row = logits[i].to(torch.float32, copy=True)
         if p.repetition_penalty != 1.0:
@@ -104,6 +107,9 @@ def choose_tokens(
             _apply_output_penalties(row, generated[i], p)
         if p.logit_bias:
             _apply_logit_bias(row, p.logit_bias)
+        if len(generated[i]) < p.min_tokens:
+            ends = torch.tensor(sorted(end_tokens | set(p.stop_token_ids)), dtype=torch.long, device=row.device)
+            row[ends] = float("-inf")
         chosen[i] = int(row.argmax()) if p.greedy else _sample_row(row, p, generators[i])
     return chosen
 

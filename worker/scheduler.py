@@ -182,6 +182,7 @@ class Scheduler:
             [s.generator for s in sampled],
             [s.prompt for s in sampled],
             [s.generated for s in sampled],
+            self.eos_token_ids,
         )
         logprobs = self._logprobs(logits, sampled, tokens)
         prompt_tokens = sum(len(chunk.tokens) for _, chunk in prefilling)
@@ -260,7 +261,7 @@ class Scheduler:
             seq = self.running[request.id] = Sequence(
                 request=request,
                 slot=slot,
-                output=TextOutput(self.tokenizer, request.sampling.stop),
+                output=TextOutput(self.tokenizer, request.sampling.stop, request.sampling.min_tokens),
                 generator=new_generator(request.sampling, self.runner.device),
                 started=now,
                 admitted_step=self.steps,
@@ -335,7 +336,7 @@ class Scheduler:
         else:
             self.metrics.itl.observe(now - seq.last_token_at)
         seq.last_token_at = now
-        if token in self.eos_token_ids and not sampling.ignore_eos:
+        if (token in self.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
             return self._finish(seq, "stop", now)
         seq.generated.append(token)
         logprobs = [logprob] if logprob is not None else []

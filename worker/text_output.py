@@ -7,9 +7,11 @@ from __future__ import annotations
 
 
 class TextOutput:
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
+        """Stop strings end the text only from the min_tokens-th token on (vLLM's min_tokens)."""
         self._tokenizer = tokenizer
         self._stop = [s for s in stop if s]
+        self._min_tokens = min_tokens
         self._ids: list[int] = []
         self._prefix = 0  # decode window start: enough context for the tokenizer to place spaces right
         self._read = 0  # ids already turned into text
@@ -29,7 +31,7 @@ class TextOutput:
             searched_from = max(0, len(self.text) - max((len(s) for s in self._stop), default=0))
             self.text += after[len(before) :]
             self._prefix, self._read = self._read, len(self._ids)
-            if self._stop:
+            if self._stop and len(self._ids) >= self._min_tokens:
                 self._cut_at_stop(searched_from)
         return self._release(final=self.stopped)
 

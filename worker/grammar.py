@@ -6,7 +6,6 @@ from __future__ import annotations
 from functools import cached_property
 
 import llguidance.hf
-import llguidance.torch
 import numpy as np
 import torch
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
@@ -16,12 +15,15 @@ class OutputGrammars:
     def __init__(self, hf_tokenizer, eos_token_ids: frozenset[int]):
         self._hf_tokenizer = hf_tokenizer
         self._eos = sorted(eos_token_ids)
-        self._executor = LLExecutor()
 
     @cached_property
     def _tokenizer(self) -> LLTokenizer:
         # ~0.4 s, once: built at the first constrained request rather than at every start.
         return llguidance.hf.from_tokenizer(self._hf_tokenizer, eos_token=self._eos)
+
+    @cached_property
+    def _executor(self) -> LLExecutor:
+        return LLExecutor()
 
     def matcher(self, grammar: str) -> LLMatcher:
         """A matcher at the grammar's start; in its error state (`is_error`) if the grammar does not compile."""
@@ -31,9 +33,13 @@ class OutputGrammars:
         """The logits with -inf for the tokens each row's matcher does not allow next (all of them where it is in
         its error state: the caller ends those)."""
         vocab = self._tokenizer.vocab_size
-        bits = torch.empty((len(rows), (vocab + 31) // 32), dtype=torch.int32)
-        # The matchers fill their masks in parallel, on the executor's threads (the model is idle meanwhile).
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bits)
+        words = (vocab + 31) // 32
+        bits = torch.empty((len(rows), words), dtype=torch.int32)
+        # The matchers fill their masks in parallel, on the executor's threads (the model is idle meanwhile), as
+        # llguidance.torch.fill_next_token_bitmask_par does; that module compiles with torch.compile on import.
+        self._executor.unsafe_compute_mask_ptr(
+            list(zip(matchers, range(len(rows)))), bits.data_ptr(), words * 4, len(rows)
+        )
         # Token 32w + j is bit j of word w: the int32s' bytes, little-endian, least significant bit first.
         allowed = np.unpackbits(bits.numpy().view(np.uint8), axis=-1, bitorder="little").view(np.bool_)
         width = min(vocab, logits.shape[-1])

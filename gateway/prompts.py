@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from gateway.errors import APIError
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
 from shared.settings import Settings
 
 
@@ -35,13 +35,14 @@ class PromptTokenizer:
         }
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if not isinstance(self._template, str):
             raise APIError(400, "This model has no chat template: send its prompt to /v1/completions.")
         try:
             (text,), _ = render_jinja_template(
-                [messages], chat_template=self._template, add_generation_prompt=True, **self._special_tokens
-            )
+                [messages], tools=tools, chat_template=self._template, add_generation_prompt=True,
+                **self._special_tokens,
+            )  # fmt: skip
         except TemplateError as error:  # a template's raise_exception(), e.g. on roles it does not take
             raise APIError(400, f"The model's chat template refused the messages: {error}", param="messages") from None
         return self.encode(text, special_tokens=False)
@@ -86,8 +87,34 @@ class Tokenizers:
 
 
 def chat_token_ids(tokenizer: PromptTokenizer, request: ChatCompletionRequest | TokenizeRequest) -> list[int]:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
-    return tokenizer.chat_ids(messages)
+    tools = getattr(request, "tools", None)
+    return tokenizer.chat_ids(
+        [_template_message(m) for m in request.messages], [t.model_dump() for t in tools] if tools else None
+    )
+
+
+def _template_message(message: ChatMessage) -> dict:
+    """A message as chat templates take it: tool calls' arguments as objects, as transformers' templates expect."""
+    rendered = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if message.tool_calls:
+        rendered["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": c.type,
+                "function": {"name": c.function.name, "arguments": _object(c.function.arguments)},
+            }
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
+    return rendered
+
+
+def _object(arguments: str) -> dict | str:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 def check_token_ids(tokenizer: PromptTokenizer, ids, param: str) -> None:

@@ -27,14 +27,70 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: str
+    """JSON, as the model wrote it."""
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(max_length=256)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | Annotated[list[TextPart], Field(max_length=256)] | None = None
     name: Annotated[Text, Field(max_length=64)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=128)] | None = None
+    """An assistant turn's calls (its content may then be null)."""
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """A tool message's answer to that call."""
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self):
+        if self.content is None and not self.tool_calls:
+            raise APIError(400, "A message needs 'content' (or, from the assistant, 'tool_calls').", param="messages")
+        if self.tool_calls and self.role != "assistant":
+            raise APIError(400, "Only assistant messages carry 'tool_calls'.", param="messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise APIError(400, "A tool message, and only a tool message, carries 'tool_call_id'.", param="messages")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict = Field(default_factory=dict)
+    """A JSON schema of the arguments object ({}: no arguments)."""
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionName
 
 
 class JsonSchemaFormat(BaseModel):
@@ -184,13 +240,17 @@ class _SamplingFields(BaseModel):
     def _min_tokens_fit(self):
         if self.min_tokens and self.requested_max_tokens is not None and self.min_tokens > self.requested_max_tokens:
             raise APIError(400, "'min_tokens' exceeds 'max_tokens'.", param="min_tokens", code="invalid_value")
-        structured = self.structured_outputs or (self.response_format and self.response_format.type != "text")
-        if self.min_tokens and structured:
+        if self.min_tokens and self.structured:
             # A grammar ends the output where it ends: min_tokens would leave its last step no token to choose.
             raise APIError(
                 400, "'min_tokens' does not combine with structured output.", param="min_tokens", code="invalid_value"
             )
         return self
+
+    @property
+    def structured(self) -> bool:
+        """Structured output asked for (a response_format other than text, or structured_outputs)."""
+        return bool(self.structured_outputs or (self.response_format and self.response_format.type != "text"))
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -204,6 +264,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    """False: tool_choice 'required' makes exactly one call."""
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -219,17 +283,51 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _check_roles_and_order(self):
-        """System/developer messages only lead; then the turns start and end with the user."""
+        """System/developer messages only lead; then the turns start with the user and end with the user or with
+        tool results, which answer the assistant turn with tool calls before them."""
         roles = [m.role for m in self.messages]
         leading = 0
         while leading < len(roles) and roles[leading] in ("system", "developer"):
             leading += 1
-        turns = roles[leading:]
-        if "system" in turns or "developer" in turns:
+        turns = self.messages[leading:]
+        if any(m.role in ("system", "developer") for m in turns):
             raise _order_error("System and developer messages must come before the conversation.")
-        if not turns or turns[0] != "user" or turns[-1] != "user":
-            raise _order_error("The conversation must start and end with a user message.")
+        if not turns or turns[0].role != "user" or turns[-1].role not in ("user", "tool"):
+            raise _order_error("The conversation must start with a user message and end with a user or tool one.")
+        for before, message in zip(turns, turns[1:]):
+            if message.role == "tool" and not (before.role == "tool" or before.tool_calls):
+                raise _order_error("A tool message must follow an assistant message with tool calls.")
         return self
+
+    @model_validator(mode="after")
+    def _check_tool_choice(self):
+        choice = self.tool_choice
+        names = [t.function.name for t in self.tools or []]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(
+                400, f"tool_choice names '{choice.function.name}', which is not in 'tools'.", param="tool_choice",
+                code="invalid_value",
+            )  # fmt: skip
+        if choice == "required" and not names:
+            raise APIError(400, "tool_choice 'required' needs 'tools'.", param="tool_choice", code="invalid_value")
+        if self.tools and choice in (None, "auto"):
+            # As vLLM without a tool-call parser: this model has no trained way of announcing a call in its text.
+            raise APIError(
+                400,
+                "tool_choice 'auto' is not supported: send 'required', 'none' or the function to call.",
+                param="tool_choice",
+                code="unsupported_value",
+            )
+        if self.calls_tools and (self.structured or self.min_tokens):
+            raise APIError(
+                400, "Tool calls do not combine with structured output or min_tokens.", param="tool_choice",
+                code="invalid_value",
+            )  # fmt: skip
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
     @property
     def requested_max_tokens(self) -> int | None:

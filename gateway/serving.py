@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from gateway import tool_calls
 from gateway.api_keys import ApiKey
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
@@ -145,6 +146,7 @@ class Completions:
             created=now,
             deadline=now + requested_timeout_s(headers.get(TIMEOUT_HEADER), self.settings.request_timeout_s),
             conversation=conversation_key(body, headers.get(CONVERSATION_HEADER)),
+            tool_call=tool_calls.tool_call_mode(body) if kind == "chat" else None,
         )
 
     async def enqueue(
@@ -283,7 +285,8 @@ class Completions:
                 if isinstance(event, TokenDelta):
                     if admission is not None:
                         await admission.charge_output(sum(generated))
-                    if event.text or event.logprobs:
+                    # A tool call's JSON goes out whole, as tool_calls, once it has ended.
+                    if (event.text or event.logprobs) and request.tool_call is None:
                         shown = logprobs[index].format(event.logprobs) if logprobs else None
                         chunk = _chunk(kind, request, event.text, None, logprobs=shown, index=index)
                         yield {"data": json.dumps(chunk)}
@@ -292,7 +295,13 @@ class Completions:
                 if event.finish_reason not in ("stop", "length"):
                     yield {"data": json.dumps(failure(event).body())}
                     return
-                yield {"data": json.dumps(_chunk(kind, request, "", event.finish_reason, index=index))}
+                finish_reason = event.finish_reason
+                if request.tool_call is not None:
+                    delta, finish_reason = tool_calls.streamed(request, event)
+                    shown = logprobs[index].format(event.logprobs or []) if logprobs else None
+                    chunk = _chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta)
+                    yield {"data": json.dumps(chunk)}
+                yield {"data": json.dumps(_chunk(kind, request, "", finish_reason, index=index))}
             if include_usage:
                 yield {"data": json.dumps(_usage_chunk(kind, request, [ended[i] for i in range(len(requests))]))}
             yield {"data": "[DONE]"}
@@ -349,9 +358,11 @@ def _chunk(
     first: bool = False,
     logprobs: dict | None = None,
     index: int = 0,
+    delta: dict | None = None,
 ) -> dict:
     if kind == "chat":
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        if delta is None:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**_ids(kind, request), "object": "chat.completion.chunk", "choices": [choice]}
     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -369,10 +380,11 @@ def whole_response(kind: Kind, request: InferenceRequest, *finals: FinalResult) 
     for index, final in enumerate(finals):
         logprobs = None if final.logprobs is None else LogprobsFormat(kind).format(final.logprobs)
         choice: dict = {"index": index}
+        reason = final.finish_reason
         if kind == "chat":
-            choice["message"] = {"role": "assistant", "content": final.text}
+            choice["message"], reason = tool_calls.message(request, final)
         else:
             choice["text"] = final.text
-        choices.append({**choice, "logprobs": logprobs, "finish_reason": final.finish_reason})
+        choices.append({**choice, "logprobs": logprobs, "finish_reason": reason})
     obj = "chat.completion" if kind == "chat" else "text_completion"
     return {**_ids(kind, request), "object": obj, "choices": choices, "usage": usage(*finals)}

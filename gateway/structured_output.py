@@ -11,6 +11,7 @@ from llguidance import LLMatcher, grammar_from
 from gateway.errors import APIError
 from gateway.prompts import PromptTokenizer
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat, StructuredOutputs
+from gateway.tool_calls import calls_schema
 
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """JSON laid out as json.dumps writes it: with free whitespace a small model tends to fill its output with newlines.
@@ -20,18 +21,24 @@ _ANY_OBJECT = {"type": "object"}
 
 
 def output_grammar(body: ChatCompletionRequest | CompletionRequest, tokenizer: PromptTokenizer) -> str | None:
-    """The grammar the request's output must match, or None for free text."""
+    """The grammar the request's output must match (tool calls' included), or None for free text."""
     response_format = body.response_format if body.response_format and body.response_format.type != "text" else None
-    if response_format is None and body.structured_outputs is None:
+    calls_tools = isinstance(body, ChatCompletionRequest) and body.calls_tools
+    if response_format is None and body.structured_outputs is None and not calls_tools:
         return None
     if response_format is not None and body.structured_outputs is not None:
         raise APIError(
             400, "Give 'response_format' or 'structured_outputs', not both.", param="structured_outputs",
             code="invalid_value",
         )  # fmt: skip
-    param = "response_format" if response_format else "structured_outputs"
+    param = "tools" if calls_tools else "response_format" if response_format else "structured_outputs"
     try:
-        grammar = _from_response_format(response_format) if response_format else _from_vllm(body.structured_outputs)
+        if calls_tools:
+            grammar = json_grammar(calls_schema(body))
+        elif response_format:
+            grammar = _from_response_format(response_format)
+        else:
+            grammar = _from_vllm(body.structured_outputs)
         error = LLMatcher.validate_grammar(grammar, tokenizer.grammar_tokenizer)
     except ValueError as exc:
         error = str(exc)

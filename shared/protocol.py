@@ -67,6 +67,10 @@ class InferenceRequest(BaseModel):
     """Unix time after which the request ends `expired` instead of starting or continuing."""
     conversation: str | None = None
     """Affinity key: turns with the same key go to the worker that served the last one, when it can take them."""
+    tool_call: str | None = None
+    """The output is a tool call (its grammar in sampling.grammar): the function's name, for a named tool_choice
+    (the output is its arguments), or "*" for tool_choice 'required' (a JSON list of {name, parameters}); see
+    gateway.tool_calls."""
     choice_of: str | None = None
     """Set on the later choices of a request for several (n): the first choice's id, whose prompt they share."""
     batch: bool = False

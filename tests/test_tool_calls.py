@@ -1,0 +1,94 @@
+"""Tool calls where the request names the function or requires a call: the output is the call's JSON, handed back
+as OpenAI's tool_calls, whole or streamed, through the openai client; tool results go back in as messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import MODEL
+from tests.test_validation import assert_openai_error, post
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The time now."}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_named_function_is_called_with_arguments_that_match_its_parameters(client):
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=40,
+        temperature=0,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "London")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_required_call_is_one_of_the_tools_whole_or_streamed(client, stream):
+    kwargs = dict(
+        model=MODEL, messages=ASK, max_tokens=60, temperature=0, tools=[WEATHER, TIME], tool_choice="required",
+        parallel_tool_calls=False,
+    )  # fmt: skip
+    if stream:
+        calls, reason = {}, None
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                assert not choice.delta.content
+                for delta in choice.delta.tool_calls or []:
+                    calls[delta.index] = delta
+                reason = choice.finish_reason or reason
+        calls = [calls[i] for i in sorted(calls)]
+    else:
+        reply = client.chat.completions.create(**kwargs)
+        calls, reason = reply.choices[0].message.tool_calls, reply.choices[0].finish_reason
+    assert reason == "tool_calls" and len(calls) == 1
+    assert calls[0].function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(calls[0].function.arguments), dict)
+
+
+def test_tool_results_go_back_as_messages_and_the_model_answers_in_text(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 degrees."},
+    ]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=20, temperature=0, tools=[WEATHER], tool_choice="none"
+    )
+    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [WEATHER]}, "tool_choice"),  # 'auto', the default with tools
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "has spaces"}}], "tool_choice": "none"}, None),
+        ({"messages": ASK + [{"role": "tool", "tool_call_id": "x", "content": "?"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages"),
+    ],
+)  # fmt: skip
+def test_tool_requests_that_cannot_be_served_are_400(http, extra, param):
+    assert_openai_error(post(http, {"model": MODEL, "messages": ASK, **extra}), 400, param)

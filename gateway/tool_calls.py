@@ -45,11 +45,15 @@ def calls_schema(body: ChatCompletionRequest) -> dict:
 
 def message(request: InferenceRequest, final: FinalResult) -> tuple[dict, str]:
     """A finished choice's assistant message and finish reason: its tool calls where the request made them (an
-    output cut short by max_tokens stays text, with finish reason 'length')."""
+    output cut short, by max_tokens or a stop string, stays text)."""
+    text = {"role": "assistant", "content": final.text}, final.finish_reason
     if request.tool_call is None or final.finish_reason != "stop":
-        return {"role": "assistant", "content": final.text}, final.finish_reason
+        return text
     if request.tool_call == ANY:
-        calls = [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(final.text)]
+        try:
+            calls = [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(final.text)]
+        except ValueError:  # cut short by a stop string or stop token: the grammar's JSON unfinished
+            return text
         reason = "tool_calls"
     else:
         calls = [(request.tool_call, final.text)]

@@ -92,3 +92,10 @@ def test_tool_results_go_back_as_messages_and_the_model_answers_in_text(client):
 )  # fmt: skip
 def test_tool_requests_that_cannot_be_served_are_400(http, extra, param):
     assert_openai_error(post(http, {"model": MODEL, "messages": ASK, **extra}), 400, param)
+
+
+def test_a_call_cut_short_by_a_stop_string_comes_back_as_text(client):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=60, temperature=0, tools=[WEATHER], tool_choice="required", stop=["name"]
+    )
+    assert reply.choices[0].message.content == '[{"' and not reply.choices[0].message.tool_calls

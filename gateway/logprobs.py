@@ -32,6 +32,6 @@ class LogprobsFormat:
         return {
             "tokens": [lp.token for lp in logprobs],
             "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [dict(lp.top) for lp in logprobs],
+            "top_logprobs": [None if lp.logprob is None else dict(lp.top) for lp in logprobs],
             "text_offset": offsets,
         }

@@ -125,10 +125,10 @@ def check_token_ids(tokenizer: PromptTokenizer, ids, param: str) -> None:
 
 
 def completion_token_ids(tokenizer: PromptTokenizer, request: CompletionRequest) -> list[int]:
+    if request.prompt_ids is not None:
+        check_token_ids(tokenizer, request.prompt_ids, "prompt")
+        return list(request.prompt_ids)
     prompt = request.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        check_token_ids(tokenizer, prompt, "prompt")
-        return list(prompt)
     text = prompt[0] if isinstance(prompt, list) else prompt
     if not text:
         raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")

@@ -1,11 +1,11 @@
 """OpenAI-compatible request bodies, with bounds on every field.
 
 A parameter we do not implement is refused with a 400 that names it, rather than silently ignored; parameters
-that only matter at a non-default value (best_of, echo) are accepted at their default."""
+that only matter at a non-default value (best_of; chat's echo) are accepted at their default."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -144,12 +144,6 @@ class StructuredOutputs(BaseModel):
         return self
 
 
-_DEFAULT_ONLY = {
-    # name: the only value we accept
-    "best_of": 1,
-    "echo": False,
-}
-
 MAX_CHOICES = 16
 """The most choices (`n`) a request may ask for: each is a sequence in a worker's batch."""
 
@@ -167,6 +161,8 @@ _NULL_IS_DEFAULT = frozenset(
 
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
+    default_only: ClassVar[dict[str, object]] = {"best_of": 1}
+    """Parameters accepted only at their default: name -> the only value we accept."""
 
     @model_validator(mode="before")
     @classmethod
@@ -217,15 +213,15 @@ class _SamplingFields(BaseModel):
     structured_outputs: StructuredOutputs | None = None
     """Structured output (see gateway.structured_output): at most one of the two, other than response_format text."""
 
-    # Accepted only at their default (see _DEFAULT_ONLY).
     best_of: int | None = None
     echo: bool | None = None
+    """Completions: the prompt's text (and with logprobs, its tokens' log probabilities) before the output."""
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
         for name in self.model_extra or {}:
             raise APIError(400, f"Unsupported parameter: '{name}'.", param=name, code="unsupported_parameter")
-        for name, accepted in _DEFAULT_ONLY.items():
+        for name, accepted in self.default_only.items():
             value = getattr(self, name)
             if value is not None and value != accepted:
                 raise APIError(
@@ -260,6 +256,7 @@ class _SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    default_only: ClassVar[dict[str, object]] = {"best_of": 1, "echo": False}
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
     logprobs: bool = False
@@ -339,8 +336,29 @@ class CompletionRequest(_SamplingFields):
         Text
         | Annotated[list[Text], Field(min_length=1, max_length=1)]
         | Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]],
+            Field(min_length=1, max_length=1),
+        ]  # a batch of one prompt of token ids, as lm-evaluation-harness sends it
     )
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _echo_streams_without_logprobs(self):
+        if self.echo and self.stream and self.logprobs is not None:
+            raise APIError(
+                400, "A streamed echo does not take 'logprobs'; ask without 'stream'.", param="echo",
+                code="unsupported_value",
+            )  # fmt: skip
+        return self
+
+    @property
+    def prompt_ids(self) -> list[int] | None:
+        """The prompt as token ids, where it was sent so."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and isinstance(prompt[0], list):
+            return prompt[0]
+        return prompt if isinstance(prompt, list) and isinstance(prompt[0], int) else None
 
     @property
     def requested_max_tokens(self) -> int | None:

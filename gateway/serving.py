@@ -120,6 +120,7 @@ class Completions:
         if self.deny_list.patterns:
             self.deny_list.check(_prompt_texts(body, tokenizer, ids))
         max_tokens = output_budget(len(ids), body.requested_max_tokens, spec.max_context, self.settings)
+        echo = _prompt_texts(body, tokenizer, ids)[0] if kind == "text" and body.echo else None
         now = time.time()
         return InferenceRequest(
             id=new_request_id(),
@@ -140,12 +141,14 @@ class Completions:
                 min_tokens=body.min_tokens,
                 ignore_eos=body.ignore_eos,
                 logprobs=body.logprobs_count,
+                prompt_logprobs=body.logprobs_count if echo is not None else None,
                 grammar=output_grammar(body, tokenizer),
             ),
             stream=body.stream,
             created=now,
             deadline=now + requested_timeout_s(headers.get(TIMEOUT_HEADER), self.settings.request_timeout_s),
             conversation=conversation_key(body, headers.get(CONVERSATION_HEADER)),
+            echo=echo,
             tool_call=tool_calls.tool_call_mode(body) if kind == "chat" else None,
         )
 
@@ -279,7 +282,7 @@ class Completions:
         logprobs = [LogprobsFormat(kind) for _ in requests] if request.sampling.logprobs is not None else None
         try:
             for index in range(len(requests)):
-                yield {"data": json.dumps(_chunk(kind, request, "", None, first=True, index=index))}
+                yield {"data": json.dumps(_chunk(kind, request, request.echo or "", None, first=True, index=index))}
             async for index, event in self._follow(requests):
                 generated[index] = event.completion_tokens
                 if isinstance(event, TokenDelta):
@@ -323,7 +326,8 @@ class Completions:
 
 def _another_choice(request: InferenceRequest, index: int) -> InferenceRequest:
     """Choice `index` of a request for several: its own id, and with a seed, its own (seed + index)."""
-    sampling = request.sampling
+    # The prompt's log probabilities come from the first choice, which computes its KV; the others copy it.
+    sampling = request.sampling.model_copy(update={"prompt_logprobs": None})
     if sampling.seed is not None:
         sampling = sampling.model_copy(update={"seed": (sampling.seed + index) % 2**63})
     return request.model_copy(update={"id": new_request_id(), "sampling": sampling, "choice_of": request.id})
@@ -340,7 +344,7 @@ def _prompt_texts(body: ChatCompletionRequest | CompletionRequest, tokenizer, id
     """What the deny-list is matched against: the messages, the prompt, or the prompt token ids decoded."""
     if isinstance(body, ChatCompletionRequest):
         return [m.text() for m in body.messages]
-    if isinstance(body.prompt, list) and isinstance(body.prompt[0], int):
+    if body.prompt_ids is not None:
         return [tokenizer.decode(ids)]
     return [body.prompt if isinstance(body.prompt, str) else body.prompt[0]]
 
@@ -377,14 +381,15 @@ def _usage_chunk(kind: Kind, request: InferenceRequest, finals: list[FinalResult
 def whole_response(kind: Kind, request: InferenceRequest, *finals: FinalResult) -> dict:
     """The response to a request whose choices ended with `finals`, in order."""
     choices = []
+    echoed = finals[0].prompt_logprobs or []  # with echo: the prompt's, computed by the first choice
     for index, final in enumerate(finals):
-        logprobs = None if final.logprobs is None else LogprobsFormat(kind).format(final.logprobs)
+        logprobs = None if final.logprobs is None else LogprobsFormat(kind).format(echoed + final.logprobs)
         choice: dict = {"index": index}
         reason = final.finish_reason
         if kind == "chat":
             choice["message"], reason = tool_calls.message(request, final)
         else:
-            choice["text"] = final.text
+            choice["text"] = (request.echo or "") + final.text
         choices.append({**choice, "logprobs": logprobs, "finish_reason": reason})
     obj = "chat.completion" if kind == "chat" else "text_completion"
     return {**_ids(kind, request), "object": obj, "choices": choices, "usage": usage(*finals)}

@@ -46,6 +46,8 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: int | None = None
     """None: no log probabilities; k: each generated token's, with the k most likely tokens' at its position."""
+    prompt_logprobs: int | None = None
+    """The same for the prompt's tokens (FinalResult.prompt_logprobs): its KV is then computed, not reused."""
     grammar: str | None = None
     """Structured output: an llguidance grammar (as `llguidance.LLMatcher.grammar_from_*` writes it) that the
     output must match; the worker allows only the tokens it allows, and ends the output where it does."""
@@ -67,6 +69,8 @@ class InferenceRequest(BaseModel):
     """Unix time after which the request ends `expired` instead of starting or continuing."""
     conversation: str | None = None
     """Affinity key: turns with the same key go to the worker that served the last one, when it can take them."""
+    echo: str | None = None
+    """Completions' echo: the prompt's text, which the response puts before the output."""
     tool_call: str | None = None
     """The output is a tool call (its grammar in sampling.grammar): the function's name, for a named tool_choice
     (the output is its arguments), or "*" for tool_choice 'required' (a JSON list of {name, parameters}); see
@@ -86,7 +90,8 @@ class TokenLogprob(BaseModel):
     most likely tokens at its position, each as [text, logprob]."""
 
     token: str
-    logprob: float
+    logprob: float | None
+    """None for a prompt's first token, which nothing before it predicts."""
     top: list[tuple[str, float]] = Field(default_factory=list)
 
 
@@ -122,6 +127,8 @@ class FinalResult(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     """Every generated token's, when the request asked for them (a stream's deltas carry them as they come too). A
     reclaimed request's holds those its last worker generated: the tokens it resumed from came with no logits."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Every prompt token's, when the request asked for them."""
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
     conversation: str | None = None

@@ -39,6 +39,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """The generated tokens' log probabilities, for the final record, when the request asked for them."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """The prompt tokens' so far, likewise."""
     first_token_at: float | None = None
     last_token_at: float = 0.0
     matcher: LLMatcher | None = None
@@ -162,12 +164,16 @@ class Scheduler:
         if not decoding and not prefilling:
             return events
         started = time.perf_counter()
+        every_row = any(s.request.sampling.prompt_logprobs is not None for s, _ in prefilling)
         logits = self.runner.step(
             decode_slots=[s.slot for s in decoding],
             decode_tokens=[s.generated[-1] for s in decoding],
             decode_positions=[len(s.prompt) + len(s.generated) - 1 for s in decoding],
             prefills=[chunk for _, chunk in prefilling],
+            every_row=every_row,
         )
+        if every_row:
+            logits = self._take_prompt_logprobs(logits, len(decoding), prefilling)
         # Rows of chunks that do not finish their prompt carry no next token.
         rows = list(range(len(decoding))) + [len(decoding) + i for i, (s, _) in enumerate(prefilling) if s.decoding]
         sampled = decoding + [s for s, _ in prefilling if s.decoding]
@@ -213,6 +219,28 @@ class Scheduler:
             for i, (lp, top) in zip(rows, found)
         }
 
+    def _take_prompt_logprobs(
+        self, logits: torch.Tensor, n_decode: int, prefilling: list[tuple[Sequence, PrefillChunk]]
+    ) -> torch.Tensor:
+        """From a step's logits of every row: the log probabilities of the prompt tokens its chunks' rows predict,
+        for the sequences that asked for them; returns the logits as a step without them gives (one row a chunk)."""
+        last_rows, first = list(range(n_decode)), n_decode
+        text = self._token_text
+        for seq, chunk in prefilling:
+            k = seq.request.sampling.prompt_logprobs
+            if k is not None:
+                if chunk.start == 0:
+                    seq.prompt_logprobs.append(TokenLogprob(token=text(chunk.tokens[0]), logprob=None))
+                # Row j predicts the token after it, while that is still the prompt's.
+                following = seq.prompt[chunk.start + 1 : chunk.start + len(chunk.tokens) + 1]
+                found = token_logprobs(logits[first : first + len(following)], following, [k] * len(following))
+                for token, (lp, top) in zip(following, found if following else []):
+                    top_text = [(text(t), tlp) for t, tlp in top]
+                    seq.prompt_logprobs.append(TokenLogprob(token=text(token), logprob=lp, top=top_text))
+            first += len(chunk.tokens)
+            last_rows.append(first - 1)
+        return logits[torch.tensor(last_rows, dtype=torch.long)]
+
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
@@ -248,7 +276,7 @@ class Scheduler:
                 continue
             prompt = request.prompt_token_ids + request.resume_token_ids
             source, reused = (None, 0)
-            if self.slots.cache_tokens:
+            if self.slots.cache_tokens and request.sampling.prompt_logprobs is None:
                 source, reused = self.slots.longest_prefix(
                     prompt, ((s.slot, s.kv_tokens()) for s in self.running.values())
                 )
@@ -380,6 +408,8 @@ class Scheduler:
         )
         if seq.request.sampling.logprobs is not None:
             final.logprobs = seq.logprobs
+        if seq.request.sampling.prompt_logprobs is not None:
+            final.prompt_logprobs = seq.prompt_logprobs
         return StepEvent(
             seq.request.id,
             delta=delta,

@@ -1,0 +1,44 @@
+"""Completions' echo: the prompt before the output, and with logprobs its tokens' log probabilities, in the shape
+lm-evaluation-harness reads for loglikelihood tasks (a batch of one token-id prompt, max_tokens 1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.prompts import PromptTokenizer
+from tests.conftest import MODEL
+from tests.test_validation import assert_openai_error, post
+
+PROMPT = "The capital of France is Paris"
+
+
+def test_echo_puts_the_prompt_before_the_output_whole_or_streamed(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    assert whole.choices[0].text.startswith(PROMPT) and len(whole.choices[0].text) > len(PROMPT)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, echo=True, stream=True))
+    assert chunks[0].choices[0].text == PROMPT
+
+
+def test_echo_with_logprobs_scores_every_prompt_token_as_lm_eval_reads_them(client, model_dir):
+    ids = PromptTokenizer(model_dir).encode(PROMPT)
+    reply = client.completions.create(model=MODEL, prompt=[ids], max_tokens=1, temperature=0, echo=True, logprobs=1)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(ids) + 1 and "".join(logprobs.tokens).startswith(PROMPT)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+    # lm-eval's check: " Paris" is the model's greedy continuation of "The capital of France is".
+    paris = logprobs.token_logprobs[len(ids) - 1]
+    assert paris == pytest.approx(max(logprobs.top_logprobs[len(ids) - 1].values())) and paris > -3
+    assert logprobs.text_offset[1:] == sorted(logprobs.text_offset[1:]) and logprobs.text_offset[0] == 0
+
+
+def test_every_choice_carries_the_prompts_log_probabilities(client):
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, logprobs=0, n=2, seed=1)
+    first, second = (c.logprobs for c in reply.choices)
+    assert first.token_logprobs[:6] == second.token_logprobs[:6] and first.token_logprobs[0] is None
+
+
+def test_a_streamed_echo_with_logprobs_is_400(http):
+    body = {"model": MODEL, "prompt": PROMPT, "echo": True, "logprobs": 1, "stream": True}
+    assert_openai_error(post(http, body, "/v1/completions"), 400, "echo")

@@ -16,33 +16,34 @@ Text = Annotated[str, AfterValidator(clean_text)]
 """Any text a client sends: valid Unicode, NFC, no control characters (see gateway.sanitize)."""
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """A body, or part of one, that refuses fields it does not define (a 400 naming them)."""
+
     model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(_Strict):
     type: Literal["text"]
     text: Text
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionCall(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     arguments: str
     """JSON, as the model wrote it."""
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolCall(_Strict):
     id: Annotated[str, Field(min_length=1, max_length=256)]
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[TextPart], Field(max_length=256)] | None = None
     name: Annotated[Text, Field(max_length=64)] | None = None
@@ -67,8 +68,7 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionDefinition(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: str | None = None
     parameters: dict = Field(default_factory=dict)
@@ -76,35 +76,30 @@ class FunctionDefinition(BaseModel):
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Tool(_Strict):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionName(_Strict):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(_Strict):
     type: Literal["function"]
     function: FunctionName
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class JsonSchemaFormat(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     schema_: dict = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Strict):
     """OpenAI's response_format: plain text, any JSON object, or JSON that matches a schema."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -120,11 +115,10 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class StructuredOutputs(BaseModel):
+class StructuredOutputs(_Strict):
     """vLLM's structured_outputs: the output matches a JSON schema, a regular expression, one of the choices, or a
     grammar (Lark or GBNF); exactly one of them."""
 
-    model_config = ConfigDict(extra="forbid")
     json_: dict | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: Annotated[list[str], Field(min_length=1, max_length=1024)] | None = None
@@ -369,10 +363,9 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Strict):
     """POST /tokenize, as vLLM has it: a prompt's ids, or chat messages' ids through the model's chat template."""
 
-    model_config = ConfigDict(extra="forbid")
     model: Annotated[str, Field(min_length=1, max_length=256)]
     prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | None = None
@@ -386,18 +379,16 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Strict):
     """POST /detokenize, as vLLM has it."""
 
-    model_config = ConfigDict(extra="forbid")
     model: Annotated[str, Field(min_length=1, max_length=256)]
     tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]
 
 
-class BatchCreateRequest(BaseModel):
+class BatchCreateRequest(_Strict):
     """POST /v1/batches, as OpenAI's Batch API has it."""
 
-    model_config = ConfigDict(extra="forbid")
     input_file_id: Annotated[str, Field(min_length=1, max_length=256)]
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
     completion_window: Literal["24h"]

@@ -74,15 +74,13 @@ def test_a_stop_token_id_ends_the_output_before_it(client, model_dir):
 
 
 def test_min_tokens_holds_off_the_end_of_sequence_and_stop_strings(client):
-    france = [{"role": "user", "content": "What is the capital of France?"}]
-    short = client.chat.completions.create(model=MODEL, messages=france, max_tokens=64, temperature=0)
-    assert short.choices[0].finish_reason == "stop"
-    n = short.usage.completion_tokens
-    longer = client.chat.completions.create(
-        model=MODEL, messages=france, max_tokens=64, temperature=0, extra_body={"min_tokens": n + 5}
+    # Prompts no other test sends: a prompt the prefix cache holds may answer otherwise (batch.batch_invariant).
+    japan = [{"role": "user", "content": "In one word: the capital of Japan?"}]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=japan, max_tokens=40, temperature=0, extra_body={"min_tokens": 24}
     )
-    assert longer.usage.completion_tokens >= n + 5
+    assert reply.usage.completion_tokens >= 24
     stopped = client.completions.create(
-        model=MODEL, prompt="One, two, three,", max_tokens=20, temperature=0, stop=[","], extra_body={"min_tokens": 4}
+        model=MODEL, prompt="Monday, Tuesday,", max_tokens=20, temperature=0, stop=[","], extra_body={"min_tokens": 4}
     )
-    assert stopped.choices[0].text.count(",") >= 1 and stopped.usage.completion_tokens >= 4
+    assert stopped.choices[0].text.count(",") >= 1 and stopped.usage.completion_tokens >= 4, stopped.choices[0].text

@@ -5,8 +5,8 @@ from __future__ import annotations
 from worker.text_output import TextOutput
 
 
-def feed(tokenizer, text: str, stop: list[str]) -> tuple[list[str], TextOutput]:
-    output = TextOutput(tokenizer, stop)
+def feed(tokenizer, text: str, stop: list[str], min_tokens: int = 0) -> tuple[list[str], TextOutput]:
+    output = TextOutput(tokenizer, stop, min_tokens)
     deltas = []
     for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
         deltas.append(output.add(token))
@@ -41,3 +41,10 @@ def test_text_that_may_start_a_stop_string_is_held_back(loaded_model):
 def test_earliest_of_several_stop_strings_wins(loaded_model):
     _, output = feed(loaded_model.tokenizer, "alpha beta gamma delta", ["delta", "beta"])
     assert output.text == "alpha "
+
+
+def test_a_stop_string_ends_the_text_only_from_the_min_tokens_th_token_on(loaded_model):
+    tokenizer = loaded_model.tokenizer
+    before_third = len(tokenizer("one, two", add_special_tokens=False)["input_ids"])
+    deltas, output = feed(tokenizer, "one, two, three, four", [","], min_tokens=before_third + 1)
+    assert output.stopped and "".join(deltas) == output.text == "one, two"

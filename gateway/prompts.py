@@ -153,4 +153,4 @@ def output_budget(prompt_tokens: int, requested: int | None, context: int, setti
             param="messages",
             code="context_length_exceeded",
         )
-    return requested or min(settings.default_max_tokens, context - prompt_tokens)
+    return requested if requested is not None else min(settings.default_max_tokens, context - prompt_tokens)

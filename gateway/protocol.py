@@ -166,7 +166,8 @@ class _SamplingFields(BaseModel):
         return data
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    max_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
+    max_tokens: Annotated[int, Field(ge=0, le=2**31)] | None = None
+    """0 only with completions' echo: the prompt scored, nothing generated."""
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0, le=100_000)] = 0
@@ -224,6 +225,14 @@ class _SamplingFields(BaseModel):
                     param=name,
                     code="unsupported_value",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _some_output_unless_echoed(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(
+                400, "max_tokens must be at least 1 (0 only with echo).", param="max_tokens", code="invalid_value"
+            )
         return self
 
     @model_validator(mode="after")

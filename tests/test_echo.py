@@ -42,3 +42,15 @@ def test_every_choice_carries_the_prompts_log_probabilities(client):
 def test_a_streamed_echo_with_logprobs_is_400(http):
     body = {"model": MODEL, "prompt": PROMPT, "echo": True, "logprobs": 1, "stream": True}
     assert_openai_error(post(http, body, "/v1/completions"), 400, "echo")
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(client):
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    choice = reply.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length" and reply.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == reply.usage.prompt_tokens
+
+
+def test_max_tokens_0_without_echo_is_400(http):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 0}
+    assert_openai_error(post(http, body, "/v1/completions"), 400, "max_tokens")

@@ -359,6 +359,8 @@ class Scheduler:
 
     def _advance(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> StepEvent:
         sampling = seq.request.sampling
+        if sampling.max_tokens == 0:  # an echo that only scores its prompt
+            return self._finish(seq, "length", now)
         if seq.first_token_at is None:
             seq.first_token_at = now
         else:

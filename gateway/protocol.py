@@ -15,6 +15,9 @@ from gateway.sanitize import clean_text
 Text = Annotated[str, AfterValidator(clean_text)]
 """Any text a client sends: valid Unicode, NFC, no control characters (see gateway.sanitize)."""
 
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+"""A token id as a client sends it; the gateway checks it against the model's vocabulary (prompts.check_token_ids)."""
+
 
 class _Strict(BaseModel):
     """A body, or part of one, that refuses fields it does not define (a 400 naming them)."""
@@ -176,7 +179,7 @@ class _SamplingFields(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     logit_bias: (
         Annotated[
-            dict[Annotated[int, Field(ge=0, lt=2**31)], Annotated[float, Field(ge=-100, le=100)]],
+            dict[TokenId, Annotated[float, Field(ge=-100, le=100)]],
             Field(max_length=1024),
         ]
         | None
@@ -188,7 +191,7 @@ class _SamplingFields(BaseModel):
         | Annotated[list[Annotated[Text, Field(min_length=1, max_length=256)]], Field(max_length=8)]
         | None
     ) = None
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(max_length=64)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     """vLLM's: token ids that end the output as the end-of-sequence token does."""
     min_tokens: Annotated[int, Field(ge=0, le=2**31)] = 0
     """vLLM's: no end-of-sequence token, stop token or stop string ends the output before this many tokens."""
@@ -338,9 +341,9 @@ class CompletionRequest(_SamplingFields):
     prompt: (
         Text
         | Annotated[list[Text], Field(min_length=1, max_length=1)]
-        | Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[
-            list[Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]],
+            list[Annotated[list[TokenId], Field(min_length=1)]],
             Field(min_length=1, max_length=1),
         ]  # a batch of one prompt of token ids, as lm-evaluation-harness sends it
     )
@@ -392,7 +395,7 @@ class DetokenizeRequest(_Strict):
     """POST /detokenize, as vLLM has it."""
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]
+    tokens: list[TokenId]
 
 
 class BatchCreateRequest(_Strict):

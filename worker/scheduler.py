@@ -192,7 +192,8 @@ class Scheduler:
         )
         logprobs = self._logprobs(logits, sampled, tokens)
         prompt_tokens = sum(len(chunk.tokens) for _, chunk in prefilling)
-        self.prefill_budget.observe(prompt_tokens, time.perf_counter() - started)
+        if not every_row:  # logits for every prompt row: not what the budget's steps cost
+            self.prefill_budget.observe(prompt_tokens, time.perf_counter() - started)
         for seq in decoding:
             seq.kv_len += 1
         for seq, _ in prefilling:

@@ -54,3 +54,10 @@ def test_max_tokens_0_with_echo_scores_the_prompt_alone(client):
 def test_max_tokens_0_without_echo_is_400(http):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 0}
     assert_openai_error(post(http, body, "/v1/completions"), 400, "max_tokens")
+
+
+def test_a_one_token_prompt_has_only_its_first_tokens_null(client):
+    reply = client.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1, n=3, seed=1)
+    for choice in reply.choices:
+        assert choice.text.startswith("x") and choice.logprobs.tokens[0] == "x"
+        assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None

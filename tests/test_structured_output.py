@@ -136,3 +136,23 @@ def test_vllms_structured_outputs_constrain_completions_too(client, outputs, mat
 def test_a_grammar_that_does_not_compile_or_a_muddled_request_is_400(http, extra, param):
     error = assert_openai_error(post(http, {"model": MODEL, "messages": FRANCE, **extra}), 400, param)
     assert error["code"] == "invalid_value" or "type" in param
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"structured_outputs": {"choice": [""]}},
+        {"structured_outputs": {"regex": ""}},
+        {"structured_outputs": {"grammar": ""}},
+        {"structured_outputs": {"json": 5}},
+        {"structured_outputs": {"json_object": False}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}}},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "frob"}}}],
+         "tool_choice": "required"},
+    ],
+)  # fmt: skip
+def test_odd_grammars_are_answered_never_with_a_500(http, extra):
+    reply = post(http, {"model": MODEL, "messages": FRANCE, "max_tokens": 8, **extra})
+    assert reply.status_code in (200, 400), reply.text
+    if reply.status_code == 400:
+        assert_openai_error(reply, 400)

@@ -120,6 +120,8 @@ def token_logprobs(
     """Row i's chosen token's log probability and its top[i] most likely tokens' (id, logprob), from the raw
     logits [rows, vocab]."""
     # Clamped as vLLM does: a token a grammar rules out has no finite log probability, and JSON has no -Infinity.
+    if not chosen:
+        return []
     logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1).clamp_(min=-9999.0)
     picked = logprobs.gather(1, torch.tensor(chosen, dtype=torch.long, device=logits.device)[:, None])[:, 0].tolist()
     k = max(top)

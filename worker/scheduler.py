@@ -234,8 +234,8 @@ class Scheduler:
                     seq.prompt_logprobs.append(TokenLogprob(token=text(chunk.tokens[0]), logprob=None))
                 # Row j predicts the token after it, while that is still the prompt's.
                 following = seq.prompt[chunk.start + 1 : chunk.start + len(chunk.tokens) + 1]
-                found = token_logprobs(logits[first : first + len(following)], following, [k] * len(following))
-                for token, (lp, top) in zip(following, found if following else []):
+                rows = logits[first : first + len(following)]
+                for token, (lp, top) in zip(following, token_logprobs(rows, following, [k] * len(following))):
                     top_text = [(text(t), tlp) for t, tlp in top]
                     seq.prompt_logprobs.append(TokenLogprob(token=text(token), logprob=lp, top=top_text))
             first += len(chunk.tokens)

@@ -160,9 +160,11 @@ class BatchStore:
         """(Up to `limit` of the owner's files, newest first, from the one after `after`, of `purpose` if given;
         whether more follow)."""
         read = lambda pipe, file_id: pipe.get(keys.file(file_id))  # noqa: E731
-        bodies, more = await self._owned_page(keys.owner_files(owner), "file", after, limit, read)
-        records = [FileRecord.model_validate_json(body) for body in bodies]
-        return [record for record in records if purpose in (None, record.purpose)], more
+        records, more = await self._owned_page(
+            keys.owner_files(owner), "file", after, limit, read, FileRecord.model_validate_json,
+            lambda record: purpose in (None, record.purpose),
+        )  # fmt: skip
+        return records, more
 
     async def delete_file(self, file_id: str, owner: str | None) -> None:
         await self.file(file_id, owner)
@@ -199,27 +201,33 @@ class BatchStore:
     async def owner_batches(self, owner: str | None, after: str | None, limit: int) -> tuple[list[BatchState], bool]:
         """(Up to `limit` of the owner's batches, newest first, from the one after `after`; whether more follow)."""
         read = lambda pipe, batch_id: pipe.hgetall(keys.batch(batch_id))  # noqa: E731
-        records, more = await self._owned_page(keys.owner_batches(owner), "batch", after, limit, read)
-        return [_state(fields) for fields in records], more
+        return await self._owned_page(keys.owner_batches(owner), "batch", after, limit, read, _state)
 
-    async def _owned_page(self, index: str, kind: str, after: str | None, limit: int, read):
-        """Records (`read(pipeline, id)`) of an owner's index, newest first, from the id after `after`: up to `limit`,
-        and whether more follow. Ids whose record expired leave the index as they are met."""
+    async def _owned_page(self, index: str, kind: str, after: str | None, limit: int, read, parse, keep=None):
+        """Records (`read(pipeline, id)`, then `parse`d) of an owner's index, newest first, from the id after
+        `after`, those `keep` takes if given: up to `limit`, and whether more follow. Ids whose record expired leave
+        the index as they are met."""
         start = 0
         if after is not None:
             rank = await self.redis.zrevrank(index, after)
             if rank is None:
                 raise _not_found(kind, "after", after)
             start = rank + 1
-        ids = await self.redis.zrevrange(index, start, start + limit)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for ident in ids[:limit]:
-                read(pipe, ident)
-            records = await pipe.execute()
-        gone = [ident for ident, record in zip(ids, records) if not record]
-        if gone:
-            await self.redis.zrem(index, *gone)
-        return [record for record in records if record], len(ids) > limit
+        page = []
+        while len(page) <= limit:  # one beyond the page tells whether more follow
+            ids = await self.redis.zrevrange(index, start, start + limit)
+            if not ids:
+                break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for ident in ids:
+                    read(pipe, ident)
+                records = await pipe.execute()
+            gone = [ident for ident, record in zip(ids, records) if not record]
+            if gone:
+                await self.redis.zrem(index, *gone)
+            page += [r for r in map(parse, filter(None, records)) if keep is None or keep(r)]
+            start += len(ids) - len(gone)
+        return page[:limit], len(page) > limit
 
     async def batch(self, batch_id: str, owner: str | None = None, check_owner: bool = True) -> BatchState:
         fields = await self.redis.hgetall(keys.batch(batch_id))

@@ -156,6 +156,21 @@ def test_a_key_lists_and_deletes_its_own_files(client, fleet, gateway_url):
     assert uploads[1] in {file.id for file in client.files.list()}
 
 
+def test_files_listed_by_purpose_fill_their_page(fleet, gateway_url, jobs):
+    """The purpose filter picks before the page is cut: a page is short only where the list ends."""
+    client = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=create_api_key(fleet.redis_server, name="tenant-d"))
+    uploads = [client.files.create(file=(f"{i}.jsonl", io.BytesIO(text_line(i, 1).encode())), purpose="batch").id
+               for i in range(3)]  # fmt: skip
+    batch = client.batches.create(input_file_id=uploads[0], endpoint=TEXT, completion_window="24h")
+    done = wait_for(client, batch.id, ("completed",))
+    newest = client.files.list(limit=1)
+    assert [f.id for f in newest.data] == [done.output_file_id] and newest.has_more
+    page = client.files.list(purpose="batch", limit=2)
+    assert [f.id for f in page.data] == uploads[:0:-1] and page.has_more
+    rest = client.files.list(purpose="batch", limit=2, after=uploads[1])
+    assert [f.id for f in rest.data] == uploads[:1] and not rest.has_more
+
+
 def test_unknown_batches_and_files_are_404_and_bad_batches_400(client, jobs):
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")

@@ -160,11 +160,10 @@ class BatchStore:
         """(Up to `limit` of the owner's files, newest first, from the one after `after`, of `purpose` if given;
         whether more follow)."""
         read = lambda pipe, file_id: pipe.get(keys.file(file_id))  # noqa: E731
-        records, more = await self._owned_page(
+        return await self._owned_page(
             keys.owner_files(owner), "file", after, limit, read, FileRecord.model_validate_json,
             lambda record: purpose in (None, record.purpose),
         )  # fmt: skip
-        return records, more
 
     async def delete_file(self, file_id: str, owner: str | None) -> None:
         await self.file(file_id, owner)

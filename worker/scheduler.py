@@ -214,11 +214,7 @@ class Scheduler:
             [tokens[i] for i in rows],
             [sampled[i].request.sampling.logprobs for i in rows],
         )
-        text = self._token_text
-        return {
-            i: TokenLogprob(token=text(tokens[i]), logprob=lp, top=[(text(t), tlp) for t, tlp in top])
-            for i, (lp, top) in zip(rows, found)
-        }
+        return {i: self._token_logprob(tokens[i], lp, top) for i, (lp, top) in zip(rows, found)}
 
     def _take_prompt_logprobs(
         self, logits: torch.Tensor, n_decode: int, prefilling: list[tuple[Sequence, PrefillChunk]]
@@ -226,24 +222,27 @@ class Scheduler:
         """From a step's logits of every row: the log probabilities of the prompt tokens its chunks' rows predict,
         for the sequences that asked for them; returns the logits as a step without them gives (one row a chunk)."""
         last_rows, first = list(range(n_decode)), n_decode
-        text = self._token_text
         for seq, chunk in prefilling:
             k = seq.request.sampling.prompt_logprobs
             if k is not None:
                 if chunk.start == 0:
-                    seq.prompt_logprobs.append(TokenLogprob(token=text(chunk.tokens[0]), logprob=None))
+                    seq.prompt_logprobs.append(self._token_logprob(chunk.tokens[0], None, []))
                 # Row j predicts the token after it, while that is still the prompt's.
                 following = seq.prompt[chunk.start + 1 : chunk.start + len(chunk.tokens) + 1]
                 rows = logits[first : first + len(following)]
                 for token, (lp, top) in zip(following, token_logprobs(rows, following, [k] * len(following))):
-                    top_text = [(text(t), tlp) for t, tlp in top]
-                    seq.prompt_logprobs.append(TokenLogprob(token=text(token), logprob=lp, top=top_text))
+                    seq.prompt_logprobs.append(self._token_logprob(token, lp, top))
             first += len(chunk.tokens)
             last_rows.append(first - 1)
         return logits[torch.tensor(last_rows, dtype=torch.long)]
 
-    def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+    def _token_logprob(self, token: int, logprob: float | None, top: list[tuple[int, float]]) -> TokenLogprob:
+        """Ids as text, each token decoded alone."""
+
+        def text(t: int) -> str:
+            return self.tokenizer.decode([t])
+
+        return TokenLogprob(token=text(token), logprob=logprob, top=[(text(t), tlp) for t, tlp in top])
 
     def _drop_cancelled_and_expired(self, now: float) -> list[StepEvent]:
         events = []

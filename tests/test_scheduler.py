@@ -218,3 +218,74 @@ def run_steps(scheduler):
     while scheduler.has_work:
         events += scheduler.step()
     return events
+
+
+POISON = 9999
+
+
+def poisoned(scheduler: Scheduler, fails) -> Scheduler:
+    """The runner's step raises whenever `fails(its arguments)` says so, like a bug that only some inputs reach."""
+    step = scheduler.runner.step
+
+    def faulty(**call):
+        if fails(call):
+            raise IndexError("injected")
+        return step(**call)
+
+    scheduler.runner.step = faulty
+    return scheduler
+
+
+def poison_in_a_prompt(call) -> bool:
+    return any(POISON in chunk.tokens for chunk in call["prefills"])
+
+
+def test_a_request_whose_prompt_fails_the_step_ends_with_an_error_and_the_others_go_on(scheduler):
+    poisoned(scheduler, poison_in_a_prompt)
+    scheduler.add(request("a", 8))
+    scheduler.step()
+    scheduler.add(request("bad", 8, prompt=[*PROMPT, POISON]))
+    scheduler.add(request("b", 8))
+    finals = {e.request_id: e.final for e in run_steps(scheduler) if e.final}
+    assert finals["bad"].finish_reason == "error"
+    assert "IndexError" in finals["bad"].error and "logged" in finals["bad"].error
+    assert finals["a"].finish_reason == finals["b"].finish_reason == "length"
+    assert finals["a"].completion_tokens == finals["b"].completion_tokens == 8
+    _, after = run_to_end(scheduler, request("c", 4))
+    assert after.finish_reason == "length", "the scheduler goes on serving"
+
+
+def test_a_request_that_fails_while_decoding_ends_with_the_tokens_it_streamed(scheduler):
+    scheduler.add(request("a", 12))
+    scheduler.add(request("bad", 12))
+    scheduler.step()
+    bad_slot = scheduler.running["bad"].slot
+
+    def bad_decodes_its_fifth_token(call) -> bool:
+        at = zip(call["decode_slots"], call["decode_positions"])
+        return any(slot == bad_slot and position >= len(PROMPT) + 3 for slot, position in at)
+
+    poisoned(scheduler, bad_decodes_its_fifth_token)
+    events = run_steps(scheduler)
+    finals = {e.request_id: e.final for e in events if e.final}
+    assert finals["bad"].finish_reason == "error"
+    assert finals["bad"].completion_tokens == 4
+    assert finals["a"].completion_tokens == 12
+    assert not scheduler.running and scheduler.free_capacity == 4
+
+
+def test_a_step_that_fails_for_every_request_is_the_workers_fault_and_raises(scheduler):
+    poisoned(scheduler, lambda call: True)
+    scheduler.add(request("a", 4))
+    scheduler.add(request("b", 4))
+    with pytest.raises(IndexError):
+        scheduler.step()
+
+
+def test_a_lone_request_that_fails_ends_but_a_second_failure_in_a_row_raises(scheduler):
+    poisoned(scheduler, lambda call: True)
+    _, final = run_to_end(scheduler, request("a", 4))
+    assert final.finish_reason == "error"
+    scheduler.add(request("b", 4))
+    with pytest.raises(IndexError):
+        scheduler.step()

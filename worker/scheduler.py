@@ -9,6 +9,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import structlog
 import torch
 from llguidance import LLMatcher
 
@@ -20,6 +21,8 @@ from worker.llama_runner import LlamaRunner, PrefillChunk
 from worker.sampling import choose_tokens, new_generator, token_logprobs
 from worker.step_cost import PrefillBudget
 from worker.text_output import TextOutput
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -67,6 +70,16 @@ class Sequence:
 
     def kv_tokens(self) -> list[int]:
         return (self.prompt + self.generated)[: self.kv_len]
+
+
+@dataclass
+class Computed:
+    """What a step's forward pass gave one sequence, before the sequence takes it."""
+
+    token: int | None = None
+    """None for a prompt chunk that does not end its prompt."""
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -119,6 +132,7 @@ class Scheduler:
         self.reused_tokens_total = 0
         self.metrics = WorkerMetrics(model_name)
         self.steps = 0
+        self._last_step_failed = False
 
     # -- intake ------------------------------------------------------------------------------------------------
     def add(self, request: InferenceRequest) -> None:
@@ -164,6 +178,38 @@ class Scheduler:
         if not decoding and not prefilling:
             return events
         started = time.perf_counter()
+        failed: dict[str, str] = {}
+        try:
+            computed = self._compute(decoding, prefilling)
+        except Exception as error:  # attributed to a sequence below, or raised again
+            computed, failed = self._compute_each(decoding, prefilling, error)
+        self._last_step_failed = not computed
+        prompt_tokens = sum(len(chunk.tokens) for _, chunk in prefilling)
+        every_row = any(s.request.sampling.prompt_logprobs is not None for s, _ in prefilling)
+        if not failed and not every_row:  # logits for every prompt row: not what the budget's steps cost
+            self.prefill_budget.observe(prompt_tokens, time.perf_counter() - started)
+        now = time.time()
+        sampled = sum(result.token is not None for result in computed.values())
+        self.metrics.step(len(decoding) + len(prefilling), prompt_tokens, sampled)
+        for seq, decoded in [(s, True) for s in decoding] + [(s, False) for s, _ in prefilling]:
+            if seq.request.id in failed:
+                events.append(self._finish(seq, "error", now, error=failed[seq.request.id]))
+                continue
+            seq.kv_len = seq.kv_len + 1 if decoded else seq.prefilled
+            result = computed[seq.request.id]
+            seq.prompt_logprobs += result.prompt_logprobs
+            if result.token is None:
+                continue
+            try:
+                events.append(self._advance(seq, result.token, now, result.logprob))
+            except Exception as error:
+                events.append(self._finish(seq, "error", now, error=self._failure(seq, error)))
+        return events
+
+    def _compute(
+        self, decoding: list[Sequence], prefilling: list[tuple[Sequence, PrefillChunk]]
+    ) -> dict[str, Computed]:
+        """The step's forward pass and token choices, by request id; changes no sequence (so it can be run again)."""
         every_row = any(s.request.sampling.prompt_logprobs is not None for s, _ in prefilling)
         logits = self.runner.step(
             decode_slots=[s.slot for s in decoding],
@@ -172,8 +218,9 @@ class Scheduler:
             prefills=[chunk for _, chunk in prefilling],
             every_row=every_row,
         )
+        computed = {s.request.id: Computed() for s in decoding + [s for s, _ in prefilling]}
         if every_row:
-            logits = self._take_prompt_logprobs(logits, len(decoding), prefilling)
+            logits = self._take_prompt_logprobs(logits, len(decoding), prefilling, computed)
         # Rows of chunks that do not finish their prompt carry no next token.
         rows = list(range(len(decoding))) + [len(decoding) + i for i, (s, _) in enumerate(prefilling) if s.decoding]
         sampled = decoding + [s for s, _ in prefilling if s.decoding]
@@ -191,18 +238,35 @@ class Scheduler:
             self.eos_token_ids,
         )
         logprobs = self._logprobs(logits, sampled, tokens)
-        prompt_tokens = sum(len(chunk.tokens) for _, chunk in prefilling)
-        if not every_row:  # logits for every prompt row: not what the budget's steps cost
-            self.prefill_budget.observe(prompt_tokens, time.perf_counter() - started)
-        for seq in decoding:
-            seq.kv_len += 1
-        for seq, _ in prefilling:
-            seq.kv_len = seq.prefilled
-        now = time.time()
-        self.metrics.step(len(decoding) + len(prefilling), prompt_tokens, len(sampled))
         for i, (seq, token) in enumerate(zip(sampled, tokens)):
-            events.append(self._advance(seq, token, now, logprobs.get(i)))
-        return events
+            computed[seq.request.id].token = token
+            computed[seq.request.id].logprob = logprobs.get(i)
+        return computed
+
+    def _compute_each(
+        self, decoding: list[Sequence], prefilling: list[tuple[Sequence, PrefillChunk]], error: Exception
+    ) -> tuple[dict[str, Computed], dict[str, str]]:
+        """A step failed: run each of its sequences alone (a step only writes the KV positions it computes, so
+        running them again is exact). Those that fail alone end with an error; the others go on. When none
+        succeeds alone (or one, right after another such step), the fault is the worker's: raised again."""
+        log.error("step.failed", sequences=len(decoding) + len(prefilling), exc_info=error)
+        computed: dict[str, Computed] = {}
+        failed: dict[str, str] = {}
+        alone = [([seq], []) for seq in decoding] + [([], [(seq, chunk)]) for seq, chunk in prefilling]
+        for one_decoding, one_prefilling in alone:
+            seq = (one_decoding or [s for s, _ in one_prefilling])[0]
+            try:
+                computed.update(self._compute(one_decoding, one_prefilling))
+            except Exception as own:
+                failed[seq.request.id] = self._failure(seq, own)
+        if not computed and (len(alone) > 1 or self._last_step_failed):
+            raise error
+        return computed, failed
+
+    def _failure(self, seq: Sequence, error: Exception) -> str:
+        """Log a request's own failure in the worker; the reason its final record gives."""
+        log.error("request.step_failed", request_id=seq.request.id, exc_info=error)
+        return f"internal error in the worker ({type(error).__name__}), logged as request.step_failed"
 
     def _logprobs(self, logits: torch.Tensor, sampled: list[Sequence], tokens: list[int]) -> dict[int, TokenLogprob]:
         """The log probabilities of the rows whose requests asked for them, by row."""
@@ -217,7 +281,11 @@ class Scheduler:
         return {i: self._token_logprob(tokens[i], lp, top) for i, (lp, top) in zip(rows, found)}
 
     def _take_prompt_logprobs(
-        self, logits: torch.Tensor, n_decode: int, prefilling: list[tuple[Sequence, PrefillChunk]]
+        self,
+        logits: torch.Tensor,
+        n_decode: int,
+        prefilling: list[tuple[Sequence, PrefillChunk]],
+        computed: dict[str, Computed],
     ) -> torch.Tensor:
         """From a step's logits of every row: the log probabilities of the prompt tokens its chunks' rows predict,
         for the sequences that asked for them; returns the logits as a step without them gives (one row a chunk)."""
@@ -225,13 +293,14 @@ class Scheduler:
         for seq, chunk in prefilling:
             k = seq.request.sampling.prompt_logprobs
             if k is not None:
+                scored = computed[seq.request.id].prompt_logprobs
                 if chunk.start == 0:
-                    seq.prompt_logprobs.append(self._token_logprob(chunk.tokens[0], None, []))
+                    scored.append(self._token_logprob(chunk.tokens[0], None, []))
                 # Row j predicts the token after it, while that is still the prompt's.
                 following = seq.prompt[chunk.start + 1 : chunk.start + len(chunk.tokens) + 1]
                 rows = logits[first : first + len(following)]
                 for token, (lp, top) in zip(following, token_logprobs(rows, following, [k] * len(following))):
-                    seq.prompt_logprobs.append(self._token_logprob(token, lp, top))
+                    scored.append(self._token_logprob(token, lp, top))
             first += len(chunk.tokens)
             last_rows.append(first - 1)
         return logits[torch.tensor(last_rows, dtype=torch.long)]

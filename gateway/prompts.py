@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from gateway.errors import APIError
-from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
+from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TemplateOptions, TokenizeRequest
 from shared.settings import Settings
 
 
@@ -35,15 +35,21 @@ class PromptTokenizer:
         }
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def chat_ids(
+        self, messages: list[dict], tools: list[dict] | None = None, options: TemplateOptions | None = None
+    ) -> list[int]:
         if not isinstance(self._template, str):
             raise APIError(400, "This model has no chat template: send its prompt to /v1/completions.")
+        options = options or TemplateOptions()
         try:
             (text,), _ = render_jinja_template(
-                [messages], tools=tools, chat_template=self._template, add_generation_prompt=True,
-                **self._special_tokens,
+                [messages], tools=tools, chat_template=self._template,
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message,
+                **{**self._special_tokens, **(options.chat_template_kwargs or {})},
             )  # fmt: skip
-        except TemplateError as error:  # a template's raise_exception(), e.g. on roles it does not take
+        except (TemplateError, ValueError) as error:
+            # A template's raise_exception() (e.g. on roles it does not take), or a final message it does not show.
             raise APIError(400, f"The model's chat template refused the messages: {error}", param="messages") from None
         return self.encode(text, special_tokens=False)
 
@@ -89,7 +95,7 @@ class Tokenizers:
 def chat_token_ids(tokenizer: PromptTokenizer, request: ChatCompletionRequest | TokenizeRequest) -> list[int]:
     tools = getattr(request, "tools", None)
     return tokenizer.chat_ids(
-        [_template_message(m) for m in request.messages], [t.model_dump() for t in tools] if tools else None
+        [_template_message(m) for m in request.messages], [t.model_dump() for t in tools] if tools else None, request
     )
 
 

@@ -5,7 +5,7 @@ that only matter at a non-default value (best_of; chat's echo) are accepted at t
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -150,7 +150,7 @@ MAX_LOGPROBS = 20
 _NULL_IS_DEFAULT = frozenset(
     {
         "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "stream",
-        "ignore_eos", "logprobs", "n", "min_tokens",
+        "ignore_eos", "logprobs", "n", "min_tokens", "min_p", "skip_special_tokens",
     }
 )  # fmt: skip
 """Fields OpenAI's schema (and vLLM) take as null, meaning their default: clients and proxies send explicit nulls."""
@@ -174,6 +174,8 @@ class _SamplingFields(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0, le=100_000)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """vLLM's: tokens less likely than min_p times the most likely one are not sampled."""
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -199,6 +201,8 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     """Benchmarks only: generate exactly max_tokens (as vLLM accepts it)."""
+    skip_special_tokens: bool = True
+    """vLLM's: False keeps special tokens (other than the end of the output) in the text."""
     user: Annotated[Text, Field(max_length=256)] | None = None
     conversation_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     """Affinity hint (also accepted as the X-Conversation-Id header): turns of one conversation reuse one cache."""
@@ -261,7 +265,46 @@ class _SamplingFields(BaseModel):
         return [s for s in stops if s]  # a stop string may be empty once control characters are stripped
 
 
-class ChatCompletionRequest(_SamplingFields):
+_TEMPLATE_ARGUMENTS = frozenset(
+    {"messages", "conversations", "tools", "documents", "chat_template", "add_generation_prompt",
+     "continue_final_message", "return_assistant_tokens_mask"}
+)  # fmt: skip
+"""What the gateway passes a chat template itself: not for chat_template_kwargs to set."""
+
+
+class TemplateOptions(BaseModel):
+    """How chat messages go through the model's chat template (vLLM's chat parameters)."""
+
+    add_generation_prompt: bool = True
+    """The template's opening of the assistant's turn after the messages."""
+    continue_final_message: bool = False
+    """The last message is the assistant's, left open: the output continues its text (a prefilled answer)."""
+    chat_template_kwargs: (
+        Annotated[
+            dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)], Any],
+            Field(max_length=64),
+        ]
+        | None
+    ) = None
+    """More variables for the template (e.g. a model's `enable_thinking`); a template ignores those it does not use."""
+
+    @model_validator(mode="after")
+    def _check_template_options(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise APIError(
+                400, "'continue_final_message' needs 'add_generation_prompt' set to false.",
+                param="continue_final_message", code="invalid_value",
+            )  # fmt: skip
+        taken = sorted(_TEMPLATE_ARGUMENTS & set(self.chat_template_kwargs or {}))
+        if taken:
+            raise APIError(
+                400, f"'chat_template_kwargs' may not set '{taken[0]}'.", param="chat_template_kwargs",
+                code="invalid_value",
+            )  # fmt: skip
+        return self
+
+
+class ChatCompletionRequest(_SamplingFields, TemplateOptions):
     default_only: ClassVar[dict[str, object]] = {"best_of": 1, "echo": False}
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
@@ -287,7 +330,8 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check_roles_and_order(self):
         """System/developer messages only lead; then the turns start with the user and end with the user or with
-        tool results, which answer the assistant turn with tool calls before them."""
+        tool results, which answer the assistant turn with tool calls before them (or, to be continued, with the
+        assistant)."""
         roles = [m.role for m in self.messages]
         leading = 0
         while leading < len(roles) and roles[leading] in ("system", "developer"):
@@ -295,8 +339,13 @@ class ChatCompletionRequest(_SamplingFields):
         turns = self.messages[leading:]
         if any(m.role in ("system", "developer") for m in turns):
             raise _order_error("System and developer messages must come before the conversation.")
-        if not turns or turns[0].role != "user" or turns[-1].role not in ("user", "tool"):
-            raise _order_error("The conversation must start with a user message and end with a user or tool one.")
+        last = ("assistant",) if self.continue_final_message else ("user", "tool")
+        if not turns or turns[0].role != "user" or turns[-1].role not in last:
+            raise _order_error(
+                "The conversation must start with a user message and end with an assistant one to continue."
+                if self.continue_final_message
+                else "The conversation must start with a user message and end with a user or tool one."
+            )
         for before, message in zip(turns, turns[1:]):
             if message.role == "tool" and not (before.role == "tool" or before.tool_calls):
                 raise _order_error("A tool message must follow an assistant message with tool calls.")
@@ -375,7 +424,7 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(TemplateOptions, _Strict):
     """POST /tokenize, as vLLM has it: a prompt's ids, or chat messages' ids through the model's chat template."""
 
     model: Annotated[str, Field(min_length=1, max_length=256)]

@@ -30,6 +30,8 @@ class SamplingParams(BaseModel):
     top_p: float = 1.0
     top_k: int = 0
     """0 means no top-k cut."""
+    min_p: float = 0.0
+    """Tokens less likely than min_p times the most likely one are not sampled (0: none cut)."""
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -44,6 +46,8 @@ class SamplingParams(BaseModel):
     min_tokens: int = 0
     """Tokens generated before the end-of-sequence token, a stop token or a stop string can end the output."""
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    """False: the output's text keeps the special tokens the model wrote (not the one that ends it)."""
     logprobs: int | None = None
     """None: no log probabilities; k: each generated token's, with the k most likely tokens' at its position."""
     prompt_logprobs: int | None = None

@@ -84,3 +84,27 @@ def test_min_tokens_holds_off_the_end_of_sequence_and_stop_strings(client):
         model=MODEL, prompt="Monday, Tuesday,", max_tokens=20, temperature=0, stop=[","], extra_body={"min_tokens": 4}
     )
     assert stopped.choices[0].text.count(",") >= 1 and stopped.usage.completion_tokens >= 4, stopped.choices[0].text
+
+
+def test_special_tokens_the_model_writes_stay_in_the_text_only_when_asked(client):
+    forced = {"logit_bias": {1: 100}, "max_tokens": 2, "temperature": 0}  # 1: <|im_start|>
+    skipped = client.completions.create(model=MODEL, prompt="Special tokens:", **forced)
+    kept = client.completions.create(
+        model=MODEL, prompt="Special tokens:", **forced, extra_body={"skip_special_tokens": False}
+    )
+    assert skipped.choices[0].text == ""
+    assert kept.choices[0].text == "<|im_start|><|im_start|>"
+
+
+def test_min_p_one_leaves_only_the_most_likely_token_whatever_the_seed(client):
+    prompt = "A list of fruits that grow on trees:"
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)  # later requests reuse its cached prompt
+    texts = {
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=8, temperature=1.5, seed=seed, extra_body={"min_p": 1.0}
+        )
+        .choices[0]
+        .text
+        for seed in (1, 2, 3)
+    }
+    assert len(texts) == 1

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 from gateway.errors import APIError
 from gateway.prompts import PromptTokenizer
+from gateway.protocol import TemplateOptions
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -54,3 +55,32 @@ def test_a_template_that_refuses_the_messages_or_no_template_is_a_400(model_dir,
         PromptTokenizer(tmp_path).chat_ids(messages)
     assert no_template.value.status == refused.value.status == 400
     assert "completions" in no_template.value.message and "must alternate" in refused.value.message
+
+
+def test_template_options_render_as_autotokenizers_do(model_dir):
+    ours, theirs = PromptTokenizer(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    started = [{"role": "user", "content": "Name a planet."}, {"role": "assistant", "content": "The planet is"}]
+    for messages, options in (
+        (started, {"continue_final_message": True}),
+        (started[:1], {"add_generation_prompt": False}),
+    ):
+        text = theirs.apply_chat_template(messages, tokenize=False, **options)
+        ours_options = TemplateOptions(add_generation_prompt=False, **options)
+        assert ours.chat_ids(messages, options=ours_options) == theirs(text, add_special_tokens=False)["input_ids"]
+    continued = TemplateOptions(add_generation_prompt=False, continue_final_message=True)
+    assert ours.decode(ours.chat_ids(started, options=continued)).endswith("The planet is")
+
+
+def test_chat_template_kwargs_reach_the_template_but_not_its_own_arguments(model_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    template = "{{ greeting }}{% for m in messages %} {{ m['content'] }}{% endfor %}"
+    (tmp_path / "chat_template.jinja").write_text(template)
+    ours = PromptTokenizer(tmp_path)
+    options = TemplateOptions(chat_template_kwargs={"greeting": "Hello"})
+    assert ours.decode(ours.chat_ids([{"role": "user", "content": "there"}], options=options)) == "Hello there"
+    with pytest.raises(APIError) as taken:
+        TemplateOptions(chat_template_kwargs={"add_generation_prompt": False})
+    with pytest.raises(APIError) as both:
+        TemplateOptions(continue_final_message=True)
+    assert taken.value.status == both.value.status == 400

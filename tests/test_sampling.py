@@ -98,3 +98,14 @@ def test_min_tokens_rules_out_the_end_and_stop_tokens_until_reached():
     assert greedy(0, min_tokens=2) == 2 and greedy(1, min_tokens=2) == 2
     assert greedy(2, min_tokens=2) == 1, "reached: the end token is allowed again"
     assert greedy(0, min_tokens=1, stop_token_ids=[2]) == 3, "the row's stop tokens too"
+
+
+def test_min_p_samples_only_tokens_at_least_that_fraction_of_the_most_likely():
+    # probabilities .563 .207 .126 .076 .028: min_p 0.2 keeps the first three (0.2 x .563 = .113)
+    params = SamplingParams(max_tokens=1, min_p=0.2, seed=3)
+    generator = new_generator(params)
+    counts = collections.Counter(choose_tokens(LOGITS, [params], [generator], [[]], [[]])[0] for _ in range(3000))
+    assert set(counts) == {0, 1, 2}
+    probs = torch.softmax(LOGITS[0, :3], dim=-1)
+    for token, p in enumerate(probs.tolist()):
+        assert abs(counts[token] / 3000 - p) < 0.03

@@ -48,3 +48,11 @@ def test_a_stop_string_ends_the_text_only_from_the_min_tokens_th_token_on(loaded
     before_third = len(tokenizer("one, two", add_special_tokens=False)["input_ids"])
     deltas, output = feed(tokenizer, "one, two, three, four", [","], min_tokens=before_third + 1)
     assert output.stopped and "".join(deltas) == output.text == "one, two"
+
+
+def test_special_tokens_stay_in_the_text_when_not_skipped(loaded_model):
+    tokenizer = loaded_model.tokenizer
+    ids = tokenizer("Hi<|im_end|> there", add_special_tokens=False)["input_ids"]
+    assert "".join(map(TextOutput(tokenizer, []).add, ids)) == "Hi there"
+    kept = TextOutput(tokenizer, [], skip_special_tokens=False)
+    assert "".join(map(kept.add, ids)) + kept.finish() == "Hi<|im_end|> there"

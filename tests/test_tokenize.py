@@ -50,3 +50,39 @@ def test_tokenize_needs_an_api_key_outside_v1_too(gateway_url):
     for path in ("/tokenize", "/v1/tokenize", "/detokenize"):
         reply = httpx.post(f"{gateway_url}{path}", json={"model": MODEL, "prompt": "hi"}, timeout=10)
         assert reply.status_code == 401, path
+
+
+def test_a_started_answer_is_continued_where_its_text_ends(http, client):
+    started = [*FRANCE, {"role": "assistant", "content": "The capital of France is"}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    tokenized = http.post("/tokenize", json={"model": MODEL, "messages": started, **options}).json()
+    text = http.post("/detokenize", json={"model": MODEL, "tokens": tokenized["tokens"]}).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\nThe capital of France is")
+    reply = client.chat.completions.create(
+        model=MODEL, messages=started, temperature=0, max_tokens=4, extra_body=options
+    )
+    assert reply.usage.prompt_tokens == tokenized["count"]
+    assert "Paris" in reply.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"continue_final_message": True}, "continue_final_message"),
+        ({"add_generation_prompt": False}, "messages"),
+        ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"not a name": 1}}, None),
+    ],
+)
+def test_template_options_that_do_not_fit_the_messages_are_400(http, extra, param):
+    started = [*FRANCE, {"role": "assistant", "content": "The capital"}]
+    reply = http.post("/v1/chat/completions", json={"model": MODEL, "messages": started, **extra})
+    assert_openai_error(reply, 400, param)
+
+
+def test_chat_template_kwargs_the_template_does_not_use_change_nothing(http, client):
+    plain = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=1)
+    with_kwargs = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, max_tokens=1, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert with_kwargs.usage.prompt_tokens == plain.usage.prompt_tokens

@@ -81,6 +81,7 @@ def test_nulls_and_defaults_that_clients_send_explicitly_are_accepted(http):
         {"model": MODEL, "messages": HI, "temperature": 5},
         {"model": MODEL, "messages": HI, "top_p": 0},
         {"model": MODEL, "messages": HI, "presence_penalty": 2.5},
+        {"model": MODEL, "messages": HI, "min_p": 1.5},
         {"model": MODEL, "messages": HI, "n": 0},
         {"model": MODEL, "messages": HI, "n": 17},
         {"model": MODEL, "messages": HI, "logit_bias": {"1": 101}},

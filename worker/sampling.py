@@ -73,6 +73,9 @@ def _sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Gene
         kth = torch.topk(row, params.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
     probs, ids = torch.softmax(row, dim=-1), None
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs /= probs.sum()
     if params.top_p < 1.0:
         probs, ids = _nucleus(probs, params.top_p)
     # Inverse CDF: one uniform draw (torch.multinomial took 1 ms a row over the vocabulary).

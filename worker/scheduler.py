@@ -343,9 +343,9 @@ class Scheduler:
             if self._first_choice_prefilling(request):
                 deferred.append(request)
                 continue
-            prompt = request.prompt_token_ids + request.resume_token_ids
+            prompt, sampling = request.prompt_token_ids + request.resume_token_ids, request.sampling
             source, reused = (None, 0)
-            if self.slots.cache_tokens and request.sampling.prompt_logprobs is None:
+            if self.slots.cache_tokens and sampling.prompt_logprobs is None:
                 source, reused = self.slots.longest_prefix(
                     prompt, ((s.slot, s.kv_tokens()) for s in self.running.values())
                 )
@@ -358,16 +358,16 @@ class Scheduler:
             seq = self.running[request.id] = Sequence(
                 request=request,
                 slot=slot,
-                output=TextOutput(self.tokenizer, request.sampling.stop, request.sampling.min_tokens),
-                generator=new_generator(request.sampling, self.runner.device),
+                output=TextOutput(self.tokenizer, sampling.stop, sampling.min_tokens, sampling.skip_special_tokens),
+                generator=new_generator(sampling, self.runner.device),
                 started=now,
                 admitted_step=self.steps,
                 prefilled=reused,
                 reused=reused,
                 kv_len=reused,
             )
-            if request.sampling.grammar is not None:
-                seq.matcher = self.grammars.matcher(request.sampling.grammar)
+            if sampling.grammar is not None:
+                seq.matcher = self.grammars.matcher(sampling.grammar)
                 if seq.matcher.is_error():
                     events.append(self._finish(seq, "error", now, error=f"Grammar: {seq.matcher.get_error()}"))
                     continue

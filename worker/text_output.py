@@ -7,9 +7,10 @@ from __future__ import annotations
 
 
 class TextOutput:
-    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0, skip_special_tokens: bool = True):
         """Stop strings end the text only from the min_tokens-th token on (vLLM's min_tokens)."""
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._stop = [s for s in stop if s]
         self._min_tokens = min_tokens
         self._ids: list[int] = []
@@ -20,7 +21,7 @@ class TextOutput:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Add one generated token; return the text that became final (may be empty)."""

@@ -65,7 +65,7 @@ def test_template_options_render_as_autotokenizers_do(model_dir):
         (started[:1], {"add_generation_prompt": False}),
     ):
         text = theirs.apply_chat_template(messages, tokenize=False, **options)
-        ours_options = TemplateOptions(add_generation_prompt=False, **options)
+        ours_options = TemplateOptions(**{"add_generation_prompt": False, **options})
         assert ours.chat_ids(messages, options=ours_options) == theirs(text, add_special_tokens=False)["input_ids"]
     continued = TemplateOptions(add_generation_prompt=False, continue_final_message=True)
     assert ours.decode(ours.chat_ids(started, options=continued)).endswith("The planet is")

@@ -18,6 +18,7 @@ from gateway.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from gateway.responses import ResponsesRequest
 
 router = APIRouter()
 
@@ -69,6 +70,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     return await _completions(request).create("text", body, request)
+
+
+@router.post("/v1/responses")
+async def create_response(body: ResponsesRequest, request: Request):
+    return await _completions(request).respond(body, request)
 
 
 @router.post("/tokenize")

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway import tool_calls
+from gateway import responses, tool_calls
 from gateway.api_keys import ApiKey
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
@@ -24,6 +24,7 @@ from gateway.prompts import Tokenizers, chat_token_ids, check_token_ids, complet
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from gateway.queue_client import QueueClient
 from gateway.rate_limits import Admission, RateLimiter
+from gateway.responses import ResponsesRequest
 from gateway.sanitize import DenyList
 from gateway.structured_output import output_grammar
 from shared.protocol import FinalResult, InferenceRequest, SamplingParams, TokenDelta, new_request_id
@@ -186,6 +187,27 @@ class Completions:
             await admission.refund(cost)
 
     async def create(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request):
+        request, requests, admission, headers = await self._accept(kind, body, http)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._streamed(self._events(kind, requests, include_usage, admission), headers)
+        finals = await self._finals(requests, http, admission)
+        return JSONResponse(whole_response(kind, request, *finals), headers=headers)
+
+    async def respond(self, body: ResponsesRequest, http: Request):
+        """POST /v1/responses: answered as the chat request it becomes (gateway.responses)."""
+        chat = responses.chat_request(body)
+        request, requests, admission, headers = await self._accept("chat", chat, http)
+        writer = responses.ResponseWriter(body, request)
+        if chat.stream:
+            return self._streamed(self._response_events(writer, requests, admission), headers)
+        (final,) = await self._finals(requests, http, admission)
+        return JSONResponse(writer.response(final), headers=headers)
+
+    async def _accept(
+        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request
+    ) -> tuple[InferenceRequest, list[InferenceRequest], Admission | None, dict[str, str]]:
+        """Build, admit and queue a request (and its other choices): it, them all, its admission, response headers."""
         http.state.model_name = body.model  # a label of llmfleet:requests_total (gateway.metrics)
         request = self.build(kind, body, http.headers)
         key: ApiKey | None = getattr(http.state, "api_key", None)
@@ -201,16 +223,21 @@ class Completions:
             choices=body.n,
             stream=body.stream,
         )
-        headers = {"x-request-id": request.id, **(admission.headers if admission else {})}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(
-                self._events(kind, requests, include_usage, admission),
-                headers=headers,
-                ping=15,
-                # A gateway told to stop lets open streams finish for this long before it cuts them.
-                shutdown_grace_period=self.settings.delivery.drain_grace_s,
-            )
+        return request, requests, admission, {"x-request-id": request.id, **(admission.headers if admission else {})}
+
+    def _streamed(self, events: AsyncIterator[dict], headers: dict[str, str]) -> EventSourceResponse:
+        return EventSourceResponse(
+            events,
+            headers=headers,
+            ping=15,
+            # A gateway told to stop lets open streams finish for this long before it cuts them.
+            shutdown_grace_period=self.settings.delivery.drain_grace_s,
+        )
+
+    async def _finals(
+        self, requests: list[InferenceRequest], http: Request, admission: Admission | None
+    ) -> list[FinalResult]:
+        """The requests' final records, once all have ended well (else the first failure's error), the key charged."""
         finals: list[FinalResult] = []
         try:
             finals = await self._finals_unless_disconnected(requests, http)
@@ -219,7 +246,7 @@ class Completions:
         for final in finals:
             if final.finish_reason not in ("stop", "length"):
                 raise failure(final)
-        return JSONResponse(whole_response(kind, request, *finals), headers=headers)
+        return finals
 
     async def _follow(self, requests: list[InferenceRequest]) -> AsyncIterator[tuple[int, TokenDelta | FinalResult]]:
         """(choice index, event) of every request as they come, until each has ended."""
@@ -314,6 +341,27 @@ class Completions:
             # One shielded step: a second cancellation would otherwise stop the cleanup halfway.
             unfinished = [r for i, r in enumerate(requests) if i not in ended]
             await asyncio.shield(self._end_stream(unfinished, admission, sum(generated)))
+
+    async def _response_events(
+        self, writer: responses.ResponseWriter, requests: list[InferenceRequest], admission: Admission | None
+    ) -> AsyncIterator[dict]:
+        ended, generated = False, 0
+        try:
+            for event in writer.opening():
+                yield event
+            async for _, event in self._follow(requests):
+                generated = event.completion_tokens
+                if isinstance(event, TokenDelta):
+                    if admission is not None:
+                        await admission.charge_output(generated)
+                    if event.text:
+                        yield writer.delta(event.text)
+                    continue
+                ended = True
+                for closing in writer.closing(event):
+                    yield closing
+        finally:
+            await asyncio.shield(self._end_stream([] if ended else requests, admission, generated))
 
     async def _end_stream(
         self, unfinished: list[InferenceRequest], admission: Admission | None, generated: int

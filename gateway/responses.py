@@ -1,0 +1,243 @@
+"""OpenAI's Responses API (POST /v1/responses), stateless as vLLM serves it by default: the input (a string, or
+messages as the Responses API writes them, earlier output messages included) becomes a chat request, and its result
+a Response object, whole or as the API's typed stream events. Nothing is stored, so `previous_response_id` is
+refused: a conversation is sent whole in `input` (the prefix cache and conversation affinity make that cheap)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.errors import APIError
+from gateway.protocol import ChatCompletionRequest, Text, _Strict
+from shared.protocol import FinalResult, InferenceRequest
+
+
+class ContentPart(_Strict):
+    type: Literal["input_text", "output_text"]
+    text: Text
+    annotations: list | None = None
+    logprobs: list | None = None
+    """An earlier response's output part, sent back as it came: its annotations and log probabilities are ignored."""
+
+
+class InputMessage(_Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Text | Annotated[list[ContentPart], Field(max_length=256)]
+    id: str | None = None
+    status: str | None = None
+    phase: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class TextFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+_ACCEPTED_AT = {
+    "previous_response_id": None,
+    "tools": [],
+    "tool_choice": ("none", "auto"),
+    "reasoning": None,
+    "include": [],
+    "top_logprobs": (0,),
+    "background": (False,),
+    "truncation": ("disabled",),
+    "conversation": None,
+}
+"""Parameters accepted only at these values (a tuple: any of them; None, or absent, always): name -> values."""
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    input: Text | Annotated[list[InputMessage], Field(min_length=1, max_length=1024)]
+    instructions: Text | None = None
+    """A system message before the input."""
+    max_output_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    stream: bool | None = None
+    store: bool | None = None
+    """Accepted; nothing is stored."""
+    text: TextConfig | None = None
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+    user: Annotated[Text, Field(max_length=256)] | None = None
+    safety_identifier: Annotated[Text, Field(max_length=256)] | None = None
+    prompt_cache_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """Turns sent with the same key go to the worker that holds the conversation's cache (conversation affinity)."""
+    parallel_tool_calls: bool | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    stream_options: dict | None = None
+    previous_response_id: str | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    reasoning: dict | None = None
+    include: list | None = None
+    top_logprobs: int | None = None
+    background: bool | None = None
+    truncation: str | None = None
+    conversation: str | dict | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name in self.model_extra or {}:
+            raise APIError(400, f"Unsupported parameter: '{name}'.", param=name, code="unsupported_parameter")
+        for name, accepted in _ACCEPTED_AT.items():
+            value = getattr(self, name)
+            if value is not None and value != accepted and not (isinstance(accepted, tuple) and value in accepted):
+                why = " (nothing is stored: send the conversation in 'input')" if name == "previous_response_id" else ""
+                raise APIError(
+                    400, f"Unsupported value for '{name}'{why}.", param=name, code="unsupported_value"
+                )  # fmt: skip
+        return self
+
+
+def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat request that answers `body`."""
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    if isinstance(body.input, str):
+        messages.append({"role": "user", "content": body.input})
+    else:
+        messages += [{"role": m.role, "content": m.text()} for m in body.input]
+    fields = {
+        "model": body.model,
+        "messages": messages,
+        "max_completion_tokens": body.max_output_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stream": body.stream,
+        "user": body.user or body.safety_identifier,
+        "conversation_id": body.prompt_cache_key,
+        "response_format": _response_format(body.text.format) if body.text and body.text.format else None,
+    }
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as error:
+        raise APIError(400, f"Invalid input: {error.errors()[0]['msg']}.", param="input") from None
+
+
+def _response_format(fmt: TextFormat) -> dict:
+    if fmt.type != "json_schema":
+        return {"type": fmt.type}
+    if fmt.name is None or fmt.schema_ is None:
+        raise APIError(400, "A 'json_schema' format needs 'name' and 'schema'.", param="text.format")
+    schema = {"name": fmt.name, "schema": fmt.schema_, "description": fmt.description, "strict": fmt.strict}
+    return {"type": "json_schema", "json_schema": {k: v for k, v in schema.items() if v is not None}}
+
+
+def _usage(final: FinalResult) -> dict:
+    return {
+        "input_tokens": final.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": final.cached_tokens},
+        "output_tokens": final.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": final.prompt_tokens + final.completion_tokens,
+    }
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+class ResponseWriter:
+    """A request's Response object and, for a stream, its events in order (each with its sequence number)."""
+
+    def __init__(self, body: ResponsesRequest, request: InferenceRequest):
+        self.body = body
+        self.request = request
+        self.item_id = f"msg_{request.id}"
+        self._sequence = 0
+
+    def response(self, final: FinalResult | None = None) -> dict:
+        """The Response: in progress without `final`, else as it ended (failed ones included, for a stream)."""
+        status, output, error, incomplete = "in_progress", [], None, None
+        if final is not None:
+            ok = final.finish_reason in ("stop", "length")
+            status = {"stop": "completed", "length": "incomplete"}.get(final.finish_reason, "failed")
+            if ok:
+                output = [self._message(final.text, "completed" if status == "completed" else "incomplete")]
+            else:
+                error = {"code": "server_error", "message": f"Request {final.finish_reason}: {final.error}."}
+            if status == "incomplete":
+                incomplete = {"reason": "max_output_tokens"}
+        body = self.body
+        return {
+            "id": f"resp_{self.request.id}",
+            "object": "response",
+            "created_at": int(self.request.created),
+            "status": status,
+            "model": body.model,
+            "output": output,
+            "error": error,
+            "incomplete_details": incomplete,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "tool_choice": body.tool_choice or "auto",
+            "tools": [],
+            "text": {
+                "format": (body.text.format if body.text and body.text.format else TextFormat(type="text")).model_dump(
+                    by_alias=True, exclude_none=True
+                )
+            },  # fmt: skip
+            "metadata": body.metadata or {},
+            "previous_response_id": None,
+            "store": False,
+            "usage": _usage(final) if final is not None else None,
+        }
+
+    def _message(self, text: str, status: str) -> dict:
+        content = [_text_part(text)] if status != "in_progress" else []
+        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    def _event(self, kind: str, **fields) -> dict:
+        """One server-sent event: the type as the SSE event name and in the data, as OpenAI sends them."""
+        data = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return {"event": kind, "data": json.dumps(data)}
+
+    def opening(self) -> list[dict]:
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return [
+            self._event("response.created", response=self.response()),
+            self._event("response.in_progress", response=self.response()),
+            self._event("response.output_item.added", output_index=0, item=self._message("", "in_progress")),
+            self._event("response.content_part.added", **where, part=_text_part("")),
+        ]
+
+    def delta(self, text: str) -> dict:
+        return self._event(
+            "response.output_text.delta", item_id=self.item_id, output_index=0, content_index=0, delta=text,
+            logprobs=[],
+        )  # fmt: skip
+
+    def closing(self, final: FinalResult) -> list[dict]:
+        response = self.response(final)
+        if response["status"] == "failed":
+            return [self._event("response.failed", response=response)]
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        (item,) = response["output"]
+        return [
+            self._event("response.output_text.done", **where, text=final.text, logprobs=[]),
+            self._event("response.content_part.done", **where, part=_text_part(final.text)),
+            self._event("response.output_item.done", output_index=0, item=item),
+            self._event(f"response.{response['status']}", response=response),
+        ]

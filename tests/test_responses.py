@@ -1,0 +1,108 @@
+"""OpenAI's Responses API through the real gateway, Redis and worker, with the official openai client."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.conftest import FRANCE_QUESTION, MODEL
+from tests.test_validation import assert_openai_error
+
+
+def test_a_response_answers_its_input_with_usage(client):
+    response = client.responses.create(model=MODEL, input=FRANCE_QUESTION, max_output_tokens=30, temperature=0)
+    assert response.id.startswith("resp_") and response.object == "response"
+    assert response.status == "completed" and response.error is None
+    assert "Paris" in response.output_text
+    (message,) = response.output
+    assert message.type == "message" and message.role == "assistant"
+    usage = response.usage
+    assert usage.input_tokens > 0 and usage.output_tokens > 0
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+
+
+def test_earlier_output_goes_back_as_input_after_the_instructions(client):
+    first = client.responses.create(
+        model=MODEL, instructions="Answer in one short sentence.", input="Name a planet.", max_output_tokens=20
+    )
+    follow_up = [
+        {"role": "user", "content": "Name a planet."},
+        *[item.model_dump(exclude_none=True) for item in first.output],
+        {"role": "user", "content": [{"type": "input_text", "text": "Name another one."}]},
+    ]
+    second = client.responses.create(
+        model=MODEL, instructions="Answer in one short sentence.", input=follow_up, max_output_tokens=20
+    )
+    assert second.status in ("completed", "incomplete") and second.output_text
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    assert second.instructions == "Answer in one short sentence."
+
+
+def test_a_response_cut_by_max_output_tokens_is_incomplete(client):
+    response = client.responses.create(model=MODEL, input="Write a long poem about the sea.", max_output_tokens=3)
+    assert response.status == "incomplete"
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.output_tokens == 3
+
+
+def test_a_streamed_response_sends_the_typed_events_in_order(client):
+    events = list(client.responses.create(model=MODEL, input=FRANCE_QUESTION, max_output_tokens=30, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[:4] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"
+    ]  # fmt: skip
+    assert kinds[-4:] == [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"
+    ]  # fmt: skip
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    completed = events[-1].response
+    text = "".join(event.delta for event in events[4:-4])
+    assert text == completed.output_text == events[-4].text
+    assert completed.usage.output_tokens > 0
+
+
+def test_the_clients_stream_helper_assembles_the_final_response(client):
+    with client.responses.stream(model=MODEL, input=FRANCE_QUESTION, max_output_tokens=30) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text and final.status == "completed"
+
+
+def test_a_json_schema_text_format_gives_json_that_matches(client):
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    response = client.responses.create(
+        model=MODEL, input=FRANCE_QUESTION, max_output_tokens=60, temperature=0,
+        text={"format": {"type": "json_schema", "name": "place", "schema": schema, "strict": True}},
+    )  # fmt: skip
+    assert set(json.loads(response.output_text)) == {"city", "country"}
+    assert response.text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"no_such_field": 1}, "no_such_field"),
+        ({"input": []}, "input"),
+        ({"input": [{"role": "wizard", "content": "hi"}]}, None),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+    ],
+)
+def test_what_a_stateless_text_server_cannot_do_is_a_400_naming_it(http, extra, param):
+    body = {"model": MODEL, "input": "hi", **extra}
+    assert_openai_error(http.post("/v1/responses", json=body), 400, param)
+
+
+def test_an_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="no-such-model", input="hi")

@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from gateway.serving import _another_choice
+from shared.protocol import InferenceRequest, SamplingParams
 from tests.conftest import FRANCE_QUESTION, MODEL
 
 FRANCE = [{"role": "user", "content": FRANCE_QUESTION}]
@@ -176,15 +178,15 @@ def test_a_frequency_penalty_makes_greedy_output_repeat_itself_less(client):
 
 
 def test_n_choices_each_sampled_with_its_own_seed_whole_and_streamed(client):
+    # Outputs are not compared across requests: a choice's bits may depend on what shared its steps (on AMX, and
+    # AVX512-BF16, unless batch.batch_invariant), and a sampled draw near a boundary then goes another way.
     story = [{"role": "user", "content": "Tell me a story."}]
     options = {"model": MODEL, "messages": story, "max_tokens": 6, "seed": 11, "extra_body": {"ignore_eos": True}}
     whole = client.chat.completions.create(n=3, **options)
     assert [c.index for c in whole.choices] == [0, 1, 2]
-    texts = [c.message.content for c in whole.choices]
-    assert len(set(texts)) > 1, "each choice draws with its own seed"
-    one = client.chat.completions.create(n=1, **options)
-    assert one.choices[0].message.content == texts[0], "choice 0 is the request with its seed as given"
+    assert len({c.message.content for c in whole.choices}) > 1, "each choice draws with its own seed"
     assert whole.usage.completion_tokens == 18
+    one = client.chat.completions.create(n=1, **options)
     assert whole.usage.prompt_tokens == one.usage.prompt_tokens, "the prompt is counted once"
 
     stream = client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **options)
@@ -196,8 +198,16 @@ def test_n_choices_each_sampled_with_its_own_seed_whole_and_streamed(client):
             pieces[choice.index] += choice.delta.content or ""
             if choice.finish_reason:
                 finishes.append(choice.index)
-    assert [pieces[i] for i in range(3)] == texts
+    assert all(pieces.values()) and len(set(pieces.values())) > 1
     assert sorted(finishes) == [0, 1, 2] and usage.completion_tokens == 18
+
+
+def test_choice_zero_is_the_request_as_sent_and_each_later_one_draws_with_the_next_seed():
+    sampling = SamplingParams(max_tokens=4, seed=11, prompt_logprobs=1)
+    request = InferenceRequest(id="r", model=MODEL, prompt_token_ids=[1, 2], sampling=sampling, deadline=0)
+    later = _another_choice(request, 2)
+    assert later.id != request.id and later.choice_of == request.id
+    assert later.sampling.seed == 13 and later.sampling.prompt_logprobs is None, "the first choice scores the prompt"
 
 
 def test_a_job_of_several_choices_is_refused(http):

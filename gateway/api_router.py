@@ -77,6 +77,16 @@ async def create_response(body: ResponsesRequest, request: Request):
     return await _completions(request).respond(body, request)
 
 
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> dict:
+    return await _completions(request).stored.response(response_id, _owner(request))
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> dict:
+    return await _completions(request).stored.delete(response_id, _owner(request))
+
+
 @router.post("/tokenize")
 @router.post("/v1/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:

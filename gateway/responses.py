@@ -1,7 +1,8 @@
-"""OpenAI's Responses API (POST /v1/responses), stateless as vLLM serves it by default: the input (a string, or
-messages as the Responses API writes them, earlier output messages included) becomes a chat request, and its result
-a Response object, whole or as the API's typed stream events. Nothing is stored, so `previous_response_id` is
-refused: a conversation is sent whole in `input` (the prefix cache and conversation affinity make that cheap)."""
+"""OpenAI's Responses API (POST /v1/responses): the input (a string, or messages as the Responses API writes them,
+earlier output messages included), after the conversation of `previous_response_id` if given, becomes a chat
+request, and its result a Response object, whole or as the API's typed stream events. Responses are stored
+(gateway.response_store) unless `store` is false. Turns of one conversation keep its first messages, so they go to
+the worker that holds its cache (gateway.conversations)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,6 @@ class TextConfig(_Strict):
 
 
 _ACCEPTED_AT = {
-    "previous_response_id": None,
     "tools": [],
     "tool_choice": ("none", "auto"),
     "reasoning": None,
@@ -74,7 +74,7 @@ class ResponsesRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     stream: bool | None = None
     store: bool | None = None
-    """Accepted; nothing is stored."""
+    """False: the response is not kept (it is by default, for `previous_response_id` and GET)."""
     text: TextConfig | None = None
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
     user: Annotated[Text, Field(max_length=256)] | None = None
@@ -84,7 +84,7 @@ class ResponsesRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     service_tier: Literal["auto", "default"] | None = None
     stream_options: dict | None = None
-    previous_response_id: str | None = None
+    previous_response_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     reasoning: dict | None = None
@@ -101,23 +101,27 @@ class ResponsesRequest(BaseModel):
         for name, accepted in _ACCEPTED_AT.items():
             value = getattr(self, name)
             if value is not None and value != accepted and not (isinstance(accepted, tuple) and value in accepted):
-                why = " (nothing is stored: send the conversation in 'input')" if name == "previous_response_id" else ""
-                raise APIError(
-                    400, f"Unsupported value for '{name}'{why}.", param=name, code="unsupported_value"
-                )  # fmt: skip
+                raise APIError(400, f"Unsupported value for '{name}'.", param=name, code="unsupported_value")
         return self
 
+    @property
+    def stored(self) -> bool:
+        return self.store is not False
 
-def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request that answers `body`."""
-    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+
+def conversation(body: ResponsesRequest, earlier: list[dict]) -> list[dict]:
+    """The messages `body` answers, without its instructions: the earlier conversation's, then its input's."""
     if isinstance(body.input, str):
-        messages.append({"role": "user", "content": body.input})
-    else:
-        messages += [{"role": m.role, "content": m.text()} for m in body.input]
+        return [*earlier, {"role": "user", "content": body.input}]
+    return earlier + [{"role": m.role, "content": m.text()} for m in body.input]
+
+
+def chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
+    """The chat request that answers `body`, whose conversation is `messages`."""
+    instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     fields = {
         "model": body.model,
-        "messages": messages,
+        "messages": instructions + messages,
         "max_completion_tokens": body.max_output_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -199,8 +203,8 @@ class ResponseWriter:
                 )
             },  # fmt: skip
             "metadata": body.metadata or {},
-            "previous_response_id": None,
-            "store": False,
+            "previous_response_id": body.previous_response_id,
+            "store": body.stored,
             "usage": _usage(final) if final is not None else None,
         }
 

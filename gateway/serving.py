@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Literal
 
 import structlog
@@ -24,6 +24,7 @@ from gateway.prompts import Tokenizers, chat_token_ids, check_token_ids, complet
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from gateway.queue_client import QueueClient
 from gateway.rate_limits import Admission, RateLimiter
+from gateway.response_store import ResponseStore
 from gateway.responses import ResponsesRequest
 from gateway.sanitize import DenyList
 from gateway.structured_output import output_grammar
@@ -86,6 +87,7 @@ class Completions:
         self.tokenizers = tokenizers
         self.limiter = limiter
         self.deny_list = DenyList(settings.protection.deny_patterns)
+        self.stored = ResponseStore(queue.redis, settings.stored_response_ttl_s)
 
     def model_or_404(self, model: str):
         spec = self.settings.models.get(model)
@@ -196,13 +198,24 @@ class Completions:
 
     async def respond(self, body: ResponsesRequest, http: Request):
         """POST /v1/responses: answered as the chat request it becomes (gateway.responses)."""
-        chat = responses.chat_request(body)
+        owner = getattr(http.state, "key_id", None)
+        earlier = await self.stored.conversation(body.previous_response_id, owner) if body.previous_response_id else []
+        messages = responses.conversation(body, earlier)
+        chat = responses.chat_request(body, messages)
         request, requests, admission, headers = await self._accept("chat", chat, http)
         writer = responses.ResponseWriter(body, request)
+
+        async def store(response: dict, final: FinalResult) -> None:
+            if body.stored and response["status"] != "failed":
+                answered = [*messages, {"role": "assistant", "content": final.text}]
+                await self.stored.save(response, answered, owner)
+
         if chat.stream:
-            return self._streamed(self._response_events(writer, requests, admission), headers)
+            return self._streamed(self._response_events(writer, requests, admission, store), headers)
         (final,) = await self._finals(requests, http, admission)
-        return JSONResponse(writer.response(final), headers=headers)
+        response = writer.response(final)
+        await store(response, final)
+        return JSONResponse(response, headers=headers)
 
     async def _accept(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request
@@ -343,7 +356,11 @@ class Completions:
             await asyncio.shield(self._end_stream(unfinished, admission, sum(generated)))
 
     async def _response_events(
-        self, writer: responses.ResponseWriter, requests: list[InferenceRequest], admission: Admission | None
+        self,
+        writer: responses.ResponseWriter,
+        requests: list[InferenceRequest],
+        admission: Admission | None,
+        store: Callable[[dict, FinalResult], Awaitable[None]],
     ) -> AsyncIterator[dict]:
         ended, generated = False, 0
         try:
@@ -358,6 +375,7 @@ class Completions:
                         yield writer.delta(event.text)
                     continue
                 ended = True
+                await store(writer.response(event), event)
                 for closing in writer.closing(event):
                     yield closing
         finally:

@@ -12,6 +12,7 @@ output     One stream per request, written by the worker that runs it: field "d"
            per step, and the last entry holds field "f", the JSON `FinalResult`. Any gateway can follow it.
 result     The `FinalResult` again, as a plain key with a TTL, written once (SET NX) before the XACK.
 cancel     Set by a gateway when the client goes away; the worker drops the request at its next step.
+response   A stored Responses API response (JSON: its owner, the response, the conversation it ends), with a TTL.
 job        An async job's record (kind, the InferenceRequest, owner), written by the gateway that accepted it.
 idempotency  An Idempotency-Key (per owner) -> "job id body-hash", so a retried POST /v1/jobs returns the same job.
 file       An uploaded or produced file's metadata (JSON); file_content holds its bytes.
@@ -70,6 +71,10 @@ def result(request_id: str) -> str:
 
 def cancel(request_id: str) -> str:
     return f"{PREFIX}:cancel:{request_id}"
+
+
+def stored_response(response_id: str) -> str:
+    return f"{PREFIX}:response:{response_id}"
 
 
 def job(job_id: str) -> str:

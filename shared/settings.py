@@ -147,6 +147,8 @@ class Settings(BaseSettings):
     # Retention of what the worker writes back.
     result_ttl_s: PositiveInt = 3600
     token_stream_ttl_s: PositiveInt = 600
+    stored_response_ttl_s: PositiveInt = 86_400
+    """How long /v1/responses keeps a response (`store`, its default) for `previous_response_id` and GET."""
 
     batch: BatchLimits = Field(default_factory=BatchLimits)
     affinity: bool = True

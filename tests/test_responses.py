@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 
 from tests.conftest import FRANCE_QUESTION, MODEL
+from tests.fleet import create_api_key
 from tests.test_validation import assert_openai_error
 
 
@@ -89,7 +91,6 @@ def test_a_json_schema_text_format_gives_json_that_matches(client):
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"no_such_field": 1}, "no_such_field"),
@@ -98,7 +99,7 @@ def test_a_json_schema_text_format_gives_json_that_matches(client):
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
     ],
 )
-def test_what_a_stateless_text_server_cannot_do_is_a_400_naming_it(http, extra, param):
+def test_what_a_text_server_cannot_do_is_a_400_naming_it(http, extra, param):
     body = {"model": MODEL, "input": "hi", **extra}
     assert_openai_error(http.post("/v1/responses", json=body), 400, param)
 
@@ -106,3 +107,46 @@ def test_what_a_stateless_text_server_cannot_do_is_a_400_naming_it(http, extra, 
 def test_an_unknown_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="no-such-model", input="hi")
+
+
+def test_a_stored_response_is_read_back_continued_and_deleted(client):
+    instructions = "Answer in one short sentence."
+    first = client.responses.create(
+        model=MODEL, instructions=instructions, input="Name a planet.", max_output_tokens=12
+    )
+    assert first.store is True
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    second = client.responses.create(
+        model=MODEL, instructions=instructions, previous_response_id=first.id, input="Name another one.",
+        max_output_tokens=12,
+    )  # fmt: skip
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens, "the first turn came too"
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens, "and from the prefix cache"
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.responses.create(model=MODEL, previous_response_id=first.id, input="And another?")
+    assert gone.value.body["param"] == "previous_response_id"
+
+
+def test_a_streamed_response_is_stored_and_one_with_store_false_is_not(client):
+    events = list(client.responses.create(model=MODEL, input="Name a colour.", max_output_tokens=8, stream=True))
+    streamed = events[-1].response
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    kept_out = client.responses.create(model=MODEL, input="Name a colour.", max_output_tokens=8, store=False)
+    assert kept_out.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(kept_out.id)
+
+
+def test_a_stored_response_is_invisible_to_another_key(fleet, gateway_url, client, auth_headers):
+    response = client.responses.create(model=MODEL, input="Name a fruit.", max_output_tokens=4)
+    other = {"Authorization": f"Bearer {create_api_key(fleet.redis_server, name='responses-tenant')}"}
+    path = f"{gateway_url}/v1/responses/{response.id}"
+    assert httpx.get(path, headers=other, timeout=10).status_code == 404
+    assert httpx.delete(path, headers=other, timeout=10).status_code == 404
+    continued = {"model": MODEL, "input": "More.", "previous_response_id": response.id}
+    assert httpx.post(f"{gateway_url}/v1/responses", json=continued, headers=other, timeout=30).status_code == 404
+    assert httpx.get(path, headers=auth_headers, timeout=10).status_code == 200

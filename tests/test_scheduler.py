@@ -289,3 +289,20 @@ def test_a_lone_request_that_fails_ends_but_a_second_failure_in_a_row_raises(sch
     scheduler.add(request("b", 4))
     with pytest.raises(IndexError):
         scheduler.step()
+
+
+def test_a_request_that_fails_to_start_ends_with_an_error_and_gives_its_slot_back(loaded_model):
+    scheduler = cached_scheduler(loaded_model, 4096)
+    run_to_end(scheduler, request("first", 2, prompt=PROMPT * 4))
+
+    def broken(*_):
+        raise RuntimeError("injected")
+
+    scheduler.runner.copy_prefix = broken  # the next prompt shares the first one's: its KV would be copied
+    scheduler.add(request("bad", 4, prompt=PROMPT * 4 + [7]))
+    scheduler.add(request("good", 4, prompt=[9, 8, 7]))
+    finals = {e.request_id: e.final for e in run_steps(scheduler) if e.final}
+    assert finals["bad"].finish_reason == "error" and "RuntimeError" in finals["bad"].error
+    assert finals["good"].finish_reason == "length"
+    slots = {scheduler.slots.acquire(None) for _ in range(8)}
+    assert len(slots) == 8, "no slot was lost"

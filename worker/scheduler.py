@@ -203,7 +203,7 @@ class Scheduler:
             try:
                 events.append(self._advance(seq, result.token, now, result.logprob))
             except Exception as error:
-                events.append(self._finish(seq, "error", now, error=self._failure(seq, error)))
+                events.append(self._finish(seq, "error", now, error=self._failure(seq.request, error)))
         return events
 
     def _compute(
@@ -258,14 +258,14 @@ class Scheduler:
             try:
                 computed.update(self._compute(one_decoding, one_prefilling))
             except Exception as own:
-                failed[seq.request.id] = self._failure(seq, own)
+                failed[seq.request.id] = self._failure(seq.request, own)
         if not computed and (len(alone) > 1 or self._last_step_failed):
             raise error
         return computed, failed
 
-    def _failure(self, seq: Sequence, error: Exception) -> str:
+    def _failure(self, request: InferenceRequest, error: Exception) -> str:
         """Log a request's own failure in the worker; the reason its final record gives."""
-        log.error("request.step_failed", request_id=seq.request.id, exc_info=error)
+        log.error("request.step_failed", request_id=request.id, exc_info=error)
         return f"internal error in the worker ({type(error).__name__}), logged as request.step_failed"
 
     def _logprobs(self, logits: torch.Tensor, sampled: list[Sequence], tokens: list[int]) -> dict[int, TokenLogprob]:
@@ -343,40 +343,49 @@ class Scheduler:
             if self._first_choice_prefilling(request):
                 deferred.append(request)
                 continue
-            prompt, sampling = request.prompt_token_ids + request.resume_token_ids, request.sampling
-            source, reused = (None, 0)
-            if self.slots.cache_tokens and sampling.prompt_logprobs is None:
-                source, reused = self.slots.longest_prefix(
-                    prompt, ((s.slot, s.kv_tokens()) for s in self.running.values())
+            try:
+                ended = self._start(request, now)
+            except Exception as error:
+                seq = self.running.pop(request.id, None)
+                if seq is not None:
+                    self.slots.release(seq.slot)
+                ended = StepEvent(
+                    request.id, final=self._final(request, "error", now, error=self._failure(request, error))
                 )
-            slot = self.slots.acquire(source)
-            if reused and slot != source:
-                self.runner.copy_prefix(source, slot, reused)
-            self.prompt_tokens_total += len(prompt)
-            self.reused_tokens_total += reused
-            self.metrics.prefix_lookup(len(prompt), reused)
-            seq = self.running[request.id] = Sequence(
-                request=request,
-                slot=slot,
-                output=TextOutput(self.tokenizer, sampling.stop, sampling.min_tokens, sampling.skip_special_tokens),
-                generator=new_generator(sampling, self.runner.device),
-                started=now,
-                admitted_step=self.steps,
-                prefilled=reused,
-                reused=reused,
-                kv_len=reused,
-            )
-            if sampling.grammar is not None:
-                seq.matcher = self.grammars.matcher(sampling.grammar)
-                if seq.matcher.is_error():
-                    events.append(self._finish(seq, "error", now, error=f"Grammar: {seq.matcher.get_error()}"))
-                    continue
-            if request.resume_token_ids:
-                ended = self._resume(seq, now)
-                if ended is not None:
-                    events.append(ended)
+            if ended is not None:
+                events.append(ended)
         self.waiting.extendleft(reversed(deferred))
         return events
+
+    def _start(self, request: InferenceRequest, now: float) -> StepEvent | None:
+        """Give a request its slot (with what the prefix cache holds of its prompt); an event if it ends at once."""
+        prompt, sampling = request.prompt_token_ids + request.resume_token_ids, request.sampling
+        output = TextOutput(self.tokenizer, sampling.stop, sampling.min_tokens, sampling.skip_special_tokens)
+        generator = new_generator(sampling, self.runner.device)
+        matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar is not None else None
+        source, reused = (None, 0)
+        if self.slots.cache_tokens and sampling.prompt_logprobs is None:
+            source, reused = self.slots.longest_prefix(prompt, ((s.slot, s.kv_tokens()) for s in self.running.values()))
+        seq = self.running[request.id] = Sequence(
+            request=request,
+            slot=self.slots.acquire(source),
+            output=output,
+            generator=generator,
+            started=now,
+            admitted_step=self.steps,
+            prefilled=reused,
+            reused=reused,
+            kv_len=reused,
+            matcher=matcher,
+        )
+        if reused and seq.slot != source:
+            self.runner.copy_prefix(source, seq.slot, reused)
+        self.prompt_tokens_total += len(prompt)
+        self.reused_tokens_total += reused
+        self.metrics.prefix_lookup(len(prompt), reused)
+        if matcher is not None and matcher.is_error():
+            return self._finish(seq, "error", now, error=f"Grammar: {matcher.get_error()}")
+        return self._resume(seq, now) if request.resume_token_ids else None
 
     def _first_choice_prefilling(self, request: InferenceRequest) -> bool:
         """A later choice of a request for several waits while the first one prefills their prompt, then copies

@@ -11,6 +11,11 @@ def _entry(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", errors="replace"))}
 
 
+def token_entries(logprobs: list[TokenLogprob]) -> list[dict]:
+    """Chat's and the Responses API's shape: each token's {token, logprob, bytes, top_logprobs}."""
+    return [{**_entry(lp.token, lp.logprob), "top_logprobs": [_entry(t, v) for t, v in lp.top]} for lp in logprobs]
+
+
 class LogprobsFormat:
     """Chat: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`. Completions: the legacy
     `{tokens, token_logprobs, top_logprobs, text_offset}`, whose offsets count on across a stream's chunks."""
@@ -21,10 +26,7 @@ class LogprobsFormat:
 
     def format(self, logprobs: list[TokenLogprob]) -> dict:
         if self.kind == "chat":
-            content = [
-                {**_entry(lp.token, lp.logprob), "top_logprobs": [_entry(t, v) for t, v in lp.top]} for lp in logprobs
-            ]
-            return {"content": content, "refusal": None}
+            return {"content": token_entries(logprobs), "refusal": None}
         offsets = []
         for lp in logprobs:
             offsets.append(self.offset)

@@ -12,8 +12,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import APIError
-from gateway.protocol import ChatCompletionRequest, Text, _Strict
-from shared.protocol import FinalResult, InferenceRequest
+from gateway.logprobs import token_entries
+from gateway.protocol import MAX_LOGPROBS, ChatCompletionRequest, Text, _Strict
+from shared.protocol import FinalResult, InferenceRequest, TokenLogprob
 
 
 class ContentPart(_Strict):
@@ -53,8 +54,6 @@ _ACCEPTED_AT = {
     "tools": [],
     "tool_choice": ("none", "auto"),
     "reasoning": None,
-    "include": [],
-    "top_logprobs": (0,),
     "background": (False,),
     "truncation": ("disabled",),
     "conversation": None,
@@ -88,8 +87,9 @@ class ResponsesRequest(BaseModel):
     tools: list | None = None
     tool_choice: str | dict | None = None
     reasoning: dict | None = None
-    include: list | None = None
-    top_logprobs: int | None = None
+    include: Annotated[list[Literal["message.output_text.logprobs"]], Field(max_length=1)] | None = None
+    """The output's log probabilities (with `top_logprobs` alternatives a token), the one inclusion we have."""
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     background: bool | None = None
     truncation: str | None = None
     conversation: str | dict | None = None
@@ -107,6 +107,10 @@ class ResponsesRequest(BaseModel):
     @property
     def stored(self) -> bool:
         return self.store is not False
+
+    @property
+    def logprobs(self) -> bool:
+        return bool(self.include)
 
 
 def conversation(body: ResponsesRequest, earlier: list[dict]) -> list[dict]:
@@ -129,6 +133,8 @@ def chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletion
         "user": body.user or body.safety_identifier,
         "conversation_id": body.prompt_cache_key,
         "response_format": _response_format(body.text.format) if body.text and body.text.format else None,
+        "logprobs": body.logprobs or None,
+        "top_logprobs": (body.top_logprobs or 0) if body.logprobs else None,
     }
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -155,8 +161,8 @@ def _usage(final: FinalResult) -> dict:
     }
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": token_entries(logprobs or [])}
 
 
 class ResponseWriter:
@@ -175,7 +181,7 @@ class ResponseWriter:
             ok = final.finish_reason in ("stop", "length")
             status = {"stop": "completed", "length": "incomplete"}.get(final.finish_reason, "failed")
             if ok:
-                output = [self._message(final.text, "completed" if status == "completed" else "incomplete")]
+                output = [self._message(final, status)]
             else:
                 error = {"code": "server_error", "message": f"Request {final.finish_reason}: {final.error}."}
             if status == "incomplete":
@@ -208,8 +214,9 @@ class ResponseWriter:
             "usage": _usage(final) if final is not None else None,
         }
 
-    def _message(self, text: str, status: str) -> dict:
-        content = [_text_part(text)] if status != "in_progress" else []
+    def _message(self, final: FinalResult | None, status: str) -> dict:
+        """The output message: in progress (no content yet) without `final`."""
+        content = [_text_part(final.text, final.logprobs)] if final is not None else []
         return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     def _event(self, kind: str, **fields) -> dict:
@@ -223,14 +230,14 @@ class ResponseWriter:
         return [
             self._event("response.created", response=self.response()),
             self._event("response.in_progress", response=self.response()),
-            self._event("response.output_item.added", output_index=0, item=self._message("", "in_progress")),
+            self._event("response.output_item.added", output_index=0, item=self._message(None, "in_progress")),
             self._event("response.content_part.added", **where, part=_text_part("")),
         ]
 
-    def delta(self, text: str) -> dict:
+    def delta(self, text: str, logprobs: list[TokenLogprob]) -> dict:
         return self._event(
             "response.output_text.delta", item_id=self.item_id, output_index=0, content_index=0, delta=text,
-            logprobs=[],
+            logprobs=token_entries(logprobs),
         )  # fmt: skip
 
     def closing(self, final: FinalResult) -> list[dict]:
@@ -239,9 +246,10 @@ class ResponseWriter:
             return [self._event("response.failed", response=response)]
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         (item,) = response["output"]
+        (part,) = item["content"]
         return [
-            self._event("response.output_text.done", **where, text=final.text, logprobs=[]),
-            self._event("response.content_part.done", **where, part=_text_part(final.text)),
+            self._event("response.output_text.done", **where, text=final.text, logprobs=part["logprobs"]),
+            self._event("response.content_part.done", **where, part=part),
             self._event("response.output_item.done", output_index=0, item=item),
             self._event(f"response.{response['status']}", response=response),
         ]

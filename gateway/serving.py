@@ -371,8 +371,8 @@ class Completions:
                 if isinstance(event, TokenDelta):
                     if admission is not None:
                         await admission.charge_output(generated)
-                    if event.text:
-                        yield writer.delta(event.text)
+                    if event.text or event.logprobs:
+                        yield writer.delta(event.text, event.logprobs)
                     continue
                 ended = True
                 await store(writer.response(event), event)

@@ -50,7 +50,9 @@ def test_a_response_cut_by_max_output_tokens_is_incomplete(client):
 
 
 def test_a_streamed_response_sends_the_typed_events_in_order(client):
-    events = list(client.responses.create(model=MODEL, input=FRANCE_QUESTION, max_output_tokens=30, stream=True))
+    events = list(
+        client.responses.create(model=MODEL, input=FRANCE_QUESTION, max_output_tokens=30, temperature=0, stream=True)
+    )
     kinds = [event.type for event in events]
     assert kinds[:4] == [
         "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"
@@ -67,7 +69,7 @@ def test_a_streamed_response_sends_the_typed_events_in_order(client):
 
 
 def test_the_clients_stream_helper_assembles_the_final_response(client):
-    with client.responses.stream(model=MODEL, input=FRANCE_QUESTION, max_output_tokens=30) as stream:
+    with client.responses.stream(model=MODEL, input=FRANCE_QUESTION, max_output_tokens=30, temperature=0) as stream:
         deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
         final = stream.get_final_response()
     assert "".join(deltas) == final.output_text and final.status == "completed"
@@ -93,6 +95,7 @@ def test_a_json_schema_text_format_gives_json_that_matches(client):
     [
         ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"include": ["reasoning.encrypted_content"]}, None),
         ({"no_such_field": 1}, "no_such_field"),
         ({"input": []}, "input"),
         ({"input": [{"role": "wizard", "content": "hi"}]}, None),
@@ -150,3 +153,16 @@ def test_a_stored_response_is_invisible_to_another_key(fleet, gateway_url, clien
     continued = {"model": MODEL, "input": "More.", "previous_response_id": response.id}
     assert httpx.post(f"{gateway_url}/v1/responses", json=continued, headers=other, timeout=30).status_code == 404
     assert httpx.get(path, headers=auth_headers, timeout=10).status_code == 200
+
+
+def test_log_probabilities_come_with_the_output_when_included(client):
+    options = {"model": MODEL, "input": FRANCE_QUESTION, "max_output_tokens": 6, "temperature": 0}
+    wanted = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    part = client.responses.create(**options, **wanted).output[0].content[0]
+    assert part.logprobs and "".join(lp.token for lp in part.logprobs) == part.text
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in part.logprobs)
+    assert not client.responses.create(**options).output[0].content[0].logprobs, "only when included"
+    events = list(client.responses.create(**options, **wanted, stream=True))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [lp.token for lp in streamed] == [lp.token for lp in done.logprobs]

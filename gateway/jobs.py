@@ -60,6 +60,10 @@ def parse_body(body: object, kind: Kind | None = None) -> tuple[Kind, ChatComple
     if parsed.n != 1:
         # A job's record and a batch line's output hold one result each.
         raise APIError(400, "Jobs and batch lines take one choice: 'n' must be 1.", param="n", code="unsupported_value")
+    if isinstance(parsed, CompletionRequest) and len(parsed.prompts) > 1:
+        raise APIError(
+            400, "Jobs and batch lines take one prompt each.", param="prompt", code="unsupported_value"
+        )  # fmt: skip
     return kind, parsed
 
 
@@ -92,7 +96,7 @@ class Jobs:
         record = JobRecord(kind=kind, request=request, owner=owner)
         await self.redis.set(keys.job(request.id), record.model_dump_json(), ex=self.record_ttl_s)
         try:
-            await self.completions.enqueue(request, key, followed=False)
+            await self.completions.enqueue([request], key, followed=False)
         except BaseException:
             # Not accepted (limits, no live worker, full queue): a retry with the same key must be able to try again.
             await self.redis.delete(keys.job(request.id))
@@ -160,7 +164,7 @@ class Jobs:
         if final is not None:
             view["completed_at"] = int(final.finished)
             if status == "completed":
-                view["result"] = whole_response(record.kind, request, final)
+                view["result"] = whole_response(record.kind, [request], [final])
             else:
                 view["error"] = failure(final).body()["error"]
         return view

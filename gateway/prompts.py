@@ -131,14 +131,14 @@ def check_token_ids(tokenizer: PromptTokenizer, ids, param: str) -> None:
 
 
 def completion_token_ids(tokenizer: PromptTokenizer, request: CompletionRequest) -> list[int]:
-    if request.prompt_ids is not None:
-        check_token_ids(tokenizer, request.prompt_ids, "prompt")
-        return list(request.prompt_ids)
-    prompt = request.prompt
-    text = prompt[0] if isinstance(prompt, list) else prompt
-    if not text:
+    """The ids of the request's (first) prompt: a request of several prompts is built one prompt at a time."""
+    prompt = request.prompts[0]
+    if isinstance(prompt, list):
+        check_token_ids(tokenizer, prompt, "prompt")
+        return list(prompt)
+    if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
-    return tokenizer.encode(text)
+    return tokenizer.encode(prompt)
 
 
 def output_budget(prompt_tokens: int, requested: int | None, context: int, settings: Settings) -> int:

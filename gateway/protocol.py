@@ -144,6 +144,9 @@ class StructuredOutputs(_Strict):
 MAX_CHOICES = 16
 """The most choices (`n`) a request may ask for: each is a sequence in a worker's batch."""
 
+MAX_SEQUENCES = 64
+"""The most sequences one request may start: its prompts (completions take several) times its choices."""
+
 MAX_LOGPROBS = 20
 """The most alternatives a token's log probabilities list (OpenAI's chat bound, and vLLM's default)."""
 
@@ -389,13 +392,15 @@ class ChatCompletionRequest(_SamplingFields, TemplateOptions):
 class CompletionRequest(_SamplingFields):
     prompt: (
         Text
-        | Annotated[list[Text], Field(min_length=1, max_length=1)]
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_SEQUENCES)]
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[
             list[Annotated[list[TokenId], Field(min_length=1)]],
-            Field(min_length=1, max_length=1),
-        ]  # a batch of one prompt of token ids, as lm-evaluation-harness sends it
+            Field(min_length=1, max_length=MAX_SEQUENCES),
+        ]  # a batch of prompts of token ids, as lm-evaluation-harness sends them
     )
+    """One prompt, or a batch of them: each runs as a request of its own, its choices numbered after the ones
+    before it (prompt index x n + choice index), as OpenAI's API numbers them."""
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     @model_validator(mode="after")
@@ -407,13 +412,30 @@ class CompletionRequest(_SamplingFields):
             )  # fmt: skip
         return self
 
+    @model_validator(mode="after")
+    def _sequences_bounded(self):
+        if len(self.prompts) * self.n > MAX_SEQUENCES:
+            raise APIError(
+                400, f"Prompts times 'n' may be at most {MAX_SEQUENCES}.", param="prompt", code="invalid_value"
+            )  # fmt: skip
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]
+        return list(prompt)
+
+    def one_per_prompt(self) -> list[CompletionRequest]:
+        return [self.model_copy(update={"prompt": prompt}) for prompt in self.prompts]
+
     @property
     def prompt_ids(self) -> list[int] | None:
-        """The prompt as token ids, where it was sent so."""
-        prompt = self.prompt
-        if isinstance(prompt, list) and isinstance(prompt[0], list):
-            return prompt[0]
-        return prompt if isinstance(prompt, list) and isinstance(prompt[0], int) else None
+        """The (first) prompt as token ids, where it was sent so."""
+        prompt = self.prompts[0]
+        return prompt if isinstance(prompt, list) else None
 
     @property
     def requested_max_tokens(self) -> int | None:

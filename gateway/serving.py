@@ -38,14 +38,17 @@ Kind = Literal["chat", "text"]
 _FAILURE_STATUS = {"expired": 504, "cancelled": 499, "error": 500}
 
 
-def usage(final: FinalResult, *others: FinalResult) -> dict:
-    """Of one or more choices of a request: their prompt counted once, as OpenAI counts it, their outputs summed."""
-    completion = final.completion_tokens + sum(f.completion_tokens for f in others)
+def usage(requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
+    """Of a request's choices (`finals`, in the order of `requests`): each prompt counted once, as OpenAI counts it
+    (by its first choice), the outputs summed."""
+    firsts = [f for r, f in zip(requests, finals) if r.choice_of is None]
+    prompt = sum(f.prompt_tokens for f in firsts)
+    completion = sum(f.completion_tokens for f in finals)
     return {
-        "prompt_tokens": final.prompt_tokens,
+        "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": final.prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": final.cached_tokens},
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(f.cached_tokens for f in firsts)},
     }
 
 
@@ -158,20 +161,21 @@ class Completions:
         )
 
     async def enqueue(
-        self, request: InferenceRequest, key: ApiKey | None, followed: bool = True, choices: int = 1
+        self, prompts: list[InferenceRequest], key: ApiKey | None, followed: bool = True, choices: int = 1
     ) -> tuple[Admission | None, list[InferenceRequest]]:
-        """Admit `request` against its key's limits (none in open mode), then queue it, and for `choices` > 1 its
-        copies (one a choice, each with its own id and seed); a refusal raises, and unqueues what went before it.
-        Returns the admission and the queued requests, `request` first.
+        """Admit a request (one InferenceRequest a prompt) against its key's limits (none in open mode), then queue
+        each prompt's and, for `choices` > 1, its copies (one a choice, each with its own id and seed); a refusal
+        raises, and unqueues what went before it. Returns the admission and the queued requests, prompt by prompt,
+        each prompt's own first (a choice's index in the response is its place here).
 
         A `followed` request (a connection relays it) holds a concurrency slot and is charged its output as it is
         relayed. One nobody follows (a job) holds no slot and is charged its prompt plus `max_tokens` up front, as
         OpenAI counts it, since no gateway sees its tokens go by. A prompt is charged once, whatever `choices`."""
         admission = None
-        requests = [request] + [_another_choice(request, i) for i in range(1, choices)]
-        cost = len(request.prompt_token_ids) + (0 if followed else request.sampling.max_tokens)
+        requests = [r for p in prompts for r in [p, *(_another_choice(p, i) for i in range(1, choices))]]
+        cost = sum(len(p.prompt_token_ids) + (0 if followed else p.sampling.max_tokens) for p in prompts)
         if key is not None and self.limiter is not None:
-            admission = await self.limiter.admit(key, request.id, cost, hold_slot=followed)
+            admission = await self.limiter.admit(key, prompts[0].id, cost, hold_slot=followed)
         queued = []
         try:
             for each in requests:
@@ -189,12 +193,12 @@ class Completions:
             await admission.refund(cost)
 
     async def create(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request):
-        request, requests, admission, headers = await self._accept(kind, body, http)
+        _, requests, admission, headers = await self._accept(kind, body, http)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self._streamed(self._events(kind, requests, include_usage, admission), headers)
         finals = await self._finals(requests, http, admission)
-        return JSONResponse(whole_response(kind, request, *finals), headers=headers)
+        return JSONResponse(whole_response(kind, requests, finals), headers=headers)
 
     async def respond(self, body: ResponsesRequest, http: Request):
         """POST /v1/responses: answered as the chat request it becomes (gateway.responses)."""
@@ -220,19 +224,23 @@ class Completions:
     async def _accept(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request
     ) -> tuple[InferenceRequest, list[InferenceRequest], Admission | None, dict[str, str]]:
-        """Build, admit and queue a request (and its other choices): it, them all, its admission, response headers."""
+        """Build, admit and queue a request (one a prompt, and their other choices): the first, them all, the
+        admission, the response's headers."""
         http.state.model_name = body.model  # a label of llmfleet:requests_total (gateway.metrics)
-        request = self.build(kind, body, http.headers)
+        bodies = body.one_per_prompt() if isinstance(body, CompletionRequest) else [body]
+        prompts = [self.build(kind, each, http.headers) for each in bodies]
+        request = prompts[0]
         key: ApiKey | None = getattr(http.state, "api_key", None)
         structlog.contextvars.bind_contextvars(request_id=request.id)
-        admission, requests = await self.enqueue(request, key, choices=body.n)
+        admission, requests = await self.enqueue(prompts, key, choices=body.n)
         # Never the prompt at INFO; `user` is often an e-mail address, which the log processor masks.
         log.info(
             "request.accepted",
             key_name=key.name if key else None,
             user=body.user,
-            prompt_tokens=len(request.prompt_token_ids),
+            prompt_tokens=sum(len(p.prompt_token_ids) for p in prompts),
             max_tokens=request.sampling.max_tokens,
+            prompts=len(prompts),
             choices=body.n,
             stream=body.stream,
         )
@@ -323,8 +331,8 @@ class Completions:
         generated = [0] * len(requests)
         logprobs = [LogprobsFormat(kind) for _ in requests] if request.sampling.logprobs is not None else None
         try:
-            for index in range(len(requests)):
-                yield {"data": json.dumps(_chunk(kind, request, request.echo or "", None, first=True, index=index))}
+            for index, each in enumerate(requests):
+                yield {"data": json.dumps(_chunk(kind, request, each.echo or "", None, first=True, index=index))}
             async for index, event in self._follow(requests):
                 generated[index] = event.completion_tokens
                 if isinstance(event, TokenDelta):
@@ -348,7 +356,7 @@ class Completions:
                     yield {"data": json.dumps(chunk)}
                 yield {"data": json.dumps(_chunk(kind, request, "", finish_reason, index=index))}
             if include_usage:
-                yield {"data": json.dumps(_usage_chunk(kind, request, [ended[i] for i in range(len(requests))]))}
+                yield {"data": json.dumps(_usage_chunk(kind, requests, [ended[i] for i in range(len(requests))]))}
             yield {"data": "[DONE]"}
         finally:
             # One shielded step: a second cancellation would otherwise stop the cleanup halfway.
@@ -412,9 +420,8 @@ def _prompt_texts(body: ChatCompletionRequest | CompletionRequest, tokenizer, id
     """What the deny-list is matched against: the messages, the prompt, or the prompt token ids decoded."""
     if isinstance(body, ChatCompletionRequest):
         return [m.text() for m in body.messages]
-    if body.prompt_ids is not None:
-        return [tokenizer.decode(ids)]
-    return [body.prompt if isinstance(body.prompt, str) else body.prompt[0]]
+    prompt = body.prompts[0]
+    return [tokenizer.decode(ids) if isinstance(prompt, list) else prompt]
 
 
 def _ids(kind: Kind, request: InferenceRequest) -> dict:
@@ -441,16 +448,18 @@ def _chunk(
     return {**_ids(kind, request), "object": "text_completion", "choices": [choice]}
 
 
-def _usage_chunk(kind: Kind, request: InferenceRequest, finals: list[FinalResult]) -> dict:
+def _usage_chunk(kind: Kind, requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {**_ids(kind, request), "object": obj, "choices": [], "usage": usage(*finals)}
+    return {**_ids(kind, requests[0]), "object": obj, "choices": [], "usage": usage(requests, finals)}
 
 
-def whole_response(kind: Kind, request: InferenceRequest, *finals: FinalResult) -> dict:
-    """The response to a request whose choices ended with `finals`, in order."""
+def whole_response(kind: Kind, requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
+    """The response to a request whose choices (`requests`, as enqueue returns them) ended with `finals`."""
     choices = []
-    echoed = finals[0].prompt_logprobs or []  # with echo: the prompt's, computed by the first choice
-    for index, final in enumerate(finals):
+    echoed: list = []
+    for index, (request, final) in enumerate(zip(requests, finals)):
+        if request.choice_of is None:  # with echo: the prompt's log probabilities, computed by its first choice
+            echoed = final.prompt_logprobs or []
         logprobs = None if final.logprobs is None else LogprobsFormat(kind).format(echoed + final.logprobs)
         choice: dict = {"index": index}
         reason = final.finish_reason
@@ -460,4 +469,4 @@ def whole_response(kind: Kind, request: InferenceRequest, *finals: FinalResult) 
             choice["text"] = (request.echo or "") + final.text
         choices.append({**choice, "logprobs": logprobs, "finish_reason": reason})
     obj = "chat.completion" if kind == "chat" else "text_completion"
-    return {**_ids(kind, request), "object": obj, "choices": choices, "usage": usage(*finals)}
+    return {**_ids(kind, requests[0]), "object": obj, "choices": choices, "usage": usage(requests, finals)}

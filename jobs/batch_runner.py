@@ -207,7 +207,7 @@ class BatchRun:
 
     def _line_output(self, line: Line, final: FinalResult) -> dict:
         if final.finish_reason in ("stop", "length"):
-            response = whole_response(line.kind, line.request, final)
+            response = whole_response(line.kind, [line.request], [final])
             return output_line(self.id, line.index, line.custom_id, response, None)
         error = failure(final)
         return output_line(self.id, line.index, line.custom_id, None, _error(error.code or "error", error.message))

@@ -108,3 +108,41 @@ def test_min_p_one_leaves_only_the_most_likely_token_whatever_the_seed(client):
         for seed in (1, 2, 3)
     }
     assert len(texts) == 1
+
+
+def test_several_prompts_answer_in_one_response_numbered_prompt_by_prompt(client, http):
+    prompts = ["The capital of France is", "One, two, three,", "Roses are red,"]
+    counts = [http.post("/tokenize", json={"model": MODEL, "prompt": p}).json()["count"] for p in prompts]
+    options = {
+        "model": MODEL,
+        "max_tokens": 4,
+        "n": 2,
+        "temperature": 0,
+        "echo": True,
+        "extra_body": {"ignore_eos": True},
+    }
+    whole = client.completions.create(prompt=prompts, **options)
+    assert [c.index for c in whole.choices] == list(range(6))
+    for choice in whole.choices:
+        assert choice.text.startswith(prompts[choice.index // 2]), "choice i answers prompt i // n"
+    assert "Paris" in whole.choices[0].text
+    assert whole.usage.prompt_tokens == sum(counts), "each prompt counted once, whatever n"
+    assert whole.usage.completion_tokens == 24
+
+    stream = client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True}, **options)
+    pieces, usage = [""] * 6, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            pieces[choice.index] += choice.text
+    assert all(piece.startswith(prompts[i // 2]) for i, piece in enumerate(pieces))
+    assert usage.prompt_tokens == sum(counts) and usage.completion_tokens == 24
+
+
+def test_a_batch_of_token_id_prompts_is_scored_prompt_by_prompt(client, model_dir):
+    tokenizer = PromptTokenizer(model_dir)
+    batch = [tokenizer.encode("The sky is blue"), tokenizer.encode("Grass is green")]
+    scored = client.completions.create(model=MODEL, prompt=batch, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    assert len(scored.choices) == 2
+    for choice, ids in zip(scored.choices, batch):
+        assert len(choice.logprobs.token_logprobs) == len(ids) + 1 and choice.logprobs.token_logprobs[0] is None

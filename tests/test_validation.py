@@ -162,3 +162,20 @@ def test_min_tokens_beyond_max_tokens_or_with_a_grammar_is_400(http, extra):
 def test_a_stop_token_id_outside_the_vocabulary_is_400(http):
     reply = post(http, {"model": MODEL, "messages": HI, "stop_token_ids": [2**30]})
     assert assert_openai_error(reply, 400, "stop_token_ids")["code"] == "invalid_value"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": MODEL, "prompt": ["hi"] * 65},
+        {"model": MODEL, "prompt": ["hi"] * 5, "n": 16},
+        {"model": MODEL, "prompt": ["hi", ""]},
+    ],
+)
+def test_a_batch_of_prompts_beyond_the_bound_or_with_an_empty_one_is_400(http, body):
+    assert_openai_error(post(http, body, "/v1/completions"), 400, "prompt")
+
+
+def test_a_job_of_several_prompts_is_refused(http):
+    reply = http.post("/v1/jobs", json={"model": MODEL, "prompt": ["one", "two"]})
+    assert_openai_error(reply, 400, "prompt")

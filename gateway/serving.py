@@ -354,7 +354,8 @@ class Completions:
                     shown = logprobs[index].format(event.logprobs or []) if logprobs else None
                     chunk = _chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta)
                     yield {"data": json.dumps(chunk)}
-                yield {"data": json.dumps(_chunk(kind, request, "", finish_reason, index=index))}
+                chunk = _chunk(kind, request, "", finish_reason, index=index, stop_reason=event.stop_reason)
+                yield {"data": json.dumps(chunk)}
             if include_usage:
                 yield {"data": json.dumps(_usage_chunk(kind, requests, [ended[i] for i in range(len(requests))]))}
             yield {"data": "[DONE]"}
@@ -438,13 +439,16 @@ def _chunk(
     logprobs: dict | None = None,
     index: int = 0,
     delta: dict | None = None,
+    stop_reason: str | int | None = None,
 ) -> dict:
+    """One choice's chunk; the one that ends it also carries vLLM's `stop_reason`."""
+    ended = {"stop_reason": stop_reason} if finish_reason is not None else {}
     if kind == "chat":
         if delta is None:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **ended}
         return {**_ids(kind, request), "object": "chat.completion.chunk", "choices": [choice]}
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **ended}
     return {**_ids(kind, request), "object": "text_completion", "choices": [choice]}
 
 
@@ -467,6 +471,6 @@ def whole_response(kind: Kind, requests: list[InferenceRequest], finals: list[Fi
             choice["message"], reason = tool_calls.message(request, final)
         else:
             choice["text"] = (request.echo or "") + final.text
-        choices.append({**choice, "logprobs": logprobs, "finish_reason": reason})
+        choices.append({**choice, "logprobs": logprobs, "finish_reason": reason, "stop_reason": final.stop_reason})
     obj = "chat.completion" if kind == "chat" else "text_completion"
     return {**_ids(kind, requests[0]), "object": obj, "choices": choices, "usage": usage(requests, finals)}

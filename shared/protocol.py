@@ -123,6 +123,8 @@ class FinalResult(BaseModel):
     model: str
     text: str = ""
     finish_reason: FinishReason
+    stop_reason: str | int | None = None
+    """vLLM's: the stop string or stop token id that ended a `stop` (None where the end-of-sequence token did)."""
     error: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -133,6 +135,8 @@ class FinalResult(BaseModel):
     reclaimed request's holds those its last worker generated: the tokens it resumed from came with no logits."""
     prompt_logprobs: list[TokenLogprob] | None = None
     """Every prompt token's, when the request asked for them."""
+    token_ids: list[int] | None = None
+    """The generated tokens' ids, with the log probabilities (TGI's details give both)."""
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
     conversation: str | None = None

@@ -28,6 +28,12 @@ def test_completion_stop_string(client):
     reply = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=20, temperature=0, stop=[","])
     assert "," not in reply.choices[0].text
     assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].stop_reason == ",", "vLLM's stop_reason: the stop string that matched"
+    streamed = client.completions.create(
+        model=MODEL, prompt="One, two, three,", max_tokens=20, temperature=0, stop=[","], stream=True
+    )
+    (last,) = [c.choices[0] for c in streamed if c.choices and c.choices[0].finish_reason]
+    assert last.stop_reason == ","
 
 
 def test_completion_accepts_token_ids(client):
@@ -69,7 +75,7 @@ def test_a_stop_token_id_ends_the_output_before_it(client, model_dir):
     reply = client.completions.create(
         model=MODEL, prompt="One, two, three,", max_tokens=20, temperature=0, extra_body={"stop_token_ids": [comma]}
     )
-    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].stop_reason == comma
     assert reply.choices[0].text.strip() and "," not in reply.choices[0].text
 
 

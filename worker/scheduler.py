@@ -403,7 +403,7 @@ class Scheduler:
                 seq.matcher.consume_token(token)
         seq.first_token_at = now
         if seq.output.stopped:
-            return self._finish(seq, "stop", now)
+            return self._finish(seq, "stop", now, stop_reason=seq.output.stop_string)
         if len(seq.generated) >= seq.request.sampling.max_tokens:
             return self._finish(seq, "length", now)
         return None
@@ -444,8 +444,10 @@ class Scheduler:
         else:
             self.metrics.itl.observe(now - seq.last_token_at)
         seq.last_token_at = now
-        if (token in self.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
+        if token in self.eos_token_ids and not sampling.ignore_eos:
             return self._finish(seq, "stop", now)
+        if token in sampling.stop_token_ids:
+            return self._finish(seq, "stop", now, stop_reason=token)
         seq.generated.append(token)
         logprobs = [logprob] if logprob is not None else []
         seq.logprobs += logprobs
@@ -454,7 +456,7 @@ class Scheduler:
             error = f"Grammar: {seq.matcher.get_error()}"
             return self._finish(seq, "error", now, delta, [token], logprobs, error=error)
         if seq.output.stopped or (seq.matcher is not None and seq.matcher.is_stopped()):
-            return self._finish(seq, "stop", now, delta, [token], logprobs)
+            return self._finish(seq, "stop", now, delta, [token], logprobs, stop_reason=seq.output.stop_string)
         at_capacity = len(seq.prompt) + len(seq.generated) >= self.runner.capacity
         if len(seq.generated) >= sampling.max_tokens or at_capacity:
             return self._finish(seq, "length", now, delta, [token], logprobs)
@@ -471,6 +473,7 @@ class Scheduler:
         token_ids: list[int] | None = None,
         logprobs: list[TokenLogprob] | None = None,
         error: str | None = None,
+        stop_reason: str | int | None = None,
     ) -> StepEvent:
         del self.running[seq.request.id]
         self.slots.park(seq.slot, seq.kv_tokens())
@@ -486,8 +489,10 @@ class Scheduler:
             first_token_at=seq.first_token_at,
             error=error,
         )
+        final.stop_reason = stop_reason
         if seq.request.sampling.logprobs is not None:
             final.logprobs = seq.logprobs
+            final.token_ids = seq.generated
         if seq.request.sampling.prompt_logprobs is not None:
             final.prompt_logprobs = seq.prompt_logprobs
         return StepEvent(

@@ -19,6 +19,8 @@ class TextOutput:
         self.text = ""
         self._released = 0
         self.stopped = False
+        self.stop_string: str | None = None
+        """The stop string that ended the text, once one has."""
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
@@ -37,9 +39,10 @@ class TextOutput:
         return self._release(final=self.stopped)
 
     def _cut_at_stop(self, searched_from: int) -> None:
-        hits = [i for i in (self.text.find(s, searched_from) for s in self._stop) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, searched_from), s) for s in self._stop) if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            at, self.stop_string = min(hits)
+            self.text = self.text[:at]
             self.stopped = True
 
     def finish(self) -> str:

@@ -87,6 +87,21 @@ async def delete_response(response_id: str, request: Request) -> dict:
     return await _completions(request).stored.delete(response_id, _owner(request))
 
 
+@router.post("/generate")
+async def tgi_generate(request: Request, body: dict = Body(...)):
+    return await _completions(request).generate(body, request, stream=False)
+
+
+@router.post("/generate_stream")
+async def tgi_generate_stream(request: Request, body: dict = Body(...)):
+    return await _completions(request).generate(body, request, stream=True)
+
+
+@router.post("/")
+async def tgi_compat(request: Request, body: dict = Body(...)):
+    return await _completions(request).generate(body, request, stream=None)
+
+
 @router.post("/tokenize")
 @router.post("/v1/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:

@@ -41,12 +41,17 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-_KEYED_OUTSIDE_V1 = frozenset({"/tokenize", "/detokenize"})
+_KEYED_OUTSIDE_V1 = frozenset({"/tokenize", "/detokenize", "/generate", "/generate_stream", "/"})
+"""vLLM's token routes and TGI's generation routes, served outside /v1."""
+
+
+def keyed(path: str) -> bool:
+    """A path that needs an API key (and whose requests gateway.metrics counts)."""
+    return path.startswith("/v1/") or path in _KEYED_OUTSIDE_V1
 
 
 class Authentication:
-    """Puts the caller's key on request.state (api_key, key_id, key_name), or answers 401 for /v1 paths (and vLLM's
-    /tokenize and /detokenize, which it serves outside /v1).
+    """Puts the caller's key on request.state (api_key, key_id, key_name), or answers 401 for the keyed paths.
 
     In open mode every request passes with key_id None. `state` is the app's state, whose `api_keys` the
     lifespan sets."""
@@ -60,7 +65,7 @@ class Authentication:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         key = None
-        if not self.open_mode and (scope["path"].startswith("/v1/") or scope["path"] in _KEYED_OUTSIDE_V1):
+        if not self.open_mode and keyed(scope["path"]):
             scheme, _, token = (Headers(scope=scope).get("authorization") or "").partition(" ")
             token = token.strip()
             if scheme.lower() != "bearer" or not token:

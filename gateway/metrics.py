@@ -9,6 +9,7 @@ from prometheus_client import generate_latest
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.http_guards import keyed
 from gateway.queue_client import QueueClient
 from shared import metrics
 from shared.settings import Settings
@@ -17,15 +18,16 @@ log = structlog.get_logger(__name__)
 
 
 class RequestCounter:
-    """Counts POST /v1/* requests once their response has been sent; reads the labels from request.state
-    (`model_name` set by gateway.serving, `key_name` set by API-key auth, absent in open mode)."""
+    """Counts POST requests on the keyed paths (gateway.http_guards) once their response has been sent; reads the
+    labels from request.state (`model_name` set by gateway.serving, `key_name` set by API-key auth, absent in open
+    mode)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
         metrics.RATE_LIMIT_REJECTIONS.labels("")  # exported at 0 from the start, as open mode never refuses
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or scope["method"] != "POST" or not keyed(scope["path"]):
             await self.app(scope, receive, send)
             return
         status = 500

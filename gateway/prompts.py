@@ -34,6 +34,9 @@ class PromptTokenizer:
             if key.endswith("_token") and isinstance(value, str | dict)
         }
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special)
+        eos = self._special_tokens.get("eos_token")
+        self.eos_id: int | None = self._tokenizer.token_to_id(eos) if eos else None
 
     def chat_ids(
         self, messages: list[dict], tools: list[dict] | None = None, options: TemplateOptions | None = None

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway import responses, tool_calls
+from gateway import responses, tgi, tool_calls
 from gateway.api_keys import ApiKey
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
@@ -221,6 +221,24 @@ class Completions:
         await store(response, final)
         return JSONResponse(response, headers=headers)
 
+    async def generate(self, body: object, http: Request, stream: bool | None):
+        """TGI's /generate (stream False), /generate_stream (True) and / (None: the body's `stream` says); errors in
+        TGI's shape (gateway.tgi)."""
+        try:
+            parsed = tgi.parse(body)
+            model = next(iter(self.settings.models))  # TGI serves one model: the first configured
+            tokenizer = self.tokenizers.get(model)
+            stream = parsed.stream if stream is None else stream
+            completion = tgi.completion_request(parsed, model, tokenizer, stream)
+            _, requests, admission, headers = await self._accept("text", completion, http)
+            responder = tgi.Responder(parsed, tokenizer)
+            if stream:
+                return self._streamed(self._tgi_events(responder, requests, admission), headers)
+            (final,) = await self._finals(requests, http, admission)
+        except APIError as error:
+            return tgi.error_response(error)
+        return JSONResponse(responder.whole(final), headers=headers)
+
     async def _accept(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request
     ) -> tuple[InferenceRequest, list[InferenceRequest], Admission | None, dict[str, str]]:
@@ -387,6 +405,25 @@ class Completions:
                 await store(writer.response(event), event)
                 for closing in writer.closing(event):
                     yield closing
+        finally:
+            await asyncio.shield(self._end_stream([] if ended else requests, admission, generated))
+
+    async def _tgi_events(
+        self, responder: tgi.Responder, requests: list[InferenceRequest], admission: Admission | None
+    ) -> AsyncIterator[dict]:
+        ended, generated = False, 0
+        try:
+            async for _, event in self._follow(requests):
+                generated = event.completion_tokens
+                if isinstance(event, TokenDelta):
+                    if admission is not None:
+                        await admission.charge_output(generated)
+                    ready = responder.event(event)
+                    if ready is not None:
+                        yield ready
+                    continue
+                ended = True
+                yield responder.last(event)
         finally:
             await asyncio.shield(self._end_stream([] if ended else requests, admission, generated))
 

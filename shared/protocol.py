@@ -91,12 +91,14 @@ class InferenceRequest(BaseModel):
 class TokenLogprob(BaseModel):
     """A generated token's log probability under the model (before temperature, penalties and bias, as vLLM reports
     them by default; after a structured output's grammar, which leaves the tokens it rules out at -9999), with the
-    most likely tokens at its position, each as [text, logprob]."""
+    most likely tokens at its position, each as [text, logprob]; the ids beside them (TGI's details give both)."""
 
     token: str
     logprob: float | None
     """None for a prompt's first token, which nothing before it predicts."""
     top: list[tuple[str, float]] = Field(default_factory=list)
+    token_id: int | None = None
+    top_ids: list[int] = Field(default_factory=list)
 
 
 class TokenDelta(BaseModel):
@@ -135,8 +137,6 @@ class FinalResult(BaseModel):
     reclaimed request's holds those its last worker generated: the tokens it resumed from came with no logits."""
     prompt_logprobs: list[TokenLogprob] | None = None
     """Every prompt token's, when the request asked for them."""
-    token_ids: list[int] | None = None
-    """The generated tokens' ids, with the log probabilities (TGI's details give both)."""
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
     conversation: str | None = None

@@ -306,12 +306,15 @@ class Scheduler:
         return logits[torch.tensor(last_rows, dtype=torch.long)]
 
     def _token_logprob(self, token: int, logprob: float | None, top: list[tuple[int, float]]) -> TokenLogprob:
-        """Ids as text, each token decoded alone."""
+        """Ids as text too, each token decoded alone."""
 
         def text(t: int) -> str:
             return self.tokenizer.decode([t])
 
-        return TokenLogprob(token=text(token), logprob=logprob, top=[(text(t), tlp) for t, tlp in top])
+        return TokenLogprob(
+            token=text(token), logprob=logprob, top=[(text(t), tlp) for t, tlp in top], token_id=token,
+            top_ids=[t for t, _ in top],
+        )  # fmt: skip
 
     def _drop_cancelled_and_expired(self, now: float) -> list[StepEvent]:
         events = []
@@ -492,7 +495,6 @@ class Scheduler:
         final.stop_reason = stop_reason
         if seq.request.sampling.logprobs is not None:
             final.logprobs = seq.logprobs
-            final.token_ids = seq.generated
         if seq.request.sampling.prompt_logprobs is not None:
             final.prompt_logprobs = seq.prompt_logprobs
         return StepEvent(

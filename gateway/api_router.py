@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -88,17 +88,17 @@ async def delete_response(response_id: str, request: Request) -> dict:
 
 
 @router.post("/generate")
-async def tgi_generate(request: Request, body: dict = Body(...)):
+async def tgi_generate(request: Request, body: Any = Body(...)):
     return await _completions(request).generate(body, request, stream=False)
 
 
 @router.post("/generate_stream")
-async def tgi_generate_stream(request: Request, body: dict = Body(...)):
+async def tgi_generate_stream(request: Request, body: Any = Body(...)):
     return await _completions(request).generate(body, request, stream=True)
 
 
 @router.post("/")
-async def tgi_compat(request: Request, body: dict = Body(...)):
+async def tgi_compat(request: Request, body: Any = Body(...)):
     return await _completions(request).generate(body, request, stream=None)
 
 

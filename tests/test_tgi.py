@@ -72,6 +72,7 @@ def test_the_generate_routes_answer_in_tgis_shapes(http):
         {"inputs": "hi", "parameters": {"best_of": 2}},
         {"inputs": "hi", "parameters": {"grammar": {"type": "regex"}}},
         {"inputs": "hi", "parameters": {"max_new_tokens": 0}},
+        ["not", "an", "object"],
     ],
 )
 def test_what_tgi_refuses_is_a_422_in_its_error_shape(http, body):

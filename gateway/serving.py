@@ -346,16 +346,12 @@ class Completions:
     ) -> AsyncIterator[dict]:
         request = requests[0]
         ended: dict[int, FinalResult] = {}
-        generated = [0] * len(requests)
         logprobs = [LogprobsFormat(kind) for _ in requests] if request.sampling.logprobs is not None else None
-        try:
+        async with _Relay(self, requests, admission) as relay:
             for index, each in enumerate(requests):
                 yield {"data": json.dumps(_chunk(kind, request, each.echo or "", None, first=True, index=index))}
-            async for index, event in self._follow(requests):
-                generated[index] = event.completion_tokens
+            async for index, event in relay.events():
                 if isinstance(event, TokenDelta):
-                    if admission is not None:
-                        await admission.charge_output(sum(generated))
                     # A tool call's JSON goes out whole, as tool_calls, once it has ended.
                     if (event.text or event.logprobs) and request.tool_call is None:
                         shown = logprobs[index].format(event.logprobs) if logprobs else None
@@ -377,10 +373,6 @@ class Completions:
             if include_usage:
                 yield {"data": json.dumps(_usage_chunk(kind, requests, [ended[i] for i in range(len(requests))]))}
             yield {"data": "[DONE]"}
-        finally:
-            # One shielded step: a second cancellation would otherwise stop the cleanup halfway.
-            unfinished = [r for i, r in enumerate(requests) if i not in ended]
-            await asyncio.shield(self._end_stream(unfinished, admission, sum(generated)))
 
     async def _response_events(
         self,
@@ -389,53 +381,62 @@ class Completions:
         admission: Admission | None,
         store: Callable[[dict, FinalResult], Awaitable[None]],
     ) -> AsyncIterator[dict]:
-        ended, generated = False, 0
-        try:
+        async with _Relay(self, requests, admission) as relay:
             for event in writer.opening():
                 yield event
-            async for _, event in self._follow(requests):
-                generated = event.completion_tokens
+            async for _, event in relay.events():
                 if isinstance(event, TokenDelta):
-                    if admission is not None:
-                        await admission.charge_output(generated)
                     if event.text or event.logprobs:
                         yield writer.delta(event.text, event.logprobs)
                     continue
-                ended = True
                 await store(writer.response(event), event)
                 for closing in writer.closing(event):
                     yield closing
-        finally:
-            await asyncio.shield(self._end_stream([] if ended else requests, admission, generated))
 
     async def _tgi_events(
         self, responder: tgi.Responder, requests: list[InferenceRequest], admission: Admission | None
     ) -> AsyncIterator[dict]:
-        ended, generated = False, 0
-        try:
-            async for _, event in self._follow(requests):
-                generated = event.completion_tokens
-                if isinstance(event, TokenDelta):
-                    if admission is not None:
-                        await admission.charge_output(generated)
-                    ready = responder.event(event)
-                    if ready is not None:
-                        yield ready
-                    continue
-                ended = True
-                yield responder.last(event)
-        finally:
-            await asyncio.shield(self._end_stream([] if ended else requests, admission, generated))
+        async with _Relay(self, requests, admission) as relay:
+            async for _, event in relay.events():
+                ready = responder.event(event) if isinstance(event, TokenDelta) else responder.last(event)
+                if ready is not None:
+                    yield ready
 
-    async def _end_stream(
-        self, unfinished: list[InferenceRequest], admission: Admission | None, generated: int
-    ) -> None:
+
+class _Relay:
+    """Follows a streamed request's choices: charges the key for the output as it goes and, when the stream ends
+    (finished, failed, or the client gone), cancels the choices still running and settles the admission."""
+
+    def __init__(self, completions: Completions, requests: list[InferenceRequest], admission: Admission | None):
+        self.completions = completions
+        self.requests = requests
+        self.admission = admission
+        self.ended: set[int] = set()
+        self.generated = [0] * len(requests)
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenDelta | FinalResult]]:
+        async for index, event in self.completions._follow(self.requests):
+            self.generated[index] = event.completion_tokens
+            if isinstance(event, FinalResult):
+                self.ended.add(index)
+            elif self.admission is not None:
+                await self.admission.charge_output(sum(self.generated))
+            yield index, event
+
+    async def __aenter__(self) -> _Relay:
+        return self
+
+    async def __aexit__(self, *_) -> None:
+        # One shielded step: a second cancellation would otherwise stop the cleanup halfway.
+        await asyncio.shield(self._close([r for i, r in enumerate(self.requests) if i not in self.ended]))
+
+    async def _close(self, unfinished: list[InferenceRequest]) -> None:
         if unfinished:
             # The client went away (or we are shutting down, or another choice failed): free the workers' slots.
             for request in unfinished:
-                await self.queue.cancel(request.id)
+                await self.completions.queue.cancel(request.id)
             log.info("request.stream_closed_early")
-        await _settle(admission, generated)
+        await _settle(self.admission, sum(self.generated))
 
 
 def _another_choice(request: InferenceRequest, index: int) -> InferenceRequest:

@@ -142,6 +142,16 @@ def chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletion
         raise APIError(400, f"Invalid input: {error.errors()[0]['msg']}.", param="input") from None
 
 
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+"""A chat request's parameters as the Responses API names them, for the errors it raises."""
+
+
+def in_its_terms(error: APIError) -> APIError:
+    """An error of the chat request, naming the Responses API's parameter."""
+    error.param = _PARAMS.get(error.param, error.param)
+    return error
+
+
 def _response_format(fmt: TextFormat) -> dict:
     if fmt.type != "json_schema":
         return {"type": fmt.type}

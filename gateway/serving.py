@@ -205,8 +205,11 @@ class Completions:
         owner = getattr(http.state, "key_id", None)
         earlier = await self.stored.conversation(body.previous_response_id, owner) if body.previous_response_id else []
         messages = responses.conversation(body, earlier)
-        chat = responses.chat_request(body, messages)
-        request, requests, admission, headers = await self._accept("chat", chat, http)
+        try:
+            chat = responses.chat_request(body, messages)
+            request, requests, admission, headers = await self._accept("chat", chat, http)
+        except APIError as error:
+            raise responses.in_its_terms(error) from None
         writer = responses.ResponseWriter(body, request)
 
         async def store(response: dict, final: FinalResult) -> None:

@@ -99,6 +99,9 @@ def test_a_json_schema_text_format_gives_json_that_matches(client):
         ({"no_such_field": 1}, "no_such_field"),
         ({"input": []}, "input"),
         ({"input": [{"role": "wizard", "content": "hi"}]}, None),
+        ({"input": [{"role": "assistant", "content": "hi"}]}, "input"),
+        ({"max_output_tokens": 100_000}, "max_output_tokens"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "text.format"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
     ],
 )

@@ -1,6 +1,7 @@
-"""OpenAI's Responses API (POST /v1/responses): the input (a string, or messages as the Responses API writes them,
-earlier output messages included), after the conversation of `previous_response_id` if given, becomes a chat
-request, and its result a Response object, whole or as the API's typed stream events. Responses are stored
+"""OpenAI's Responses API (POST /v1/responses): the input (a string, or items as the Responses API writes them:
+messages, function calls and their outputs, an earlier response's output included), after the conversation of
+`previous_response_id` if given, becomes a chat request (function tools as chat's, gateway.tool_calls), and its result
+a Response object, whole or as the API's typed stream events. Responses are stored
 (gateway.response_store) unless `store` is false. Turns of one conversation keep its first messages, so they go to
 the worker that holds its cache (gateway.conversations)."""
 
@@ -9,8 +10,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from gateway import tool_calls
 from gateway.errors import APIError
 from gateway.logprobs import token_entries
 from gateway.protocol import MAX_LOGPROBS, ChatCompletionRequest, Text, _Strict
@@ -37,6 +39,51 @@ class InputMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class FunctionCallItem(_Strict):
+    """A call the model made (an earlier response's output item, sent back with its result)."""
+
+    type: Literal["function_call"]
+    call_id: Annotated[str, Field(min_length=1, max_length=256)]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutput(_Strict):
+    type: Literal["function_call_output"]
+    call_id: Annotated[str, Field(min_length=1, max_length=256)]
+    output: Text
+    id: str | None = None
+    status: str | None = None
+
+
+def _item_type(item) -> str:
+    """An input item's kind: a message may leave out its type (the API's "easy" input messages)."""
+    return (item.get("type") if isinstance(item, dict) else getattr(item, "type", None)) or "message"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutput, Tag("function_call_output")],
+    Discriminator(_item_type),
+]
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(_Strict):
+    type: Literal["function"]
+    name: str
+
+
 class TextFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
@@ -51,8 +98,6 @@ class TextConfig(_Strict):
 
 
 _ACCEPTED_AT = {
-    "tools": [],
-    "tool_choice": ("none", "auto"),
     "reasoning": None,
     "background": (False,),
     "truncation": ("disabled",),
@@ -65,7 +110,7 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    input: Text | Annotated[list[InputMessage], Field(min_length=1, max_length=1024)]
+    input: Text | Annotated[list[InputItem], Field(min_length=1, max_length=1024)]
     instructions: Text | None = None
     """A system message before the input."""
     max_output_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
@@ -84,8 +129,9 @@ class ResponsesRequest(BaseModel):
     service_tier: Literal["auto", "default"] | None = None
     stream_options: dict | None = None
     previous_response_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    """As chat's: a named function or 'required' make the output the call (gateway.tool_calls); 'auto' is a 400."""
     reasoning: dict | None = None
     include: Annotated[list[Literal["message.output_text.logprobs"]], Field(max_length=1)] | None = None
     """The output's log probabilities (with `top_logprobs` alternatives a token), the one inclusion we have."""
@@ -114,10 +160,36 @@ class ResponsesRequest(BaseModel):
 
 
 def conversation(body: ResponsesRequest, earlier: list[dict]) -> list[dict]:
-    """The messages `body` answers, without its instructions: the earlier conversation's, then its input's."""
+    """The chat messages `body` answers, without its instructions: the earlier conversation's, then its input's
+    (a run of function calls one assistant message with tool calls, each call's output a tool message)."""
     if isinstance(body.input, str):
         return [*earlier, {"role": "user", "content": body.input}]
-    return earlier + [{"role": m.role, "content": m.text()} for m in body.input]
+    messages = list(earlier)
+    for item in body.input:
+        if isinstance(item, InputMessage):
+            messages.append({"role": item.role, "content": item.text()})
+        elif isinstance(item, FunctionCallOutput):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            if not (messages and messages[-1].get("tool_calls")):
+                messages.append({"role": "assistant", "content": None, "tool_calls": []})
+            messages[-1]["tool_calls"].append(call)
+    return messages
+
+
+def _chat_tools(body: ResponsesRequest) -> dict:
+    if not body.tools:
+        return {"tool_choice": body.tool_choice}
+    tools = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)} for t in body.tools]
+    choice = body.tool_choice
+    if isinstance(choice, NamedFunction):
+        choice = {"type": "function", "function": {"name": choice.name}}
+    return {"tools": tools, "tool_choice": choice, "parallel_tool_calls": body.parallel_tool_calls}
 
 
 def chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
@@ -135,6 +207,7 @@ def chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletion
         "response_format": _response_format(body.text.format) if body.text and body.text.format else None,
         "logprobs": body.logprobs or None,
         "top_logprobs": (body.top_logprobs or 0) if body.logprobs else None,
+        **_chat_tools(body),
     }
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -176,13 +249,16 @@ def _text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
 
 
 class ResponseWriter:
-    """A request's Response object and, for a stream, its events in order (each with its sequence number)."""
+    """A request's Response object and, for a stream, its events in order (each with its sequence number). A
+    tool-calling request's output is its calls, sent whole when it ends (as chat streams them)."""
 
     def __init__(self, body: ResponsesRequest, request: InferenceRequest):
         self.body = body
         self.request = request
         self.item_id = f"msg_{request.id}"
         self._sequence = 0
+        self._opened = request.tool_call is None
+        """Whether the stream opened the output message at its start (text streams as it comes)."""
 
     def response(self, final: FinalResult | None = None) -> dict:
         """The Response: in progress without `final`, else as it ended (failed ones included, for a stream)."""
@@ -191,12 +267,13 @@ class ResponseWriter:
             ok = final.finish_reason in ("stop", "length")
             status = {"stop": "completed", "length": "incomplete"}.get(final.finish_reason, "failed")
             if ok:
-                output = [self._message(final, status)]
+                output = self._output(final, status)
             else:
                 error = {"code": "server_error", "message": f"Request {final.finish_reason}: {final.error}."}
             if status == "incomplete":
                 incomplete = {"reason": "max_output_tokens"}
         body = self.body
+        text_format = body.text.format if body.text and body.text.format else TextFormat(type="text")
         return {
             "id": f"resp_{self.request.id}",
             "object": "response",
@@ -211,18 +288,25 @@ class ResponseWriter:
             "temperature": body.temperature,
             "top_p": body.top_p,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "tool_choice": body.tool_choice or "auto",
-            "tools": [],
-            "text": {
-                "format": (body.text.format if body.text and body.text.format else TextFormat(type="text")).model_dump(
-                    by_alias=True, exclude_none=True
-                )
-            },  # fmt: skip
+            "tool_choice": _dumped(body.tool_choice) or "auto",
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+            "text": {"format": text_format.model_dump(by_alias=True, exclude_none=True)},
             "metadata": body.metadata or {},
             "previous_response_id": body.previous_response_id,
             "store": body.stored,
             "usage": _usage(final) if final is not None else None,
         }
+
+    def _output(self, final: FinalResult, status: str) -> list[dict]:
+        message, _ = tool_calls.message(self.request, final)
+        calls = message.get("tool_calls") or []
+        if not calls:
+            return [self._message(final, status)]
+        return [
+            {"id": f"fc_{call['id']}", "type": "function_call", "status": "completed", "call_id": call["id"],
+             "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+            for call in calls
+        ]  # fmt: skip
 
     def _message(self, final: FinalResult | None, status: str) -> dict:
         """The output message: in progress (no content yet) without `final`."""
@@ -235,16 +319,20 @@ class ResponseWriter:
         self._sequence += 1
         return {"event": kind, "data": json.dumps(data)}
 
-    def opening(self) -> list[dict]:
+    def _open_message(self) -> list[dict]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         return [
-            self._event("response.created", response=self.response()),
-            self._event("response.in_progress", response=self.response()),
             self._event("response.output_item.added", output_index=0, item=self._message(None, "in_progress")),
             self._event("response.content_part.added", **where, part=_text_part("")),
         ]
 
-    def delta(self, text: str, logprobs: list[TokenLogprob]) -> dict:
+    def opening(self) -> list[dict]:
+        started = [self._event(f"response.{kind}", response=self.response()) for kind in ("created", "in_progress")]
+        return started + (self._open_message() if self._opened else [])
+
+    def delta(self, text: str, logprobs: list[TokenLogprob]) -> dict | None:
+        if not self._opened:
+            return None
         return self._event(
             "response.output_text.delta", item_id=self.item_id, output_index=0, content_index=0, delta=text,
             logprobs=token_entries(logprobs),
@@ -254,12 +342,36 @@ class ResponseWriter:
         response = self.response(final)
         if response["status"] == "failed":
             return [self._event("response.failed", response=response)]
+        events = []
+        for index, item in enumerate(response["output"]):
+            events += self._message_end(final, item) if item["type"] == "message" else self._call_events(index, item)
+        return events + [self._event(f"response.{response['status']}", response=response)]
+
+    def _message_end(self, final: FinalResult, item: dict) -> list[dict]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        (item,) = response["output"]
         (part,) = item["content"]
-        return [
+        events = []
+        if not self._opened:  # a tool call's output that ended as text (cut short): all of it now
+            events += self._open_message()
+            events.append(
+                self._event("response.output_text.delta", **where, delta=final.text, logprobs=part["logprobs"])
+            )
+        return events + [
             self._event("response.output_text.done", **where, text=final.text, logprobs=part["logprobs"]),
             self._event("response.content_part.done", **where, part=part),
             self._event("response.output_item.done", output_index=0, item=item),
-            self._event(f"response.{response['status']}", response=response),
         ]
+
+    def _call_events(self, index: int, item: dict) -> list[dict]:
+        where, arguments = {"item_id": item["id"], "output_index": index}, item["arguments"]
+        started = {**item, "status": "in_progress", "arguments": ""}
+        return [
+            self._event("response.output_item.added", output_index=index, item=started),
+            self._event("response.function_call_arguments.delta", **where, delta=arguments),
+            self._event("response.function_call_arguments.done", **where, name=item["name"], arguments=arguments),
+            self._event("response.output_item.done", output_index=index, item=item),
+        ]
+
+
+def _dumped(value):
+    return value.model_dump() if isinstance(value, BaseModel) else value

@@ -214,7 +214,7 @@ class Completions:
 
         async def store(response: dict, final: FinalResult) -> None:
             if body.stored and response["status"] != "failed":
-                answered = [*messages, {"role": "assistant", "content": final.text}]
+                answered = [*messages, tool_calls.message(request, final)[0]]
                 await self.stored.save(response, answered, owner)
 
         if chat.stream:
@@ -389,8 +389,9 @@ class Completions:
                 yield event
             async for _, event in relay.events():
                 if isinstance(event, TokenDelta):
-                    if event.text or event.logprobs:
-                        yield writer.delta(event.text, event.logprobs)
+                    delta = writer.delta(event.text, event.logprobs) if event.text or event.logprobs else None
+                    if delta is not None:
+                        yield delta
                     continue
                 await store(writer.response(event), event)
                 for closing in writer.closing(event):

@@ -93,7 +93,8 @@ def test_a_json_schema_text_format_gives_json_that_matches(client):
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tool_choice"),
+        ({"tools": [{"type": "web_search"}], "tool_choice": "required"}, None),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"include": ["reasoning.encrypted_content"]}, None),
         ({"no_such_field": 1}, "no_such_field"),
@@ -169,3 +170,43 @@ def test_log_probabilities_come_with_the_output_when_included(client):
     streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
     (done,) = [e for e in events if e.type == "response.output_text.done"]
     assert [lp.token for lp in streamed] == [lp.token for lp in done.logprobs]
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+
+
+def test_a_named_function_makes_the_output_its_call_and_its_result_goes_back(client):
+    question = {"role": "user", "content": "What is the weather in Paris?"}
+    named = {"type": "function", "name": "get_weather"}
+    called = client.responses.create(model=MODEL, input=[question], tools=[WEATHER], tool_choice=named, temperature=0)
+    (call,) = called.output
+    assert call.type == "function_call" and call.name == "get_weather" and called.status == "completed"
+    assert set(json.loads(call.arguments)) == {"city"}
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 24 C."}
+    answer = client.responses.create(
+        model=MODEL, input=[question, call.model_dump(exclude_none=True), result], tools=[WEATHER],
+        tool_choice="none", max_output_tokens=20,
+    )  # fmt: skip
+    assert answer.output[0].type == "message" and answer.output_text
+    assert answer.usage.input_tokens > called.usage.input_tokens
+
+
+def test_required_calls_stream_as_the_apis_function_call_events(client):
+    with client.responses.stream(
+        model=MODEL, input="Weather in Rome and in Oslo?", tools=[WEATHER], tool_choice="required", temperature=0,
+        max_output_tokens=80,
+    ) as stream:  # fmt: skip
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.output_text.delta" not in kinds and "response.function_call_arguments.done" in kinds
+    assert final.output and all(item.type == "function_call" and item.name == "get_weather" for item in final.output)

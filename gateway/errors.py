@@ -9,6 +9,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.protocol import FinalResult
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -56,6 +58,18 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+_FAILURE_STATUS = {"expired": 504, "cancelled": 499, "error": 500}
+
+
+def failure(final: FinalResult) -> APIError:
+    """The error of a request that ended other than completed (`final.finish_reason` not stop or length)."""
+    return APIError(
+        _FAILURE_STATUS.get(final.finish_reason, 500),
+        f"Request {final.finish_reason}: {final.error or 'no reason given'}.",
+        code=f"request_{final.finish_reason}",
+    )
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ValidationError
 
 from gateway.api_keys import ApiKey
-from gateway.errors import APIError
+from gateway.errors import APIError, failure
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
-from gateway.serving import Completions, Kind, failure, whole_response
+from gateway.serving import Completions, Kind, whole_response
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest
 

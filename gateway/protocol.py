@@ -432,12 +432,6 @@ class CompletionRequest(_SamplingFields):
         return [self.model_copy(update={"prompt": prompt}) for prompt in self.prompts]
 
     @property
-    def prompt_ids(self) -> list[int] | None:
-        """The (first) prompt as token ids, where it was sent so."""
-        prompt = self.prompts[0]
-        return prompt if isinstance(prompt, list) else None
-
-    @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 

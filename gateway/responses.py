@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from gateway import tool_calls
-from gateway.errors import APIError
+from gateway.errors import APIError, failure
 from gateway.logprobs import token_entries
 from gateway.protocol import MAX_LOGPROBS, ChatCompletionRequest, Text, _Strict
 from shared.protocol import FinalResult, InferenceRequest, TokenLogprob
@@ -269,7 +269,7 @@ class ResponseWriter:
             if ok:
                 output = self._output(final, status)
             else:
-                error = {"code": "server_error", "message": f"Request {final.finish_reason}: {final.error}."}
+                error = {"code": "server_error", "message": failure(final).message}
             if status == "incomplete":
                 incomplete = {"reason": "max_output_tokens"}
         body = self.body

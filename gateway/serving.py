@@ -18,7 +18,7 @@ from gateway import responses, tgi, tool_calls
 from gateway.api_keys import ApiKey
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
-from gateway.errors import APIError
+from gateway.errors import APIError, failure
 from gateway.logprobs import LogprobsFormat
 from gateway.prompts import Tokenizers, chat_token_ids, check_token_ids, completion_token_ids, output_budget
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -35,8 +35,6 @@ log = structlog.get_logger(__name__)
 
 Kind = Literal["chat", "text"]
 
-_FAILURE_STATUS = {"expired": 504, "cancelled": 499, "error": 500}
-
 
 def usage(requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
     """Of a request's choices (`finals`, in the order of `requests`): each prompt counted once, as OpenAI counts it
@@ -50,14 +48,6 @@ def usage(requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": sum(f.cached_tokens for f in firsts)},
     }
-
-
-def failure(final: FinalResult) -> APIError:
-    return APIError(
-        _FAILURE_STATUS.get(final.finish_reason, 500),
-        f"Request {final.finish_reason}: {final.error or 'no reason given'}.",
-        code=f"request_{final.finish_reason}",
-    )
 
 
 TIMEOUT_HEADER = "x-request-timeout"

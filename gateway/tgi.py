@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 
-from gateway.errors import APIError
+from gateway.errors import APIError, failure
 from gateway.prompts import PromptTokenizer
 from gateway.protocol import MAX_LOGPROBS, CompletionRequest, Text, _Strict
 from shared.protocol import FinalResult, TokenDelta, TokenLogprob
@@ -176,11 +176,7 @@ class Responder:
         """The last event: the held one (or, where the end-of-sequence token ended it, that token), with the
         generated text and, with `details`, the details."""
         if final.finish_reason not in ("stop", "length"):
-            return {
-                "data": json.dumps(
-                    {"error": f"Request {final.finish_reason}: {final.error}", "error_type": "generation"}
-                )
-            }
+            return {"data": json.dumps({"error": failure(final).message, "error_type": "generation"})}
         event = self._held or self._new_event(final.completion_tokens + 1, self.tokenizer.eos_id, "", None)
         event["generated_text"] = self._text(final)
         if self.body.parameters.details:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.errors import APIError
+from gateway.errors import APIError, failure
 from gateway.jobs import parse_body
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
-from gateway.serving import Completions, Kind, failure, whole_response
+from gateway.serving import Completions, Kind, whole_response
 from jobs.store import TERMINAL, BatchState, BatchStore
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest

@@ -144,6 +144,13 @@ PREFIX_CACHE_EVICTIONS = Counter(
     "llmfleet:prefix_cache_evictions", "Parked sequences evicted (LRU) to make room.", ["model_name"], registry=WORKER
 )
 
+STEP_FAILURES = Counter(
+    "llmfleet:step_failures",
+    "Steps that raised and were run again one sequence at a time (the sequences that failed alone end failed).",
+    ["model_name"],
+    registry=WORKER,
+)
+
 FINISH_REASONS = ("stop", "length", "cancelled", "expired", "error")
 
 
@@ -168,6 +175,7 @@ class WorkerMetrics:
         self.prefix_tokens = PREFIX_CACHE_TOKENS.labels(model_name)
         self.prefix_bytes = PREFIX_CACHE_BYTES.labels(model_name)
         self.prefix_evictions = PREFIX_CACHE_EVICTIONS.labels(model_name)
+        self.step_failures = STEP_FAILURES.labels(model_name)
         self._evictions_seen = 0
 
     def step(self, sequences: int, prompt_tokens: int, generated: int) -> None:

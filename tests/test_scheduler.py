@@ -253,6 +253,7 @@ def test_a_request_whose_prompt_fails_the_step_ends_with_an_error_and_the_others
     assert finals["a"].completion_tokens == finals["b"].completion_tokens == 8
     _, after = run_to_end(scheduler, request("c", 4))
     assert after.finish_reason == "length", "the scheduler goes on serving"
+    assert WORKER.get_sample_value("llmfleet:step_failures_total", {"model_name": "m"}) >= 1
 
 
 def test_a_request_that_fails_while_decoding_ends_with_the_tokens_it_streamed(scheduler):

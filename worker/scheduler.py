@@ -250,6 +250,7 @@ class Scheduler:
         running them again is exact). Those that fail alone end with an error; the others go on. When none
         succeeds alone (or one, right after another such step), the fault is the worker's: raised again."""
         log.error("step.failed", sequences=len(decoding) + len(prefilling), exc_info=error)
+        self.metrics.step_failures.inc()
         computed: dict[str, Computed] = {}
         failed: dict[str, str] = {}
         alone = [([seq], []) for seq in decoding] + [([], [(seq, chunk)]) for seq, chunk in prefilling]

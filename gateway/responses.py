@@ -159,6 +159,16 @@ class ResponsesRequest(BaseModel):
         return bool(self.include)
 
 
+def parse(body: object) -> ResponsesRequest:
+    """A body read outside a route (a batch line), refused as the route refuses it."""
+    try:
+        return ResponsesRequest.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{first['msg']}: '{param}'", param=param, code="invalid_value") from None
+
+
 def conversation(body: ResponsesRequest, earlier: list[dict]) -> list[dict]:
     """The chat messages `body` answers, without its instructions: the earlier conversation's, then its input's
     (a run of function calls one assistant message with tool calls, each call's output a tool message)."""

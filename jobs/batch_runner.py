@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import structlog
 
+from gateway import responses
 from gateway.errors import APIError, failure
 from gateway.jobs import parse_body
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
+from gateway.responses import ResponsesRequest
 from gateway.serving import Completions, Kind, whole_response
 from jobs.store import TERMINAL, BatchState, BatchStore
 from shared import keys
@@ -30,7 +32,7 @@ log = structlog.get_logger(__name__)
 LEASE_TTL_S = 10.0
 """A run refreshes its lease at least every WAIT_MS; one whose lease lapsed this long is taken as dead."""
 WAIT_MS = 1000
-ENDPOINT_KINDS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
+ENDPOINT_KINDS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "text", "/v1/responses": "chat"}
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Line:
     custom_id: str | None
     kind: Kind
     request: InferenceRequest
+    responses: ResponsesRequest | None = None
+    """The line's body, in a batch of the Responses API (its response is written from it)."""
 
 
 class LineError(Exception):
@@ -154,8 +158,15 @@ class BatchRun:
         if item.get("method", "POST") != "POST" or item.get("url") != self.state.meta.endpoint:
             endpoint = self.state.meta.endpoint
             raise LineError("invalid_url", f"Each line must be a POST to the batch's endpoint {endpoint}.")
+        asked = None
         try:
-            _, body = parse_body(item.get("body"), self.kind)
+            if self.state.meta.endpoint == "/v1/responses":
+                asked = responses.parse(item.get("body"))
+                if asked.previous_response_id:
+                    raise APIError(400, "A batch line cannot continue a stored response.", code="unsupported_value")
+                body = responses.chat_request(asked, responses.conversation(asked, []))
+            else:
+                _, body = parse_body(item.get("body"), self.kind)
             request = self.completions.build(self.kind, body)
         except APIError as error:
             raise LineError(error.code or "invalid_request", error.message) from None
@@ -167,7 +178,7 @@ class BatchRun:
                 "batch": True,
             }
         )
-        return Line(index, custom_id, self.kind, request)
+        return Line(index, custom_id, self.kind, request, asked)
 
     async def _dispatch(self, index: int, lines: list[str]) -> None:
         line = await self._prepare_or_record(index, lines[index])
@@ -207,7 +218,10 @@ class BatchRun:
 
     def _line_output(self, line: Line, final: FinalResult) -> dict:
         if final.finish_reason in ("stop", "length"):
-            response = whole_response(line.kind, [line.request], [final])
+            if line.responses is not None:
+                response = responses.ResponseWriter(line.responses, line.request).response(final)
+            else:
+                response = whole_response(line.kind, [line.request], [final])
             return output_line(self.id, line.index, line.custom_id, response, None)
         error = failure(final)
         return output_line(self.id, line.index, line.custom_id, None, _error(error.code or "error", error.message))

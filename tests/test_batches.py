@@ -178,3 +178,16 @@ def test_unknown_batches_and_files_are_404_and_bad_batches_400(client, jobs):
         client.files.content("file-nope")
     with pytest.raises(openai.BadRequestError):
         client.batches.create(input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h")
+
+
+def test_a_batch_of_the_responses_api_answers_each_line_with_a_response(client, jobs):
+    def line(i: int, body: dict) -> str:
+        return json.dumps({"custom_id": f"r-{i}", "method": "POST", "url": "/v1/responses", "body": body})
+
+    good = {"model": MODEL, "instructions": "Answer briefly.", "input": "Name a planet.", "max_output_tokens": 4}
+    lines = [line(0, good), line(1, {**good, "previous_response_id": "resp_x"}), line(2, {**good, "input": []})]
+    rows = output(client, wait_for(client, submit(client, lines, "/v1/responses").id, ("completed",)))
+    response = rows[0]["response"]["body"]
+    assert response["object"] == "response" and response["output"][0]["type"] == "message"
+    assert response["usage"]["output_tokens"] <= 4 and response["instructions"] == "Answer briefly."
+    assert rows[1]["error"] and rows[2]["error"] and rows[1]["response"] is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -80,6 +80,17 @@ async def create_response(body: ResponsesRequest, request: Request):
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> dict:
     return await _completions(request).stored.response(response_id, _owner(request))
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_response_input_items(
+    response_id: str,
+    request: Request,
+    after: Annotated[str | None, Query(max_length=256)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+) -> dict:
+    return await _completions(request).stored.input_items(response_id, _owner(request), after, limit, order)
 
 
 @router.delete("/v1/responses/{response_id}")

@@ -192,6 +192,21 @@ def conversation(body: ResponsesRequest, earlier: list[dict]) -> list[dict]:
     return messages
 
 
+def input_items(body: ResponsesRequest, response_id: str) -> list[dict]:
+    """The request's input as the API lists it (GET /v1/responses/{id}/input_items), each item with an id."""
+    given = [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
+    items = []
+    for i, item in enumerate(given):
+        if isinstance(item, InputMessage):
+            part = _text_part(item.text()) if item.role == "assistant" else {"type": "input_text", "text": item.text()}
+            content = [part]
+            items.append({"type": "message", "role": item.role, "content": content, "status": "completed"})
+        else:
+            items.append({**item.model_dump(exclude_none=True), "status": "completed"})
+        items[-1]["id"] = item.id or f"{response_id.replace('resp_', 'item_', 1)}_{i}"
+    return items
+
+
 def _chat_tools(body: ResponsesRequest) -> dict:
     if not body.tools:
         return {"tool_choice": body.tool_choice}

@@ -205,7 +205,7 @@ class Completions:
         async def store(response: dict, final: FinalResult) -> None:
             if body.stored and response["status"] != "failed":
                 answered = [*messages, tool_calls.message(request, final)[0]]
-                await self.stored.save(response, answered, owner)
+                await self.stored.save(response, answered, responses.input_items(body, response["id"]), owner)
 
         if chat.stream:
             return self._streamed(self._response_events(writer, requests, admission, store), headers)

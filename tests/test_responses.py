@@ -210,3 +210,22 @@ def test_required_calls_stream_as_the_apis_function_call_events(client):
         final = stream.get_final_response()
     assert "response.output_text.delta" not in kinds and "response.function_call_arguments.done" in kinds
     assert final.output and all(item.type == "function_call" and item.name == "get_weather" for item in final.output)
+
+
+def test_a_stored_responses_input_items_are_listed_newest_first_page_by_page(client):
+    said = [
+        {"role": "user", "content": "Name a planet."},
+        {"role": "assistant", "content": "Mars."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Another one?"}]},
+    ]
+    response = client.responses.create(model=MODEL, input=said, max_output_tokens=3)
+    newest_first = client.responses.input_items.list(response.id)
+    assert [item.role for item in newest_first.data] == ["user", "assistant", "user"]
+    assert newest_first.data[0].content[0].text == "Another one?" and not newest_first.has_more
+    first = client.responses.input_items.list(response.id, limit=2, order="asc")
+    assert [item.content[0].text for item in first.data] == ["Name a planet.", "Mars."] and first.has_more
+    rest = client.responses.input_items.list(response.id, limit=2, order="asc", after=first.data[-1].id)
+    assert [item.content[0].text for item in rest.data] == ["Another one?"] and not rest.has_more
+    assert len(list(client.responses.input_items.list(response.id, limit=1))) == 3, "the client pages through all"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -70,6 +71,13 @@ def failure(final: FinalResult) -> APIError:
         f"Request {final.finish_reason}: {final.error or 'no reason given'}.",
         code=f"request_{final.finish_reason}",
     )
+
+
+def invalid_body(error: ValidationError) -> APIError:
+    """A body validated outside a route (a job, a batch line): a 400 naming its first error's field."""
+    first = error.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return APIError(400, f"{first['msg']}: '{param}'", param=param, code="invalid_value")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}

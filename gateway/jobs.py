@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ValidationError
 
 from gateway.api_keys import ApiKey
-from gateway.errors import APIError, failure
+from gateway.errors import APIError, failure, invalid_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
 from gateway.serving import Completions, Kind, whole_response
@@ -54,9 +54,7 @@ def parse_body(body: object, kind: Kind | None = None) -> tuple[Kind, ChatComple
     try:
         parsed = model.model_validate({**body, "stream": False})
     except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{first['msg']}: '{param}'", param=param, code="invalid_value") from None
+        raise invalid_body(error) from None
     if parsed.n != 1:
         # A job's record and a batch line's output hold one result each.
         raise APIError(400, "Jobs and batch lines take one choice: 'n' must be 1.", param="n", code="unsupported_value")

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from gateway import tool_calls
-from gateway.errors import APIError, failure
+from gateway.errors import APIError, failure, invalid_body
 from gateway.logprobs import token_entries
 from gateway.protocol import MAX_LOGPROBS, ChatCompletionRequest, Text, _Strict
 from shared.protocol import FinalResult, InferenceRequest, TokenLogprob
@@ -164,18 +164,19 @@ def parse(body: object) -> ResponsesRequest:
     try:
         return ResponsesRequest.model_validate(body)
     except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{first['msg']}: '{param}'", param=param, code="invalid_value") from None
+        raise invalid_body(error) from None
+
+
+def _given(body: ResponsesRequest) -> list[InputItem]:
+    """The input as items: a string is one user message."""
+    return [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
 
 
 def conversation(body: ResponsesRequest, earlier: list[dict]) -> list[dict]:
     """The chat messages `body` answers, without its instructions: the earlier conversation's, then its input's
     (a run of function calls one assistant message with tool calls, each call's output a tool message)."""
-    if isinstance(body.input, str):
-        return [*earlier, {"role": "user", "content": body.input}]
     messages = list(earlier)
-    for item in body.input:
+    for item in _given(body):
         if isinstance(item, InputMessage):
             messages.append({"role": item.role, "content": item.text()})
         elif isinstance(item, FunctionCallOutput):
@@ -194,9 +195,8 @@ def conversation(body: ResponsesRequest, earlier: list[dict]) -> list[dict]:
 
 def input_items(body: ResponsesRequest, response_id: str) -> list[dict]:
     """The request's input as the API lists it (GET /v1/responses/{id}/input_items), each item with an id."""
-    given = [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     items = []
-    for i, item in enumerate(given):
+    for i, item in enumerate(_given(body)):
         if isinstance(item, InputMessage):
             part = _text_part(item.text()) if item.role == "assistant" else {"type": "input_text", "text": item.text()}
             content = [part]

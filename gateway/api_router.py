@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway import metrics
+from gateway import metrics, tgi
 from gateway.batches import UPLOAD_PATH
 from gateway.errors import APIError
 from gateway.protocol import (
@@ -21,6 +22,7 @@ from gateway.protocol import (
 from gateway.responses import ResponsesRequest
 
 router = APIRouter()
+VERSION = importlib.metadata.version("llmfleet")
 
 
 def _completions(request: Request):
@@ -30,6 +32,17 @@ def _completions(request: Request):
 @router.get("/health")
 async def health() -> dict:
     return {"status": "ok"}
+
+
+@router.get("/version")
+async def version() -> dict:
+    """vLLM's."""
+    return {"version": VERSION}
+
+
+@router.get("/info")
+async def tgi_info(request: Request) -> dict:
+    return tgi.info(request.app.state.settings, VERSION)
 
 
 @router.get("/ready")

@@ -37,3 +37,18 @@ class LogprobsFormat:
             "top_logprobs": [None if lp.logprob is None else dict(lp.top) for lp in logprobs],
             "text_offset": offsets,
         }
+
+
+def prompt_entries(logprobs: list[TokenLogprob]) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: for each prompt token (None for the first, which nothing predicts), {token id:
+    {logprob, rank, decoded_token}} of that token and of the most likely tokens at its place."""
+    entries: list[dict | None] = []
+    for lp in logprobs:
+        if lp.logprob is None:
+            entries.append(None)
+            continue
+        entry = {lp.token_id: {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.token}}
+        for rank, ((token, logprob), token_id) in enumerate(zip(lp.top, lp.top_ids), start=1):
+            entry.setdefault(token_id, {"logprob": logprob, "rank": rank, "decoded_token": token})
+        entries.append(entry)
+    return entries

@@ -144,6 +144,30 @@ def completion_token_ids(tokenizer: PromptTokenizer, request: CompletionRequest)
     return tokenizer.encode(prompt)
 
 
+def truncated(ids: list[int], keep: int | None, requested: int | None, context: int, settings: Settings) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens; -1: as many as fit in the context beside the
+    output (max_tokens, or the default)."""
+    if keep == -1:
+        keep = context - min(requested or settings.default_max_tokens, context - 1)
+    return ids if keep is None else ids[-keep:]
+
+
+def bad_words_token_ids(tokenizer: PromptTokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's bad_words as token sequences: each word alone (at the start of the output) and after a space (in
+    mid-text; vLLM keeps that form only when it has as many tokens, so " Paris" would stay allowed where "Paris"
+    is two tokens)."""
+    found = []
+    for word in words:
+        alone = tokenizer.encode(word.lstrip(), special_tokens=False)
+        if not alone:
+            continue
+        found.append(alone)
+        spaced = tokenizer.encode(" " + word.lstrip(), special_tokens=False)
+        if spaced != alone:
+            found.append(spaced)
+    return found
+
+
 def output_budget(prompt_tokens: int, requested: int | None, context: int, settings: Settings) -> int:
     """max_tokens to run with, or a 400 when the prompt (plus the requested output) does not fit the context."""
     if requested is not None and requested > settings.max_output_tokens:

@@ -27,6 +27,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's: with include_usage, every chunk carries the usage so far."""
 
 
 class TextPart(_Strict):
@@ -147,13 +149,16 @@ MAX_CHOICES = 16
 MAX_SEQUENCES = 64
 """The most sequences one request may start: its prompts (completions take several) times its choices."""
 
+MAX_STOP_SEQUENCES = 8
+
 MAX_LOGPROBS = 20
 """The most alternatives a token's log probabilities list (OpenAI's chat bound, and vLLM's default)."""
 
 _NULL_IS_DEFAULT = frozenset(
     {
         "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "stream",
-        "ignore_eos", "logprobs", "n", "min_tokens", "min_p", "skip_special_tokens",
+        "ignore_eos", "logprobs", "n", "min_tokens", "min_p", "skip_special_tokens", "include_stop_str_in_output",
+        "return_tokens_as_token_ids",
     }
 )  # fmt: skip
 """Fields OpenAI's schema (and vLLM) take as null, meaning their default: clients and proxies send explicit nulls."""
@@ -193,11 +198,23 @@ class _SamplingFields(BaseModel):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     stop: (
         Annotated[Text, Field(max_length=256)]
-        | Annotated[list[Annotated[Text, Field(min_length=1, max_length=256)]], Field(max_length=8)]
+        | Annotated[list[Annotated[Text, Field(min_length=1, max_length=256)]], Field(max_length=MAX_STOP_SEQUENCES)]
         | None
     ) = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     """vLLM's: token ids that end the output as the end-of-sequence token does."""
+    include_stop_str_in_output: bool = False
+    """vLLM's: the stop string that ended the output stays at its end."""
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=1 << 18)] | None = None
+    """vLLM's: only these tokens may be generated."""
+    bad_words: Annotated[list[Annotated[Text, Field(max_length=256)]], Field(max_length=256)] | None = None
+    """vLLM's: words never generated (each one's last token is ruled out after the tokens before it)."""
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=2**31)] | None = None
+    """vLLM's: only the prompt's last this many tokens are kept (-1: as many as the model's context holds)."""
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """vLLM's: each prompt token's log probability and rank, with this many most likely tokens at its position."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: log probabilities name their tokens as 'token_id:<id>' (for tokens that are not whole text)."""
     min_tokens: Annotated[int, Field(ge=0, le=2**31)] = 0
     """vLLM's: no end-of-sequence token, stop token or stop string ends the output before this many tokens."""
     stream: bool = False
@@ -235,6 +252,24 @@ class _SamplingFields(BaseModel):
                     param=name,
                     code="unsupported_value",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_whole(self):
+        if self.stream and self.prompt_logprobs is not None:
+            raise APIError(
+                400, "'prompt_logprobs' come with the whole response; ask without 'stream'.", param="prompt_logprobs",
+                code="unsupported_value",
+            )  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _truncation_keeps_a_token(self):
+        if self.truncate_prompt_tokens == 0:
+            raise APIError(
+                400, "'truncate_prompt_tokens' must be -1 or at least 1.", param="truncate_prompt_tokens",
+                code="invalid_value",
+            )  # fmt: skip
         return self
 
     @model_validator(mode="after")

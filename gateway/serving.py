@@ -19,9 +19,23 @@ from gateway.api_keys import ApiKey
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
 from gateway.errors import APIError, failure
-from gateway.logprobs import LogprobsFormat
-from gateway.prompts import Tokenizers, chat_token_ids, check_token_ids, completion_token_ids, output_budget
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from gateway.logprobs import LogprobsFormat, prompt_entries
+from gateway.prompts import (
+    Tokenizers,
+    bad_words_token_ids,
+    chat_token_ids,
+    check_token_ids,
+    completion_token_ids,
+    output_budget,
+    truncated,
+)
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    StreamOptions,
+    TokenizeRequest,
+)
 from gateway.queue_client import QueueClient
 from gateway.rate_limits import Admission, RateLimiter
 from gateway.response_store import ResponseStore
@@ -40,14 +54,12 @@ def usage(requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
     """Of a request's choices (`finals`, in the order of `requests`): each prompt counted once, as OpenAI counts it
     (by its first choice), the outputs summed."""
     firsts = [f for r, f in zip(requests, finals) if r.choice_of is None]
-    prompt = sum(f.prompt_tokens for f in firsts)
-    completion = sum(f.completion_tokens for f in finals)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(f.cached_tokens for f in firsts)},
-    }
+    counts = _token_counts(sum(f.prompt_tokens for f in firsts), sum(f.completion_tokens for f in finals))
+    return {**counts, "prompt_tokens_details": {"cached_tokens": sum(f.cached_tokens for f in firsts)}}
+
+
+def _token_counts(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 TIMEOUT_HEADER = "x-request-timeout"
@@ -110,13 +122,20 @@ class Completions:
         headers = headers or {}
         spec = self.model_or_404(body.model)
         tokenizer = self.tokenizers.get(body.model)
-        ids = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
-        check_token_ids(tokenizer, body.logit_bias, "logit_bias")
-        check_token_ids(tokenizer, body.stop_token_ids, "stop_token_ids")
+        given = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
+        for param in ("logit_bias", "stop_token_ids", "allowed_token_ids"):
+            check_token_ids(tokenizer, getattr(body, param), param)
         if self.deny_list.patterns:
-            self.deny_list.check(_prompt_texts(body, tokenizer, ids))
-        max_tokens = output_budget(len(ids), body.requested_max_tokens, spec.max_context, self.settings)
-        echo = _prompt_texts(body, tokenizer, ids)[0] if kind == "text" and body.echo else None
+            self.deny_list.check(_prompt_texts(body, tokenizer, given))
+        requested = body.requested_max_tokens
+        ids = truncated(given, body.truncate_prompt_tokens, requested, spec.max_context, self.settings)
+        max_tokens = output_budget(len(ids), requested, spec.max_context, self.settings)
+        echo = None
+        if kind == "text" and body.echo:
+            echo = _prompt_texts(body, tokenizer, given)[0] if ids == given else tokenizer.decode(ids)
+        prompt_logprobs = body.prompt_logprobs
+        if prompt_logprobs is None and echo is not None:
+            prompt_logprobs = body.logprobs_count  # as vLLM: an echo's log probabilities are the prompt's
         now = time.time()
         return InferenceRequest(
             id=new_request_id(),
@@ -134,12 +153,16 @@ class Completions:
                 logit_bias=body.logit_bias or {},
                 seed=body.seed,
                 stop=body.stop_list(),
+                include_stop_str_in_output=body.include_stop_str_in_output,
                 stop_token_ids=body.stop_token_ids or [],
+                allowed_token_ids=sorted(set(body.allowed_token_ids)) if body.allowed_token_ids else None,
+                bad_words_token_ids=bad_words_token_ids(tokenizer, body.bad_words or []),
                 min_tokens=body.min_tokens,
                 ignore_eos=body.ignore_eos,
                 skip_special_tokens=body.skip_special_tokens,
                 logprobs=body.logprobs_count,
-                prompt_logprobs=body.logprobs_count if echo is not None else None,
+                prompt_logprobs=prompt_logprobs,
+                return_tokens_as_token_ids=body.return_tokens_as_token_ids,
                 grammar=output_grammar(body, tokenizer),
             ),
             stream=body.stream,
@@ -185,8 +208,9 @@ class Completions:
     async def create(self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request):
         _, requests, admission, headers = await self._accept(kind, body, http)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._streamed(self._events(kind, requests, include_usage, admission), headers)
+            return self._streamed(
+                self._events(kind, requests, body.stream_options or StreamOptions(), admission), headers
+            )
         finals = await self._finals(requests, http, admission)
         return JSONResponse(whole_response(kind, requests, finals), headers=headers)
 
@@ -222,7 +246,7 @@ class Completions:
             model = next(iter(self.settings.models))  # TGI serves one model: the first configured
             tokenizer = self.tokenizers.get(model)
             stream = parsed.stream if stream is None else stream
-            completion = tgi.completion_request(parsed, model, tokenizer, stream)
+            completion = tgi.completion_request(parsed, model, stream)
             _, requests, admission, headers = await self._accept("text", completion, http)
             responder = tgi.Responder(parsed, tokenizer)
             if stream:
@@ -335,21 +359,27 @@ class Completions:
         raise APIError(499, "Client closed the request.", code="client_disconnected")
 
     async def _events(
-        self, kind: Kind, requests: list[InferenceRequest], include_usage: bool, admission: Admission | None
+        self, kind: Kind, requests: list[InferenceRequest], options: StreamOptions, admission: Admission | None
     ) -> AsyncIterator[dict]:
         request = requests[0]
         ended: dict[int, FinalResult] = {}
         logprobs = [LogprobsFormat(kind) for _ in requests] if request.sampling.logprobs is not None else None
+        prompt_tokens = sum(len(r.prompt_token_ids) for r in requests if r.choice_of is None)
         async with _Relay(self, requests, admission) as relay:
+
+            def data(chunk: dict) -> dict:
+                if options.include_usage and options.continuous_usage_stats:
+                    chunk["usage"] = _token_counts(prompt_tokens, sum(relay.generated))
+                return {"data": json.dumps(chunk)}
+
             for index, each in enumerate(requests):
-                yield {"data": json.dumps(_chunk(kind, request, each.echo or "", None, first=True, index=index))}
+                yield data(_chunk(kind, request, each.echo or "", None, first=True, index=index))
             async for index, event in relay.events():
                 if isinstance(event, TokenDelta):
                     # A tool call's JSON goes out whole, as tool_calls, once it has ended.
                     if (event.text or event.logprobs) and request.tool_call is None:
                         shown = logprobs[index].format(event.logprobs) if logprobs else None
-                        chunk = _chunk(kind, request, event.text, None, logprobs=shown, index=index)
-                        yield {"data": json.dumps(chunk)}
+                        yield data(_chunk(kind, request, event.text, None, logprobs=shown, index=index))
                     continue
                 ended[index] = event
                 if event.finish_reason not in ("stop", "length"):
@@ -359,11 +389,9 @@ class Completions:
                 if request.tool_call is not None:
                     delta, finish_reason = tool_calls.streamed(request, event)
                     shown = logprobs[index].format(event.logprobs or []) if logprobs else None
-                    chunk = _chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta)
-                    yield {"data": json.dumps(chunk)}
-                chunk = _chunk(kind, request, "", finish_reason, index=index, stop_reason=event.stop_reason)
-                yield {"data": json.dumps(chunk)}
-            if include_usage:
+                    yield data(_chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta))
+                yield data(_chunk(kind, request, "", finish_reason, index=index, stop_reason=event.stop_reason))
+            if options.include_usage:
                 yield {"data": json.dumps(_usage_chunk(kind, requests, [ended[i] for i in range(len(requests))]))}
             yield {"data": "[DONE]"}
 
@@ -490,19 +518,27 @@ def _usage_chunk(kind: Kind, requests: list[InferenceRequest], finals: list[Fina
 
 
 def whole_response(kind: Kind, requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
-    """The response to a request whose choices (`requests`, as enqueue returns them) ended with `finals`."""
+    """The response to a request whose choices (`requests`, as enqueue returns them) ended with `finals`. A prompt's
+    log probabilities, computed by its first choice, go before an echo's output log probabilities and, in vLLM's
+    shape, into `prompt_logprobs` (each choice's in completions, the response's in chat)."""
     choices = []
-    echoed: list = []
+    scored: list = []
     for index, (request, final) in enumerate(zip(requests, finals)):
-        if request.choice_of is None:  # with echo: the prompt's log probabilities, computed by its first choice
-            echoed = final.prompt_logprobs or []
-        logprobs = None if final.logprobs is None else LogprobsFormat(kind).format(echoed + final.logprobs)
+        if request.choice_of is None:
+            scored = final.prompt_logprobs
+        echoed = scored if request.echo is not None else []
+        logprobs = None if final.logprobs is None else LogprobsFormat(kind).format((echoed or []) + final.logprobs)
         choice: dict = {"index": index}
         reason = final.finish_reason
         if kind == "chat":
             choice["message"], reason = tool_calls.message(request, final)
         else:
             choice["text"] = (request.echo or "") + final.text
+            if scored is not None:
+                choice["prompt_logprobs"] = prompt_entries(scored)
         choices.append({**choice, "logprobs": logprobs, "finish_reason": reason, "stop_reason": final.stop_reason})
     obj = "chat.completion" if kind == "chat" else "text_completion"
-    return {**_ids(kind, requests[0]), "object": obj, "choices": choices, "usage": usage(requests, finals)}
+    response = {**_ids(kind, requests[0]), "object": obj, "choices": choices, "usage": usage(requests, finals)}
+    if kind == "chat" and scored is not None:
+        response["prompt_logprobs"] = prompt_entries(scored)
+    return response

@@ -13,8 +13,9 @@ from pydantic import Field, ValidationError
 
 from gateway.errors import APIError, failure
 from gateway.prompts import PromptTokenizer
-from gateway.protocol import MAX_LOGPROBS, CompletionRequest, Text, _Strict
+from gateway.protocol import MAX_LOGPROBS, MAX_STOP_SEQUENCES, CompletionRequest, Text, _Strict
 from shared.protocol import FinalResult, TokenDelta, TokenLogprob
+from shared.settings import Settings
 
 
 class Grammar(_Strict):
@@ -32,7 +33,9 @@ class GenerateParameters(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
-    stop: Annotated[list[Annotated[Text, Field(min_length=1, max_length=256)]], Field(max_length=8)] = []
+    stop: Annotated[
+        list[Annotated[Text, Field(min_length=1, max_length=256)]], Field(max_length=MAX_STOP_SEQUENCES)
+    ] = []
     return_full_text: bool | None = None
     """The input before the generated text."""
     details: bool = False
@@ -63,6 +66,21 @@ def parse(body: object) -> GenerateRequest:
         raise APIError(400, f"Input validation error: {where}: {first['msg']}", param=where or None) from None
 
 
+def info(settings: Settings, version: str) -> dict:
+    """GET /info: what TGI says of the model it serves (the first configured)."""
+    model, spec = next(iter(settings.models.items()))
+    return {
+        "model_id": model,
+        "max_input_tokens": spec.max_context - 1,
+        "max_total_tokens": spec.max_context,
+        "max_best_of": 1,
+        "max_stop_sequences": MAX_STOP_SEQUENCES,
+        "max_concurrent_requests": spec.max_queue_depth,
+        "router": "llmfleet",
+        "version": version,
+    }
+
+
 def error_response(error: APIError) -> JSONResponse:
     """TGI's error body; its status for a request it refuses is 422."""
     status = 422 if error.status == 400 else error.status
@@ -70,19 +88,15 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse({"error": error.message, "error_type": kind}, status_code=status, headers=error.headers)
 
 
-def completion_request(
-    body: GenerateRequest, model: str, tokenizer: PromptTokenizer, stream: bool
-) -> CompletionRequest:
+def completion_request(body: GenerateRequest, model: str, stream: bool) -> CompletionRequest:
     """The completions request that answers `body` (streamed or not, as the route says)."""
     p = body.parameters
     sampled = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
-    prompt: str | list[int] = body.inputs
-    if p.truncate is not None:
-        prompt = tokenizer.encode(body.inputs)[-p.truncate :]
     scored = p.details or stream  # TGI's tokens come with their log probabilities
     fields = {
         "model": model,
-        "prompt": prompt,
+        "prompt": body.inputs,
+        "truncate_prompt_tokens": p.truncate,
         "max_tokens": p.max_new_tokens,
         "temperature": (p.temperature or 1.0) if sampled else 0.0,
         "top_k": p.top_k,

@@ -41,6 +41,8 @@ class SamplingParams(BaseModel):
     """Token id -> a value added to its logit before the choice."""
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    """vLLM's: the stop string that ends the output stays at the end of its text."""
     stop_token_ids: list[int] = Field(default_factory=list)
     """Tokens that end the output as the end-of-sequence token does (not part of its text)."""
     min_tokens: int = 0
@@ -48,10 +50,17 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     """False: the output's text keeps the special tokens the model wrote (not the one that ends it)."""
+    allowed_token_ids: list[int] | None = None
+    """vLLM's: only these tokens may be generated (None: any)."""
+    bad_words_token_ids: list[list[int]] = Field(default_factory=list)
+    """vLLM's bad_words, as token sequences (each word with and without a leading space): a sequence's last token
+    is ruled out where the output ends with the tokens before it."""
     logprobs: int | None = None
     """None: no log probabilities; k: each generated token's, with the k most likely tokens' at its position."""
     prompt_logprobs: int | None = None
     """The same for the prompt's tokens (FinalResult.prompt_logprobs): its KV is then computed, not reused."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: log probabilities name their tokens 'token_id:<id>' instead of their text."""
     grammar: str | None = None
     """Structured output: an llguidance grammar (as `llguidance.LLMatcher.grammar_from_*` writes it) that the
     output must match; the worker allows only the tokens it allows, and ends the output where it does."""
@@ -99,6 +108,8 @@ class TokenLogprob(BaseModel):
     top: list[tuple[str, float]] = Field(default_factory=list)
     token_id: int | None = None
     top_ids: list[int] = Field(default_factory=list)
+    rank: int | None = None
+    """The token's place among all tokens by log probability (1: the most likely), as vLLM's prompt_logprobs give it."""
 
 
 class TokenDelta(BaseModel):

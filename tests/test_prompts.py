@@ -7,8 +7,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from gateway.errors import APIError
-from gateway.prompts import PromptTokenizer
+from gateway.prompts import PromptTokenizer, bad_words_token_ids, truncated
 from gateway.protocol import TemplateOptions
+from shared.settings import Settings
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -84,3 +85,20 @@ def test_chat_template_kwargs_reach_the_template_but_not_its_own_arguments(model
     with pytest.raises(APIError) as both:
         TemplateOptions(continue_final_message=True)
     assert taken.value.status == both.value.status == 400
+
+
+def test_truncation_keeps_the_prompts_last_tokens_or_what_fits_beside_the_output():
+    settings = Settings()
+    ids = list(range(100))
+    assert truncated(ids, None, 10, 64, settings) == ids
+    assert truncated(ids, 5, 10, 64, settings) == ids[-5:]
+    assert truncated(ids, -1, 10, 64, settings) == ids[-54:], "room left for max_tokens"
+    assert len(truncated(ids, -1, None, 64, settings)) == 64 - min(settings.default_max_tokens, 63)
+
+
+def test_bad_words_are_tokenized_alone_and_after_a_space(model_dir):
+    tokenizer = PromptTokenizer(model_dir)
+    found = bad_words_token_ids(tokenizer, ["Paris", " banana", ""])
+    assert tokenizer.encode("Paris", special_tokens=False) in found
+    assert tokenizer.encode(" Paris", special_tokens=False) in found
+    assert tokenizer.encode("banana", special_tokens=False) in found and [] not in found

@@ -65,11 +65,31 @@ def test_token_logprobs_are_the_log_softmax_of_the_chosen_token_and_the_most_lik
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)).bfloat16()
     expected = torch.log_softmax(logits.float(), dim=-1)
     found = token_logprobs(logits, [7, 0, 49], [0, 3, 1])
-    for (chosen, alternatives), row, token, k in zip(found, expected, [7, 0, 49], [0, 3, 1]):
+    for (chosen, alternatives, rank), row, token, k in zip(found, expected, [7, 0, 49], [0, 3, 1]):
         assert chosen == pytest.approx(float(row[token]))
+        assert rank == int((row > row[token]).sum()) + 1
         ids = [i for i, _ in alternatives]
         assert ids == row.topk(k).indices.tolist() and len(ids) == k
         assert [v for _, v in alternatives] == pytest.approx(row.topk(k).values.tolist())
+
+
+def test_allowed_token_ids_leave_only_those_tokens_greedy_and_sampled():
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0]])
+    greedy = SamplingParams(max_tokens=1, temperature=0, allowed_token_ids=[2, 4])
+    assert choose_tokens(logits, [greedy], [None], [[]], [[]]) == [2]
+    draws = set()
+    for seed in range(40):
+        sampled = SamplingParams(max_tokens=1, temperature=1.0, allowed_token_ids=[1, 3], seed=seed)
+        draws.add(choose_tokens(logits, [sampled], [new_generator(sampled)], [[]], [[]])[0])
+    assert draws <= {1, 3} and len(draws) == 2
+
+
+def test_bad_words_rule_out_a_words_last_token_where_the_output_ends_with_the_rest():
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0]])
+    params = SamplingParams(max_tokens=1, temperature=0, bad_words_token_ids=[[0], [3, 1]])
+    assert choose_tokens(logits, [params], [None], [[]], [[]]) == [1], "a one-token word is never generated"
+    assert choose_tokens(logits, [params], [None], [[]], [[2]]) == [1]
+    assert choose_tokens(logits, [params], [None], [[]], [[2, 3]]) == [2], "after 3, the word [3, 1] is not finished"
 
 
 def test_logit_bias_is_added_to_its_tokens_logits_greedy_rows_included():

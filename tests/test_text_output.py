@@ -5,8 +5,10 @@ from __future__ import annotations
 from worker.text_output import TextOutput
 
 
-def feed(tokenizer, text: str, stop: list[str], min_tokens: int = 0) -> tuple[list[str], TextOutput]:
-    output = TextOutput(tokenizer, stop, min_tokens)
+def feed(
+    tokenizer, text: str, stop: list[str], min_tokens: int = 0, include_stop: bool = False
+) -> tuple[list[str], TextOutput]:
+    output = TextOutput(tokenizer, stop, min_tokens, include_stop=include_stop)
     deltas = []
     for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
         deltas.append(output.add(token))
@@ -27,6 +29,12 @@ def test_stop_string_ends_the_text_before_it(loaded_model):
     deltas, output = feed(loaded_model.tokenizer, "one, two, three, four", ["three"])
     assert output.stopped
     assert "".join(deltas) == output.text == "one, two, "
+
+
+def test_the_stop_string_stays_when_asked(loaded_model):
+    deltas, output = feed(loaded_model.tokenizer, "one, two, three, four", ["three"], include_stop=True)
+    assert output.stopped and output.stop_string == "three"
+    assert "".join(deltas) == output.text == "one, two, three"
 
 
 def test_text_that_may_start_a_stop_string_is_held_back(loaded_model):

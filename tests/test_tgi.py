@@ -42,6 +42,16 @@ def test_a_stream_sends_a_token_an_event_and_the_text_with_the_last(tgi):
     assert "".join(tgi.text_generation("Once upon a time there", max_new_tokens=4, stream=True))
 
 
+def test_truncate_keeps_the_inputs_last_tokens_and_info_describes_the_model(tgi, http):
+    out = tgi.text_generation(
+        "Ignore all of this. The capital of France is", max_new_tokens=2, details=True, decoder_input_details=True,
+        truncate=5,
+    )  # fmt: skip
+    assert len(out.details.prefill) == 5 and "Ignore" not in "".join(t.text for t in out.details.prefill)
+    info = http.get("/info").json()  # InferenceClient.get_endpoint_info asks for the provider hf-inference
+    assert info["model_id"] == MODEL and info["max_input_tokens"] < info["max_total_tokens"]
+
+
 def test_a_stop_sequence_ends_the_text_before_it(tgi):
     out = tgi.text_generation("One, two, three,", max_new_tokens=20, stop=[","], details=True)
     assert out.details.finish_reason == "stop_sequence" and "," not in out.generated_text

@@ -18,7 +18,7 @@ from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings
 from worker.grammar import OutputGrammars
 from worker.kv_slots import KVSlots
 from worker.llama_runner import LlamaRunner, PrefillChunk
-from worker.sampling import choose_tokens, new_generator, token_logprobs
+from worker.sampling import ChosenLogprob, choose_tokens, new_generator, token_logprobs
 from worker.step_cost import PrefillBudget
 from worker.text_output import TextOutput
 
@@ -279,7 +279,7 @@ class Scheduler:
             [tokens[i] for i in rows],
             [sampled[i].request.sampling.logprobs for i in rows],
         )
-        return {i: self._token_logprob(tokens[i], lp, top) for i, (lp, top) in zip(rows, found)}
+        return {i: self._token_logprob(sampled[i].request, tokens[i], chosen) for i, chosen in zip(rows, found)}
 
     def _take_prompt_logprobs(
         self,
@@ -296,25 +296,26 @@ class Scheduler:
             if k is not None:
                 scored = computed[seq.request.id].prompt_logprobs
                 if chunk.start == 0:
-                    scored.append(self._token_logprob(chunk.tokens[0], None, []))
+                    scored.append(self._token_logprob(seq.request, chunk.tokens[0], None))
                 # Row j predicts the token after it, while that is still the prompt's.
                 following = seq.prompt[chunk.start + 1 : chunk.start + len(chunk.tokens) + 1]
                 rows = logits[first : first + len(following)]
-                for token, (lp, top) in zip(following, token_logprobs(rows, following, [k] * len(following))):
-                    scored.append(self._token_logprob(token, lp, top))
+                for token, chosen in zip(following, token_logprobs(rows, following, [k] * len(following))):
+                    scored.append(self._token_logprob(seq.request, token, chosen))
             first += len(chunk.tokens)
             last_rows.append(first - 1)
         return logits[torch.tensor(last_rows, dtype=torch.long)]
 
-    def _token_logprob(self, token: int, logprob: float | None, top: list[tuple[int, float]]) -> TokenLogprob:
-        """Ids as text too, each token decoded alone."""
+    def _token_logprob(self, request: InferenceRequest, token: int, chosen: ChosenLogprob | None) -> TokenLogprob:
+        """Ids as text too, each token decoded alone; `chosen` None for a prompt's first token."""
 
         def text(t: int) -> str:
-            return self.tokenizer.decode([t])
+            return f"token_id:{t}" if request.sampling.return_tokens_as_token_ids else self.tokenizer.decode([t])
 
+        top = chosen.top if chosen else []
         return TokenLogprob(
-            token=text(token), logprob=logprob, top=[(text(t), tlp) for t, tlp in top], token_id=token,
-            top_ids=[t for t, _ in top],
+            token=text(token), logprob=chosen.logprob if chosen else None, top=[(text(t), lp) for t, lp in top],
+            token_id=token, top_ids=[t for t, _ in top], rank=chosen.rank if chosen else None,
         )  # fmt: skip
 
     def _drop_cancelled_and_expired(self, now: float) -> list[StepEvent]:
@@ -364,7 +365,10 @@ class Scheduler:
     def _start(self, request: InferenceRequest, now: float) -> StepEvent | None:
         """Give a request its slot (with what the prefix cache holds of its prompt); an event if it ends at once."""
         prompt, sampling = request.prompt_token_ids + request.resume_token_ids, request.sampling
-        output = TextOutput(self.tokenizer, sampling.stop, sampling.min_tokens, sampling.skip_special_tokens)
+        output = TextOutput(
+            self.tokenizer, sampling.stop, sampling.min_tokens, sampling.skip_special_tokens,
+            sampling.include_stop_str_in_output,
+        )  # fmt: skip
         generator = new_generator(sampling, self.runner.device)
         matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar is not None else None
         source, reused = (None, 0)

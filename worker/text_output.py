@@ -1,15 +1,23 @@
 """Turns generated token ids into text as they arrive: incremental decoding and stop strings.
 
 Text is released only when it is final: never half a UTF-8 character, and never the start of what could still
-become a stop string (the stop text itself is never returned)."""
+become a stop string (the stop text itself is returned only when asked: vLLM's include_stop_str_in_output)."""
 
 from __future__ import annotations
 
 
 class TextOutput:
-    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0, skip_special_tokens: bool = True):
+    def __init__(
+        self,
+        tokenizer,
+        stop: list[str],
+        min_tokens: int = 0,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+    ):
         """Stop strings end the text only from the min_tokens-th token on (vLLM's min_tokens)."""
         self._tokenizer = tokenizer
+        self._include_stop = include_stop
         self._skip_special_tokens = skip_special_tokens
         self._stop = [s for s in stop if s]
         self._min_tokens = min_tokens
@@ -42,7 +50,7 @@ class TextOutput:
         hits = [(i, s) for i, s in ((self.text.find(s, searched_from), s) for s in self._stop) if i >= 0]
         if hits:
             at, self.stop_string = min(hits)
-            self.text = self.text[:at]
+            self.text = self.text[: at + len(self.stop_string) if self._include_stop else at]
             self.stopped = True
 
     def finish(self) -> str:

@@ -1,0 +1,133 @@
+"""vLLM's extra sampling and output parameters (sent through the openai client's extra_body, as vLLM's users send
+them) through the whole path: allowed tokens, bad words, stop strings kept, prompts truncated, the prompt's log
+probabilities, tokens named by id, usage in every streamed chunk."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.prompts import PromptTokenizer
+from tests.conftest import MODEL
+from tests.test_validation import assert_openai_error, post
+
+PROMPT = "The capital of France is"
+GREEDY = {"model": MODEL, "temperature": 0}
+
+
+def _ids(logprobs) -> list[int]:
+    """The token ids of a completion's legacy logprobs, named `token_id:<id>`."""
+    return [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
+
+
+def test_allowed_token_ids_are_all_that_is_generated(client, model_dir):
+    allowed = PromptTokenizer(model_dir).encode(" one two three four, five")
+    reply = client.completions.create(
+        prompt=PROMPT, max_tokens=8, logprobs=0, extra_body={"allowed_token_ids": allowed,
+        "return_tokens_as_token_ids": True}, **GREEDY,
+    )  # fmt: skip
+    generated = _ids(reply.choices[0].logprobs)
+    assert len(generated) == 8 and set(generated) <= set(allowed)
+
+
+def test_a_bad_word_is_never_generated(client, model_dir):
+    tokenizer = PromptTokenizer(model_dir)
+    first = client.completions.create(prompt=PROMPT, max_tokens=3, **GREEDY).choices[0].text
+    word = first.split()[0]  # " Paris"
+    reply = client.completions.create(
+        prompt=PROMPT, max_tokens=12, logprobs=0,
+        extra_body={"bad_words": [word], "return_tokens_as_token_ids": True}, **GREEDY,
+    )  # fmt: skip
+    generated = _ids(reply.choices[0].logprobs)
+    for banned in (tokenizer.encode(word, special_tokens=False), tokenizer.encode(" " + word, special_tokens=False)):
+        windows = [generated[i : i + len(banned)] for i in range(len(generated))]
+        assert banned not in windows, (word, reply.choices[0].text)
+
+
+def test_the_stop_string_stays_at_the_end_when_asked(client):
+    body = {"prompt": "One, two, three,", "max_tokens": 20, "stop": [" four"], **GREEDY}
+    plain = client.completions.create(**body).choices[0]
+    kept = client.completions.create(**body, extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert plain.finish_reason == kept.finish_reason == "stop" and kept.stop_reason == " four"
+    assert kept.text == plain.text + " four"
+    streamed = client.completions.create(**body, stream=True, extra_body={"include_stop_str_in_output": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == kept.text
+
+
+def test_a_truncated_prompt_keeps_its_last_tokens(client, model_dir):
+    ids = PromptTokenizer(model_dir).encode("Ignore this part entirely. " + PROMPT)
+    reply = client.completions.create(
+        prompt=ids, max_tokens=2, echo=True, extra_body={"truncate_prompt_tokens": 5}, **GREEDY
+    )
+    assert reply.usage.prompt_tokens == 5 and reply.choices[0].text.startswith(
+        PromptTokenizer(model_dir).decode(ids[-5:])
+    )
+    chat = client.chat.completions.create(
+        messages=[{"role": "user", "content": "word " * 200}], max_tokens=4, extra_body={"truncate_prompt_tokens": 64},
+        **GREEDY,
+    )  # fmt: skip
+    assert chat.usage.prompt_tokens == 64
+
+
+def test_prompt_logprobs_in_vllms_shape_whole_completions_and_chat(client, model_dir):
+    ids = PromptTokenizer(model_dir).encode(PROMPT)
+    reply = client.completions.create(prompt=ids, max_tokens=1, extra_body={"prompt_logprobs": 2}, **GREEDY)
+    scored = reply.choices[0].model_extra["prompt_logprobs"]
+    assert reply.choices[0].logprobs is None, "no echo: the output's log probabilities are not the prompt's"
+    assert len(scored) == len(ids) and scored[0] is None
+    for token, entry in zip(ids[1:], scored[1:]):
+        mine = entry[str(token)]
+        assert mine["logprob"] <= 0 and mine["rank"] >= 1
+        best = sorted(entry.values(), key=lambda e: e["rank"])[:2]
+        assert [e["rank"] for e in best] == [1, 2] and best[0]["logprob"] >= mine["logprob"]
+        assert len(entry) in (2, 3), "the token itself and the 2 most likely"
+    echoed = client.completions.create(prompt=ids, max_tokens=1, echo=True, logprobs=2, **GREEDY).choices[0]
+    assert echoed.logprobs.token_logprobs[1 : len(ids)] == pytest.approx(
+        [entry[str(t)]["logprob"] for t, entry in zip(ids[1:], scored[1:])], abs=1e-3
+    ), "the same figures as an echo's"
+    chat = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Hi"}], max_tokens=1, extra_body={"prompt_logprobs": 0}, **GREEDY
+    )
+    entries = chat.model_extra["prompt_logprobs"]
+    assert len(entries) == chat.usage.prompt_tokens and entries[0] is None
+    assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in entries[1:])
+
+
+def test_logprobs_name_tokens_by_id_when_asked(client, model_dir):
+    reply = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Say hi"}], max_tokens=3, logprobs=True, top_logprobs=2,
+        extra_body={"return_tokens_as_token_ids": True}, **GREEDY,
+    )  # fmt: skip
+    content = reply.choices[0].logprobs.content
+    ids = [int(t.token.removeprefix("token_id:")) for t in content]
+    assert PromptTokenizer(model_dir).decode(ids) == reply.choices[0].message.content
+    assert all(alt.token.startswith("token_id:") for t in content for alt in t.top_logprobs)
+
+
+def test_continuous_usage_stats_count_in_every_chunk(client):
+    chunks = list(
+        client.completions.create(
+            prompt=PROMPT, max_tokens=6, stream=True,
+            extra_body={"stream_options": {"include_usage": True, "continuous_usage_stats": True}}, **GREEDY,
+        )
+    )  # fmt: skip
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None and c.usage.prompt_tokens == 5 for c in chunks)
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 6
+    assert chunks[-1].usage.total_tokens == 11
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ],
+)
+def test_bad_values_are_400_naming_the_parameter(http, extra, param):
+    assert_openai_error(post(http, {"model": MODEL, "prompt": PROMPT, **extra}, "/v1/completions"), 400, param)
+
+
+def test_version(http):
+    assert http.get("/version").json()["version"]

@@ -284,12 +284,17 @@ class _SamplingFields(BaseModel):
     def _min_tokens_fit(self):
         if self.min_tokens and self.requested_max_tokens is not None and self.min_tokens > self.requested_max_tokens:
             raise APIError(400, "'min_tokens' exceeds 'max_tokens'.", param="min_tokens", code="invalid_value")
-        if self.min_tokens and self.structured:
-            # A grammar ends the output where it ends: min_tokens would leave its last step no token to choose.
+        if self.structured and (rules := self.token_rules):
             raise APIError(
-                400, "'min_tokens' does not combine with structured output.", param="min_tokens", code="invalid_value"
+                400, f"'{rules[0]}' does not combine with structured output.", param=rules[0], code="invalid_value"
             )
         return self
+
+    @property
+    def token_rules(self) -> list[str]:
+        """The parameters given that rule tokens out regardless of a grammar, which could then leave a step no token
+        it allows (min_tokens also where the grammar ends the output)."""
+        return [name for name in ("min_tokens", "allowed_token_ids", "bad_words") if getattr(self, name)]
 
     @property
     def structured(self) -> bool:
@@ -408,10 +413,10 @@ class ChatCompletionRequest(_SamplingFields, TemplateOptions):
                 param="tool_choice",
                 code="unsupported_value",
             )
-        if self.calls_tools and (self.structured or self.min_tokens):
+        if self.calls_tools and (self.structured or self.token_rules):
             raise APIError(
-                400, "Tool calls do not combine with structured output or min_tokens.", param="tool_choice",
-                code="invalid_value",
+                400, "Tool calls do not combine with structured output, min_tokens, allowed_token_ids or bad_words.",
+                param="tool_choice", code="invalid_value",
             )  # fmt: skip
         return self
 

@@ -123,6 +123,8 @@ def test_continuous_usage_stats_count_in_every_chunk(client):
         ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"allowed_token_ids": [5, 6], "response_format": {"type": "json_object"}}, "allowed_token_ids"),
+        ({"bad_words": ["{"], "structured_outputs": {"regex": "[a-z]+"}}, "bad_words"),
     ],
 )
 def test_bad_values_are_400_naming_the_parameter(http, extra, param):

@@ -1,7 +1,7 @@
 """OpenAI-compatible request bodies, with bounds on every field.
 
 A parameter we do not implement is refused with a 400 that names it, rather than silently ignored; parameters
-that only matter at a non-default value (best_of; chat's echo) are accepted at their default."""
+that only matter at a non-default value (best_of) are accepted at their default."""
 
 from __future__ import annotations
 
@@ -157,8 +157,8 @@ MAX_LOGPROBS = 20
 _NULL_IS_DEFAULT = frozenset(
     {
         "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "stream",
-        "ignore_eos", "logprobs", "n", "min_tokens", "min_p", "skip_special_tokens", "include_stop_str_in_output",
-        "return_tokens_as_token_ids",
+        "ignore_eos", "logprobs", "n", "min_tokens", "min_p", "typical_p", "skip_special_tokens",
+        "include_stop_str_in_output", "return_tokens_as_token_ids",
     }
 )  # fmt: skip
 """Fields OpenAI's schema (and vLLM) take as null, meaning their default: clients and proxies send explicit nulls."""
@@ -184,6 +184,8 @@ class _SamplingFields(BaseModel):
     top_k: Annotated[int, Field(ge=0, le=100_000)] = 0
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """vLLM's: tokens less likely than min_p times the most likely one are not sampled."""
+    typical_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """TGI's locally typical sampling (also on its /generate routes): 1 is off."""
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -237,7 +239,8 @@ class _SamplingFields(BaseModel):
 
     best_of: int | None = None
     echo: bool | None = None
-    """Completions: the prompt's text (and with logprobs, its tokens' log probabilities) before the output."""
+    """Completions: the prompt's text (and with logprobs, its tokens' log probabilities) before the output. Chat
+    (vLLM's): a final assistant message that is continued (continue_final_message) before the output."""
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -348,7 +351,6 @@ class TemplateOptions(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields, TemplateOptions):
-    default_only: ClassVar[dict[str, object]] = {"best_of": 1, "echo": False}
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
     logprobs: bool = False

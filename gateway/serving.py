@@ -130,12 +130,10 @@ class Completions:
         requested = body.requested_max_tokens
         ids = truncated(given, body.truncate_prompt_tokens, requested, spec.max_context, self.settings)
         max_tokens = output_budget(len(ids), requested, spec.max_context, self.settings)
-        echo = None
-        if kind == "text" and body.echo:
-            echo = _prompt_texts(body, tokenizer, given)[0] if ids == given else tokenizer.decode(ids)
+        echo = _echo(kind, body, tokenizer, given, ids)
         prompt_logprobs = body.prompt_logprobs
-        if prompt_logprobs is None and echo is not None:
-            prompt_logprobs = body.logprobs_count  # as vLLM: an echo's log probabilities are the prompt's
+        if prompt_logprobs is None and echo is not None and kind == "text":
+            prompt_logprobs = body.logprobs_count  # as vLLM: a completion echo's log probabilities are the prompt's
         now = time.time()
         return InferenceRequest(
             id=new_request_id(),
@@ -147,6 +145,7 @@ class Completions:
                 top_p=body.top_p,
                 top_k=body.top_k,
                 min_p=body.min_p,
+                typical_p=body.typical_p,
                 repetition_penalty=body.repetition_penalty,
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
@@ -485,6 +484,17 @@ def _prompt_texts(body: ChatCompletionRequest | CompletionRequest, tokenizer, id
     return [tokenizer.decode(ids) if isinstance(prompt, list) else prompt]
 
 
+def _echo(kind: Kind, body: ChatCompletionRequest | CompletionRequest, tokenizer, given: list[int], ids: list[int]):
+    """What `echo` puts before the output: completions' prompt (as sent, or what truncation left of it); chat's final
+    assistant message, where one is continued (as vLLM echoes the last message when it has the answer's role)."""
+    if not body.echo:
+        return None
+    if kind == "chat":
+        last = body.messages[-1]
+        return last.text() if last.role == "assistant" else None
+    return _prompt_texts(body, tokenizer, given)[0] if ids == given else tokenizer.decode(ids)
+
+
 def _ids(kind: Kind, request: InferenceRequest) -> dict:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     return {"id": f"{prefix}-{request.id}", "created": int(request.created), "model": request.model}
@@ -526,12 +536,14 @@ def whole_response(kind: Kind, requests: list[InferenceRequest], finals: list[Fi
     for index, (request, final) in enumerate(zip(requests, finals)):
         if request.choice_of is None:
             scored = final.prompt_logprobs
-        echoed = scored if request.echo is not None else []
+        echoed = scored if request.echo is not None and kind == "text" else []
         logprobs = None if final.logprobs is None else LogprobsFormat(kind).format((echoed or []) + final.logprobs)
         choice: dict = {"index": index}
         reason = final.finish_reason
         if kind == "chat":
             choice["message"], reason = tool_calls.message(request, final)
+            if request.echo and choice["message"]["content"] is not None:
+                choice["message"]["content"] = request.echo + choice["message"]["content"]
         else:
             choice["text"] = (request.echo or "") + final.text
             if scored is not None:

@@ -26,7 +26,7 @@ class Grammar(_Strict):
 class GenerateParameters(_Strict):
     max_new_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
     do_sample: bool = False
-    """Greedy unless true, or unless a sampling parameter (temperature, top_k, top_p) is given."""
+    """Greedy unless true, or unless a sampling parameter (temperature, top_k, top_p, typical_p) is given."""
     temperature: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
     top_k: Annotated[int, Field(ge=1, le=100_000)] | None = None
     top_p: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
@@ -47,7 +47,7 @@ class GenerateParameters(_Strict):
     grammar: Grammar | None = None
     best_of: Literal[1] | None = None
     watermark: Literal[False] = False
-    typical_p: None = None
+    typical_p: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     adapter_id: None = None
 
 
@@ -91,7 +91,7 @@ def error_response(error: APIError) -> JSONResponse:
 def completion_request(body: GenerateRequest, model: str, stream: bool) -> CompletionRequest:
     """The completions request that answers `body` (streamed or not, as the route says)."""
     p = body.parameters
-    sampled = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
+    sampled = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
     scored = p.details or stream  # TGI's tokens come with their log probabilities
     fields = {
         "model": model,
@@ -101,6 +101,7 @@ def completion_request(body: GenerateRequest, model: str, stream: bool) -> Compl
         "temperature": (p.temperature or 1.0) if sampled else 0.0,
         "top_k": p.top_k,
         "top_p": p.top_p,
+        "typical_p": p.typical_p,
         "repetition_penalty": p.repetition_penalty,
         "frequency_penalty": p.frequency_penalty,
         "seed": p.seed,

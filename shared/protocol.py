@@ -32,6 +32,8 @@ class SamplingParams(BaseModel):
     """0 means no top-k cut."""
     min_p: float = 0.0
     """Tokens less likely than min_p times the most likely one are not sampled (0: none cut)."""
+    typical_p: float = 1.0
+    """TGI's: only the tokens nearest the entropy in surprise, as many as hold this much probability (1: all)."""
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -83,7 +85,7 @@ class InferenceRequest(BaseModel):
     conversation: str | None = None
     """Affinity key: turns with the same key go to the worker that served the last one, when it can take them."""
     echo: str | None = None
-    """Completions' echo: the prompt's text, which the response puts before the output."""
+    """What the response puts before the output: completions' prompt text, chat's continued assistant message."""
     tool_call: str | None = None
     """The output is a tool call (its grammar in sampling.grammar): the function's name, for a named tool_choice
     (the output is its arguments), or "*" for tool_choice 'required' (a JSON list of {name, parameters}); see

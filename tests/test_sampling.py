@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.protocol import SamplingParams
-from worker.sampling import _nucleus, choose_tokens, new_generator, token_logprobs
+from worker.sampling import _nucleus, _typical, choose_tokens, new_generator, token_logprobs
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])  # probabilities .563 .207 .126 .076 .028
 
@@ -71,6 +71,17 @@ def test_token_logprobs_are_the_log_softmax_of_the_chosen_token_and_the_most_lik
         ids = [i for i, _ in alternatives]
         assert ids == row.topk(k).indices.tolist() and len(ids) == k
         assert [v for _, v in alternatives] == pytest.approx(row.topk(k).values.tolist())
+
+
+@pytest.mark.parametrize("mass", [0.2, 0.9, 0.999])
+def test_typical_sampling_keeps_the_tokens_transformers_warper_keeps(mass):
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3)) * 3
+    for row in logits:
+        kept = torch.isfinite(_typical(row.clone(), mass))
+        expected = torch.isfinite(TypicalLogitsWarper(mass)(None, row[None].clone())[0])
+        assert torch.equal(kept, expected)
 
 
 def test_allowed_token_ids_leave_only_those_tokens_greedy_and_sampled():

@@ -52,6 +52,12 @@ def test_truncate_keeps_the_inputs_last_tokens_and_info_describes_the_model(tgi,
     assert info["model_id"] == MODEL and info["max_input_tokens"] < info["max_total_tokens"]
 
 
+def test_typical_p_samples_only_the_tokens_nearest_the_entropy(tgi):
+    # A mass this small keeps one token a step: the same text whatever the seed.
+    texts = {tgi.text_generation("A list of fruits:", max_new_tokens=8, typical_p=0.001, seed=s) for s in (1, 2, 3)}
+    assert len(texts) == 1
+
+
 def test_a_stop_sequence_ends_the_text_before_it(tgi):
     out = tgi.text_generation("One, two, three,", max_new_tokens=20, stop=[","], details=True)
     assert out.details.finish_reason == "stop_sequence" and "," not in out.generated_text
@@ -77,7 +83,7 @@ def test_the_generate_routes_answer_in_tgis_shapes(http):
     "body",
     [
         {"inputs": ""},
-        {"inputs": "hi", "parameters": {"typical_p": 0.5}},
+        {"inputs": "hi", "parameters": {"typical_p": 1.0}},
         {"inputs": "hi", "parameters": {"watermark": True}},
         {"inputs": "hi", "parameters": {"best_of": 2}},
         {"inputs": "hi", "parameters": {"grammar": {"type": "regex"}}},

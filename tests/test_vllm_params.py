@@ -92,6 +92,20 @@ def test_prompt_logprobs_in_vllms_shape_whole_completions_and_chat(client, model
     assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in entries[1:])
 
 
+def test_chat_echo_puts_the_continued_assistant_message_before_the_output(client):
+    prefilled = "The capital of France is"
+    messages = [{"role": "user", "content": "Name a capital."}, {"role": "assistant", "content": prefilled}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    body = {"messages": messages, "max_tokens": 4, **GREEDY}
+    plain = client.chat.completions.create(**body, extra_body=options).choices[0].message.content
+    echoed = client.chat.completions.create(**body, extra_body={**options, "echo": True}).choices[0].message.content
+    assert echoed == prefilled + plain
+    chunks = client.chat.completions.create(**body, stream=True, extra_body={**options, "echo": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == echoed
+    asked = client.chat.completions.create(messages=messages[:1], max_tokens=3, extra_body={"echo": True}, **GREEDY)
+    assert not asked.choices[0].message.content.startswith("Name a"), "only an assistant message is echoed, as vLLM"
+
+
 def test_logprobs_name_tokens_by_id_when_asked(client, model_dir):
     reply = client.chat.completions.create(
         messages=[{"role": "user", "content": "Say hi"}], max_tokens=3, logprobs=True, top_logprobs=2,

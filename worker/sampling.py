@@ -92,12 +92,26 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Ten
     return top[:keep], ids[:keep]
 
 
+def _typical(row: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling (TGI's typical_p, transformers' TypicalLogitsWarper): only the tokens whose surprise
+    is closest to the distribution's entropy, as many as hold `mass` of the probability (at least one)."""
+    logp = torch.log_softmax(row, dim=-1)
+    entropy = -(logp.exp() * logp).nansum()
+    order = torch.argsort((-logp - entropy).abs())
+    keep = int((logp[order].exp().cumsum(dim=-1) < mass).sum()) + 1
+    ruled_out = torch.ones_like(row, dtype=torch.bool)
+    ruled_out[order[:keep]] = False
+    return row.masked_fill(ruled_out, float("-inf"))
+
+
 def _sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     if params.temperature != 1.0:
         row = row / params.temperature
     if params.top_k and params.top_k < row.shape[-1]:
         kth = torch.topk(row, params.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
+    if params.typical_p < 1.0:
+        row = _typical(row, params.typical_p)
     probs, ids = torch.softmax(row, dim=-1), None
     if params.min_p > 0.0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)

@@ -10,9 +10,10 @@ HEADER = "x-conversation-id"
 
 
 def conversation_key(body: ChatCompletionRequest | CompletionRequest, header: str | None) -> str:
-    """The client's own id (header or `conversation_id` field) when given; otherwise a hash of what every turn of
-    the conversation starts with: the system messages and the first user message (or a plain prompt's start)."""
-    given = header or body.conversation_id
+    """The client's own id (header, `conversation_id` or `prompt_cache_key`) when given; otherwise a hash of what
+    every turn of the conversation starts with: the system messages and the first user message (or a plain
+    prompt's start)."""
+    given = header or body.conversation_id or body.prompt_cache_key
     if given:
         return "id:" + hashlib.sha256(given.encode()).hexdigest()[:32]
     if isinstance(body, ChatCompletionRequest):

@@ -228,6 +228,8 @@ class _SamplingFields(BaseModel):
     user: Annotated[Text, Field(max_length=256)] | None = None
     conversation_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     """Affinity hint (also accepted as the X-Conversation-Id header): turns of one conversation reuse one cache."""
+    prompt_cache_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """OpenAI's name for the same hint."""
 
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     """Choices: each runs as a request of its own (its own id and seed; the later ones copy the first one's prompt KV
@@ -351,6 +353,7 @@ class TemplateOptions(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields, TemplateOptions):
+    default_only: ClassVar[dict[str, object]] = {"best_of": 1, "store": False}
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
     logprobs: bool = False
@@ -359,6 +362,14 @@ class ChatCompletionRequest(_SamplingFields, TemplateOptions):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     """False: tool_choice 'required' makes exactly one call."""
+    # OpenAI's parameters that leave the output as it is, as SDKs and agent frameworks send them.
+    store: bool | None = None
+    """Stored chat completions: only false (nothing is stored; the Responses API stores responses)."""
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    modalities: list[Literal["text"]] | None = None
+    safety_identifier: Annotated[Text, Field(max_length=256)] | None = None
+    """OpenAI's successor of `user`, logged as it is."""
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

@@ -228,7 +228,7 @@ def chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletion
         "top_p": body.top_p,
         "stream": body.stream,
         "user": body.user or body.safety_identifier,
-        "conversation_id": body.prompt_cache_key,
+        "prompt_cache_key": body.prompt_cache_key,
         "response_format": _response_format(body.text.format) if body.text and body.text.format else None,
         "logprobs": body.logprobs or None,
         "top_logprobs": (body.top_logprobs or 0) if body.logprobs else None,

@@ -271,7 +271,7 @@ class Completions:
         log.info(
             "request.accepted",
             key_name=key.name if key else None,
-            user=body.user,
+            user=body.user or getattr(body, "safety_identifier", None),
             prompt_tokens=sum(len(p.prompt_token_ids) for p in prompts),
             max_tokens=request.sampling.max_tokens,
             prompts=len(prompts),

@@ -1,6 +1,7 @@
 """vLLM's extra sampling and output parameters (sent through the openai client's extra_body, as vLLM's users send
 them) through the whole path: allowed tokens, bad words, stop strings kept, prompts truncated, the prompt's log
-probabilities, tokens named by id, usage in every streamed chunk."""
+probabilities, tokens named by id, usage in every streamed chunk; and OpenAI's chat parameters that leave the
+output as it is."""
 
 from __future__ import annotations
 
@@ -147,3 +148,13 @@ def test_bad_values_are_400_naming_the_parameter(http, extra, param):
 
 def test_version(http):
     assert http.get("/version").json()["version"]
+
+
+def test_openais_chat_parameters_that_leave_the_output_as_it_is_are_accepted(client, http):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, store=False, metadata={"team": "a"},
+        service_tier="auto", modalities=["text"], safety_identifier="user-1", prompt_cache_key="conversation-7",
+    )  # fmt: skip
+    assert reply.choices[0].message.content
+    stored = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "store": True}
+    assert_openai_error(post(http, stored), 400, "store")

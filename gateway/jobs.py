@@ -19,10 +19,11 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ValidationError
 
 from gateway.api_keys import ApiKey
+from gateway.completion_shapes import Kind, whole_response
 from gateway.errors import APIError, failure, invalid_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
-from gateway.serving import Completions, Kind, whole_response
+from gateway.serving import Completions
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest
 

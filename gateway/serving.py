@@ -7,7 +7,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Literal
 
 import structlog
 from fastapi import Request
@@ -16,10 +15,11 @@ from sse_starlette import EventSourceResponse
 
 from gateway import responses, tgi, tool_calls
 from gateway.api_keys import ApiKey
+from gateway.completion_shapes import Kind, chunk, token_counts, usage_chunk, whole_response
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
 from gateway.errors import APIError, failure
-from gateway.logprobs import LogprobsFormat, prompt_entries
+from gateway.logprobs import LogprobsFormat
 from gateway.prompts import (
     Tokenizers,
     bad_words_token_ids,
@@ -46,21 +46,6 @@ from shared.protocol import FinalResult, InferenceRequest, SamplingParams, Token
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-Kind = Literal["chat", "text"]
-
-
-def usage(requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
-    """Of a request's choices (`finals`, in the order of `requests`): each prompt counted once, as OpenAI counts it
-    (by its first choice), the outputs summed."""
-    firsts = [f for r, f in zip(requests, finals) if r.choice_of is None]
-    counts = _token_counts(sum(f.prompt_tokens for f in firsts), sum(f.completion_tokens for f in finals))
-    return {**counts, "prompt_tokens_details": {"cached_tokens": sum(f.cached_tokens for f in firsts)}}
-
-
-def _token_counts(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
 
 TIMEOUT_HEADER = "x-request-timeout"
 
@@ -366,19 +351,19 @@ class Completions:
         prompt_tokens = sum(len(r.prompt_token_ids) for r in requests if r.choice_of is None)
         async with _Relay(self, requests, admission) as relay:
 
-            def data(chunk: dict) -> dict:
+            def data(body: dict) -> dict:
                 if options.include_usage and options.continuous_usage_stats:
-                    chunk["usage"] = _token_counts(prompt_tokens, sum(relay.generated))
-                return {"data": json.dumps(chunk)}
+                    body["usage"] = token_counts(prompt_tokens, sum(relay.generated))
+                return {"data": json.dumps(body)}
 
             for index, each in enumerate(requests):
-                yield data(_chunk(kind, request, each.echo or "", None, first=True, index=index))
+                yield data(chunk(kind, request, each.echo or "", None, first=True, index=index))
             async for index, event in relay.events():
                 if isinstance(event, TokenDelta):
                     # A tool call's JSON goes out whole, as tool_calls, once it has ended.
                     if (event.text or event.logprobs) and request.tool_call is None:
                         shown = logprobs[index].format(event.logprobs) if logprobs else None
-                        yield data(_chunk(kind, request, event.text, None, logprobs=shown, index=index))
+                        yield data(chunk(kind, request, event.text, None, logprobs=shown, index=index))
                     continue
                 ended[index] = event
                 if event.finish_reason not in ("stop", "length"):
@@ -388,10 +373,10 @@ class Completions:
                 if request.tool_call is not None:
                     delta, finish_reason = tool_calls.streamed(request, event)
                     shown = logprobs[index].format(event.logprobs or []) if logprobs else None
-                    yield data(_chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta))
-                yield data(_chunk(kind, request, "", finish_reason, index=index, stop_reason=event.stop_reason))
+                    yield data(chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta))
+                yield data(chunk(kind, request, "", finish_reason, index=index, stop_reason=event.stop_reason))
             if options.include_usage:
-                yield {"data": json.dumps(_usage_chunk(kind, requests, [ended[i] for i in range(len(requests))]))}
+                yield {"data": json.dumps(usage_chunk(kind, requests, [ended[i] for i in range(len(requests))]))}
             yield {"data": "[DONE]"}
 
     async def _response_events(
@@ -493,64 +478,3 @@ def _echo(kind: Kind, body: ChatCompletionRequest | CompletionRequest, tokenizer
         last = body.messages[-1]
         return last.text() if last.role == "assistant" else None
     return _prompt_texts(body, tokenizer, given)[0] if ids == given else tokenizer.decode(ids)
-
-
-def _ids(kind: Kind, request: InferenceRequest) -> dict:
-    prefix = "chatcmpl" if kind == "chat" else "cmpl"
-    return {"id": f"{prefix}-{request.id}", "created": int(request.created), "model": request.model}
-
-
-def _chunk(
-    kind: Kind,
-    request: InferenceRequest,
-    text: str,
-    finish_reason: str | None,
-    first: bool = False,
-    logprobs: dict | None = None,
-    index: int = 0,
-    delta: dict | None = None,
-    stop_reason: str | int | None = None,
-) -> dict:
-    """One choice's chunk; the one that ends it also carries vLLM's `stop_reason`."""
-    ended = {"stop_reason": stop_reason} if finish_reason is not None else {}
-    if kind == "chat":
-        if delta is None:
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **ended}
-        return {**_ids(kind, request), "object": "chat.completion.chunk", "choices": [choice]}
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **ended}
-    return {**_ids(kind, request), "object": "text_completion", "choices": [choice]}
-
-
-def _usage_chunk(kind: Kind, requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {**_ids(kind, requests[0]), "object": obj, "choices": [], "usage": usage(requests, finals)}
-
-
-def whole_response(kind: Kind, requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
-    """The response to a request whose choices (`requests`, as enqueue returns them) ended with `finals`. A prompt's
-    log probabilities, computed by its first choice, go before an echo's output log probabilities and, in vLLM's
-    shape, into `prompt_logprobs` (each choice's in completions, the response's in chat)."""
-    choices = []
-    scored: list = []
-    for index, (request, final) in enumerate(zip(requests, finals)):
-        if request.choice_of is None:
-            scored = final.prompt_logprobs
-        echoed = scored if request.echo is not None and kind == "text" else []
-        logprobs = None if final.logprobs is None else LogprobsFormat(kind).format((echoed or []) + final.logprobs)
-        choice: dict = {"index": index}
-        reason = final.finish_reason
-        if kind == "chat":
-            choice["message"], reason = tool_calls.message(request, final)
-            if request.echo and choice["message"]["content"] is not None:
-                choice["message"]["content"] = request.echo + choice["message"]["content"]
-        else:
-            choice["text"] = (request.echo or "") + final.text
-            if scored is not None:
-                choice["prompt_logprobs"] = prompt_entries(scored)
-        choices.append({**choice, "logprobs": logprobs, "finish_reason": reason, "stop_reason": final.stop_reason})
-    obj = "chat.completion" if kind == "chat" else "text_completion"
-    response = {**_ids(kind, requests[0]), "object": obj, "choices": choices, "usage": usage(requests, finals)}
-    if kind == "chat" and scored is not None:
-        response["prompt_logprobs"] = prompt_entries(scored)
-    return response

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import structlog
 
 from gateway import responses
+from gateway.completion_shapes import Kind, whole_response
 from gateway.errors import APIError, failure
 from gateway.jobs import parse_body
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
 from gateway.responses import ResponsesRequest
-from gateway.serving import Completions, Kind, whole_response
+from gateway.serving import Completions
 from jobs.store import TERMINAL, BatchState, BatchStore
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest

@@ -34,6 +34,12 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
+@router.get("/ping")
+async def sagemaker_ping() -> dict:
+    """SageMaker's health check (as vLLM and TGI answer it)."""
+    return {}
+
+
 @router.get("/version")
 async def version() -> dict:
     """vLLM's."""
@@ -61,7 +67,10 @@ async def prometheus_metrics(request: Request) -> Response:
 
 
 def _model_card(request: Request, name: str) -> dict:
-    return {"id": name, "object": "model", "created": int(request.app.state.started), "owned_by": "llmfleet"}
+    """OpenAI's model object, with vLLM's `max_model_len` (clients size their prompts by it)."""
+    context = request.app.state.settings.models[name].max_context
+    started = int(request.app.state.started)
+    return {"id": name, "object": "model", "created": started, "owned_by": "llmfleet", "max_model_len": context}
 
 
 @router.get("/v1/models")
@@ -124,6 +133,11 @@ async def tgi_generate_stream(request: Request, body: Any = Body(...)):
 @router.post("/")
 async def tgi_compat(request: Request, body: Any = Body(...)):
     return await _completions(request).generate(body, request, stream=None)
+
+
+@router.post("/invocations")
+async def sagemaker_invocations(request: Request, body: Any = Body(...)):
+    return await _completions(request).invoke(body, request)
 
 
 @router.post("/tokenize")

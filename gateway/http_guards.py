@@ -41,8 +41,8 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-_KEYED_OUTSIDE_V1 = frozenset({"/tokenize", "/detokenize", "/generate", "/generate_stream", "/"})
-"""vLLM's token routes and TGI's generation routes, served outside /v1."""
+_KEYED_OUTSIDE_V1 = frozenset({"/tokenize", "/detokenize", "/generate", "/generate_stream", "/", "/invocations"})
+"""vLLM's token routes, TGI's generation routes and SageMaker's invocations, served outside /v1."""
 
 
 def keyed(path: str) -> bool:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from gateway import responses, tgi, tool_calls
@@ -18,7 +19,7 @@ from gateway.api_keys import ApiKey
 from gateway.completion_shapes import Kind, chunk, token_counts, usage_chunk, whole_response
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
-from gateway.errors import APIError, failure
+from gateway.errors import APIError, failure, invalid_body
 from gateway.logprobs import LogprobsFormat
 from gateway.prompts import (
     Tokenizers,
@@ -239,6 +240,25 @@ class Completions:
         except APIError as error:
             return tgi.error_response(error)
         return JSONResponse(responder.whole(final), headers=headers)
+
+    async def invoke(self, body: object, http: Request):
+        """SageMaker's POST /invocations (as vLLM and TGI serve it): the body's shape picks the API, chat's
+        `messages`, a completion's `prompt` or TGI's `inputs`; without `model`, the first configured one."""
+        if isinstance(body, dict) and "inputs" in body:
+            return await self.generate(body, http, stream=None)
+        if not isinstance(body, dict) or not {"messages", "prompt"} & body.keys():
+            raise APIError(
+                400, "The body must be a chat ('messages'), completion ('prompt') or TGI ('inputs') request.",
+                code="invalid_value",
+            )  # fmt: skip
+        kind: Kind = "chat" if "messages" in body else "text"
+        try:
+            parsed = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(
+                {"model": next(iter(self.settings.models)), **body}
+            )
+        except ValidationError as error:
+            raise invalid_body(error) from None
+        return await self.create(kind, parsed, http)
 
     async def _accept(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, http: Request

@@ -135,7 +135,8 @@ def test_sixteen_concurrent_streams_complete_without_interleaving(client):
 
 def test_lists_the_served_model(client):
     assert MODEL in [m.id for m in client.models.list().data]
-    assert client.models.retrieve(MODEL).id == MODEL
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.model_extra["max_model_len"] > 0, "vLLM's max_model_len"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
 

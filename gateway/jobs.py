@@ -46,8 +46,11 @@ class JobRecord(BaseModel):
     """The id of the API key that submitted it (None in open mode)."""
 
 
-def parse_body(body: object, kind: Kind | None = None) -> tuple[Kind, ChatCompletionRequest | CompletionRequest]:
-    """A chat or completion body, validated as the synchronous endpoint would (kind guessed from `messages`)."""
+def parse_body(
+    body: object, kind: Kind | None = None, several: bool = False
+) -> tuple[Kind, ChatCompletionRequest | CompletionRequest]:
+    """A chat or completion body, validated as the synchronous endpoint would (kind guessed from `messages`); a job's
+    (not `several`) of one choice of one prompt."""
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_value")
     kind = kind or ("chat" if "messages" in body else "text")
@@ -56,13 +59,12 @@ def parse_body(body: object, kind: Kind | None = None) -> tuple[Kind, ChatComple
         parsed = model.model_validate({**body, "stream": False})
     except ValidationError as error:
         raise invalid_body(error) from None
-    if parsed.n != 1:
-        # A job's record and a batch line's output hold one result each.
-        raise APIError(400, "Jobs and batch lines take one choice: 'n' must be 1.", param="n", code="unsupported_value")
+    if several:
+        return kind, parsed
+    if parsed.n != 1:  # a job's record holds one result
+        raise APIError(400, "Jobs take one choice: 'n' must be 1.", param="n", code="unsupported_value")
     if isinstance(parsed, CompletionRequest) and len(parsed.prompts) > 1:
-        raise APIError(
-            400, "Jobs and batch lines take one prompt each.", param="prompt", code="unsupported_value"
-        )  # fmt: skip
+        raise APIError(400, "Jobs take one prompt each.", param="prompt", code="unsupported_value")
     return kind, parsed
 
 

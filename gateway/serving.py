@@ -158,6 +158,13 @@ class Completions:
             tool_call=tool_calls.tool_call_mode(body) if kind == "chat" else None,
         )
 
+    def build_each(
+        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str] | None = None
+    ) -> list[InferenceRequest]:
+        """One request a prompt (completions take several)."""
+        bodies = body.one_per_prompt() if isinstance(body, CompletionRequest) else [body]
+        return [self.build(kind, each, headers) for each in bodies]
+
     async def enqueue(
         self, prompts: list[InferenceRequest], key: ApiKey | None, followed: bool = True, choices: int = 1
     ) -> tuple[Admission | None, list[InferenceRequest]]:
@@ -170,7 +177,7 @@ class Completions:
         relayed. One nobody follows (a job) holds no slot and is charged its prompt plus `max_tokens` up front, as
         OpenAI counts it, since no gateway sees its tokens go by. A prompt is charged once, whatever `choices`."""
         admission = None
-        requests = [r for p in prompts for r in [p, *(_another_choice(p, i) for i in range(1, choices))]]
+        requests = with_choices(prompts, choices)
         cost = sum(len(p.prompt_token_ids) + (0 if followed else p.sampling.max_tokens) for p in prompts)
         if key is not None and self.limiter is not None:
             admission = await self.limiter.admit(key, prompts[0].id, cost, hold_slot=followed)
@@ -266,8 +273,7 @@ class Completions:
         """Build, admit and queue a request (one a prompt, and their other choices): the first, them all, the
         admission, the response's headers."""
         http.state.model_name = body.model  # a label of llmfleet:requests_total (gateway.metrics)
-        bodies = body.one_per_prompt() if isinstance(body, CompletionRequest) else [body]
-        prompts = [self.build(kind, each, http.headers) for each in bodies]
+        prompts = self.build_each(kind, body, http.headers)
         request = prompts[0]
         key: ApiKey | None = getattr(http.state, "api_key", None)
         structlog.contextvars.bind_contextvars(request_id=request.id)
@@ -463,6 +469,11 @@ class _Relay:
                 await self.completions.queue.cancel(request.id)
             log.info("request.stream_closed_early")
         await _settle(self.admission, sum(self.generated))
+
+
+def with_choices(prompts: list[InferenceRequest], choices: int) -> list[InferenceRequest]:
+    """Each prompt's request followed by its other choices' (the order of a response's choices)."""
+    return [r for p in prompts for r in [p, *(_another_choice(p, i) for i in range(1, choices))]]
 
 
 def _another_choice(request: InferenceRequest, index: int) -> InferenceRequest:

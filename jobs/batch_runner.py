@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 
 import structlog
 
@@ -22,7 +23,7 @@ from gateway.errors import APIError, failure
 from gateway.jobs import parse_body
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
 from gateway.responses import ResponsesRequest
-from gateway.serving import Completions
+from gateway.serving import Completions, with_choices
 from jobs.store import TERMINAL, BatchState, BatchStore
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest
@@ -41,7 +42,9 @@ class Line:
     index: int
     custom_id: str | None
     kind: Kind
-    request: InferenceRequest
+    requests: list[InferenceRequest]
+    """One a prompt and choice, in the order of the response's choices (ids the batch's, so a new run of the batch
+    finds them again)."""
     responses: ResponsesRequest | None = None
     """The line's body, in a batch of the Responses API (its response is written from it)."""
 
@@ -132,7 +135,8 @@ class BatchRun:
             index = pending.popleft()
             await self.store.record_line(self.id, index, output_line(self.id, index, None, None, _error(code, message)))
         for line in self.in_flight.values():
-            await self.completions.queue.cancel(line.request.id)
+            for request in line.requests:
+                await self.completions.queue.cancel(request.id)
 
     async def _prepare_or_record(self, index: int, raw: str) -> Line | None:
         try:
@@ -167,28 +171,34 @@ class BatchRun:
                     raise APIError(400, "A batch line cannot continue a stored response.", code="unsupported_value")
                 body = responses.chat_request(asked, responses.conversation(asked, []))
             else:
-                _, body = parse_body(item.get("body"), self.kind)
-            request = self.completions.build(self.kind, body)
+                _, body = parse_body(item.get("body"), self.kind, several=True)
+            requests = with_choices(self.completions.build_each(self.kind, body), body.n)
         except APIError as error:
             raise LineError(error.code or "invalid_request", error.message) from None
-        request = request.model_copy(
-            update={
-                "id": f"{self.id}-{index}",
-                "stream": False,
-                "deadline": float(self.state.meta.expires_at),
-                "batch": True,
-            }
-        )
-        return Line(index, custom_id, self.kind, request, asked)
+        # The line's index names its requests: the first `<batch>-<line>`, the later ones `-<place>` after it.
+        ids = {r.id: f"{self.id}-{index}" + (f"-{place}" if place else "") for place, r in enumerate(requests)}
+        deadline = float(self.state.meta.expires_at)
+        requests = [
+            r.model_copy(
+                update={
+                    "id": ids[r.id],
+                    "choice_of": ids.get(r.choice_of),
+                    "stream": False,
+                    "deadline": deadline,
+                    "batch": True,
+                }
+            )  # fmt: skip
+            for r in requests
+        ]
+        return Line(index, custom_id, self.kind, requests, asked)
 
     async def _dispatch(self, index: int, lines: list[str]) -> None:
         line = await self._prepare_or_record(index, lines[index])
         if line is None:
             return
-        request = line.request
-        await self.store.dispatch(
-            self.id, index, request.id, keys.batch_requests(request.model), request.model_dump_json()
-        )
+        first = line.requests[0]
+        payloads = [r.model_dump_json() for r in line.requests]
+        await self.store.dispatch(self.id, index, first.id, keys.batch_requests(first.model), payloads)
         self.in_flight[index] = line
 
     async def _collect(self) -> None:
@@ -196,35 +206,38 @@ class BatchRun:
         finished = await self._record_finished()
         if finished or not self.in_flight:
             return
-        streams = {keys.output(line.request.id): "0-0" for line in self.in_flight.values()}
+        streams = {keys.output(r.id): "0-0" for line in self.in_flight.values() for r in line.requests}
         await self.store.redis.xread(streams, count=1, block=WAIT_MS)
         await self._record_finished()
 
     async def _record_finished(self) -> int:
+        """Records the lines whose every request has ended (those past their deadline end expired)."""
         queue = self.completions.queue
         lines = list(self.in_flight.values())
-        bodies = await self.store.redis.mget([keys.result(line.request.id) for line in lines])
+        bodies = iter(await self.store.redis.mget([keys.result(r.id) for line in lines for r in line.requests]))
         finished = 0
-        for line, body in zip(lines, bodies):
-            if body is not None:
-                final = FinalResult.model_validate_json(body)
-            elif time.time() > line.request.deadline + GRACE_AFTER_DEADLINE_S:
-                final = await queue.expire(line.request)
-            else:
+        for line in lines:
+            finals: list[FinalResult | None] = [
+                None if body is None else FinalResult.model_validate_json(body)
+                for body in islice(bodies, len(line.requests))
+            ]
+            if None in finals and time.time() <= line.requests[0].deadline + GRACE_AFTER_DEADLINE_S:
                 continue
-            await self.store.record_line(self.id, line.index, self._line_output(line, final))
+            ended = [f or await queue.expire(r) for r, f in zip(line.requests, finals)]
+            await self.store.record_line(self.id, line.index, self._line_output(line, ended))
             del self.in_flight[line.index]
             finished += 1
         return finished
 
-    def _line_output(self, line: Line, final: FinalResult) -> dict:
-        if final.finish_reason in ("stop", "length"):
+    def _line_output(self, line: Line, finals: list[FinalResult]) -> dict:
+        failed = next((f for f in finals if f.finish_reason not in ("stop", "length")), None)
+        if failed is None:
             if line.responses is not None:
-                response = responses.ResponseWriter(line.responses, line.request).response(final)
+                response = responses.ResponseWriter(line.responses, line.requests[0]).response(finals[0])
             else:
-                response = whole_response(line.kind, [line.request], [final])
+                response = whole_response(line.kind, line.requests, finals)
             return output_line(self.id, line.index, line.custom_id, response, None)
-        error = failure(final)
+        error = failure(failed)
         return output_line(self.id, line.index, line.custom_id, None, _error(error.code or "error", error.message))
 
 

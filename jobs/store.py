@@ -21,7 +21,7 @@ BATCH_TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_a
 # Put a line on its stream only if it was never put there: the dispatch mark and the XADD happen together.
 _DISPATCH = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('XADD', KEYS[2], '*', 'r', ARGV[3])
+  for i = 3, #ARGV do redis.call('XADD', KEYS[2], '*', 'r', ARGV[i]) end
   return 1
 end
 return 0
@@ -271,9 +271,10 @@ class BatchStore:
         dispatched = await self.redis.hgetall(keys.batch_dispatched(batch_id))
         return {int(i) for i in done}, {int(i): request_id for i, request_id in dispatched.items()}
 
-    async def dispatch(self, batch_id: str, index: int, request_id: str, stream: str, payload: str) -> bool:
+    async def dispatch(self, batch_id: str, index: int, request_id: str, stream: str, payloads: list[str]) -> bool:
+        """A line's requests (its prompts and choices) onto the stream, all or none, once."""
         return bool(
-            await self._dispatch(keys=[keys.batch_dispatched(batch_id), stream], args=[index, request_id, payload])
+            await self._dispatch(keys=[keys.batch_dispatched(batch_id), stream], args=[index, request_id, *payloads])
         )
 
     async def record_line(self, batch_id: str, index: int, line: dict) -> bool:

@@ -127,6 +127,22 @@ def test_chat_batch_lines_are_queued_as_batch_lines_and_get_the_synchronous_chat
     assert all(row["response"]["body"]["choices"][0]["message"]["role"] == "assistant" for row in rows)
 
 
+def test_a_line_of_several_choices_or_prompts_answers_them_all_as_the_synchronous_endpoint(client, jobs):
+    lines = [
+        text_line(0, 3, n=3, temperature=1.0, seed=5),
+        text_line(1, 2, prompt=["The capital of France is", "One, two,"], n=2),
+        text_line(2, 2, prompt=["A", "B", "C"], n=30),  # 90 sequences: over the 64 a request may start
+    ]
+    rows = output(client, wait_for(client, submit(client, lines).id, ("completed",)))
+    choices = [c["index"] for c in rows[0]["response"]["body"]["choices"]]
+    assert choices == [0, 1, 2] and rows[0]["response"]["body"]["usage"]["completion_tokens"] == 9
+    pairs = rows[1]["response"]["body"]
+    assert [c["index"] for c in pairs["choices"]] == [0, 1, 2, 3]
+    assert all(c["text"] for c in pairs["choices"])
+    assert pairs["usage"]["prompt_tokens"] == 5 + 4, "each prompt counted once"
+    assert rows[2]["error"]["code"] == "invalid_value"
+
+
 def test_a_key_lists_its_own_batches_newest_first_page_by_page(client, jobs, fleet, gateway_url):
     """`client.batches.list()` follows OpenAI's cursor (`after`, `has_more`) through every page."""
     created = [submit(client, [text_line(i, 1)]).id for i in range(3)]

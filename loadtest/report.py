@@ -1,5 +1,5 @@
-"""One benchmark's outputs in loadtest/out/: STEM.json (every figure), STEM.md (tables, ratios against the peer,
-the workload-specific figures) and STEM-*.png."""
+"""One benchmark's outputs in loadtest/out/: STEM.json (every figure), STEM.md (tables, the targets met and
+missed, ratios against the peer, the workload-specific figures) and STEM-*.png."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from loadtest.plots import write_plots
 from loadtest.stats import Summary, error_lines, ratio_table, table
+from loadtest.targets import targets_table
 
 
 def _ms(value: float | None) -> str:
@@ -23,7 +24,10 @@ def _turn_cells(summary: Summary) -> list[str]:
 
 
 def _sections(summaries: list[Summary], overhead: dict | None) -> list[str]:
-    parts = ["## All runs", table(summaries)] if summaries else []
+    judged = targets_table(summaries, overhead)
+    parts = ["## Against issue 8's targets", judged] if judged else []
+    if summaries:
+        parts += ["## All runs", table(summaries)]
     errors = error_lines(summaries)
     if errors:
         parts += ["## Errors", errors]

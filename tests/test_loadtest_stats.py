@@ -1,5 +1,6 @@
 """The benchmark's own arithmetic: which gaps count as stalls during a long prefill, llmfleet/peer ratios, the
-client's own share of the gateway overhead and the machine's floor under it, and the relay's own SSE reader."""
+client's own share of the gateway overhead and the machine's floor under it, the relay's own SSE reader, and the
+report's judgement against issue 8's targets."""
 
 import asyncio
 
@@ -8,7 +9,8 @@ import httpx
 from loadtest.long_prompts import gaps_during_prefills
 from loadtest.overhead import bare_round_trips, canned_stream, client_ttfts
 from loadtest.servers import Server
-from loadtest.stats import RequestTrace, error_lines, failure_reason, ratio_table, summarise
+from loadtest.stats import RequestTrace, Summary, error_lines, failure_reason, ratio_table, summarise
+from loadtest.targets import targets_table
 from loadtest.workload import client_for, stream_one, stream_one_raw
 from shared.settings import DEFAULT_MODEL
 
@@ -76,3 +78,26 @@ def test_a_failure_names_the_causes_under_an_error_that_says_nothing():
     except RuntimeError as error:
         assert failure_reason(error) == "RuntimeError:  <- ConnectionResetError: reset by peer"
     assert failure_reason(ValueError("expired")) == "ValueError: expired"
+
+
+def test_the_targets_table_judges_each_measured_target_and_names_the_unmeasured_fidelity():
+    def run(workload: str, concurrency: int, tok_s: float, peer: bool = False, **extra) -> Summary:
+        ttft = {"p50": 0.9, "p95": 0.3, "p99": 0.4}
+        return Summary("run", concurrency, 8, 0, 1.0, int(tok_s), tok_s, 1.0, ttft, {}, {}, workload, peer, extra)
+
+    rss = {"worker_rss": {"peak_rss_mib": 1500.0}}
+    summaries = [
+        run("chat", 32, 600, **rss), run("chat", 32, 200, peer=True), run("chat", 1, 70, **rss),
+        run("long", 8, 80, itl_during_long_prefill={"p99": 0.2}, **rss), run("relay", 8, 9000),
+    ]  # fmt: skip
+    overhead = {"overhead_p50_s": 0.004, "bare_round_trip_p50_s": {"after_pause": 0.002}}
+    rows = {line.split(" | ")[0][2:]: line for line in targets_table(summaries, overhead).splitlines()[2:]}
+    assert rows["chat c=32"].endswith("| 600 (peer 200: 3.00x) | met |")
+    assert rows["chat c=1"].endswith("| missed |")
+    assert rows["long prompts, throughput"].endswith("| missed |") and rows["long prompts, TTFT p50"].endswith(
+        "| met |"
+    )
+    assert rows["gateway + Redis overhead, c=1"].endswith("| met |") and rows["one gateway's relay"].endswith("| met |")
+    assert "multi-turn TTFT p50, turns 2-4" not in rows, "not measured: no row"
+    assert rows["perplexity, probe answers, weight memory"].endswith("| not in this report |")
+    assert targets_table([], None) == ""

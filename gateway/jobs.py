@@ -16,14 +16,14 @@ import json
 import time
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from gateway.api_keys import ApiKey
 from gateway.completion_shapes import Kind, whole_response
 from gateway.errors import APIError, failure, invalid_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
-from gateway.serving import Completions
+from gateway.serving import Completions, with_choices
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest
 
@@ -42,30 +42,27 @@ IDEMPOTENCY_RACE_WAIT_S = 2.0
 class JobRecord(BaseModel):
     kind: Kind
     request: InferenceRequest
+    """The first prompt's first choice: its id is the job's."""
+    others: list[InferenceRequest] = Field(default_factory=list)
+    """The other choices and prompts, in the order of the response's choices."""
     owner: str | None = None
     """The id of the API key that submitted it (None in open mode)."""
 
+    @property
+    def requests(self) -> list[InferenceRequest]:
+        return [self.request, *self.others]
 
-def parse_body(
-    body: object, kind: Kind | None = None, several: bool = False
-) -> tuple[Kind, ChatCompletionRequest | CompletionRequest]:
-    """A chat or completion body, validated as the synchronous endpoint would (kind guessed from `messages`); a job's
-    (not `several`) of one choice of one prompt."""
+
+def parse_body(body: object, kind: Kind | None = None) -> tuple[Kind, ChatCompletionRequest | CompletionRequest]:
+    """A chat or completion body, validated as the synchronous endpoint would (kind guessed from `messages`)."""
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_value")
     kind = kind or ("chat" if "messages" in body else "text")
     model = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
-        parsed = model.model_validate({**body, "stream": False})
+        return kind, model.model_validate({**body, "stream": False})
     except ValidationError as error:
         raise invalid_body(error) from None
-    if several:
-        return kind, parsed
-    if parsed.n != 1:  # a job's record holds one result
-        raise APIError(400, "Jobs take one choice: 'n' must be 1.", param="n", code="unsupported_value")
-    if isinstance(parsed, CompletionRequest) and len(parsed.prompts) > 1:
-        raise APIError(400, "Jobs take one prompt each.", param="prompt", code="unsupported_value")
-    return kind, parsed
 
 
 class Jobs:
@@ -87,17 +84,17 @@ class Jobs:
         """The new job's view; with an idempotency key already used by this owner, the earlier job's view."""
         owner = key.id if key else None
         kind, parsed = parse_body(body)
-        request = self.completions.build(kind, parsed, headers)
+        requests = with_choices(self.completions.build_each(kind, parsed, headers), parsed.n)
         # Jobs stream deltas internally so that a running job is visible as running.
-        request = request.model_copy(update={"stream": True})
+        request, *others = [r.model_copy(update={"stream": True}) for r in requests]
         if idempotency_key is not None:
             earlier = await self._claim_idempotency_key(owner, idempotency_key, body, request.id)
             if earlier is not None:
                 return earlier
-        record = JobRecord(kind=kind, request=request, owner=owner)
+        record = JobRecord(kind=kind, request=request, others=others, owner=owner)
         await self.redis.set(keys.job(request.id), record.model_dump_json(), ex=self.record_ttl_s)
         try:
-            await self.completions.enqueue([request], key, followed=False)
+            await self.completions.enqueue(record.requests, key, followed=False)
         except BaseException:
             # Not accepted (limits, no live worker, full queue): a retry with the same key must be able to try again.
             await self.redis.delete(keys.job(request.id))
@@ -127,21 +124,24 @@ class Jobs:
 
     async def get(self, job_id: str, owner: str | None) -> dict:
         record = await self._record(job_id, owner)
-        final = await self.completions.queue.result(job_id)
-        if final is not None:
-            if time.time() > final.finished + self.result_ttl_s:
-                return self._view(record, "expired", None)
-            return self._view(record, _STATUS[final.finish_reason], final)
-        if await self.redis.exists(keys.output(job_id)):
-            return self._view(record, "running", None)
+        finals = [await self.completions.queue.result(r.id) for r in record.requests]
+        if None not in finals:
+            if time.time() > finals[0].finished + self.result_ttl_s:
+                return self._view(record, "expired", [])
+            failed = next((f for f in finals if f.finish_reason not in ("stop", "length")), finals[0])
+            return self._view(record, _STATUS[failed.finish_reason], finals)
+        unended = [r for r, f in zip(record.requests, finals) if f is None]
+        if await self.redis.exists(*(keys.output(r.id) for r in unended)):
+            return self._view(record, "running", [])
         # Nothing written and past its deadline: it never ran in time, or its result has been dropped.
         if time.time() > record.request.deadline + GRACE_AFTER_DEADLINE_S:
-            return self._view(record, "expired", None)
-        return self._view(record, "queued", None)
+            return self._view(record, "expired", [])
+        return self._view(record, "running" if any(finals) else "queued", [])
 
     async def cancel(self, job_id: str, owner: str | None) -> dict:
-        await self._record(job_id, owner)
-        await self.completions.queue.cancel(job_id)
+        record = await self._record(job_id, owner)
+        for request in record.requests:
+            await self.completions.queue.cancel(request.id)
         return await self.get(job_id, owner)
 
     async def _record(self, job_id: str, owner: str | None) -> JobRecord:
@@ -151,7 +151,7 @@ class Jobs:
             raise APIError(404, f"No job with id '{job_id}'.", param="job_id", code="job_not_found")
         return record
 
-    def _view(self, record: JobRecord, status: str, final: FinalResult | None) -> dict:
+    def _view(self, record: JobRecord, status: str, finals: list[FinalResult]) -> dict:
         request = record.request
         view = {
             "id": request.id,
@@ -162,10 +162,11 @@ class Jobs:
             "result": None,
             "error": None,
         }
-        if final is not None:
-            view["completed_at"] = int(final.finished)
+        if finals:
+            view["completed_at"] = int(max(f.finished for f in finals))
             if status == "completed":
-                view["result"] = whole_response(record.kind, [request], [final])
+                view["result"] = whole_response(record.kind, record.requests, finals)
             else:
-                view["error"] = failure(final).body()["error"]
+                failed = next(f for f in finals if f.finish_reason not in ("stop", "length"))
+                view["error"] = failure(failed).body()["error"]
         return view

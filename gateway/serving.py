@@ -166,21 +166,20 @@ class Completions:
         return [self.build(kind, each, headers) for each in bodies]
 
     async def enqueue(
-        self, prompts: list[InferenceRequest], key: ApiKey | None, followed: bool = True, choices: int = 1
-    ) -> tuple[Admission | None, list[InferenceRequest]]:
-        """Admit a request (one InferenceRequest a prompt) against its key's limits (none in open mode), then queue
-        each prompt's and, for `choices` > 1, its copies (one a choice, each with its own id and seed); a refusal
-        raises, and unqueues what went before it. Returns the admission and the queued requests, prompt by prompt,
-        each prompt's own first (a choice's index in the response is its place here).
+        self, requests: list[InferenceRequest], key: ApiKey | None, followed: bool = True
+    ) -> Admission | None:
+        """Admit a request (its prompts and choices, as with_choices lays them out) against its key's limits (none
+        in open mode), then queue them; a refusal raises, and unqueues what went before it.
 
         A `followed` request (a connection relays it) holds a concurrency slot and is charged its output as it is
-        relayed. One nobody follows (a job) holds no slot and is charged its prompt plus `max_tokens` up front, as
-        OpenAI counts it, since no gateway sees its tokens go by. A prompt is charged once, whatever `choices`."""
+        relayed. One nobody follows (a job) holds no slot and is charged its prompts plus `max_tokens` a choice up
+        front, as OpenAI counts it, since no gateway sees its tokens go by. A prompt is charged once, whatever its
+        choices."""
         admission = None
-        requests = with_choices(prompts, choices)
-        cost = sum(len(p.prompt_token_ids) + (0 if followed else p.sampling.max_tokens) for p in prompts)
+        prompt_tokens = sum(len(r.prompt_token_ids) for r in requests if r.choice_of is None)
+        cost = prompt_tokens + (0 if followed else sum(r.sampling.max_tokens for r in requests))
         if key is not None and self.limiter is not None:
-            admission = await self.limiter.admit(key, prompts[0].id, cost, hold_slot=followed)
+            admission = await self.limiter.admit(key, requests[0].id, cost, hold_slot=followed)
         queued = []
         try:
             for each in requests:
@@ -189,7 +188,7 @@ class Completions:
         except BaseException:
             await asyncio.shield(self._unqueue(queued, admission, cost))
             raise
-        return admission, requests
+        return admission
 
     async def _unqueue(self, queued: list[InferenceRequest], admission: Admission | None, cost: int) -> None:
         for request in queued:
@@ -277,7 +276,8 @@ class Completions:
         request = prompts[0]
         key: ApiKey | None = getattr(http.state, "api_key", None)
         structlog.contextvars.bind_contextvars(request_id=request.id)
-        admission, requests = await self.enqueue(prompts, key, choices=body.n)
+        requests = with_choices(prompts, body.n)
+        admission = await self.enqueue(requests, key)
         # Never the prompt at INFO; `user` is often an e-mail address, which the log processor masks.
         log.info(
             "request.accepted",

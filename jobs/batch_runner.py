@@ -171,7 +171,7 @@ class BatchRun:
                     raise APIError(400, "A batch line cannot continue a stored response.", code="unsupported_value")
                 body = responses.chat_request(asked, responses.conversation(asked, []))
             else:
-                _, body = parse_body(item.get("body"), self.kind, several=True)
+                _, body = parse_body(item.get("body"), self.kind)
             requests = with_choices(self.completions.build_each(self.kind, body), body.n)
         except APIError as error:
             raise LineError(error.code or "invalid_request", error.message) from None

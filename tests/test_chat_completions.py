@@ -209,8 +209,3 @@ def test_choice_zero_is_the_request_as_sent_and_each_later_one_draws_with_the_ne
     later = _another_choice(request, 2)
     assert later.id != request.id and later.choice_of == request.id
     assert later.sampling.seed == 13 and later.sampling.prompt_logprobs is None, "the first choice scores the prompt"
-
-
-def test_a_job_of_several_choices_is_refused(http):
-    reply = http.post("/v1/jobs", json={"model": MODEL, "messages": FRANCE, "n": 2})
-    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"

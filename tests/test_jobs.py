@@ -36,6 +36,26 @@ def test_job_submitted_to_one_gateway_is_read_through_another(gateway_url, secon
     assert len(result["choices"][0]["logprobs"]["content"]) == result["usage"]["completion_tokens"]
 
 
+def test_a_job_of_several_choices_and_prompts_answers_them_all_and_cancels_them_all(http):
+    job = http.post("/v1/jobs", json={"model": MODEL, "prompt": ["One, two,", "A, B,"], "max_tokens": 3, "n": 2})
+    assert job.status_code == 202, job.text
+
+    def ended():
+        view = http.get(f"/v1/jobs/{job.json()['id']}").json()
+        return view if view["status"] not in ("queued", "running") else None
+
+    view = wait_until(ended, 60, "the job to end")
+    assert view["status"] == "completed", view
+    assert [c["index"] for c in view["result"]["choices"]] == [0, 1, 2, 3]
+    assert view["result"]["usage"]["completion_tokens"] == 12
+    long = http.post("/v1/jobs", json={**FRANCE, "max_tokens": 2000, "ignore_eos": True, "n": 3}).json()
+    assert http.delete(f"/v1/jobs/{long['id']}").json()["status"] in ("queued", "running", "cancelled")
+    view = wait_until(
+        lambda: (v := http.get(f"/v1/jobs/{long['id']}").json())["status"] == "cancelled" and v, 60, "cancelled"
+    )
+    assert view["error"]["message"]
+
+
 def test_unknown_job_is_404(http):
     reply = http.get("/v1/jobs/nope")
     assert reply.status_code == 404

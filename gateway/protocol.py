@@ -260,39 +260,24 @@ class _SamplingFields(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _prompt_logprobs_whole(self):
-        if self.stream and self.prompt_logprobs is not None:
-            raise APIError(
-                400, "'prompt_logprobs' come with the whole response; ask without 'stream'.", param="prompt_logprobs",
-                code="unsupported_value",
-            )  # fmt: skip
-        return self
-
-    @model_validator(mode="after")
-    def _truncation_keeps_a_token(self):
-        if self.truncate_prompt_tokens == 0:
-            raise APIError(
-                400, "'truncate_prompt_tokens' must be -1 or at least 1.", param="truncate_prompt_tokens",
-                code="invalid_value",
-            )  # fmt: skip
-        return self
-
-    @model_validator(mode="after")
-    def _some_output_unless_echoed(self):
-        if self.max_tokens == 0 and not self.echo:
-            raise APIError(
-                400, "max_tokens must be at least 1 (0 only with echo).", param="max_tokens", code="invalid_value"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _min_tokens_fit(self):
-        if self.min_tokens and self.requested_max_tokens is not None and self.min_tokens > self.requested_max_tokens:
-            raise APIError(400, "'min_tokens' exceeds 'max_tokens'.", param="min_tokens", code="invalid_value")
-        if self.structured and (rules := self.token_rules):
-            raise APIError(
-                400, f"'{rules[0]}' does not combine with structured output.", param=rules[0], code="invalid_value"
-            )
+    def _values_fit_together(self):
+        rules = self.token_rules
+        max_tokens = self.requested_max_tokens
+        refusals = [
+            (self.stream and self.prompt_logprobs is not None, "prompt_logprobs", "unsupported_value",
+             "'prompt_logprobs' come with the whole response; ask without 'stream'."),
+            (self.truncate_prompt_tokens == 0, "truncate_prompt_tokens", "invalid_value",
+             "'truncate_prompt_tokens' must be -1 or at least 1."),
+            (self.max_tokens == 0 and not self.echo, "max_tokens", "invalid_value",
+             "max_tokens must be at least 1 (0 only with echo)."),
+            (self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens, "min_tokens", "invalid_value",
+             "'min_tokens' exceeds 'max_tokens'."),
+            (self.structured and rules, rules[0] if rules else None, "invalid_value",
+             f"'{rules[0] if rules else ''}' does not combine with structured output."),
+        ]  # fmt: skip
+        for refused, param, code, message in refusals:
+            if refused:
+                raise APIError(400, message, param=param, code=code)
         return self
 
     @property

@@ -174,8 +174,3 @@ def test_a_stop_token_id_outside_the_vocabulary_is_400(http):
 )
 def test_a_batch_of_prompts_beyond_the_bound_or_with_an_empty_one_is_400(http, body):
     assert_openai_error(post(http, body, "/v1/completions"), 400, "prompt")
-
-
-def test_a_job_of_several_prompts_is_refused(http):
-    reply = http.post("/v1/jobs", json={"model": MODEL, "prompt": ["one", "two"]})
-    assert_openai_error(reply, 400, "prompt")

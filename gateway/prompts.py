@@ -23,11 +23,14 @@ class PromptTokenizer:
     transformers' own template function: the ids AutoTokenizer gives, without the torch that `transformers`'
     tokenizer classes import (a gateway holding AutoTokenizer took ~1 GB, with this ~0.1 GB)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, chat_template: str | None = None):
+        """`chat_template` (ModelSpec.chat_template) replaces the model's own."""
         config = json.loads((path / "tokenizer_config.json").read_text())
         self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         template = path / "chat_template.jinja"
         self._template = template.read_text() if template.is_file() else config.get("chat_template")
+        if chat_template is not None:
+            self._template = _template_text(chat_template)
         self._special_tokens = {
             key: value["content"] if isinstance(value, dict) else value
             for key, value in config.items()
@@ -68,6 +71,15 @@ class PromptTokenizer:
         return LLTokenizer(self._tokenizer.to_str())
 
 
+def _template_text(given: str) -> str:
+    """A template given as a file's path, or as itself (as vLLM's --chat-template takes it)."""
+    if Path(given).is_file():
+        return Path(given).read_text()
+    if "{{" in given or "{%" in given:
+        return given
+    raise ValueError(f"chat_template is neither a readable file nor a Jinja template: {given!r}")
+
+
 class Tokenizers:
     def __init__(self, settings: Settings):
         self._settings = settings
@@ -82,7 +94,8 @@ class Tokenizers:
             if model not in self._loaded:
                 if not self._prepared(model):
                     raise APIError(503, f"Model '{model}' is not prepared yet.", code="model_not_ready")
-                self._loaded[model] = PromptTokenizer(self._settings.model_dir(model))
+                spec = self._settings.models[model]
+                self._loaded[model] = PromptTokenizer(self._settings.model_dir(model), spec.chat_template)
             return self._loaded[model]
 
     def load_prepared(self) -> None:

@@ -18,6 +18,9 @@ class ModelSpec(BaseModel):
     """One served model. Without `path`, the model is built from the embedded GGUF into models_dir."""
 
     path: Path | None = None
+    chat_template: str | None = None
+    """A chat template that replaces the model's own (vLLM's --chat-template): a Jinja file's path, or the template
+    itself. The gateway renders chat prompts (and /tokenize's messages) with it."""
     quantization: Literal["gptq", "none"] = "gptq"
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     grid: Literal["gguf", "gptq"] = "gguf"

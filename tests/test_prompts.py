@@ -102,3 +102,14 @@ def test_bad_words_are_tokenized_alone_and_after_a_space(model_dir):
     assert tokenizer.encode("Paris", special_tokens=False) in found
     assert tokenizer.encode(" Paris", special_tokens=False) in found
     assert tokenizer.encode("banana", special_tokens=False) in found and [] not in found
+
+
+def test_a_configured_chat_template_replaces_the_models_own_given_as_a_file_or_inline(model_dir, tmp_path):
+    inline = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "user", "content": "hi"}]
+    expected = PromptTokenizer(model_dir).encode("<user>hi", special_tokens=False)
+    assert PromptTokenizer(model_dir, inline).chat_ids(messages) == expected
+    (tmp_path / "t.jinja").write_text(inline)
+    assert PromptTokenizer(model_dir, str(tmp_path / "t.jinja")).chat_ids(messages) == expected
+    with pytest.raises(ValueError, match="neither"):
+        PromptTokenizer(model_dir, str(tmp_path / "missing.jinja"))

@@ -66,21 +66,23 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-def _model_card(request: Request, name: str) -> dict:
-    """OpenAI's model object, with vLLM's `max_model_len` (clients size their prompts by it)."""
-    context = request.app.state.settings.models[name].max_context
+def _model_card(request: Request, served: str) -> dict:
+    """OpenAI's model object for a name a request may give (an alias's `root` the configured name), with vLLM's
+    `max_model_len` (clients size their prompts by it)."""
+    name, spec = _completions(request).model_or_404(served)
     started = int(request.app.state.started)
-    return {"id": name, "object": "model", "created": started, "owned_by": "llmfleet", "max_model_len": context}
+    card = {"id": served, "object": "model", "created": started, "owned_by": "llmfleet", "root": name}
+    return {**card, "max_model_len": spec.max_context}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [_model_card(request, name) for name in request.app.state.settings.models]}
+    names = request.app.state.settings.served_names()
+    return {"object": "list", "data": [_model_card(request, served) for served in names]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict:
-    _completions(request).model_or_404(model)
     return _model_card(request, model)
 
 

@@ -44,7 +44,7 @@ from gateway.responses import ResponsesRequest
 from gateway.sanitize import DenyList
 from gateway.structured_output import output_grammar
 from shared.protocol import FinalResult, InferenceRequest, SamplingParams, TokenDelta, new_request_id
-from shared.settings import Settings
+from shared.settings import ModelSpec, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -80,15 +80,16 @@ class Completions:
         self.deny_list = DenyList(settings.protection.deny_patterns)
         self.stored = ResponseStore(queue.redis, settings.stored_response_ttl_s)
 
-    def model_or_404(self, model: str):
-        spec = self.settings.models.get(model)
-        if spec is None:
+    def model_or_404(self, model: str) -> tuple[str, ModelSpec]:
+        """The configured name and spec of the model a request names (by its name or an alias)."""
+        name = self.settings.served_names().get(model)
+        if name is None:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
-        return spec
+        return name, self.settings.models[name]
 
     def tokenize(self, body: TokenizeRequest) -> dict:
-        spec = self.model_or_404(body.model)
-        tokenizer = self.tokenizers.get(body.model)
+        name, spec = self.model_or_404(body.model)
+        tokenizer = self.tokenizers.get(name)
         if body.messages is not None:
             ids = chat_token_ids(tokenizer, body)
         else:
@@ -96,8 +97,8 @@ class Completions:
         return {"count": len(ids), "max_model_len": spec.max_context, "tokens": ids}
 
     def detokenize(self, body: DetokenizeRequest) -> dict:
-        self.model_or_404(body.model)
-        tokenizer = self.tokenizers.get(body.model)
+        name, _ = self.model_or_404(body.model)
+        tokenizer = self.tokenizers.get(name)
         check_token_ids(tokenizer, body.tokens, "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
@@ -106,8 +107,8 @@ class Completions:
     ) -> InferenceRequest:
         """`headers` may carry the conversation id and a timeout shorter than the configured one (TIMEOUT_HEADER)."""
         headers = headers or {}
-        spec = self.model_or_404(body.model)
-        tokenizer = self.tokenizers.get(body.model)
+        name, spec = self.model_or_404(body.model)
+        tokenizer = self.tokenizers.get(name)
         given = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
         for param in ("logit_bias", "stop_token_ids", "allowed_token_ids"):
             check_token_ids(tokenizer, getattr(body, param), param)
@@ -123,7 +124,7 @@ class Completions:
         now = time.time()
         return InferenceRequest(
             id=new_request_id(),
-            model=body.model,
+            model=name,
             prompt_token_ids=ids,
             sampling=SamplingParams(
                 max_tokens=max_tokens,
@@ -271,9 +272,9 @@ class Completions:
     ) -> tuple[InferenceRequest, list[InferenceRequest], Admission | None, dict[str, str]]:
         """Build, admit and queue a request (one a prompt, and their other choices): the first, them all, the
         admission, the response's headers."""
-        http.state.model_name = body.model  # a label of llmfleet:requests_total (gateway.metrics)
         prompts = self.build_each(kind, body, http.headers)
         request = prompts[0]
+        http.state.model_name = request.model  # a label of llmfleet:requests_total (gateway.metrics)
         key: ApiKey | None = getattr(http.state, "api_key", None)
         structlog.contextvars.bind_contextvars(request_id=request.id)
         requests = with_choices(prompts, body.n)

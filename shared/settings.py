@@ -18,6 +18,9 @@ class ModelSpec(BaseModel):
     """One served model. Without `path`, the model is built from the embedded GGUF into models_dir."""
 
     path: Path | None = None
+    aliases: list[str] = Field(default_factory=list)
+    """Other names requests may give it (vLLM's --served-model-name), e.g. the name an application was written
+    against; responses name the model as configured."""
     chat_template: str | None = None
     """A chat template that replaces the model's own (vLLM's --chat-template): a Jinja file's path, or the template
     itself. The gateway renders chat prompts (and /tokenize's messages) with it."""
@@ -178,6 +181,10 @@ class Settings(BaseSettings):
     worker_stall_s: float = 120.0
     """A serving worker whose loop has not come round for this long answers /health with 503."""
     log_level: str = "INFO"
+
+    def served_names(self) -> dict[str, str]:
+        """Every name a request may give a model (its own and its aliases) -> its configured name."""
+        return {alias: name for name, spec in self.models.items() for alias in [name, *spec.aliases]}
 
     def model_dir(self, name: str) -> Path:
         """Where the served form of model `name` lives, prepared or not (worker.model_store builds it)."""

@@ -60,6 +60,8 @@ def second_gateway_url(fleet) -> str:
 
 PARKED = "parked"
 """A second model name in `strict_gateway` (same files as MODEL) that no worker serves unless a test fakes one."""
+ALIAS = "gpt-4o-mini"
+"""Another name of MODEL in `strict_gateway` (vLLM's --served-model-name)."""
 DENIED = r"open\s+sesame"
 ALLOWED_ORIGIN = "https://chat.example.com"
 STRICT_MAX_BODY_BYTES = 65536
@@ -70,8 +72,8 @@ STRICT_MAX_FILE_BYTES = 4 * STRICT_MAX_BODY_BYTES
 def strict_gateway(fleet, model_dir) -> str:
     """A third gateway on the shared Redis with tight bounds: a deny-list, small body and file limits, one CORS origin,
     at most 8 output tokens (so fuzzed requests are quick for the worker), and the model PARKED whose queue bound is
-    2."""
-    models = {MODEL: {}, PARKED: {"path": str(model_dir), "max_queue_depth": 2}}
+    2, and MODEL also named ALIAS."""
+    models = {MODEL: {"aliases": [ALIAS]}, PARKED: {"path": str(model_dir), "max_queue_depth": 2}}
     proc = fleet.gateway(
         LLMFLEET_MODELS=json.dumps(models),
         LLMFLEET_PROTECTION__DENY_PATTERNS=json.dumps([DENIED]),

@@ -5,10 +5,12 @@ output as it is."""
 
 from __future__ import annotations
 
+import httpx
+import openai
 import pytest
 
 from gateway.prompts import PromptTokenizer
-from tests.conftest import MODEL
+from tests.conftest import ALIAS, MODEL
 from tests.test_validation import assert_openai_error, post
 
 PROMPT = "The capital of France is"
@@ -158,3 +160,15 @@ def test_openais_chat_parameters_that_leave_the_output_as_it_is_are_accepted(cli
     assert reply.choices[0].message.content
     stored = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "store": True}
     assert_openai_error(post(http, stored), 400, "store")
+
+
+def test_an_alias_names_the_model_as_vllms_served_model_name(strict_gateway, auth_headers):
+    client = openai.OpenAI(base_url=f"{strict_gateway}/v1", api_key=auth_headers["Authorization"].split()[-1])
+    reply = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert reply.model == MODEL and reply.choices[0].message.content
+    cards = {card.id: card for card in client.models.list().data}
+    assert cards[ALIAS].model_extra["root"] == MODEL and client.models.retrieve(ALIAS).id == ALIAS
+    counted = httpx.post(
+        f"{strict_gateway}/tokenize", json={"model": ALIAS, "prompt": PROMPT}, headers=auth_headers, timeout=10
+    )
+    assert counted.json()["count"] == 5

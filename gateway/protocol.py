@@ -442,15 +442,6 @@ class CompletionRequest(_SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     @model_validator(mode="after")
-    def _echo_streams_without_logprobs(self):
-        if self.echo and self.stream and self.logprobs is not None:
-            raise APIError(
-                400, "A streamed echo does not take 'logprobs'; ask without 'stream'.", param="echo",
-                code="unsupported_value",
-            )  # fmt: skip
-        return self
-
-    @model_validator(mode="after")
     def _sequences_bounded(self):
         if len(self.prompts) * self.n > MAX_SEQUENCES:
             raise APIError(

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import structlog
 from fastapi import Request
@@ -43,7 +44,7 @@ from gateway.response_store import ResponseStore
 from gateway.responses import ResponsesRequest
 from gateway.sanitize import DenyList
 from gateway.structured_output import output_grammar
-from shared.protocol import FinalResult, InferenceRequest, SamplingParams, TokenDelta, new_request_id
+from shared.protocol import FinalResult, InferenceRequest, SamplingParams, TokenDelta, TokenLogprob, new_request_id
 from shared.settings import ModelSpec, Settings
 
 log = structlog.get_logger(__name__)
@@ -383,9 +384,17 @@ class Completions:
                     body["usage"] = token_counts(prompt_tokens, sum(relay.generated))
                 return {"data": json.dumps(body)}
 
+            # A completion's echo with log probabilities waits for its prompt's (computed in its prefill).
+            scored_echo = kind == "text" and request.echo is not None and logprobs is not None
+            events = _echo_first(requests, relay.events()) if scored_echo else relay.events()
             for index, each in enumerate(requests):
-                yield data(chunk(kind, request, each.echo or "", None, first=True, index=index))
-            async for index, event in relay.events():
+                if not scored_echo:
+                    yield data(chunk(kind, request, each.echo or "", None, first=True, index=index))
+            async for index, event in events:
+                if isinstance(event, ScoredPrompt):
+                    shown = logprobs[index].format(event.logprobs)
+                    yield data(chunk(kind, request, requests[index].echo, None, logprobs=shown, index=index))
+                    continue
                 if isinstance(event, TokenDelta):
                     # A tool call's JSON goes out whole, as tool_calls, once it has ended.
                     if (event.text or event.logprobs) and request.tool_call is None:
@@ -434,6 +443,40 @@ class Completions:
                 ready = responder.event(event) if isinstance(event, TokenDelta) else responder.last(event)
                 if ready is not None:
                     yield ready
+
+
+@dataclass
+class ScoredPrompt:
+    """A choice's prompt log probabilities, ready for its streamed echo."""
+
+    logprobs: list[TokenLogprob]
+
+
+async def _echo_first(
+    requests: list[InferenceRequest], events: AsyncIterator[tuple[int, TokenDelta | FinalResult]]
+) -> AsyncIterator[tuple[int, TokenDelta | FinalResult | ScoredPrompt]]:
+    """The choices' events, each choice's after a ScoredPrompt of its prompt's log probabilities, which come with the
+    first delta (or the final) of the prompt's first choice: a choice's events wait for them. A failure before the
+    prompt was scored goes out as it is."""
+    scores: dict[str, list[TokenLogprob]] = {}
+    held: dict[int, list[TokenDelta | FinalResult]] = {}
+    opened: set[int] = set()
+    async for index, event in events:
+        if event.prompt_logprobs:
+            scores[requests[index].choice_of or requests[index].id] = event.prompt_logprobs
+        held.setdefault(index, []).append(event)
+        for waiting in list(held):
+            scored = scores.get(requests[waiting].choice_of or requests[waiting].id)
+            failed = (
+                waiting == index and isinstance(event, FinalResult) and event.finish_reason not in ("stop", "length")
+            )
+            if scored is None and not failed:
+                continue
+            if scored is not None and waiting not in opened:
+                opened.add(waiting)
+                yield waiting, ScoredPrompt(scored)
+            for each in held.pop(waiting):
+                yield waiting, each
 
 
 class _Relay:

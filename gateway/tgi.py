@@ -91,6 +91,8 @@ def error_response(error: APIError) -> JSONResponse:
 def completion_request(body: GenerateRequest, model: str, stream: bool) -> CompletionRequest:
     """The completions request that answers `body` (streamed or not, as the route says)."""
     p = body.parameters
+    if stream and p.decoder_input_details:
+        raise APIError(400, "Input validation error: `decoder_input_details` == true is not supported when streaming")
     sampled = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
     scored = p.details or stream  # TGI's tokens come with their log probabilities
     fields = {

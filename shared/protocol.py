@@ -123,6 +123,8 @@ class TokenDelta(BaseModel):
     """The tokens this delta adds, so a worker that reclaims the request can resume from them."""
     logprobs: list[TokenLogprob] = Field(default_factory=list)
     """One per token of token_ids, when the request asked for log probabilities."""
+    prompt_logprobs: list[TokenLogprob] = Field(default_factory=list)
+    """The prompt's, on the first delta of a request that asked for them (a streamed echo shows them first)."""
 
 
 class Timings(BaseModel):

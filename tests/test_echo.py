@@ -39,9 +39,21 @@ def test_every_choice_carries_the_prompts_log_probabilities(client):
     assert first.token_logprobs[:6] == second.token_logprobs[:6] and first.token_logprobs[0] is None
 
 
-def test_a_streamed_echo_with_logprobs_is_400(http):
-    body = {"model": MODEL, "prompt": PROMPT, "echo": True, "logprobs": 1, "stream": True}
-    assert_openai_error(post(http, body, "/v1/completions"), 400, "echo")
+def test_a_streamed_echo_with_logprobs_opens_each_choice_with_the_prompt_and_its_scores(client):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1}
+    whole = client.completions.create(**body).choices[0]  # the prompt computed, not cached: the same steps
+    chunks = [c.choices[0] for c in client.completions.create(**body, stream=True) if c.choices]
+    assert chunks[0].text == PROMPT and chunks[0].logprobs.token_logprobs[0] is None
+    streamed = [c.logprobs for c in chunks if c.logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == whole.logprobs.tokens
+    values = [v for lp in streamed for v in lp.token_logprobs]
+    assert values[0] is None and values[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-3)
+    assert [o for lp in streamed for o in lp.text_offset] == whole.logprobs.text_offset
+    assert "".join(c.text for c in chunks) == whole.text
+    two = [c.choices[0] for c in client.completions.create(**body, n=2, stream=True) if c.choices]
+    for index in (0, 1):
+        first = next(c for c in two if c.index == index)
+        assert first.text == PROMPT and first.logprobs.tokens[0] == whole.logprobs.tokens[0]
 
 
 def test_max_tokens_0_with_echo_scores_the_prompt_alone(client):

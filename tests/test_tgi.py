@@ -95,3 +95,9 @@ def test_what_tgi_refuses_is_a_422_in_its_error_shape(http, body):
     reply = http.post("/generate", json=body)
     assert reply.status_code == 422, reply.text
     assert reply.json()["error"] and reply.json()["error_type"] == "validation"
+
+
+def test_a_stream_with_the_inputs_details_is_refused_as_tgi_refuses_it(http):
+    parameters = {"details": True, "decoder_input_details": True, "max_new_tokens": 2}
+    reply = http.post("/generate_stream", json={"inputs": "hi", "parameters": parameters})
+    assert reply.status_code == 422 and "decoder_input_details" in reply.json()["error"]

@@ -90,6 +90,7 @@ class StepEvent:
     final: FinalResult | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 PASSED_OVER_MAX = 16
@@ -201,7 +202,10 @@ class Scheduler:
             if result.token is None:
                 continue
             try:
-                events.append(self._advance(seq, result.token, now, result.logprob))
+                event = self._advance(seq, result.token, now, result.logprob)
+                if event.completion_tokens == 1 and seq.request.sampling.prompt_logprobs is not None:
+                    event.prompt_logprobs = seq.prompt_logprobs  # a streamed echo shows them before the output
+                events.append(event)
             except Exception as error:
                 events.append(self._finish(seq, "error", now, error=self._failure(seq.request, error)))
         return events

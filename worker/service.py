@@ -282,6 +282,7 @@ class WorkerService:
             completion_tokens=event.completion_tokens,
             token_ids=event.token_ids,
             logprobs=event.logprobs,
+            prompt_logprobs=event.prompt_logprobs,
         )
         pipe.xadd(out, {"d": delta.model_dump_json()})
         pipe.expire(out, self.settings.token_stream_ttl_s)

@@ -458,15 +458,16 @@ async def _echo_first(
     """The choices' events, each choice's after a ScoredPrompt of its prompt's log probabilities, which come with the
     first delta (or the final) of the prompt's first choice: a choice's events wait for them. A failure before the
     prompt was scored goes out as it is."""
+    prompt_of = [r.choice_of or r.id for r in requests]
     scores: dict[str, list[TokenLogprob]] = {}
     held: dict[int, list[TokenDelta | FinalResult]] = {}
     opened: set[int] = set()
     async for index, event in events:
         if event.prompt_logprobs:
-            scores[requests[index].choice_of or requests[index].id] = event.prompt_logprobs
+            scores[prompt_of[index]] = event.prompt_logprobs
         held.setdefault(index, []).append(event)
         for waiting in list(held):
-            scored = scores.get(requests[waiting].choice_of or requests[waiting].id)
+            scored = scores.get(prompt_of[waiting])
             failed = (
                 waiting == index and isinstance(event, FinalResult) and event.finish_reason not in ("stop", "length")
             )

@@ -64,13 +64,14 @@ def test_presence_and_frequency_penalties_lower_generated_tokens_by_openais_form
 def test_token_logprobs_are_the_log_softmax_of_the_chosen_token_and_the_most_likely():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)).bfloat16()
     expected = torch.log_softmax(logits.float(), dim=-1)
-    found = token_logprobs(logits, [7, 0, 49], [0, 3, 1])
+    found = token_logprobs(logits, [7, 0, 49], [0, 3, 1], ranked=True)
     for (chosen, alternatives, rank), row, token, k in zip(found, expected, [7, 0, 49], [0, 3, 1]):
         assert chosen == pytest.approx(float(row[token]))
         assert rank == int((row > row[token]).sum()) + 1
         ids = [i for i, _ in alternatives]
         assert ids == row.topk(k).indices.tolist() and len(ids) == k
         assert [v for _, v in alternatives] == pytest.approx(row.topk(k).values.tolist())
+    assert all(rank is None for *_, rank in token_logprobs(logits, [7, 0, 49], [0, 3, 1])), "ranks only when asked"
 
 
 @pytest.mark.parametrize("mass", [0.2, 0.9, 0.999])

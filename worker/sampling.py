@@ -13,7 +13,7 @@ class ChosenLogprob(NamedTuple):
     logprob: float
     top: list[tuple[int, float]]
     """The most likely tokens, (id, logprob), most likely first."""
-    rank: int
+    rank: int | None = None
 
 
 def new_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -160,15 +160,17 @@ def choose_tokens(
     return chosen
 
 
-def token_logprobs(logits: torch.Tensor, chosen: list[int], top: list[int]) -> list[ChosenLogprob]:
-    """Row i's chosen token's log probability, its top[i] most likely tokens' (id, logprob) and the chosen token's
-    rank, from the raw logits [rows, vocab]."""
+def token_logprobs(
+    logits: torch.Tensor, chosen: list[int], top: list[int], ranked: bool = False
+) -> list[ChosenLogprob]:
+    """Row i's chosen token's log probability, its top[i] most likely tokens' (id, logprob) and, `ranked`, the
+    chosen token's rank, from the raw logits [rows, vocab]."""
     # Clamped as vLLM does: a token a grammar rules out has no finite log probability, and JSON has no -Infinity.
     if not chosen:
         return []
     logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1).clamp_(min=-9999.0)
     picked = logprobs.gather(1, torch.tensor(chosen, dtype=torch.long, device=logits.device)[:, None])
-    ranks = ((logprobs > picked).sum(dim=-1) + 1).tolist()
+    ranks = ((logprobs > picked).sum(dim=-1) + 1).tolist() if ranked else [None] * len(chosen)
     picked = picked[:, 0].tolist()
     k = max(top)
     best = torch.topk(logprobs, k, dim=-1) if k else None

@@ -304,7 +304,8 @@ class Scheduler:
                 # Row j predicts the token after it, while that is still the prompt's.
                 following = seq.prompt[chunk.start + 1 : chunk.start + len(chunk.tokens) + 1]
                 rows = logits[first : first + len(following)]
-                for token, chosen in zip(following, token_logprobs(rows, following, [k] * len(following))):
+                scored_rows = token_logprobs(rows, following, [k] * len(following), ranked=True)
+                for token, chosen in zip(following, scored_rows):
                     scored.append(self._token_logprob(seq.request, token, chosen))
             first += len(chunk.tokens)
             last_rows.append(first - 1)

@@ -212,7 +212,7 @@ class _SamplingFields(BaseModel):
     bad_words: Annotated[list[Annotated[Text, Field(max_length=256)]], Field(max_length=256)] | None = None
     """vLLM's: words never generated (each one's last token is ruled out after the tokens before it)."""
     truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=2**31)] | None = None
-    """vLLM's: only the prompt's last this many tokens are kept (-1: as many as the model's context holds)."""
+    """vLLM's: only the prompt's last this many tokens are kept (-1: what fits in the context beside the output)."""
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     """vLLM's: each prompt token's log probability and rank, with this many most likely tokens at its position."""
     return_tokens_as_token_ids: bool = False
@@ -261,7 +261,7 @@ class _SamplingFields(BaseModel):
 
     @model_validator(mode="after")
     def _values_fit_together(self):
-        rules = self.token_rules
+        rule = next(iter(self.token_rules), None)
         max_tokens = self.requested_max_tokens
         refusals = [
             (self.stream and self.prompt_logprobs is not None, "prompt_logprobs", "unsupported_value",
@@ -272,8 +272,7 @@ class _SamplingFields(BaseModel):
              "max_tokens must be at least 1 (0 only with echo)."),
             (self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens, "min_tokens", "invalid_value",
              "'min_tokens' exceeds 'max_tokens'."),
-            (self.structured and rules, rules[0] if rules else None, "invalid_value",
-             f"'{rules[0] if rules else ''}' does not combine with structured output."),
+            (self.structured and rule, rule, "invalid_value", f"'{rule}' does not combine with structured output."),
         ]  # fmt: skip
         for refused, param, code, message in refusals:
             if refused:

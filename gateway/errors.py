@@ -64,6 +64,11 @@ class APIError(Exception):
 _FAILURE_STATUS = {"expired": 504, "cancelled": 499, "error": 500}
 
 
+def first_failure(finals: list[FinalResult]) -> FinalResult | None:
+    """The first of a request's choices that did not complete, if any."""
+    return next((f for f in finals if not f.completed), None)
+
+
 def failure(final: FinalResult) -> APIError:
     """The error of a request that ended other than completed (`final.finish_reason` not stop or length)."""
     return APIError(

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from gateway.api_keys import ApiKey
 from gateway.completion_shapes import Kind, whole_response
-from gateway.errors import APIError, failure, invalid_body
+from gateway.errors import APIError, failure, first_failure, invalid_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
 from gateway.serving import Completions, with_choices
@@ -128,8 +128,7 @@ class Jobs:
         if None not in finals:
             if time.time() > finals[0].finished + self.result_ttl_s:
                 return self._view(record, "expired", [])
-            failed = next((f for f in finals if f.finish_reason not in ("stop", "length")), finals[0])
-            return self._view(record, _STATUS[failed.finish_reason], finals)
+            return self._view(record, _STATUS[(first_failure(finals) or finals[0]).finish_reason], finals)
         unended = [r for r, f in zip(record.requests, finals) if f is None]
         if await self.redis.exists(*(keys.output(r.id) for r in unended)):
             return self._view(record, "running", [])
@@ -167,6 +166,5 @@ class Jobs:
             if status == "completed":
                 view["result"] = whole_response(record.kind, record.requests, finals)
             else:
-                failed = next(f for f in finals if f.finish_reason not in ("stop", "length"))
-                view["error"] = failure(failed).body()["error"]
+                view["error"] = failure(first_failure(finals)).body()["error"]
         return view

@@ -289,9 +289,8 @@ class ResponseWriter:
         """The Response: in progress without `final`, else as it ended (failed ones included, for a stream)."""
         status, output, error, incomplete = "in_progress", [], None, None
         if final is not None:
-            ok = final.finish_reason in ("stop", "length")
             status = {"stop": "completed", "length": "incomplete"}.get(final.finish_reason, "failed")
-            if ok:
+            if final.completed:
                 output = self._output(final, status)
             else:
                 error = {"code": "server_error", "message": failure(final).message}

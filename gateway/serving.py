@@ -20,7 +20,7 @@ from gateway.api_keys import ApiKey
 from gateway.completion_shapes import Kind, chunk, token_counts, usage_chunk, whole_response
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
-from gateway.errors import APIError, failure, invalid_body
+from gateway.errors import APIError, failure, first_failure, invalid_body
 from gateway.logprobs import LogprobsFormat
 from gateway.prompts import (
     Tokenizers,
@@ -311,9 +311,8 @@ class Completions:
             finals = await self._finals_unless_disconnected(requests, http)
         finally:
             await asyncio.shield(_settle(admission, sum(f.completion_tokens for f in finals)))
-        for final in finals:
-            if final.finish_reason not in ("stop", "length"):
-                raise failure(final)
+        if (failed := first_failure(finals)) is not None:
+            raise failure(failed)
         return finals
 
     async def _follow(self, requests: list[InferenceRequest]) -> AsyncIterator[tuple[int, TokenDelta | FinalResult]]:
@@ -402,7 +401,7 @@ class Completions:
                         yield data(chunk(kind, request, event.text, None, logprobs=shown, index=index))
                     continue
                 ended[index] = event
-                if event.finish_reason not in ("stop", "length"):
+                if not event.completed:
                     yield {"data": json.dumps(failure(event).body())}
                     return
                 finish_reason = event.finish_reason
@@ -468,9 +467,7 @@ async def _echo_first(
         held.setdefault(index, []).append(event)
         for waiting in list(held):
             scored = scores.get(prompt_of[waiting])
-            failed = (
-                waiting == index and isinstance(event, FinalResult) and event.finish_reason not in ("stop", "length")
-            )
+            failed = waiting == index and isinstance(event, FinalResult) and not event.completed
             if scored is None and not failed:
                 continue
             if scored is not None and waiting not in opened:

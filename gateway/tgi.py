@@ -192,7 +192,7 @@ class Responder:
     def last(self, final: FinalResult) -> dict:
         """The last event: the held one (or, where the end-of-sequence token ended it, that token), with the
         generated text and, with `details`, the details."""
-        if final.finish_reason not in ("stop", "length"):
+        if not final.completed:
             return {"data": json.dumps({"error": failure(final).message, "error_type": "generation"})}
         event = self._held or self._new_event(final.completion_tokens + 1, self.tokenizer.eos_id, "", None)
         event["generated_text"] = self._text(final)

@@ -19,7 +19,7 @@ import structlog
 
 from gateway import responses
 from gateway.completion_shapes import Kind, whole_response
-from gateway.errors import APIError, failure
+from gateway.errors import APIError, failure, first_failure
 from gateway.jobs import parse_body
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
 from gateway.responses import ResponsesRequest
@@ -230,7 +230,7 @@ class BatchRun:
         return finished
 
     def _line_output(self, line: Line, finals: list[FinalResult]) -> dict:
-        failed = next((f for f in finals if f.finish_reason not in ("stop", "length")), None)
+        failed = first_failure(finals)
         if failed is None:
             if line.responses is not None:
                 response = responses.ResponseWriter(line.responses, line.requests[0]).response(finals[0])

@@ -156,3 +156,8 @@ class FinalResult(BaseModel):
     worker: str | None = None
     conversation: str | None = None
     finished: float = Field(default_factory=time.time)
+
+    @property
+    def completed(self) -> bool:
+        """Ended well: a stop or the length limit (not cancelled, expired or failed)."""
+        return self.finish_reason in ("stop", "length")

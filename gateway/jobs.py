@@ -23,7 +23,7 @@ from gateway.completion_shapes import Kind, whole_response
 from gateway.errors import APIError, failure, first_failure, invalid_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
-from gateway.serving import Completions, with_choices
+from gateway.serving import Completions
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest
 
@@ -84,7 +84,7 @@ class Jobs:
         """The new job's view; with an idempotency key already used by this owner, the earlier job's view."""
         owner = key.id if key else None
         kind, parsed = parse_body(body)
-        requests = with_choices(self.completions.build_each(kind, parsed, headers), parsed.n)
+        requests = self.completions.build_all(kind, parsed, headers)
         # Jobs stream deltas internally so that a running job is visible as running.
         request, *others = [r.model_copy(update={"stream": True}) for r in requests]
         if idempotency_key is not None:

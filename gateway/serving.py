@@ -160,17 +160,19 @@ class Completions:
             tool_call=tool_calls.tool_call_mode(body) if kind == "chat" else None,
         )
 
-    def build_each(
+    def build_all(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str] | None = None
     ) -> list[InferenceRequest]:
-        """One request a prompt (completions take several)."""
+        """One request a prompt (completions take several) and choice, each prompt's first, in the order of the
+        response's choices."""
         bodies = body.one_per_prompt() if isinstance(body, CompletionRequest) else [body]
-        return [self.build(kind, each, headers) for each in bodies]
+        prompts = [self.build(kind, each, headers) for each in bodies]
+        return [r for p in prompts for r in [p, *(_another_choice(p, i) for i in range(1, body.n))]]
 
     async def enqueue(
         self, requests: list[InferenceRequest], key: ApiKey | None, followed: bool = True
     ) -> Admission | None:
-        """Admit a request (its prompts and choices, as with_choices lays them out) against its key's limits (none
+        """Admit a request (its prompts and choices, as build_all lays them out) against its key's limits (none
         in open mode), then queue them; a refusal raises, and unqueues what went before it.
 
         A `followed` request (a connection relays it) holds a concurrency slot and is charged its output as it is
@@ -273,12 +275,12 @@ class Completions:
     ) -> tuple[InferenceRequest, list[InferenceRequest], Admission | None, dict[str, str]]:
         """Build, admit and queue a request (one a prompt, and their other choices): the first, them all, the
         admission, the response's headers."""
-        prompts = self.build_each(kind, body, http.headers)
-        request = prompts[0]
+        requests = self.build_all(kind, body, http.headers)
+        prompts = [r for r in requests if r.choice_of is None]
+        request = requests[0]
         http.state.model_name = request.model  # a label of llmfleet:requests_total (gateway.metrics)
         key: ApiKey | None = getattr(http.state, "api_key", None)
         structlog.contextvars.bind_contextvars(request_id=request.id)
-        requests = with_choices(prompts, body.n)
         admission = await self.enqueue(requests, key)
         # Never the prompt at INFO; `user` is often an e-mail address, which the log processor masks.
         log.info(
@@ -511,11 +513,6 @@ class _Relay:
                 await self.completions.queue.cancel(request.id)
             log.info("request.stream_closed_early")
         await _settle(self.admission, sum(self.generated))
-
-
-def with_choices(prompts: list[InferenceRequest], choices: int) -> list[InferenceRequest]:
-    """Each prompt's request followed by its other choices' (the order of a response's choices)."""
-    return [r for p in prompts for r in [p, *(_another_choice(p, i) for i in range(1, choices))]]
 
 
 def _another_choice(request: InferenceRequest, index: int) -> InferenceRequest:

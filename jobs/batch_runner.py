@@ -23,7 +23,7 @@ from gateway.errors import APIError, failure, first_failure
 from gateway.jobs import parse_body
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
 from gateway.responses import ResponsesRequest
-from gateway.serving import Completions, with_choices
+from gateway.serving import Completions
 from jobs.store import TERMINAL, BatchState, BatchStore
 from shared import keys
 from shared.protocol import FinalResult, InferenceRequest
@@ -172,7 +172,7 @@ class BatchRun:
                 body = responses.chat_request(asked, responses.conversation(asked, []))
             else:
                 _, body = parse_body(item.get("body"), self.kind)
-            requests = with_choices(self.completions.build_each(self.kind, body), body.n)
+            requests = self.completions.build_all(self.kind, body)
         except APIError as error:
             raise LineError(error.code or "invalid_request", error.message) from None
         # The line's index names its requests: the first `<batch>-<line>`, the later ones `-<place>` after it.

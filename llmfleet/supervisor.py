@@ -151,6 +151,8 @@ class Supervisor:
                     continue
                 if child.name == "redis":
                     raise SystemExit("redis-server exited")
+                if child.process.returncode == os.EX_CONFIG:
+                    raise SystemExit(f"{child.name} cannot serve its model: its log above says why")
                 if time.time() - child.started < RESTART_BACKOFF_S:
                     continue
                 child.restarts += 1

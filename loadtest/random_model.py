@@ -51,11 +51,11 @@ def build(shape: str, out: Path, tokenizer_dir: Path, gptq: bool = False, seed: 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if gptq:
-        _write_gptq(model, out)
+        write_gptq(model, out)
     return out
 
 
-def _write_gptq(model: torch.nn.Module, out: Path) -> None:
+def write_gptq(model: torch.nn.Module, out: Path) -> None:
     """Replace the checkpoint's linear layers by their GPTQ (v1) tensors, each weight rounded to the nearest point of
     its group's symmetric 4-bit grid."""
     from safetensors.torch import load_file, save_file

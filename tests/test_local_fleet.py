@@ -15,6 +15,8 @@ import openai
 import psutil
 import pytest
 
+from llmfleet.supervisor import Child, Supervisor
+from shared.settings import Settings
 from tests.conftest import MODEL
 from tests.fleet import free_port, wait_until
 from tests.test_metrics import samples, value
@@ -114,3 +116,13 @@ def test_three_workers_share_60_concurrent_requests_and_two_serve_on_when_one_st
     before = [served(w) for w in workers[1:]]
     assert set(send(gateway, 12)) <= {"length", "stop"}
     assert sum(served(w) for w in workers[1:]) - sum(before) >= 1
+
+
+def test_the_supervisor_stops_rather_than_restart_a_worker_that_cannot_serve_its_model(tmp_path):
+    supervisor = Supervisor(Settings(), workers=1, state_dir=tmp_path)
+    worker = Child("worker-0", [sys.executable, "-c", f"raise SystemExit({os.EX_CONFIG})"])
+    worker.start(dict(os.environ))
+    worker.process.wait()
+    supervisor.children.append(worker)
+    with pytest.raises(SystemExit, match="worker-0 cannot serve its model"):
+        supervisor._watch(dict(os.environ))

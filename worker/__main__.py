@@ -16,7 +16,7 @@ from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
 from worker import cpu_kernels, model_loader, model_store, step_cost
 from worker.http_server import WorkerHTTPServer
-from worker.llama_runner import LlamaRunner
+from worker.llama_runner import LlamaRunner, ModelNotServable
 from worker.scheduler import Scheduler
 from worker.service import WorkerService
 
@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> None:
 
     http = WorkerHTTPServer(settings.worker_http_host, settings.worker_http_port, settings.worker_stall_s).start()
     log.info("worker.http", host=settings.worker_http_host, port=http.port)
-    scheduler = build_scheduler(settings, args.model, worker_id)
+    try:
+        scheduler = build_scheduler(settings, args.model, worker_id)
+    except ModelNotServable as error:
+        log.error("worker.model_not_servable", model=args.model, reason=str(error))
+        http.stop()
+        raise SystemExit(os.EX_CONFIG) from None  # the supervisor does not restart a worker that exits so
     client = redis.Redis.from_url(
         settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
     )

@@ -74,8 +74,35 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and not native_bf16(device) else dtype
 
 
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+"""The model types whose layers the runner computes as transformers' forward does (tests/test_architectures.py): a
+norm before attention and before the MLP, a gated MLP, q/k/v projections (with biases: Qwen2), per-head norms of the
+queries and keys (Qwen3). Others differ in ways it would not notice (Granite's multipliers, OLMo 2's norms after
+each block) or name their modules otherwise (Phi-3's fused q/k/v)."""
+
+
+class ModelNotServable(ValueError):
+    pass
+
+
+def check_runs(config, capacity: int) -> None:
+    """Refuse a model the runner would compute otherwise than transformers, saying why, before it serves a request."""
+    refusal = None
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in layer_types if (layer_types := getattr(config, "layer_types", None)) else window
+    if config.model_type not in MODEL_TYPES:
+        refusal = f"its model type {config.model_type!r} is not one the worker runs ({', '.join(MODEL_TYPES)})"
+    elif "dynamic" in rope_type or rope_type == "longrope":
+        refusal = f"its rope type {rope_type!r} changes the rotary angles with the sequence's length"
+    elif sliding and window < capacity:
+        refusal = f"its layers attend to the last {window} positions only: set its max_context to {window} at most"
+    if refusal:
+        raise ModelNotServable(f"the worker cannot serve this model: {refusal}")
+
+
 # The RMSNorm modules the rms_norm kernel computes as they do (float32 inside, the weight applied in the model's dtype).
-_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 
 def rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -126,6 +153,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaRunner:
     def __init__(self, model: torch.nn.Module, slots: int, capacity: int, batch_invariant: bool = False):
         config = model.config
+        check_runs(config, capacity)
         self.model = model
         self.layers = model.model.layers
         self.embed = model.model.embed_tokens
@@ -133,6 +161,10 @@ class LlamaRunner:
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.scale = self.layers[0].self_attn.scaling
+        # Qwen3 normalises each head's query and key before the rotation.
+        attentions = [layer.self_attn for layer in self.layers]
+        self.qk_norms = [(attn.q_norm, attn.k_norm) for attn in attentions if hasattr(attn, "q_norm")]
         self.slots = slots
         self.capacity = capacity = padded(capacity)
         self.dtype = model.dtype
@@ -177,16 +209,14 @@ class LlamaRunner:
         self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
         self.v_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
 
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        if rope.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"rope_type {rope.get('rope_type')!r}")
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(self.compute_dtype).to(self.device)
-        self.sin = emb.sin().to(self.compute_dtype).to(self.device)
-        self._positions = torch.arange(capacity, device=self.device)  # the matmul attention's masks
+        # Every position's angles from the model's own kind of rotary embedding (scaled as its rope type scales
+        # them), built anew: a model cast to bf16 carries its frequencies in bf16.
+        positions = torch.arange(capacity, device=self.device)
+        rotary = type(model.model.rotary_emb)(config).to(self.device)
+        cos, sin = rotary(torch.empty(0, device=self.device), positions[None])
+        self.cos = cos[0].to(self.compute_dtype)
+        self.sin = sin[0].to(self.compute_dtype)
+        self._positions = positions  # the matmul attention's masks
         self.layer_chain = self._layer_chain()
 
     def _layer_chain(self) -> Callable | None:
@@ -200,6 +230,7 @@ class LlamaRunner:
         norms = [self.layers[0].input_layernorm, *attention_norms, *self.next_norms]
         if (
             not self.attention_kernel
+            or self.qk_norms
             or None in products
             or any(rms_norm(norm) is norm for norm in norms)  # a norm the kernel does not compute
             or len({norm.variance_epsilon for norm in norms}) != 1
@@ -219,7 +250,7 @@ class LlamaRunner:
             [norm.weight for norm in self.next_norms],
             self.k_cache, self.v_cache, self.cos, self.sin,
             self.n_heads, self.n_kv, self.head_dim, first.group_size, first.bits,
-            norms[0].variance_epsilon, self.head_dim**-0.5,
+            norms[0].variance_epsilon, self.scale,
         )  # fmt: skip
 
     def synchronize(self) -> None:
@@ -252,7 +283,7 @@ class LlamaRunner:
         slots: torch.Tensor,
         positions: torch.Tensor,
     ) -> KernelAttention | MatmulAttention:
-        scale = self.head_dim**-0.5
+        scale = self.scale
         if self.attention_kernel:
             return KernelAttention(slots, positions, self.n_kv, scale, prefills if self.prompt_tiles else None)
         group = self.n_heads // self.n_kv
@@ -320,7 +351,12 @@ class LlamaRunner:
             )
         last_layer = len(self.calls) - 1
         for layer_no, (calls, (mlp_norm, next_norm)) in enumerate(zip(self.calls, self.residual_norms)):
-            qkv = calls.qkv(normed).view(n_tokens, -1, self.head_dim).to(self.compute_dtype)
+            qkv = calls.qkv(normed).view(n_tokens, -1, self.head_dim)
+            if self.qk_norms:
+                q_norm, k_norm = self.qk_norms[layer_no]
+                q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+                qkv = torch.cat([q_norm(q), k_norm(k), v], dim=1)
+            qkv = qkv.to(self.compute_dtype)
             k_cache, v_cache = self.k_cache[layer_no], self.v_cache[layer_no]
             q = to_cache(qkv, k_cache, v_cache)
             if layer_no == last_layer and last_rows is not None:

@@ -1,0 +1,140 @@
+"""The model types the worker serves besides the default Llama: each one's runner step computes what its
+transformers forward computes (tiny random checkpoints, so no weights are fetched), a model it would compute otherwise
+is refused before it serves a request, and such a checkpoint is served through the gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from loadtest import random_model
+from shared.settings import ModelSpec
+from tests.conftest import MODEL
+from tests.fleet import create_api_key
+from worker import model_loader
+from worker.llama_runner import LlamaRunner, ModelNotServable, PrefillChunk
+
+SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=1024, max_position_embeddings=4096)  # fmt: skip
+SERVED = {
+    "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "yarn-rope": ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                  "original_max_position_embeddings": 1024}}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen2-biases": ("qwen2", {}),
+    "qwen3-qk-norms": ("qwen3", {}),
+    "gemma": ("gemma", {}),
+}  # fmt: skip
+
+
+def tiny_model(model_type: str, vocab_size: int = SHAPE["vocab_size"], **extra) -> torch.nn.Module:
+    """Random weights, the norms' and biases' too (at their initial values, a runner that skipped them would match)."""
+    config = AutoConfig.for_model(model_type, **{**SHAPE, "vocab_size": vocab_size, **extra})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    return model
+
+
+def assert_runner_matches_forward(model: torch.nn.Module, runner: LlamaRunner | None = None) -> None:
+    """The logits of every position of a 300-token prompt, from the runner (prefilled in chunks of 100) and from the
+    model's forward: bf16 arithmetic in another order, a few hundredths apart at most (a norm or rotation skipped:
+    tenths)."""
+    runner = runner or LlamaRunner(model, slots=1, capacity=512)
+    prompt = torch.randint(0, SHAPE["vocab_size"], (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0].float()
+    chunks = [PrefillChunk(0, prompt[start : start + 100], start) for start in range(0, 300, 100)]
+    logits = torch.cat([runner.step([], [], [], [chunk], every_row=True).float() for chunk in chunks])
+    assert (logits - expected).abs().max() < 0.05
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-attention", "matmul-attention"])
+@pytest.mark.parametrize("case", SERVED)
+def test_the_runner_computes_each_served_model_type_as_its_forward_does(case, kernel):
+    model_type, extra = SERVED[case]
+    model = tiny_model(model_type, **extra)
+    runner = LlamaRunner(model, slots=2, capacity=512)
+    if kernel and not runner.attention_kernel:
+        pytest.skip("the attention kernel needs a CPU with AVX512 or AVX2")
+    runner.attention_kernel = kernel
+    assert_runner_matches_forward(model, runner)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_their_gptq_checkpoints_too(model_type, settings, model_dir, tmp_path):
+    dense = tiny_model(model_type)
+    path = Path(save_tiny(dense, tmp_path, settings.dense_model_dir(MODEL)))
+    random_model.write_gptq(dense, path)  # each weight rounded to its group's 4-bit grid
+    model = model_loader.load(path, ModelSpec(path=path, quantization="gptq"), torch.device("cpu")).model
+    assert_runner_matches_forward(model)
+
+
+@pytest.mark.parametrize(
+    "model_type, extra, capacity, reason",
+    [
+        ("phi3", {"pad_token_id": 0}, 512, "model type 'phi3'"),
+        ("granite", {}, 512, "model type 'granite'"),
+        ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, 512,
+         "rope type 'dynamic'"),
+        ("mistral", {"sliding_window": 256}, 512, "set its max_context to 256 at most"),
+    ],
+)  # fmt: skip
+def test_a_model_the_runner_would_compute_otherwise_is_refused_saying_why(model_type, extra, capacity, reason):
+    with pytest.raises(ModelNotServable, match=reason):
+        LlamaRunner(tiny_model(model_type, **extra), slots=1, capacity=capacity)
+
+
+def test_sliding_window_layers_are_served_where_the_window_covers_the_context():
+    LlamaRunner(tiny_model("mistral", sliding_window=512), slots=1, capacity=512)
+
+
+def save_tiny(model: torch.nn.Module, out, tokenizer_dir) -> str:
+    """A checkpoint directory as a user would point the worker at: the model, with the default model's tokenizer."""
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return str(out)
+
+
+def test_a_worker_given_a_model_it_cannot_serve_exits_saying_why_and_is_not_restarted(settings, model_dir, tmp_path):
+    tokenizer_dir = settings.dense_model_dir(MODEL)
+    path = save_tiny(tiny_model("phi3", vocab_size=49152, pad_token_id=0), tmp_path / "phi3", tokenizer_dir)
+    env = {**os.environ, "LLMFLEET_MODELS": json.dumps({"tiny-phi3": {"path": path, "quantization": "none"}})}
+    worker = [sys.executable, "-m", "worker", "--model", "tiny-phi3"]
+    done = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == os.EX_CONFIG  # what the supervisor (llmfleet up) takes as "do not restart"
+    assert "model type 'phi3' is not one the worker runs" in done.stdout + done.stderr
+
+
+def test_a_qwen3_checkpoint_is_served_through_the_gateway(fleet, settings, model_dir, tmp_path):
+    tokenizer_dir = settings.dense_model_dir(MODEL)
+    path = save_tiny(tiny_model("qwen3", vocab_size=49152), tmp_path / "qwen3", tokenizer_dir)
+    models = json.dumps({"tiny-qwen3": {"path": path, "quantization": "none"}})
+    worker = fleet.worker("tiny-qwen3", LLMFLEET_MODELS=models)
+    gateway = fleet.gateway(LLMFLEET_MODELS=models)
+    try:
+        client = openai.OpenAI(
+            base_url=f"{gateway.url}/v1", api_key=create_api_key(fleet.redis_server), max_retries=0, timeout=60
+        )
+        reply = client.chat.completions.create(
+            model="tiny-qwen3", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage.completion_tokens == 8
+    finally:
+        worker.stop()
+        gateway.stop()

@@ -91,6 +91,7 @@ def test_their_gptq_checkpoints_too(model_type, settings, model_dir, tmp_path):
         ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, 512,
          "rope type 'dynamic'"),
         ("mistral", {"sliding_window": 256}, 512, "set its max_context to 256 at most"),
+        ("llama", {}, 8192, "its positions go to 4096: set its max_context to 4096 at most"),
     ],
 )  # fmt: skip
 def test_a_model_the_runner_would_compute_otherwise_is_refused_saying_why(model_type, extra, capacity, reason):
@@ -122,7 +123,8 @@ def test_a_worker_given_a_model_it_cannot_serve_exits_saying_why_and_is_not_rest
 def test_a_qwen3_checkpoint_is_served_through_the_gateway(fleet, settings, model_dir, tmp_path):
     tokenizer_dir = settings.dense_model_dir(MODEL)
     path = save_tiny(tiny_model("qwen3", vocab_size=49152), tmp_path / "qwen3", tokenizer_dir)
-    models = json.dumps({"tiny-qwen3": {"path": path, "quantization": "none"}})
+    spec = {"path": path, "quantization": "none", "max_context": SHAPE["max_position_embeddings"]}
+    models = json.dumps({"tiny-qwen3": spec})
     worker = fleet.worker("tiny-qwen3", LLMFLEET_MODELS=models)
     gateway = fleet.gateway(LLMFLEET_MODELS=models)
     try:

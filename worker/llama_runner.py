@@ -88,13 +88,18 @@ class ModelNotServable(ValueError):
 def check_runs(config, capacity: int) -> None:
     """Refuse a model the runner would compute otherwise than transformers, saying why, before it serves a request."""
     refusal = None
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    # Linear and YaRN scaling stretch the positions it was trained on; a llama3 rope's config names the stretched ones.
+    positions = config.max_position_embeddings * (rope.get("factor", 1) if rope_type in ("linear", "yarn") else 1)
     window = getattr(config, "sliding_window", None)
     sliding = "sliding_attention" in layer_types if (layer_types := getattr(config, "layer_types", None)) else window
     if config.model_type not in MODEL_TYPES:
         refusal = f"its model type {config.model_type!r} is not one the worker runs ({', '.join(MODEL_TYPES)})"
     elif "dynamic" in rope_type or rope_type == "longrope":
         refusal = f"its rope type {rope_type!r} changes the rotary angles with the sequence's length"
+    elif capacity > positions:
+        refusal = f"its positions go to {positions:g}: set its max_context to {positions:g} at most"
     elif sliding and window < capacity:
         refusal = f"its layers attend to the last {window} positions only: set its max_context to {window} at most"
     if refusal:

@@ -129,6 +129,8 @@ def _template_message(message: ChatMessage) -> dict:
         ]
     if message.tool_call_id is not None:
         rendered["tool_call_id"] = message.tool_call_id
+    if message.reasoning is not None:
+        rendered["reasoning_content"] = message.reasoning
     return rendered
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from gateway.errors import APIError
 from gateway.sanitize import clean_text
@@ -56,13 +56,17 @@ class ChatMessage(_Strict):
     """An assistant turn's calls (its content may then be null)."""
     tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     """A tool message's answer to that call."""
+    reasoning: Text | None = Field(default=None, validation_alias=AliasChoices("reasoning", "reasoning_content"))
+    """An assistant turn's thinking, sent back as a reasoning model's response gave it (gateway.reasoning; vLLM's
+    older name accepted too); templates get it as `reasoning_content`, and most leave earlier turns' out."""
 
     @model_validator(mode="after")
     def _fields_of_its_role(self):
         if self.content is None and not self.tool_calls:
             raise APIError(400, "A message needs 'content' (or, from the assistant, 'tool_calls').", param="messages")
-        if self.tool_calls and self.role != "assistant":
-            raise APIError(400, "Only assistant messages carry 'tool_calls'.", param="messages")
+        for field in ("tool_calls", "reasoning"):
+            if getattr(self, field) and self.role != "assistant":
+                raise APIError(400, f"Only assistant messages carry '{field}'.", param="messages")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise APIError(400, "A tool message, and only a tool message, carries 'tool_call_id'.", param="messages")
         return self

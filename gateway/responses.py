@@ -282,8 +282,9 @@ class ResponseWriter:
         self.request = request
         self.item_id = f"msg_{request.id}"
         self._sequence = 0
-        self._opened = request.tool_call is None
-        """Whether the stream opened the output message at its start (text streams as it comes)."""
+        self._opened = request.tool_call is None and request.reasoning is None
+        """Whether the stream opened the output message at its start (text streams as it comes). A reasoning model's
+        answer goes out when it ends, without its thinking (as OpenAI's Responses show none of it)."""
 
     def response(self, final: FinalResult | None = None) -> dict:
         """The Response: in progress without `final`, else as it ended (failed ones included, for a stream)."""
@@ -325,16 +326,16 @@ class ResponseWriter:
         message, _ = tool_calls.message(self.request, final)
         calls = message.get("tool_calls") or []
         if not calls:
-            return [self._message(final, status)]
+            return [self._message(status, _text_part(message["content"] or "", final.logprobs))]
         return [
             {"id": f"fc_{call['id']}", "type": "function_call", "status": "completed", "call_id": call["id"],
              "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
             for call in calls
         ]  # fmt: skip
 
-    def _message(self, final: FinalResult | None, status: str) -> dict:
-        """The output message: in progress (no content yet) without `final`."""
-        content = [_text_part(final.text, final.logprobs)] if final is not None else []
+    def _message(self, status: str, part: dict | None = None) -> dict:
+        """The output message: in progress (no content yet) without its text `part`."""
+        content = [part] if part is not None else []
         return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     def _event(self, kind: str, **fields) -> dict:
@@ -346,7 +347,7 @@ class ResponseWriter:
     def _open_message(self) -> list[dict]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         return [
-            self._event("response.output_item.added", output_index=0, item=self._message(None, "in_progress")),
+            self._event("response.output_item.added", output_index=0, item=self._message("in_progress")),
             self._event("response.content_part.added", **where, part=_text_part("")),
         ]
 
@@ -368,20 +369,20 @@ class ResponseWriter:
             return [self._event("response.failed", response=response)]
         events = []
         for index, item in enumerate(response["output"]):
-            events += self._message_end(final, item) if item["type"] == "message" else self._call_events(index, item)
+            events += self._message_end(item) if item["type"] == "message" else self._call_events(index, item)
         return events + [self._event(f"response.{response['status']}", response=response)]
 
-    def _message_end(self, final: FinalResult, item: dict) -> list[dict]:
+    def _message_end(self, item: dict) -> list[dict]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         (part,) = item["content"]
         events = []
-        if not self._opened:  # a tool call's output that ended as text (cut short): all of it now
+        if not self._opened:  # a tool call's output that ended as text (cut short), a reasoning model's answer
             events += self._open_message()
             events.append(
-                self._event("response.output_text.delta", **where, delta=final.text, logprobs=part["logprobs"])
+                self._event("response.output_text.delta", **where, delta=part["text"], logprobs=part["logprobs"])
             )
         return events + [
-            self._event("response.output_text.done", **where, text=final.text, logprobs=part["logprobs"]),
+            self._event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"]),
             self._event("response.content_part.done", **where, part=part),
             self._event("response.output_item.done", output_index=0, item=item),
         ]

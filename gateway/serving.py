@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
-from gateway import responses, tgi, tool_calls
+from gateway import reasoning, responses, tgi, tool_calls
 from gateway.api_keys import ApiKey
 from gateway.completion_shapes import Kind, chunk, token_counts, usage_chunk, whole_response
 from gateway.conversations import HEADER as CONVERSATION_HEADER
@@ -122,6 +122,10 @@ class Completions:
         prompt_logprobs = body.prompt_logprobs
         if prompt_logprobs is None and echo is not None and kind == "text":
             prompt_logprobs = body.logprobs_count  # as vLLM: a completion echo's log probabilities are the prompt's
+        grammar = output_grammar(body, tokenizer)
+        thinking = None
+        if spec.reasoning_parser and kind == "chat":
+            thinking = reasoning.opening(tokenizer.decode(ids[-8:]), constrained=grammar is not None)
         now = time.time()
         return InferenceRequest(
             id=new_request_id(),
@@ -150,7 +154,7 @@ class Completions:
                 logprobs=body.logprobs_count,
                 prompt_logprobs=prompt_logprobs,
                 return_tokens_as_token_ids=body.return_tokens_as_token_ids,
-                grammar=output_grammar(body, tokenizer),
+                grammar=grammar,
             ),
             stream=body.stream,
             created=now,
@@ -158,6 +162,7 @@ class Completions:
             conversation=conversation_key(body, headers.get(CONVERSATION_HEADER)),
             echo=echo,
             tool_call=tool_calls.tool_call_mode(body) if kind == "chat" else None,
+            reasoning=thinking,
         )
 
     def build_all(
@@ -378,6 +383,7 @@ class Completions:
         ended: dict[int, FinalResult] = {}
         logprobs = [LogprobsFormat(kind) for _ in requests] if request.sampling.logprobs is not None else None
         prompt_tokens = sum(len(r.prompt_token_ids) for r in requests if r.choice_of is None)
+        thinking = [reasoning.Splitter(r.reasoning) for r in requests] if request.reasoning else None
         async with _Relay(self, requests, admission) as relay:
 
             def data(body: dict) -> dict:
@@ -399,14 +405,19 @@ class Completions:
                 if isinstance(event, TokenDelta):
                     # A tool call's JSON goes out whole, as tool_calls, once it has ended.
                     if (event.text or event.logprobs) and request.tool_call is None:
+                        # A reasoning model's delta as thinking and answer (a tag cut between deltas held back).
+                        delta = reasoning.delta(*thinking[index].feed(event.text)) if thinking else None
                         shown = logprobs[index].format(event.logprobs) if logprobs else None
-                        yield data(chunk(kind, request, event.text, None, logprobs=shown, index=index))
+                        if delta != {} or shown:
+                            yield data(chunk(kind, request, event.text, None, logprobs=shown, index=index, delta=delta))
                     continue
                 ended[index] = event
                 if not event.completed:
                     yield {"data": json.dumps(failure(event).body())}
                     return
                 finish_reason = event.finish_reason
+                if thinking and (held := reasoning.delta(*thinking[index].finish())):
+                    yield data(chunk(kind, request, "", None, index=index, delta=held))
                 if request.tool_call is not None:
                     delta, finish_reason = tool_calls.streamed(request, event)
                     shown = logprobs[index].format(event.logprobs or []) if logprobs else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from gateway import reasoning
 from gateway.protocol import ChatCompletionRequest, NamedToolChoice
 from shared.protocol import FinalResult, InferenceRequest
 
@@ -45,8 +46,11 @@ def calls_schema(body: ChatCompletionRequest) -> dict:
 
 def message(request: InferenceRequest, final: FinalResult) -> tuple[dict, str]:
     """A finished choice's assistant message and finish reason: its tool calls where the request made them (an
-    output cut short, by max_tokens or a stop string, stays text)."""
+    output cut short, by max_tokens or a stop string, stays text); a reasoning model's thinking apart."""
     text = {"role": "assistant", "content": final.text}, final.finish_reason
+    if request.reasoning is not None:
+        thinking, answer = reasoning.split(request.reasoning, final.text)
+        text = {"role": "assistant", "content": answer, "reasoning": thinking}, final.finish_reason
     if request.tool_call is None or final.finish_reason != "stop":
         return text
     if request.tool_call == ANY:

@@ -90,6 +90,9 @@ class InferenceRequest(BaseModel):
     """The output is a tool call (its grammar in sampling.grammar): the function's name, for a named tool_choice
     (the output is its arguments), or "*" for tool_choice 'required' (a JSON list of {name, parameters}); see
     gateway.tool_calls."""
+    reasoning: Literal["open", "closed"] | None = None
+    """A chat request to a model with a reasoning parser: whether its output starts inside the thinking ("open") or
+    may open it ("closed"); see gateway.reasoning. None: the output is all answer."""
     choice_of: str | None = None
     """Set on the later choices of a request for several (n): the first choice's id, whose prompt they share."""
     batch: bool = False

@@ -24,6 +24,9 @@ class ModelSpec(BaseModel):
     chat_template: str | None = None
     """A chat template that replaces the model's own (vLLM's --chat-template): a Jinja file's path, or the template
     itself. The gateway renders chat prompts (and /tokenize's messages) with it."""
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = None
+    """vLLM's --reasoning-parser: chat responses give the output's <think>...</think> as `reasoning` (both names
+    split it so; gateway.reasoning)."""
     quantization: Literal["gptq", "none"] = "gptq"
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     grid: Literal["gguf", "gptq"] = "gguf"

@@ -1,0 +1,110 @@
+"""A reasoning model's thinking apart from its answer (vLLM's --reasoning-parser): `reasoning` and `content` in chat
+responses, whole and streamed. The default model does not think, so a regex makes it write <think>...</think>
+first, and a continued assistant message opens the thinking in the prompt."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from gateway import reasoning
+from tests.conftest import MODEL
+
+THINKING = r"[a-z ]{5,30}"
+ANSWER = r"[A-Z][a-z ]{2,30}"
+FORCED = {"structured_outputs": {"regex": f"<think>{THINKING}</think>{ANSWER}"}}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def thinking_url(fleet, model_dir) -> str:
+    """A gateway that serves the default model (the shared worker's) with a reasoning parser."""
+    models = json.dumps({MODEL: {"reasoning_parser": "deepseek_r1"}})
+    return fleet.gateway(LLMFLEET_MODELS=models, LLMFLEET_PROTECTION__AUTH="open").url
+
+
+@pytest.fixture(scope="module")
+def thinking(thinking_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{thinking_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_the_thinking_comes_apart_from_the_answer(thinking, client):
+    plain = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=80, temperature=0, extra_body=FORCED
+    ).choices[0]
+    reply = thinking.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=80, temperature=0, extra_body=FORCED
+    ).choices[0]
+    assert reply.finish_reason == "stop", plain.message.content
+    assert re.fullmatch(THINKING, reply.message.reasoning) and re.fullmatch(ANSWER, reply.message.content)
+    assert plain.message.content == f"<think>{reply.message.reasoning}</think>{reply.message.content}"
+    assert not hasattr(plain.message, "reasoning")
+
+
+def test_a_stream_sends_the_same_thinking_and_answer_in_their_own_fields(thinking):
+    whole = thinking.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=80, temperature=0, extra_body=FORCED
+    ).choices[0]
+    deltas = [
+        c.choices[0].delta
+        for c in thinking.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=80, temperature=0, extra_body=FORCED, stream=True
+        )
+    ]
+    streamed = "".join(getattr(d, "reasoning", None) or "" for d in deltas)
+    answered = "".join(d.content or "" for d in deltas)
+    assert (streamed, answered) == (whole.message.reasoning, whole.message.content)
+    assert not any("<think>" in (d.content or "") + (getattr(d, "reasoning", None) or "") for d in deltas)
+
+
+def test_a_prompt_that_opens_the_thinking_makes_the_output_thinking(thinking):
+    opened = [*QUESTION, {"role": "assistant", "content": "<think>\n"}]
+    continued = {"add_generation_prompt": False, "continue_final_message": True}
+    reply = thinking.chat.completions.create(
+        model=MODEL, messages=opened, max_tokens=8, temperature=0, extra_body=continued
+    ).choices[0]
+    assert reply.message.reasoning and reply.message.content is None
+
+
+def test_a_response_sent_back_as_history_is_taken_with_its_thinking(thinking):
+    first = thinking.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=80, temperature=0, extra_body=FORCED
+    ).choices[0]
+    history = [*QUESTION, first.message, {"role": "user", "content": "And of Italy?"}]
+    second = thinking.chat.completions.create(model=MODEL, messages=history, max_tokens=4, temperature=0)
+    assert second.choices[0].finish_reason == "length"
+    refused = httpx.post(
+        f"{thinking.base_url}chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi", "reasoning": "no"}]},
+    )
+    assert refused.status_code == 400 and "Only assistant messages" in refused.json()["error"]["message"]
+
+
+def test_the_responses_api_gives_the_answer_without_the_thinking(thinking_url):
+    body = {"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 6, "stream": True}
+    with httpx.stream("POST", f"{thinking_url}/v1/responses", json=body, timeout=60) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    (done,) = [e["text"] for e in events if e["type"] == "response.output_text.done"]
+    assert events[-1]["type"] == "response.incomplete" and len(deltas) == 1 and deltas[0] == done
+
+
+@pytest.mark.parametrize(
+    "opened, pieces, expected",
+    [
+        ("closed", ["<th", "ink>ab", "c</th", "ink>\n", "Paris"], ("abc", "\nParis")),
+        ("closed", ["  ", "<think>", "x"], ("x", "")),
+        ("closed", ["<", "b>bold"], ("", "<b>bold")),
+        ("open", ["still ", "thinking </thi"], ("still thinking </thi", "")),
+        ("open", ["a</think>b<think>c"], ("a", "b<think>c")),
+    ],
+)
+def test_a_tag_cut_between_deltas_is_held_back_until_it_is_whole(opened, pieces, expected):
+    splitter = reasoning.Splitter(opened)
+    sent = [splitter.feed(piece) for piece in pieces] + [splitter.finish()]
+    assert ("".join(r for r, _ in sent), "".join(c for _, c in sent)) == expected
+    assert reasoning.split(opened, "".join(pieces)) == tuple(part or None for part in expected)

@@ -406,14 +406,6 @@ class ChatCompletionRequest(_SamplingFields, TemplateOptions):
             )  # fmt: skip
         if choice == "required" and not names:
             raise APIError(400, "tool_choice 'required' needs 'tools'.", param="tool_choice", code="invalid_value")
-        if self.tools and choice in (None, "auto"):
-            # As vLLM without a tool-call parser: this model has no trained way of announcing a call in its text.
-            raise APIError(
-                400,
-                "tool_choice 'auto' is not supported: send 'required', 'none' or the function to call.",
-                param="tool_choice",
-                code="unsupported_value",
-            )
         if self.calls_tools and (self.structured or self.token_rules):
             raise APIError(
                 400, "Tool calls do not combine with structured output, min_tokens, allowed_token_ids or bad_words.",

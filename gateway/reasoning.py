@@ -18,7 +18,7 @@ def opening(prompt_text: str, constrained: bool) -> Opening:
     return "open" if prompt_text.rstrip().endswith(START) and not constrained else "closed"
 
 
-def _held_back(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """How many of the text's last characters may begin `tag` (and so wait for the next delta)."""
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
 
@@ -45,7 +45,7 @@ class Splitter:
             elif self.state == "reasoning":
                 end = self.held.find(END)
                 if end < 0:
-                    keep = len(self.held) - _held_back(self.held, END)
+                    keep = len(self.held) - partial_tag(self.held, END)
                     reasoning, self.held = reasoning + self.held[:keep], self.held[keep:]
                     break
                 reasoning += self.held[:end]

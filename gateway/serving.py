@@ -17,6 +17,7 @@ from sse_starlette import EventSourceResponse
 
 from gateway import reasoning, responses, tgi, tool_calls
 from gateway.api_keys import ApiKey
+from gateway.chat_deltas import ChoiceDeltas
 from gateway.completion_shapes import Kind, chunk, token_counts, usage_chunk, whole_response
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
@@ -161,7 +162,7 @@ class Completions:
             deadline=now + requested_timeout_s(headers.get(TIMEOUT_HEADER), self.settings.request_timeout_s),
             conversation=conversation_key(body, headers.get(CONVERSATION_HEADER)),
             echo=echo,
-            tool_call=tool_calls.tool_call_mode(body) if kind == "chat" else None,
+            tool_call=tool_calls.tool_call_mode(body, spec.tool_call_parser) if kind == "chat" else None,
             reasoning=thinking,
         )
 
@@ -383,7 +384,7 @@ class Completions:
         ended: dict[int, FinalResult] = {}
         logprobs = [LogprobsFormat(kind) for _ in requests] if request.sampling.logprobs is not None else None
         prompt_tokens = sum(len(r.prompt_token_ids) for r in requests if r.choice_of is None)
-        thinking = [reasoning.Splitter(r.reasoning) for r in requests] if request.reasoning else None
+        choices = [ChoiceDeltas(r) for r in requests] if kind == "chat" else None
         async with _Relay(self, requests, admission) as relay:
 
             def data(body: dict) -> dict:
@@ -403,10 +404,8 @@ class Completions:
                     yield data(chunk(kind, request, requests[index].echo, None, logprobs=shown, index=index))
                     continue
                 if isinstance(event, TokenDelta):
-                    # A tool call's JSON goes out whole, as tool_calls, once it has ended.
-                    if (event.text or event.logprobs) and request.tool_call is None:
-                        # A reasoning model's delta as thinking and answer (a tag cut between deltas held back).
-                        delta = reasoning.delta(*thinking[index].feed(event.text)) if thinking else None
+                    delta = choices[index].feed(event.text) if choices else None
+                    if (event.text or event.logprobs) and (choices is None or delta is not None):
                         shown = logprobs[index].format(event.logprobs) if logprobs else None
                         if delta != {} or shown:
                             yield data(chunk(kind, request, event.text, None, logprobs=shown, index=index, delta=delta))
@@ -416,12 +415,13 @@ class Completions:
                     yield {"data": json.dumps(failure(event).body())}
                     return
                 finish_reason = event.finish_reason
-                if thinking and (held := reasoning.delta(*thinking[index].finish())):
-                    yield data(chunk(kind, request, "", None, index=index, delta=held))
-                if request.tool_call is not None:
-                    delta, finish_reason = tool_calls.streamed(request, event)
-                    shown = logprobs[index].format(event.logprobs or []) if logprobs else None
-                    yield data(chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta))
+                if choices:
+                    delta, finish_reason = choices[index].finish(event)
+                    # A call the grammar wrote sends its tokens' log probabilities with it.
+                    whole = logprobs and choices[index].whole
+                    shown = logprobs[index].format(event.logprobs or []) if whole else None
+                    if delta or shown:
+                        yield data(chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta))
                 yield data(chunk(kind, request, "", finish_reason, index=index, stop_reason=event.stop_reason))
             if options.include_usage:
                 yield {"data": json.dumps(usage_chunk(kind, requests, [ended[i] for i in range(len(requests))]))}

@@ -27,6 +27,9 @@ class ModelSpec(BaseModel):
     reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = None
     """vLLM's --reasoning-parser: chat responses give the output's <think>...</think> as `reasoning` (both names
     split it so; gateway.reasoning)."""
+    tool_call_parser: Literal["hermes"] | None = None
+    """vLLM's --tool-call-parser (with --enable-auto-tool-choice): tool_choice 'auto' is served, the calls the model
+    announces in that format handed back as tool_calls (gateway.tool_calls). None: 'auto' is a 400."""
     quantization: Literal["gptq", "none"] = "gptq"
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     grid: Literal["gguf", "gptq"] = "gguf"

@@ -1,12 +1,17 @@
 """Tool calls where the request names the function or requires a call: the output is the call's JSON, handed back
-as OpenAI's tool_calls, whole or streamed, through the openai client; tool results go back in as messages."""
+as OpenAI's tool_calls, whole or streamed, through the openai client; tool results go back in as messages. With a
+model's tool-call parser, tool_choice 'auto': the calls the output announces (here a regex makes the default model
+write one in Hermes' format)."""
 
 from __future__ import annotations
 
 import json
+import re
 
+import openai
 import pytest
 
+from gateway import tool_calls
 from tests.conftest import MODEL
 from tests.test_validation import assert_openai_error, post
 
@@ -99,3 +104,64 @@ def test_a_call_cut_short_by_a_stop_string_comes_back_as_text(client):
         model=MODEL, messages=ASK, max_tokens=60, temperature=0, tools=[WEATHER], tool_choice="required", stop=["name"]
     )
     assert reply.choices[0].message.content == '[{"' and not reply.choices[0].message.tool_calls
+
+
+ANNOUNCED = (
+    r'Let me check\.<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,8}"\}\}\n</tool_call>'
+)
+
+
+@pytest.fixture(scope="module")
+def hermes(fleet, model_dir) -> openai.OpenAI:
+    """A gateway that serves the default model (the shared worker's) with the hermes tool-call parser."""
+    models = json.dumps({MODEL: {"tool_call_parser": "hermes"}})
+    url = fleet.gateway(LLMFLEET_MODELS=models, LLMFLEET_PROTECTION__AUTH="open").url
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask_auto(hermes: openai.OpenAI, max_tokens: int = 60, **extra):
+    return hermes.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=max_tokens, temperature=0, tools=[WEATHER, TIME], tool_choice="auto",
+        **extra,
+    )  # fmt: skip
+
+
+def test_with_a_parser_auto_hands_back_the_calls_the_output_announces(hermes):
+    forced = {"structured_outputs": {"regex": ANNOUNCED}}
+    choice = ask_auto(hermes, extra_body=forced).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and re.fullmatch(
+        r"[A-Z][a-z]{2,8}", json.loads(call.function.arguments)["city"]
+    )
+    deltas = [c.choices[0] for c in ask_auto(hermes, extra_body=forced, stream=True) if c.choices]
+    assert "".join(d.delta.content or "" for d in deltas) == "Let me check."
+    (streamed,) = [d.delta.tool_calls for d in deltas if d.delta.tool_calls]
+    assert streamed[0].function.arguments == call.function.arguments and deltas[-1].finish_reason == "tool_calls"
+
+
+def test_with_a_parser_an_output_that_announces_no_call_is_its_answer(hermes):
+    choice = ask_auto(hermes, max_tokens=5).choices[0]
+    assert choice.finish_reason == "length" and choice.message.content and not choice.message.tool_calls
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>', (None, [("a", '{"x": 1}')])),
+        ('Sure.\n<tool_call>\n{"name": "a", "arguments": "{}"}\n</tool_call><tool_call>{"name": "b"}</tool_call>',
+         ("Sure.", [("a", "{}"), ("b", "{}")])),
+        ("<tool_call>{not json}</tool_call>", None),
+        ('<tool_call>{"arguments": {}}</tool_call>', None),
+        ("no call here", None),
+    ],
+)  # fmt: skip
+def test_hermes_calls_are_read_from_the_text_or_it_stays_text(text, expected):
+    assert tool_calls.announced(text) == expected
+
+
+def test_a_streamed_answer_is_held_back_only_from_a_calls_tag_on():
+    announcing = tool_calls.Announcing()
+    sent = [announcing.feed(piece) for piece in ["Let me", " check <", "tool_", "call>{...}", "</tool_call>"]]
+    assert sent == ["Let me", " check ", "", "", ""] and announcing.held == "<tool_call>{...}</tool_call>"
+    assert tool_calls.Announcing().feed("a < b") == "a < b"

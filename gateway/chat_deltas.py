@@ -1,0 +1,38 @@
+"""The deltas of a streamed chat choice: its text as `content` as it comes, a reasoning model's thinking as
+`reasoning` (gateway.reasoning), and its tool calls whole when it ends (gateway.tool_calls): a named or required
+call's JSON held from the start, an announced call from its tag on."""
+
+from __future__ import annotations
+
+from gateway import reasoning, tool_calls
+from shared.protocol import FinalResult, InferenceRequest
+
+
+class ChoiceDeltas:
+    def __init__(self, request: InferenceRequest):
+        self.request = request
+        self.thinking = reasoning.Splitter(request.reasoning) if request.reasoning else None
+        self.announcing = tool_calls.Announcing() if request.tool_call == tool_calls.AUTO else None
+        self.whole = request.tool_call not in (None, tool_calls.AUTO)
+        """A call the grammar writes: nothing goes out before the choice ends."""
+
+    def feed(self, text: str) -> dict | None:
+        """The delta of an output delta's text ({}: nothing to send yet); None while the choice sends nothing."""
+        if self.whole:
+            return None
+        thought, answer = self.thinking.feed(text) if self.thinking else ("", text)
+        if self.announcing:
+            answer = self.announcing.feed(answer)
+        return reasoning.delta(thought, answer)
+
+    def finish(self, final: FinalResult) -> tuple[dict, str]:
+        """The choice's last delta (its calls, or what was held back) and its finish reason."""
+        message, reason = tool_calls.message(self.request, final)
+        if message.get("tool_calls"):
+            return {"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}, reason
+        if self.whole:  # a call cut short: its text at once
+            return {"content": message["content"]}, reason
+        thought, answer = self.thinking.finish() if self.thinking else ("", "")
+        if self.announcing:
+            answer = self.announcing.feed(answer) + self.announcing.held
+        return reasoning.delta(thought, answer), reason

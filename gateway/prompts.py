@@ -17,14 +17,21 @@ from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TemplateOptions, TokenizeRequest
 from shared.settings import Settings
 
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""What a model's generation_config.json may set for requests that do not (as vLLM's --generation-config auto)."""
+
 
 class PromptTokenizer:
     """A prepared model's tokenizer.json and chat template, read with the `tokenizers` library and rendered by
     transformers' own template function: the ids AutoTokenizer gives, without the torch that `transformers`'
-    tokenizer classes import (a gateway holding AutoTokenizer took ~1 GB, with this ~0.1 GB)."""
+    tokenizer classes import (a gateway holding AutoTokenizer took ~1 GB, with this ~0.1 GB). And its sampling
+    defaults."""
 
     def __init__(self, path: Path, chat_template: str | None = None):
         """`chat_template` (ModelSpec.chat_template) replaces the model's own."""
+        generation = path / "generation_config.json"
+        generation = json.loads(generation.read_text()) if generation.is_file() else {}
+        self.sampling_defaults = {k: generation[k] for k in SAMPLING_DEFAULTS if generation.get(k) is not None}
         config = json.loads((path / "tokenizer_config.json").read_text())
         self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         template = path / "chat_template.jinja"

@@ -24,6 +24,7 @@ from gateway.conversations import conversation_key
 from gateway.errors import APIError, failure, first_failure, invalid_body
 from gateway.logprobs import LogprobsFormat
 from gateway.prompts import (
+    SAMPLING_DEFAULTS,
     Tokenizers,
     bad_words_token_ids,
     chat_token_ids,
@@ -123,6 +124,12 @@ class Completions:
         prompt_logprobs = body.prompt_logprobs
         if prompt_logprobs is None and echo is not None and kind == "text":
             prompt_logprobs = body.logprobs_count  # as vLLM: a completion echo's log probabilities are the prompt's
+        # The model's own sampling settings (generation_config.json) where the request gives none.
+        defaults = tokenizer.sampling_defaults if spec.generation_config == "auto" else {}
+        sampled = {
+            f: defaults[f] if f in defaults and f not in body.model_fields_set else getattr(body, f)
+            for f in SAMPLING_DEFAULTS
+        }
         grammar = output_grammar(body, tokenizer)
         thinking = None
         if spec.reasoning_parser and kind == "chat":
@@ -134,12 +141,8 @@ class Completions:
             prompt_token_ids=ids,
             sampling=SamplingParams(
                 max_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                top_k=body.top_k,
-                min_p=body.min_p,
+                **sampled,
                 typical_p=body.typical_p,
-                repetition_penalty=body.repetition_penalty,
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 logit_bias=body.logit_bias or {},

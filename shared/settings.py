@@ -27,6 +27,10 @@ class ModelSpec(BaseModel):
     reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = None
     """vLLM's --reasoning-parser: chat responses give the output's <think>...</think> as `reasoning` (both names
     split it so; gateway.reasoning)."""
+    generation_config: Literal["auto", "none"] = "auto"
+    """auto: the sampling settings of the model's generation_config.json (temperature, top_p, top_k, min_p,
+    repetition_penalty) apply to requests that do not give them, as vLLM's --generation-config auto; none: the APIs'
+    own defaults."""
     tool_call_parser: Literal["hermes"] | None = None
     """vLLM's --tool-call-parser (with --enable-auto-tool-choice): tool_choice 'auto' is served, the calls the model
     announces in that format handed back as tool_calls (gateway.tool_calls). None: 'auto' is a 400."""

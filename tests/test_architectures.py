@@ -120,9 +120,14 @@ def test_a_worker_given_a_model_it_cannot_serve_exits_saying_why_and_is_not_rest
     assert "model type 'phi3' is not one the worker runs" in done.stdout + done.stderr
 
 
-def test_a_qwen3_checkpoint_is_served_through_the_gateway(fleet, settings, model_dir, tmp_path):
+def test_a_qwen3_checkpoint_is_served_through_the_gateway_with_its_sampling_defaults(
+    fleet, settings, model_dir, tmp_path
+):
     tokenizer_dir = settings.dense_model_dir(MODEL)
     path = save_tiny(tiny_model("qwen3", vocab_size=49152), tmp_path / "qwen3", tokenizer_dir)
+    # Greedy unless a request says otherwise (a random model samples near-uniformly from 49k tokens at temperature 1).
+    generation = tmp_path / "qwen3" / "generation_config.json"
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "temperature": 0.0, "top_k": 20}))
     spec = {"path": path, "quantization": "none", "max_context": SHAPE["max_position_embeddings"]}
     models = json.dumps({"tiny-qwen3": spec})
     worker = fleet.worker("tiny-qwen3", LLMFLEET_MODELS=models)
@@ -131,12 +136,17 @@ def test_a_qwen3_checkpoint_is_served_through_the_gateway(fleet, settings, model
         client = openai.OpenAI(
             base_url=f"{gateway.url}/v1", api_key=create_api_key(fleet.redis_server), max_retries=0, timeout=60
         )
-        reply = client.chat.completions.create(
-            model="tiny-qwen3", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0,
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        assert reply.choices[0].finish_reason == "length"
-        assert reply.usage.completion_tokens == 8
+
+        def answer(**sampling) -> str:
+            reply = client.chat.completions.create(
+                model="tiny-qwen3", messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
+                extra_body={"ignore_eos": True}, **sampling,
+            )  # fmt: skip
+            assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8
+            return reply.choices[0].message.content
+
+        assert answer(seed=1) == answer(seed=2) == answer(temperature=0)
+        assert answer(temperature=1.0, seed=1) != answer(temperature=1.0, seed=2)
     finally:
         worker.stop()
         gateway.stop()

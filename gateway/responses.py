@@ -58,6 +58,23 @@ class FunctionCallOutput(_Strict):
     status: str | None = None
 
 
+class ReasoningPart(_Strict):
+    type: Literal["reasoning_text", "summary_text"]
+    text: Text
+
+
+class ReasoningItem(_Strict):
+    """A reasoning model's thinking, an earlier response's output item sent back as the API asks: accepted and left
+    out of the prompt (templates leave earlier turns' thinking out)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: Annotated[list[ReasoningPart], Field(max_length=256)] = Field(default_factory=list)
+    content: Annotated[list[ReasoningPart], Field(max_length=256)] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+
 def _item_type(item) -> str:
     """An input item's kind: a message may leave out its type (the API's "easy" input messages)."""
     return (item.get("type") if isinstance(item, dict) else getattr(item, "type", None)) or "message"
@@ -66,7 +83,8 @@ def _item_type(item) -> str:
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutput, Tag("function_call_output")],
+    | Annotated[FunctionCallOutput, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_type),
 ]
 
@@ -181,7 +199,7 @@ def conversation(body: ResponsesRequest, earlier: list[dict]) -> list[dict]:
             messages.append({"role": item.role, "content": item.text()})
         elif isinstance(item, FunctionCallOutput):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
-        else:
+        elif isinstance(item, FunctionCallItem):
             call = {
                 "id": item.call_id,
                 "type": "function",
@@ -275,7 +293,8 @@ def _text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
 
 class ResponseWriter:
     """A request's Response object and, for a stream, its events in order (each with its sequence number). A
-    tool-calling request's output is its calls, sent whole when it ends (as chat streams them)."""
+    tool-calling request's output is its calls, sent whole when it ends (as chat streams them); a reasoning model's
+    is its thinking (a reasoning item) and its answer, both sent whole when it ends."""
 
     def __init__(self, body: ResponsesRequest, request: InferenceRequest):
         self.body = body
@@ -283,8 +302,7 @@ class ResponseWriter:
         self.item_id = f"msg_{request.id}"
         self._sequence = 0
         self._opened = request.tool_call is None and request.reasoning is None
-        """Whether the stream opened the output message at its start (text streams as it comes). A reasoning model's
-        answer goes out when it ends, without its thinking (as OpenAI's Responses show none of it)."""
+        """Whether the stream opened the output message at its start (text streams as it comes)."""
 
     def response(self, final: FinalResult | None = None) -> dict:
         """The Response: in progress without `final`, else as it ended (failed ones included, for a stream)."""
@@ -325,13 +343,18 @@ class ResponseWriter:
     def _output(self, final: FinalResult, status: str) -> list[dict]:
         message, _ = tool_calls.message(self.request, final)
         calls = message.get("tool_calls") or []
+        thought = [self._reasoning(message["reasoning"], "completed")] if message.get("reasoning") else []
         if not calls:
-            return [self._message(status, _text_part(message["content"] or "", final.logprobs))]
-        return [
+            return thought + [self._message(status, _text_part(message["content"] or "", final.logprobs))]
+        return thought + [
             {"id": f"fc_{call['id']}", "type": "function_call", "status": "completed", "call_id": call["id"],
              "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
             for call in calls
         ]  # fmt: skip
+
+    def _reasoning(self, text: str, status: str) -> dict:
+        content = [{"type": "reasoning_text", "text": text}] if text else []
+        return {"id": f"rs_{self.request.id}", "type": "reasoning", "summary": [], "content": content, "status": status}
 
     def _message(self, status: str, part: dict | None = None) -> dict:
         """The output message: in progress (no content yet) without its text `part`."""
@@ -344,10 +367,10 @@ class ResponseWriter:
         self._sequence += 1
         return {"event": kind, "data": json.dumps(data)}
 
-    def _open_message(self) -> list[dict]:
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+    def _open_message(self, index: int = 0) -> list[dict]:
+        where = {"item_id": self.item_id, "output_index": index, "content_index": 0}
         return [
-            self._event("response.output_item.added", output_index=0, item=self._message("in_progress")),
+            self._event("response.output_item.added", output_index=index, item=self._message("in_progress")),
             self._event("response.content_part.added", **where, part=_text_part("")),
         ]
 
@@ -368,23 +391,33 @@ class ResponseWriter:
         if response["status"] == "failed":
             return [self._event("response.failed", response=response)]
         events = []
+        ends = {"message": self._message_end, "function_call": self._call_events, "reasoning": self._reasoning_events}
         for index, item in enumerate(response["output"]):
-            events += self._message_end(item) if item["type"] == "message" else self._call_events(index, item)
+            events += ends[item["type"]](index, item)
         return events + [self._event(f"response.{response['status']}", response=response)]
 
-    def _message_end(self, item: dict) -> list[dict]:
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+    def _message_end(self, index: int, item: dict) -> list[dict]:
+        where = {"item_id": self.item_id, "output_index": index, "content_index": 0}
         (part,) = item["content"]
         events = []
         if not self._opened:  # a tool call's output that ended as text (cut short), a reasoning model's answer
-            events += self._open_message()
+            events += self._open_message(index)
             events.append(
                 self._event("response.output_text.delta", **where, delta=part["text"], logprobs=part["logprobs"])
             )
         return events + [
             self._event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"]),
             self._event("response.content_part.done", **where, part=part),
-            self._event("response.output_item.done", output_index=0, item=item),
+            self._event("response.output_item.done", output_index=index, item=item),
+        ]
+
+    def _reasoning_events(self, index: int, item: dict) -> list[dict]:
+        where, text = {"item_id": item["id"], "output_index": index, "content_index": 0}, item["content"][0]["text"]
+        return [
+            self._event("response.output_item.added", output_index=index, item=self._reasoning("", "in_progress")),
+            self._event("response.reasoning_text.delta", **where, delta=text),
+            self._event("response.reasoning_text.done", **where, text=text),
+            self._event("response.output_item.done", output_index=index, item=item),
         ]
 
     def _call_events(self, index: int, item: dict) -> list[dict]:

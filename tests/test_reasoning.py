@@ -1,6 +1,6 @@
 """A reasoning model's thinking apart from its answer (vLLM's --reasoning-parser): `reasoning` and `content` in chat
-responses, whole and streamed. The default model does not think, so a regex makes it write <think>...</think>
-first, and a continued assistant message opens the thinking in the prompt."""
+and Responses, whole and streamed. The default model does not think, so a regex makes it write <think>...</think>
+first, and a chat template opens the thinking in the prompt, as DeepSeek-R1's does."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def thinking(thinking_url) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{thinking_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+OPENING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+"""DeepSeek-R1's way: the generation prompt opens the thinking (the default model then never closes it)."""
+
+
+@pytest.fixture(scope="module")
+def opening(fleet, model_dir) -> openai.OpenAI:
+    models = json.dumps({MODEL: {"reasoning_parser": "deepseek_r1", "chat_template": OPENING_TEMPLATE}})
+    url = fleet.gateway(LLMFLEET_MODELS=models, LLMFLEET_PROTECTION__AUTH="open").url
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 def test_the_thinking_comes_apart_from_the_answer(thinking, client):
     plain = client.chat.completions.create(
         model=MODEL, messages=QUESTION, max_tokens=80, temperature=0, extra_body=FORCED
@@ -61,13 +75,17 @@ def test_a_stream_sends_the_same_thinking_and_answer_in_their_own_fields(thinkin
     assert not any("<think>" in (d.content or "") + (getattr(d, "reasoning", None) or "") for d in deltas)
 
 
-def test_a_prompt_that_opens_the_thinking_makes_the_output_thinking(thinking):
-    opened = [*QUESTION, {"role": "assistant", "content": "<think>\n"}]
-    continued = {"add_generation_prompt": False, "continue_final_message": True}
-    reply = thinking.chat.completions.create(
-        model=MODEL, messages=opened, max_tokens=8, temperature=0, extra_body=continued
-    ).choices[0]
+def test_a_prompt_that_opens_the_thinking_makes_the_output_thinking(opening):
+    reply = opening.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0).choices[0]
     assert reply.message.reasoning and reply.message.content is None
+    forced = opening.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=20,
+        temperature=0,
+        extra_body={"structured_outputs": {"regex": ANSWER}},
+    ).choices[0]
+    assert re.fullmatch(ANSWER, forced.message.content), "an output a grammar shapes is all answer"
 
 
 def test_a_response_sent_back_as_history_is_taken_with_its_thinking(thinking):
@@ -84,13 +102,24 @@ def test_a_response_sent_back_as_history_is_taken_with_its_thinking(thinking):
     assert refused.status_code == 400 and "Only assistant messages" in refused.json()["error"]["message"]
 
 
-def test_the_responses_api_gives_the_answer_without_the_thinking(thinking_url):
-    body = {"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 6, "stream": True}
-    with httpx.stream("POST", f"{thinking_url}/v1/responses", json=body, timeout=60) as response:
-        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
-    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
-    (done,) = [e["text"] for e in events if e["type"] == "response.output_text.done"]
-    assert events[-1]["type"] == "response.incomplete" and len(deltas) == 1 and deltas[0] == done
+def test_the_responses_api_gives_the_thinking_as_a_reasoning_item(opening):
+    chat = opening.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0).choices[0]
+    response = opening.responses.create(model=MODEL, input=QUESTION, max_output_tokens=8, temperature=0)
+    thought, answer = response.output
+    assert thought.type == "reasoning" and thought.content[0].text == chat.message.reasoning
+    assert answer.type == "message" and response.output_text == ""
+    events = list(
+        opening.responses.create(model=MODEL, input=QUESTION, max_output_tokens=8, temperature=0, stream=True)
+    )
+    (done,) = [e for e in events if e.type == "response.reasoning_text.done"]
+    assert done.text == chat.message.reasoning and done.output_index == 0
+    assert [e.output_index for e in events if e.type == "response.output_text.done"] == [1]
+    # The reasoning item goes back with the conversation, as the API asks of clients.
+    history = [*QUESTION, *(item.model_dump(exclude_none=True) for item in response.output)]
+    again = opening.responses.create(
+        model=MODEL, input=[*history, {"role": "user", "content": "Why?"}], max_output_tokens=4
+    )
+    assert again.status == "incomplete"
 
 
 @pytest.mark.parametrize(

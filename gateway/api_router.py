@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import metrics, tgi
 from gateway.batches import UPLOAD_PATH
+from gateway.embeddings import EmbeddingRequest
 from gateway.errors import APIError
 from gateway.protocol import (
     BatchCreateRequest,
@@ -94,6 +95,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     return await _completions(request).create("text", body, request)
+
+
+@router.post("/v1/embeddings")
+async def create_embeddings(body: EmbeddingRequest, request: Request):
+    return await _completions(request).embed(body, request)
 
 
 @router.post("/v1/responses")

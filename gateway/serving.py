@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
-from gateway import reasoning, responses, tgi, tool_calls
+from gateway import embeddings, reasoning, responses, tgi, tool_calls
 from gateway.api_keys import ApiKey
 from gateway.chat_deltas import ChoiceDeltas
 from gateway.completion_shapes import Kind, chunk, token_counts, usage_chunk, whole_response
@@ -217,6 +217,29 @@ class Completions:
             )
         finals = await self._finals(requests, http, admission)
         return JSONResponse(whole_response(kind, requests, finals), headers=headers)
+
+    async def embed(self, body: embeddings.EmbeddingRequest, http: Request):
+        """POST /v1/embeddings: one request an input, each ending with its prefill."""
+        name, spec = self.model_or_404(body.model)
+        tokenizer = self.tokenizers.get(name)
+        prompts = embeddings.prompt_ids(tokenizer, body, spec.max_context)
+        if self.deny_list.patterns:
+            self.deny_list.check(
+                [given if isinstance(given, str) else tokenizer.decode(given) for given in body.inputs()]
+            )
+        now = time.time()
+        deadline = now + requested_timeout_s(http.headers.get(TIMEOUT_HEADER), self.settings.request_timeout_s)
+        requests = [
+            InferenceRequest(
+                id=new_request_id(), model=name, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0),
+                stream=False, created=now, deadline=deadline, embed=True,
+            )
+            for ids in prompts
+        ]  # fmt: skip
+        http.state.model_name = name
+        admission = await self.enqueue(requests, getattr(http.state, "api_key", None))
+        finals = await self._finals(requests, http, admission)
+        return JSONResponse(embeddings.response(body.model, finals, body.encoding_format))
 
     async def respond(self, body: ResponsesRequest, http: Request):
         """POST /v1/responses: answered as the chat request it becomes (gateway.responses)."""

@@ -90,6 +90,8 @@ class InferenceRequest(BaseModel):
     """The output is a tool call (its grammar in sampling.grammar): the function's name, for a named tool_choice
     (the output is its arguments), or "*" for tool_choice 'required' (a JSON list of {name, parameters}); see
     gateway.tool_calls."""
+    embed: bool = False
+    """The request asks for its prompt's embedding (FinalResult.embedding) and ends with its prefill."""
     reasoning: Literal["open", "closed"] | None = None
     """A chat request to a model with a reasoning parser: whether its output starts inside the thinking ("open") or
     may open it ("closed"); see gateway.reasoning. None: the output is all answer."""
@@ -155,6 +157,8 @@ class FinalResult(BaseModel):
     reclaimed request's holds those its last worker generated: the tokens it resumed from came with no logits."""
     prompt_logprobs: list[TokenLogprob] | None = None
     """Every prompt token's, when the request asked for them."""
+    embedding: list[float] | None = None
+    """An `embed` request's: the final norm's output at the prompt's last token, L2-normalised."""
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
     conversation: str | None = None

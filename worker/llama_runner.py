@@ -415,6 +415,8 @@ class LlamaRunner:
             _, normed = self.layer_chain(hidden, normed, slot_idx, pos, pos + 1, tile_start, last_rows, chunks)
         else:
             normed = self._layers(hidden, normed, decode_slots, decode_positions, prefills, slot_idx, pos, last_rows)
+        self.last_hidden = normed
+        """The final norm's output of the step's rows with logits (the embeddings of the prompts that end here)."""
         if self.pad_logit_rows:
             normed = normed[[*range(n_logits)] + [n_logits - 1] * (max(4, n_logits + n_logits % 2) - n_logits)]
         return (self.logits or self.lm_head)(normed)[:n_logits]

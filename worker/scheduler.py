@@ -80,6 +80,8 @@ class Computed:
     """None for a prompt chunk that does not end its prompt."""
     logprob: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    embedding: list[float] | None = None
+    """An embed request's, when its prompt ends in this step."""
 
 
 @dataclass
@@ -199,6 +201,9 @@ class Scheduler:
             seq.kv_len = seq.kv_len + 1 if decoded else seq.prefilled
             result = computed[seq.request.id]
             seq.prompt_logprobs += result.prompt_logprobs
+            if result.embedding is not None:
+                events.append(self._finish(seq, "stop", now, embedding=result.embedding))
+                continue
             if result.token is None:
                 continue
             try:
@@ -223,6 +228,7 @@ class Scheduler:
             every_row=every_row,
         )
         computed = {s.request.id: Computed() for s in decoding + [s for s, _ in prefilling]}
+        self._take_embeddings(len(decoding), prefilling, every_row, computed)
         if every_row:
             logits = self._take_prompt_logprobs(logits, len(decoding), prefilling, computed)
         # Rows of chunks that do not finish their prompt carry no next token.
@@ -246,6 +252,17 @@ class Scheduler:
             computed[seq.request.id].token = token
             computed[seq.request.id].logprob = logprobs.get(i)
         return computed
+
+    def _take_embeddings(
+        self, n_decode: int, prefilling: list[tuple[Sequence, PrefillChunk]], every_row: bool, computed: dict
+    ) -> None:
+        """The embeddings of the embed requests whose prompts end in this step: their last rows' final norm."""
+        row = n_decode
+        for seq, chunk in prefilling:
+            row += len(chunk.tokens) if every_row else 1
+            if seq.request.embed and seq.decoding:
+                hidden = self.runner.last_hidden[row - 1].float()
+                computed[seq.request.id].embedding = torch.nn.functional.normalize(hidden, dim=0).tolist()
 
     def _compute_each(
         self, decoding: list[Sequence], prefilling: list[tuple[Sequence, PrefillChunk]], error: Exception
@@ -487,6 +504,7 @@ class Scheduler:
         logprobs: list[TokenLogprob] | None = None,
         error: str | None = None,
         stop_reason: str | int | None = None,
+        embedding: list[float] | None = None,
     ) -> StepEvent:
         del self.running[seq.request.id]
         self.slots.park(seq.slot, seq.kv_tokens())
@@ -503,6 +521,7 @@ class Scheduler:
             error=error,
         )
         final.stop_reason = stop_reason
+        final.embedding = embedding
         if seq.request.sampling.logprobs is not None:
             final.logprobs = seq.logprobs
         if seq.request.sampling.prompt_logprobs is not None:

@@ -491,7 +491,7 @@ class BatchCreateRequest(_Strict):
     """POST /v1/batches, as OpenAI's Batch API has it."""
 
     input_file_id: Annotated[str, Field(min_length=1, max_length=256)]
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"]
     completion_window: Literal["24h"]
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
 

@@ -169,6 +169,25 @@ class Completions:
             reasoning=thinking,
         )
 
+    def build_embeddings(
+        self, body: embeddings.EmbeddingRequest, headers: Mapping[str, str] | None = None
+    ) -> list[InferenceRequest]:
+        """One request an input (`headers` may carry a timeout shorter than the configured one)."""
+        name, spec = self.model_or_404(body.model)
+        tokenizer = self.tokenizers.get(name)
+        prompts = embeddings.prompt_ids(tokenizer, body, spec.max_context)
+        if self.deny_list.patterns:
+            self.deny_list.check([tokenizer.decode(ids) for ids in prompts])
+        now = time.time()
+        timeout_s = requested_timeout_s((headers or {}).get(TIMEOUT_HEADER), self.settings.request_timeout_s)
+        return [
+            InferenceRequest(
+                id=new_request_id(), model=name, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0),
+                stream=False, created=now, deadline=now + timeout_s, embed=True,
+            )
+            for ids in prompts
+        ]  # fmt: skip
+
     def build_all(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str] | None = None
     ) -> list[InferenceRequest]:
@@ -220,23 +239,8 @@ class Completions:
 
     async def embed(self, body: embeddings.EmbeddingRequest, http: Request):
         """POST /v1/embeddings: one request an input, each ending with its prefill."""
-        name, spec = self.model_or_404(body.model)
-        tokenizer = self.tokenizers.get(name)
-        prompts = embeddings.prompt_ids(tokenizer, body, spec.max_context)
-        if self.deny_list.patterns:
-            self.deny_list.check(
-                [given if isinstance(given, str) else tokenizer.decode(given) for given in body.inputs()]
-            )
-        now = time.time()
-        deadline = now + requested_timeout_s(http.headers.get(TIMEOUT_HEADER), self.settings.request_timeout_s)
-        requests = [
-            InferenceRequest(
-                id=new_request_id(), model=name, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0),
-                stream=False, created=now, deadline=deadline, embed=True,
-            )
-            for ids in prompts
-        ]  # fmt: skip
-        http.state.model_name = name
+        requests = self.build_embeddings(body, http.headers)
+        http.state.model_name = requests[0].model
         admission = await self.enqueue(requests, getattr(http.state, "api_key", None))
         finals = await self._finals(requests, http, admission)
         return JSONResponse(embeddings.response(body.model, finals, body.encoding_format))

@@ -17,8 +17,9 @@ from itertools import islice
 
 import structlog
 
-from gateway import responses
+from gateway import embeddings, responses
 from gateway.completion_shapes import Kind, whole_response
+from gateway.embeddings import EmbeddingRequest
 from gateway.errors import APIError, failure, first_failure
 from gateway.jobs import parse_body
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
@@ -35,18 +36,21 @@ LEASE_TTL_S = 10.0
 """A run refreshes its lease at least every WAIT_MS; one whose lease lapsed this long is taken as dead."""
 WAIT_MS = 1000
 ENDPOINT_KINDS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "text", "/v1/responses": "chat"}
+"""The response kind of each endpoint whose lines are chat or completion requests (not /v1/embeddings)."""
 
 
 @dataclass
 class Line:
     index: int
     custom_id: str | None
-    kind: Kind
+    kind: Kind | None
     requests: list[InferenceRequest]
     """One a prompt and choice, in the order of the response's choices (ids the batch's, so a new run of the batch
     finds them again)."""
     responses: ResponsesRequest | None = None
     """The line's body, in a batch of the Responses API (its response is written from it)."""
+    embeddings: EmbeddingRequest | None = None
+    """The line's body, in a batch of embeddings."""
 
 
 class LineError(Exception):
@@ -70,7 +74,7 @@ class BatchRun:
         self.state = state
         self.id = state.meta.id
         self.token = uuid.uuid4().hex
-        self.kind = ENDPOINT_KINDS[state.meta.endpoint]
+        self.kind = ENDPOINT_KINDS.get(state.meta.endpoint)
         self.in_flight: dict[int, Line] = {}
         self.first_with_id: dict[str | None, int] = {}  # custom_id -> the first line that has it
 
@@ -163,16 +167,20 @@ class BatchRun:
         if item.get("method", "POST") != "POST" or item.get("url") != self.state.meta.endpoint:
             endpoint = self.state.meta.endpoint
             raise LineError("invalid_url", f"Each line must be a POST to the batch's endpoint {endpoint}.")
-        asked = None
+        asked = embedded = None
         try:
-            if self.state.meta.endpoint == "/v1/responses":
-                asked = responses.parse(item.get("body"))
-                if asked.previous_response_id:
-                    raise APIError(400, "A batch line cannot continue a stored response.", code="unsupported_value")
-                body = responses.chat_request(asked, responses.conversation(asked, []))
+            if self.state.meta.endpoint == "/v1/embeddings":
+                embedded = embeddings.parse(item.get("body"))
+                requests = self.completions.build_embeddings(embedded)
             else:
-                _, body = parse_body(item.get("body"), self.kind)
-            requests = self.completions.build_all(self.kind, body)
+                if self.state.meta.endpoint == "/v1/responses":
+                    asked = responses.parse(item.get("body"))
+                    if asked.previous_response_id:
+                        raise APIError(400, "A batch line cannot continue a stored response.", code="unsupported_value")
+                    body = responses.chat_request(asked, responses.conversation(asked, []))
+                else:
+                    _, body = parse_body(item.get("body"), self.kind)
+                requests = self.completions.build_all(self.kind, body)
         except APIError as error:
             raise LineError(error.code or "invalid_request", error.message) from None
         # The line's index names its requests: the first `<batch>-<line>`, the later ones `-<place>` after it.
@@ -190,7 +198,7 @@ class BatchRun:
             )  # fmt: skip
             for r in requests
         ]
-        return Line(index, custom_id, self.kind, requests, asked)
+        return Line(index, custom_id, self.kind, requests, asked, embedded)
 
     async def _dispatch(self, index: int, lines: list[str]) -> None:
         line = await self._prepare_or_record(index, lines[index])
@@ -232,7 +240,9 @@ class BatchRun:
     def _line_output(self, line: Line, finals: list[FinalResult]) -> dict:
         failed = first_failure(finals)
         if failed is None:
-            if line.responses is not None:
+            if line.embeddings is not None:
+                response = embeddings.response(line.embeddings.model, finals, line.embeddings.encoding_format)
+            elif line.responses is not None:
                 response = responses.ResponseWriter(line.responses, line.requests[0]).response(finals[0])
             else:
                 response = whole_response(line.kind, line.requests, finals)

@@ -193,7 +193,7 @@ def test_unknown_batches_and_files_are_404_and_bad_batches_400(client, jobs):
     with pytest.raises(openai.NotFoundError):
         client.files.content("file-nope")
     with pytest.raises(openai.BadRequestError):
-        client.batches.create(input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h")
+        client.batches.create(input_file_id="file-x", endpoint="/v1/moderations", completion_window="24h")
 
 
 def test_a_batch_of_the_responses_api_answers_each_line_with_a_response(client, jobs):
@@ -207,3 +207,17 @@ def test_a_batch_of_the_responses_api_answers_each_line_with_a_response(client, 
     assert response["object"] == "response" and response["output"][0]["type"] == "message"
     assert response["usage"]["output_tokens"] <= 4 and response["instructions"] == "Answer briefly."
     assert rows[1]["error"] and rows[2]["error"] and rows[1]["response"] is None
+
+
+def test_a_batch_of_embeddings_answers_each_line_as_the_synchronous_endpoint(client, http, jobs):
+    def line(i: int, body: dict) -> str:
+        return json.dumps({"custom_id": f"e-{i}", "method": "POST", "url": "/v1/embeddings", "body": body})
+
+    good = {"model": MODEL, "input": ["The cat sat on the mat.", "A dog barked."]}
+    lines = [line(0, good), line(1, {**good, "dimensions": 8}), line(2, {"model": MODEL, "input": ""})]
+    rows = output(client, wait_for(client, submit(client, lines, "/v1/embeddings").id, ("completed",)))
+    body = rows[0]["response"]["body"]
+    direct = http.post("/v1/embeddings", json=good).json()
+    assert [d["embedding"] for d in body["data"]] == [d["embedding"] for d in direct["data"]]
+    assert body["usage"] == direct["usage"]
+    assert rows[1]["error"]["message"] and rows[2]["error"] and rows[1]["response"] is None

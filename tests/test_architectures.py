@@ -33,11 +33,14 @@ SERVED = {
     "qwen2-biases": ("qwen2", {}),
     "qwen3-qk-norms": ("qwen3", {}),
     "gemma": ("gemma", {}),
+    "smollm3-no-rope-layer": ("smollm3", {"no_rope_layers": [1, 0], "pad_token_id": 0}),
 }  # fmt: skip
 
 
 def tiny_model(model_type: str, vocab_size: int = SHAPE["vocab_size"], **extra) -> torch.nn.Module:
-    """Random weights, the norms' and biases' too (at their initial values, a runner that skipped them would match)."""
+    """Random weights, the norms' and biases' too (at their initial values, a runner that skipped them would match),
+    and queries and keys 4x larger: attention that nearly averages every position hides a rotation left out (a layer
+    of SmolLM3's rotated: logits 0.02 apart, 0.48 with these)."""
     config = AutoConfig.for_model(model_type, **{**SHAPE, "vocab_size": vocab_size, **extra})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
@@ -45,6 +48,8 @@ def tiny_model(model_type: str, vocab_size: int = SHAPE["vocab_size"], **extra) 
         for name, parameter in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
                 parameter.add_(torch.randn_like(parameter) * 0.3)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(4)
     return model
 
 

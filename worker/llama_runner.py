@@ -74,11 +74,12 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and not native_bf16(device) else dtype
 
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3")
 """The model types whose layers the runner computes as transformers' forward does (tests/test_architectures.py): a
 norm before attention and before the MLP, a gated MLP, q/k/v projections (with biases: Qwen2), per-head norms of the
-queries and keys (Qwen3). Others differ in ways it would not notice (Granite's multipliers, OLMo 2's norms after
-each block) or name their modules otherwise (Phi-3's fused q/k/v)."""
+queries and keys (Qwen3), layers without rotary embedding (SmolLM3's every fourth). Others differ in ways it would
+not notice (Granite's multipliers, OLMo 2's norms after each block) or name their modules otherwise (Phi-3's fused
+q/k/v)."""
 
 
 class ModelNotServable(ValueError):
@@ -221,6 +222,9 @@ class LlamaRunner:
         cos, sin = rotary(torch.empty(0, device=self.device), positions[None])
         self.cos = cos[0].to(self.compute_dtype)
         self.sin = sin[0].to(self.compute_dtype)
+        # SmolLM3 leaves some layers' queries and keys unrotated (no_rope_layers 0): a rotation by no angle.
+        self.rotated = [bool(r) for r in getattr(config, "no_rope_layers", None) or [1] * len(self.layers)]
+        self.unrotated = (torch.ones_like(self.cos), torch.zeros_like(self.sin)) if not all(self.rotated) else None
         self._positions = positions  # the matmul attention's masks
         self.layer_chain = self._layer_chain()
 
@@ -236,6 +240,7 @@ class LlamaRunner:
         if (
             not self.attention_kernel
             or self.qk_norms
+            or self.unrotated
             or None in products
             or any(rms_norm(norm) is norm for norm in norms)  # a norm the kernel does not compute
             or len({norm.variance_epsilon for norm in norms}) != 1
@@ -296,17 +301,18 @@ class LlamaRunner:
             decode_slots, decode_positions, prefills, slots, positions, self.n_kv, group, self._positions, scale
         )
 
-    def _kernel_rotary(self, slots: torch.Tensor, positions: torch.Tensor) -> Callable:
-        """qkv -> rotated queries, with rotated keys and values written to the cache: one kernel call a layer."""
+    def _kernel_rotary(self, slots: torch.Tensor, positions: torch.Tensor, tables: tuple | None = None) -> Callable:
+        """qkv -> rotated queries, with rotated keys and values written to the cache: one kernel call a layer.
+        `tables`: (cos, sin) other than the model's."""
         rotary = cpu_kernels.op("rotary_to_cache")
-        return lambda qkv, k_cache, v_cache: rotary(
-            qkv, self.n_heads, self.cos, self.sin, slots, positions, k_cache, v_cache
-        )
+        cos, sin = tables or (self.cos, self.sin)
+        return lambda qkv, k_cache, v_cache: rotary(qkv, self.n_heads, cos, sin, slots, positions, k_cache, v_cache)
 
-    def _torch_rotary(self, slots: torch.Tensor, positions: torch.Tensor) -> Callable:
+    def _torch_rotary(self, slots: torch.Tensor, positions: torch.Tensor, tables: tuple | None = None) -> Callable:
         """The same with torch ops."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = tables or (self.cos, self.sin)
+        cos = cos[positions].unsqueeze(1)
+        sin = sin[positions].unsqueeze(1)
         # Row of each new token's K/V, per kv head, in the cache viewed as [slots * n_kv * capacity, head_dim]:
         # computed once per step, then every layer writes with one index_copy_.
         heads = torch.arange(self.n_kv, device=self.device)
@@ -348,7 +354,9 @@ class LlamaRunner:
         """The step's layers, op by op: the final norm's rows that have logits (`last_rows`, where not all do)."""
         n_tokens = hidden.shape[0]
         attend = self._attention(decode_slots, decode_positions, prefills, slot_idx, pos)
-        to_cache = self._kernel_rotary(slot_idx, pos) if self.attention_kernel else self._torch_rotary(slot_idx, pos)
+        rotary = self._kernel_rotary if self.attention_kernel else self._torch_rotary
+        to_cache = rotary(slot_idx, pos)
+        unrotated = rotary(slot_idx, pos, self.unrotated) if self.unrotated else None
         if last_rows is not None:
             last_chunks = [PrefillChunk(c.slot, c.tokens[-1:], c.start + len(c.tokens) - 1) for c in prefills]
             attend_last = self._attention(
@@ -363,7 +371,7 @@ class LlamaRunner:
                 qkv = torch.cat([q_norm(q), k_norm(k), v], dim=1)
             qkv = qkv.to(self.compute_dtype)
             k_cache, v_cache = self.k_cache[layer_no], self.v_cache[layer_no]
-            q = to_cache(qkv, k_cache, v_cache)
+            q = (to_cache if self.rotated[layer_no] else unrotated)(qkv, k_cache, v_cache)
             if layer_no == last_layer and last_rows is not None:
                 q, hidden, attend = q[last_rows], hidden[last_rows], attend_last
             out = torch.empty(q.shape[0], self.n_heads, self.head_dim, dtype=self.compute_dtype, device=self.device)

@@ -19,11 +19,13 @@ from loadtest import random_model
 from shared.settings import ModelSpec
 from tests.conftest import MODEL
 from tests.fleet import create_api_key
-from worker import model_loader
+from worker import cpu_kernels, model_loader
+from worker.block_quant import BlockQuantLinear
 from worker.llama_runner import LlamaRunner, ModelNotServable, PrefillChunk
 
 SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=64, vocab_size=1024, max_position_embeddings=4096)  # fmt: skip
+CPU = torch.device("cpu")
 SERVED = {
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
@@ -79,13 +81,19 @@ def test_the_runner_computes_each_served_model_type_as_its_forward_does(case, ke
     assert_runner_matches_forward(model, runner)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
-def test_their_gptq_checkpoints_too(model_type, settings, model_dir, tmp_path):
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_their_gptq_checkpoints_run_on_the_workers_kernel_as_gptqmodel_computes_them(
+    model_type, settings, model_dir, tmp_path
+):
     dense = tiny_model(model_type)
     path = Path(save_tiny(dense, tmp_path, settings.dense_model_dir(MODEL)))
     random_model.write_gptq(dense, path)  # each weight rounded to its group's 4-bit grid
-    model = model_loader.load(path, ModelSpec(path=path, quantization="gptq"), torch.device("cpu")).model
-    assert_runner_matches_forward(model)
+    theirs = model_loader.load(path, ModelSpec(path=path, quantization="gptq", cpu_kernel="aten"), CPU).model
+    ours = model_loader.load(path, ModelSpec(path=path, quantization="gptq"), CPU).model
+    if cpu_kernels.available():  # the layers without a bias (Qwen2's q/k/v have one) on the worker's block kernel
+        assert isinstance(ours.model.layers[0].mlp.down_proj, BlockQuantLinear)
+        assert isinstance(ours.model.layers[0].self_attn.q_proj, BlockQuantLinear) == (model_type != "qwen2")
+    assert_runner_matches_forward(theirs, LlamaRunner(ours, slots=1, capacity=512))
 
 
 @pytest.mark.parametrize(

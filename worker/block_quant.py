@@ -91,6 +91,28 @@ class BlockQuantLinear(torch.nn.Module):
         return cls(pack(codes, 4), scales, mins, 4, group)
 
     @classmethod
+    def from_gptq_module(cls, module: torch.nn.Module) -> BlockQuantLinear | None:
+        """A loaded GPTQ layer (gptqmodel's, zero points as it holds them: integers) as Q4_1 blocks, d = scale and
+        m = -scale * zero (rounded to float16 where the zero is not a power of two); None where the layer is not one
+        the kernel computes (not 4 bits, a bias, act-order's permuted groups, a group not a multiple of 32)."""
+        if not all(hasattr(module, name) for name in ("qweight", "qzeros", "scales", "g_idx", "bits", "group_size")):
+            return None
+        group, (in_features, out_features) = module.group_size, (module.in_features, module.out_features)
+        if (
+            module.bits != 4
+            or getattr(module, "bias", None) is not None
+            or group % 32
+            or in_features % group
+            or out_features % BLOCK_N
+            or not torch.equal(module.g_idx.cpu(), torch.arange(in_features, dtype=module.g_idx.dtype) // group)
+        ):
+            return None
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+        zeros = ((module.qzeros.unsqueeze(2) >> shifts) & 0xF).reshape(module.qzeros.shape[0], -1)  # [groups, out]
+        mins = (-module.scales.float() * zeros).to(torch.float16)
+        return cls.from_gptq(module.qweight, module.scales, mins, group)
+
+    @classmethod
     def concat(cls, layers: list[BlockQuantLinear]) -> BlockQuantLinear:
         """One layer whose outputs are those of `layers` side by side; the layers keep working, on its memory."""
         fused = cls(

@@ -14,7 +14,7 @@ import structlog
 import torch
 
 from shared.settings import ModelSpec, Settings
-from worker import gguf_grid
+from worker import cpu_kernels, gguf_grid
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +58,23 @@ def _library_logs_as_json() -> None:
         LogBar.shared().setLevel(logging.ERROR)
 
 
+def own_gptq_layers(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """A GPTQ checkpoint's 4-bit layers onto the worker's own block kernel where it runs (bf16): the runner then
+    calls them fused, and chains a step's layers in one call where all are so; the layers it cannot take stay
+    gptqmodel's. Returns how many it took."""
+    from worker.block_quant import BlockQuantLinear
+
+    if dtype != torch.bfloat16 or not cpu_kernels.available():
+        return 0
+    taken = 0
+    for name, module in list(model.named_modules()):
+        if (own := BlockQuantLinear.from_gptq_module(module)) is not None:
+            model.set_submodule(name, own)
+            taken += 1
+    log.info("model.gptq_on_own_kernel", layers=taken)
+    return taken
+
+
 def load(path: Path, spec: ModelSpec, device: torch.device) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPTQConfig
 
@@ -80,6 +97,8 @@ def load(path: Path, spec: ModelSpec, device: torch.device) -> LoadedModel:
     model.eval()
     if exact_grid:
         gguf_grid.load_blocks(model, path, dtype, own_kernel=spec.cpu_kernel == "auto")
+    elif spec.quantization == "gptq" and device.type == "cpu" and spec.cpu_kernel == "auto":
+        own_gptq_layers(model, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos: set[int] = set()
     for source in (GenerationConfig.from_pretrained(path).eos_token_id, model.config.eos_token_id):

@@ -42,8 +42,8 @@ class ModelSpec(BaseModel):
     weights as the fields below say (perplexity x1.47 at best for the default model, loadtest/RESULTS.md)."""
     cpu_kernel: Literal["auto", "aten"] = "auto"
     """What computes the 4-bit layers on a CPU. auto: the worker's own kernel (worker.block_quant) where it builds
-    (AVX512, AVX2, worker.cpu_kernels) for the gguf grid and a GPTQ checkpoint's layers (4 bits, no act-order, no
-    bias), gptqmodel's kernels and a bf16 embedding elsewhere; aten: gptqmodel's everywhere."""
+    (AVX512, AVX2, worker.cpu_kernels) for the gguf grid and a GPTQ checkpoint's layers (4 bits, no act-order),
+    gptqmodel's kernels and a bf16 embedding elsewhere; aten: gptqmodel's everywhere."""
     gpu_kernel: str = "auto"
     """gptqmodel's kernel for a GPTQ model on a GPU, a `gptqmodel.BACKEND` value: gptq_marlin, gptq_exllama_v2,
     gptq_triton, gptq_torch, ...; auto lets gptqmodel choose. Its CUDA kernels are compiled on first use."""

@@ -90,9 +90,9 @@ def test_their_gptq_checkpoints_run_on_the_workers_kernel_as_gptqmodel_computes_
     random_model.write_gptq(dense, path)  # each weight rounded to its group's 4-bit grid
     theirs = model_loader.load(path, ModelSpec(path=path, quantization="gptq", cpu_kernel="aten"), CPU).model
     ours = model_loader.load(path, ModelSpec(path=path, quantization="gptq"), CPU).model
-    if cpu_kernels.available():  # the layers without a bias (Qwen2's q/k/v have one) on the worker's block kernel
-        assert isinstance(ours.model.layers[0].mlp.down_proj, BlockQuantLinear)
-        assert isinstance(ours.model.layers[0].self_attn.q_proj, BlockQuantLinear) == (model_type != "qwen2")
+    if cpu_kernels.available():  # on the worker's block kernel, Qwen2's q/k/v with their biases too
+        layer = ours.model.layers[0]
+        assert all(isinstance(p, BlockQuantLinear) for p in (layer.mlp.down_proj, layer.self_attn.q_proj))
     assert_runner_matches_forward(theirs, LlamaRunner(ours, slots=1, capacity=512))
 
 

@@ -70,37 +70,52 @@ class TileRows:
 
 
 class BlockQuantLinear(torch.nn.Module):
-    """A bias-free linear layer over GGUF blocks: bf16 activations in and out."""
+    """A linear layer over GGUF blocks: bf16 activations in and out (a bias, Qwen2's q/k/v, added to the product)."""
 
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int):
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor | None,
+        bits: int,
+        group: int,
+        bias: torch.Tensor | None = None,
+    ):
         """scales, mins: float16 [in / group, out] (or already by_block)."""
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("scales", by_block(scales))  # float16 [out / BLOCK_N, in / group, BLOCK_N]
         self.register_buffer("mins", None if mins is None else by_block(mins))
+        self.register_buffer("bias", bias)
         self.bits, self.group_size = bits, group
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 8 // bits
         self.matmul = cpu_kernels.op(cpu_kernels.block_quant_op())
 
     @classmethod
-    def from_gptq(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) -> BlockQuantLinear:
+    def from_gptq(
+        cls,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor,
+        group: int,
+        bias: torch.Tensor | None = None,
+    ) -> BlockQuantLinear:
         """Q4_1 from a GPTQ checkpoint's int32 qweight [in / 8, out] and the groups' float16 scales and minimums."""
         shifts = torch.arange(0, 32, 4, dtype=torch.int32)
         codes = (qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF  # [in / 8, 8, out]
         codes = codes.reshape(-1, qweight.shape[1]).t().to(torch.uint8)
-        return cls(pack(codes, 4), scales, mins, 4, group)
+        return cls(pack(codes, 4), scales, mins, 4, group, bias)
 
     @classmethod
     def from_gptq_module(cls, module: torch.nn.Module) -> BlockQuantLinear | None:
         """A loaded GPTQ layer (gptqmodel's, zero points as it holds them: integers) as Q4_1 blocks, d = scale and
         m = -scale * zero (rounded to float16 where the zero is not a power of two); None where the layer is not one
-        the kernel computes (not 4 bits, a bias, act-order's permuted groups, a group not a multiple of 32)."""
+        the kernel computes (not 4 bits, act-order's permuted groups, a group not a multiple of 32)."""
         if not all(hasattr(module, name) for name in ("qweight", "qzeros", "scales", "g_idx", "bits", "group_size")):
             return None
         group, (in_features, out_features) = module.group_size, (module.in_features, module.out_features)
         if (
             module.bits != 4
-            or getattr(module, "bias", None) is not None
             or group % 32
             or in_features % group
             or out_features % BLOCK_N
@@ -110,7 +125,8 @@ class BlockQuantLinear(torch.nn.Module):
         shifts = torch.arange(0, 32, 4, dtype=torch.int32)
         zeros = ((module.qzeros.unsqueeze(2) >> shifts) & 0xF).reshape(module.qzeros.shape[0], -1)  # [groups, out]
         mins = (-module.scales.float() * zeros).to(torch.float16)
-        return cls.from_gptq(module.qweight, module.scales, mins, group)
+        bias = module.bias.to(torch.bfloat16) if getattr(module, "bias", None) is not None else None
+        return cls.from_gptq(module.qweight, module.scales, mins, group, bias)
 
     @classmethod
     def concat(cls, layers: list[BlockQuantLinear]) -> BlockQuantLinear:
@@ -121,6 +137,7 @@ class BlockQuantLinear(torch.nn.Module):
             torch.cat([layer.mins for layer in layers]) if layers[0].mins is not None else None,
             layers[0].bits,
             layers[0].group_size,
+            _concat_biases(layers),
         )
         start = 0
         for layer in layers:
@@ -129,12 +146,16 @@ class BlockQuantLinear(torch.nn.Module):
             layer.scales = fused.scales[blocks]
             if layer.mins is not None:
                 layer.mins = fused.mins[blocks]
+            if layer.bias is not None:
+                layer.bias = fused.bias[start : start + layer.out_features]
             start += layer.out_features
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
         out = self.matmul(rows, self.packed, self.scales, self.mins, self.group_size, self.bits)
+        if self.bias is not None:
+            out += self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
     def rows_call(self, tile_rows: TileRows | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -147,19 +168,31 @@ class BlockQuantLinear(torch.nn.Module):
         )  # fmt: skip
         tile_op = cpu_kernels.tile_op() if tile_rows is not None else None
         if tile_op is None:
-            return lambda x: matmul(x, packed, scales, mins, group, bits)
-        tiles = cpu_kernels.op(tile_op)
+            product = lambda x: matmul(x, packed, scales, mins, group, bits)  # noqa: E731
+        else:
+            tiles = cpu_kernels.op(tile_op)
 
-        def split(x: torch.Tensor) -> torch.Tensor:
-            start = tile_rows.start
-            if start >= x.shape[0]:
-                return matmul(x, packed, scales, mins, group, bits)
-            if start == 0:
-                return tiles(x, packed, scales, mins, group, bits)
-            decoding = matmul(x[:start], packed, scales, mins, group, bits)
-            return torch.cat([decoding, tiles(x[start:], packed, scales, mins, group, bits)])
+            def product(x: torch.Tensor) -> torch.Tensor:
+                start = tile_rows.start
+                if start >= x.shape[0]:
+                    return matmul(x, packed, scales, mins, group, bits)
+                if start == 0:
+                    return tiles(x, packed, scales, mins, group, bits)
+                decoding = matmul(x[:start], packed, scales, mins, group, bits)
+                return torch.cat([decoding, tiles(x[start:], packed, scales, mins, group, bits)])
 
-        return split
+        if self.bias is None:
+            return product
+        bias = self.bias
+        return lambda x: product(x).add_(bias)
+
+
+def _concat_biases(layers: list[BlockQuantLinear]) -> torch.Tensor | None:
+    """The fused layer's bias: the layers' side by side (zeros for those without one), None where none has one."""
+    if all(layer.bias is None for layer in layers):
+        return None
+    zeros = [torch.zeros(layer.out_features, dtype=torch.bfloat16) for layer in layers]
+    return torch.cat([zero if layer.bias is None else layer.bias for zero, layer in zip(zeros, layers)])
 
 
 class BlockQuantEmbedding(torch.nn.Module):

@@ -242,6 +242,7 @@ class LlamaRunner:
             or self.qk_norms
             or self.unrotated
             or None in products
+            or any(p.bias is not None for layer in products for p in layer)  # the chain adds no bias
             or any(rms_norm(norm) is norm for norm in norms)  # a norm the kernel does not compute
             or len({norm.variance_epsilon for norm in norms}) != 1
             or len({(p.bits, p.group_size) for layer in products for p in layer}) != 1

@@ -123,14 +123,15 @@ def save_tiny(model: torch.nn.Module, out, tokenizer_dir) -> str:
     return str(out)
 
 
-def test_a_worker_given_a_model_it_cannot_serve_exits_saying_why_and_is_not_restarted(settings, model_dir, tmp_path):
+def test_a_worker_given_a_model_it_cannot_serve_exits_saying_why(settings, model_dir, tmp_path):
     tokenizer_dir = settings.dense_model_dir(MODEL)
     path = save_tiny(tiny_model("phi3", vocab_size=49152, pad_token_id=0), tmp_path / "phi3", tokenizer_dir)
     env = {**os.environ, "LLMFLEET_MODELS": json.dumps({"tiny-phi3": {"path": path, "quantization": "none"}})}
     worker = [sys.executable, "-m", "worker", "--model", "tiny-phi3"]
-    done = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == os.EX_CONFIG  # what the supervisor (llmfleet up) takes as "do not restart"
-    assert "model type 'phi3' is not one the worker runs" in done.stdout + done.stderr
+    for command in (worker + ["--prepare-only"], worker):  # at build time already, and at start-up
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == os.EX_CONFIG  # what the supervisor (llmfleet up) takes as "do not restart"
+        assert "model type 'phi3' is not one the worker runs" in done.stdout + done.stderr
 
 
 def test_a_qwen3_checkpoint_is_served_through_the_gateway_with_its_sampling_defaults(

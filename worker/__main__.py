@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -11,12 +12,13 @@ import uuid
 
 import redis
 import structlog
+from transformers import AutoConfig
 
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
 from worker import cpu_kernels, model_loader, model_store, step_cost
 from worker.http_server import WorkerHTTPServer
-from worker.llama_runner import LlamaRunner, ModelNotServable
+from worker.llama_runner import LlamaRunner, ModelNotServable, check_runs
 from worker.scheduler import Scheduler
 from worker.service import WorkerService
 
@@ -58,6 +60,17 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
     )
 
 
+@contextlib.contextmanager
+def refusing(model: str):
+    """A model the worker cannot serve ends the process with EX_CONFIG, its reason logged: the supervisor (llmfleet
+    up) does not restart a worker that exits so."""
+    try:
+        yield
+    except ModelNotServable as error:
+        log.error("worker.model_not_servable", model=model, reason=str(error))
+        raise SystemExit(os.EX_CONFIG) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker")
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -75,7 +88,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.prepare_only:
         model_loader.configure_torch(settings)
-        print(model_store.prepare(settings, args.model))
+        path = model_store.prepare(settings, args.model)
+        with refusing(args.model):  # at build time, not first at start-up
+            check_runs(AutoConfig.from_pretrained(path), settings.models[args.model].max_context)
+        print(path)
         if model_loader.pick_device(settings.device).type == "cpu":
             cpu_kernels.block_quant_op()  # builds the kernels, and times the block kernel's variants once
         return
@@ -87,11 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     http = WorkerHTTPServer(settings.worker_http_host, settings.worker_http_port, settings.worker_stall_s).start()
     log.info("worker.http", host=settings.worker_http_host, port=http.port)
     try:
-        scheduler = build_scheduler(settings, args.model, worker_id)
-    except ModelNotServable as error:
-        log.error("worker.model_not_servable", model=args.model, reason=str(error))
+        with refusing(args.model):
+            scheduler = build_scheduler(settings, args.model, worker_id)
+    except SystemExit:
         http.stop()
-        raise SystemExit(os.EX_CONFIG) from None  # the supervisor does not restart a worker that exits so
+        raise
     client = redis.Redis.from_url(
         settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
     )

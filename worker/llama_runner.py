@@ -170,7 +170,7 @@ class LlamaRunner:
         self.scale = self.layers[0].self_attn.scaling
         # Qwen3 normalises each head's query and key before the rotation.
         attentions = [layer.self_attn for layer in self.layers]
-        self.qk_norms = [(attn.q_norm, attn.k_norm) for attn in attentions if hasattr(attn, "q_norm")]
+        self.qk_norms = [(a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None for a in attentions]
         self.slots = slots
         self.capacity = capacity = padded(capacity)
         self.dtype = model.dtype
@@ -239,7 +239,7 @@ class LlamaRunner:
         norms = [self.layers[0].input_layernorm, *attention_norms, *self.next_norms]
         if (
             not self.attention_kernel
-            or self.qk_norms
+            or any(self.qk_norms)
             or self.unrotated
             or None in products
             or any(p.bias is not None for layer in products for p in layer)  # the chain adds no bias
@@ -366,7 +366,7 @@ class LlamaRunner:
         last_layer = len(self.calls) - 1
         for layer_no, (calls, (mlp_norm, next_norm)) in enumerate(zip(self.calls, self.residual_norms)):
             qkv = calls.qkv(normed).view(n_tokens, -1, self.head_dim)
-            if self.qk_norms:
+            if self.qk_norms[layer_no]:
                 q_norm, k_norm = self.qk_norms[layer_no]
                 q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
                 qkv = torch.cat([q_norm(q), k_norm(k), v], dim=1)

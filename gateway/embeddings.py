@@ -8,9 +8,9 @@ import base64
 import struct
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from gateway.errors import APIError, invalid_body
+from gateway.errors import APIError
 from gateway.prompts import PromptTokenizer, check_token_ids
 from gateway.protocol import MAX_SEQUENCES, Text, TokenId, _Strict
 from shared.protocol import FinalResult
@@ -31,14 +31,6 @@ class EmbeddingRequest(_Strict):
     def inputs(self) -> list[str | list[int]]:
         given = self.input
         return [given] if isinstance(given, str) or isinstance(given[0], int) else list(given)
-
-
-def parse(body: object) -> EmbeddingRequest:
-    """A body read outside a route (a batch line), refused as the route refuses it."""
-    try:
-        return EmbeddingRequest.model_validate(body)
-    except ValidationError as error:
-        raise invalid_body(error) from None
 
 
 def prompt_ids(tokenizer: PromptTokenizer, body: EmbeddingRequest, context: int) -> list[list[int]]:

@@ -16,11 +16,11 @@ import json
 import time
 from collections.abc import Mapping
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from gateway.api_keys import ApiKey
 from gateway.completion_shapes import Kind, whole_response
-from gateway.errors import APIError, failure, first_failure, invalid_body
+from gateway.errors import APIError, failure, first_failure, validated
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
 from gateway.serving import Completions
@@ -59,10 +59,7 @@ def parse_body(body: object, kind: Kind | None = None) -> tuple[Kind, ChatComple
         raise APIError(400, "The request body must be a JSON object.", code="invalid_value")
     kind = kind or ("chat" if "messages" in body else "text")
     model = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    try:
-        return kind, model.model_validate({**body, "stream": False})
-    except ValidationError as error:
-        raise invalid_body(error) from None
+    return kind, validated(model, {**body, "stream": False})
 
 
 class Jobs:

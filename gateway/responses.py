@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from gateway import tool_calls
-from gateway.errors import APIError, failure, invalid_body
+from gateway.errors import APIError, failure
 from gateway.logprobs import token_entries
 from gateway.protocol import MAX_LOGPROBS, ChatCompletionRequest, Text, _Strict
 from shared.protocol import FinalResult, InferenceRequest, TokenLogprob
@@ -175,14 +175,6 @@ class ResponsesRequest(BaseModel):
     @property
     def logprobs(self) -> bool:
         return bool(self.include)
-
-
-def parse(body: object) -> ResponsesRequest:
-    """A body read outside a route (a batch line), refused as the route refuses it."""
-    try:
-        return ResponsesRequest.model_validate(body)
-    except ValidationError as error:
-        raise invalid_body(error) from None
 
 
 def _given(body: ResponsesRequest) -> list[InputItem]:

@@ -240,10 +240,9 @@ class Completions:
     async def embed(self, body: embeddings.EmbeddingRequest, http: Request):
         """POST /v1/embeddings: one request an input, each ending with its prefill."""
         requests = self.build_embeddings(body, http.headers)
-        http.state.model_name = requests[0].model
-        admission = await self.enqueue(requests, getattr(http.state, "api_key", None))
+        admission, headers = await self._admit(requests, http, body.user)
         finals = await self._finals(requests, http, admission)
-        return JSONResponse(embeddings.response(body.model, finals, body.encoding_format))
+        return JSONResponse(embeddings.response(body.model, finals, body.encoding_format), headers=headers)
 
     async def respond(self, body: ResponsesRequest, http: Request):
         """POST /v1/responses: answered as the chat request it becomes (gateway.responses)."""
@@ -312,6 +311,14 @@ class Completions:
         """Build, admit and queue a request (one a prompt, and their other choices): the first, them all, the
         admission, the response's headers."""
         requests = self.build_all(kind, body, http.headers)
+        admission, headers = await self._admit(requests, http, body.user or getattr(body, "safety_identifier", None))
+        return requests[0], requests, admission, headers
+
+    async def _admit(
+        self, requests: list[InferenceRequest], http: Request, user: str | None
+    ) -> tuple[Admission | None, dict[str, str]]:
+        """Admit and queue a request's parts (as build_all or build_embeddings lays them out), logged: the admission
+        and the response's headers."""
         prompts = [r for r in requests if r.choice_of is None]
         request = requests[0]
         http.state.model_name = request.model  # a label of llmfleet:requests_total (gateway.metrics)
@@ -322,14 +329,14 @@ class Completions:
         log.info(
             "request.accepted",
             key_name=key.name if key else None,
-            user=body.user or getattr(body, "safety_identifier", None),
+            user=user,
             prompt_tokens=sum(len(p.prompt_token_ids) for p in prompts),
             max_tokens=request.sampling.max_tokens,
             prompts=len(prompts),
-            choices=body.n,
-            stream=body.stream,
+            choices=len(requests) // len(prompts),
+            stream=request.stream,
         )
-        return request, requests, admission, {"x-request-id": request.id, **(admission.headers if admission else {})}
+        return admission, {"x-request-id": request.id, **(admission.headers if admission else {})}
 
     def _streamed(self, events: AsyncIterator[dict], headers: dict[str, str]) -> EventSourceResponse:
         return EventSourceResponse(

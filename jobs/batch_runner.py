@@ -20,7 +20,7 @@ import structlog
 from gateway import embeddings, responses
 from gateway.completion_shapes import Kind, whole_response
 from gateway.embeddings import EmbeddingRequest
-from gateway.errors import APIError, failure, first_failure
+from gateway.errors import APIError, failure, first_failure, validated
 from gateway.jobs import parse_body
 from gateway.queue_client import GRACE_AFTER_DEADLINE_S
 from gateway.responses import ResponsesRequest
@@ -170,11 +170,11 @@ class BatchRun:
         asked = embedded = None
         try:
             if self.state.meta.endpoint == "/v1/embeddings":
-                embedded = embeddings.parse(item.get("body"))
+                embedded = validated(EmbeddingRequest, item.get("body"))
                 requests = self.completions.build_embeddings(embedded)
             else:
                 if self.state.meta.endpoint == "/v1/responses":
-                    asked = responses.parse(item.get("body"))
+                    asked = validated(ResponsesRequest, item.get("body"))
                     if asked.previous_response_id:
                         raise APIError(400, "A batch line cannot continue a stored response.", code="unsupported_value")
                     body = responses.chat_request(asked, responses.conversation(asked, []))

@@ -22,7 +22,9 @@ def forward_embedding(loaded_model, ids: list[int]) -> torch.Tensor:
 
 
 def test_an_embedding_is_the_models_last_hidden_state_normalised(http, loaded_model):
-    reply = http.post("/v1/embeddings", json={"model": MODEL, "input": TEXTS}).json()
+    response = http.post("/v1/embeddings", json={"model": MODEL, "input": TEXTS})
+    assert response.headers["x-request-id"]  # accepted, queued and logged as chat and completions are
+    reply = response.json()
     assert reply["object"] == "list" and [d["index"] for d in reply["data"]] == [0, 1]
     ids = [http.post("/tokenize", json={"model": MODEL, "prompt": text}).json()["tokens"] for text in TEXTS]
     assert reply["usage"] == {"prompt_tokens": sum(map(len, ids)), "total_tokens": sum(map(len, ids))}

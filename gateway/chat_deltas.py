@@ -34,5 +34,5 @@ class ChoiceDeltas:
             return {"content": message["content"]}, reason
         thought, answer = self.thinking.finish() if self.thinking else ("", "")
         if self.announcing:
-            answer = self.announcing.feed(answer) + self.announcing.held
+            answer = self.announcing.finish(answer)
         return reasoning.delta(thought, answer), reason

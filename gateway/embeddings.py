@@ -8,7 +8,7 @@ import base64
 import struct
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gateway.errors import APIError
 from gateway.prompts import PromptTokenizer, check_token_ids
@@ -28,6 +28,15 @@ class EmbeddingRequest(_Strict):
     dimensions: int | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
 
+    @model_validator(mode="after")
+    def _no_dimensions(self):
+        if self.dimensions is not None:
+            raise APIError(
+                400, "'dimensions' is not supported: the embedding has the model's hidden size.", param="dimensions",
+                code="unsupported_value",
+            )  # fmt: skip
+        return self
+
     def inputs(self) -> list[str | list[int]]:
         given = self.input
         return [given] if isinstance(given, str) or isinstance(given[0], int) else list(given)
@@ -35,11 +44,6 @@ class EmbeddingRequest(_Strict):
 
 def prompt_ids(tokenizer: PromptTokenizer, body: EmbeddingRequest, context: int) -> list[list[int]]:
     """Each input's token ids (text with the tokenizer's special tokens, as the model's own tokenizer adds them)."""
-    if body.dimensions is not None:
-        raise APIError(
-            400, "'dimensions' is not supported: the embedding has the model's hidden size.", param="dimensions",
-            code="unsupported_value",
-        )  # fmt: skip
     prompts = []
     for given in body.inputs():
         if isinstance(given, list):

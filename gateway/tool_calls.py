@@ -129,3 +129,8 @@ class Announcing:
             start = len(self.held) - reasoning.partial_tag(self.held, OPEN)
         sent, self.held = self.held[:start], self.held[start:]
         return sent
+
+    def finish(self, text: str) -> str:
+        """The last of the answer and all that was held, where no call came of it."""
+        sent, self.held = self.held + text, ""
+        return sent

@@ -165,3 +165,5 @@ def test_a_streamed_answer_is_held_back_only_from_a_calls_tag_on():
     sent = [announcing.feed(piece) for piece in ["Let me", " check <", "tool_", "call>{...}", "</tool_call>"]]
     assert sent == ["Let me", " check ", "", "", ""] and announcing.held == "<tool_call>{...}</tool_call>"
     assert tool_calls.Announcing().feed("a < b") == "a < b"
+    cut = tool_calls.Announcing()
+    assert (cut.feed("see <tool"), cut.finish("s")) == ("see ", "<tools"), "no call came of it: all of it, at the end"

@@ -3,12 +3,14 @@ final norm, L2-normalised, as transformers' forward gives it; float or base64, t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 
 import pytest
 import torch
 
+from loadtest import embeddings as embeddings_benchmark
 from tests.conftest import MODEL
 from tests.test_validation import assert_openai_error, post
 
@@ -63,3 +65,11 @@ def test_the_openai_client_gets_them_as_base64_floats(client, http):
 )
 def test_embedding_requests_that_cannot_be_served_get_openai_errors(http, body, status, param):
     assert_openai_error(post(http, {"model": MODEL, **body}, "/v1/embeddings"), status, param)
+
+
+def test_the_benchmark_times_the_gateway_and_its_baseline_on_the_same_texts(gateway_url, api_key):
+    inputs = embeddings_benchmark.texts(6, seed=0)
+    ours = asyncio.run(embeddings_benchmark.through_gateway(f"{gateway_url}/v1", MODEL, inputs, 3, 2, api_key=api_key))
+    theirs = embeddings_benchmark.InProcess(MODEL).run(inputs, 3)
+    assert ours[0] > 0 and theirs[0] > 0 and len(ours[2]) == len(theirs[2]) == 6
+    assert embeddings_benchmark.agreement(ours[2], theirs[2]) > 0.99  # padding on the left changes nothing much

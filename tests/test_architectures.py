@@ -36,6 +36,8 @@ SERVED = {
     "qwen3-qk-norms": ("qwen3", {}),
     "gemma": ("gemma", {}),
     "smollm3-no-rope-layer": ("smollm3", {"no_rope_layers": [1, 0], "pad_token_id": 0}),
+    "granite-multipliers": ("granite", {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                            "attention_multiplier": 0.0625, "logits_scaling": 8.0}),
 }  # fmt: skip
 
 
@@ -100,7 +102,7 @@ def test_their_gptq_checkpoints_run_on_the_workers_kernel_as_gptqmodel_computes_
     "model_type, extra, capacity, reason",
     [
         ("phi3", {"pad_token_id": 0}, 512, "model type 'phi3'"),
-        ("granite", {}, 512, "model type 'granite'"),
+        ("olmo2", {"pad_token_id": 0}, 512, "model type 'olmo2'"),
         ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, 512,
          "rope type 'dynamic'"),
         ("mistral", {"sliding_window": 256}, 512, "set its max_context to 256 at most"),

@@ -74,12 +74,12 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and not native_bf16(device) else dtype
 
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3", "granite")
 """The model types whose layers the runner computes as transformers' forward does (tests/test_architectures.py): a
 norm before attention and before the MLP, a gated MLP, q/k/v projections (with biases: Qwen2), per-head norms of the
-queries and keys (Qwen3), layers without rotary embedding (SmolLM3's every fourth). Others differ in ways it would
-not notice (Granite's multipliers, OLMo 2's norms after each block) or name their modules otherwise (Phi-3's fused
-q/k/v)."""
+queries and keys (Qwen3), layers without rotary embedding (SmolLM3's every fourth), the embeddings, residual updates
+and logits scaled (Granite's multipliers). Others differ in ways it would not notice (OLMo 2's norms after each
+block) or name their modules otherwise (Phi-3's fused q/k/v)."""
 
 
 class ModelNotServable(ValueError):
@@ -108,7 +108,7 @@ def check_runs(config, capacity: int) -> None:
 
 
 # The RMSNorm modules the rms_norm kernel computes as they do (float32 inside, the weight applied in the model's dtype).
-_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "GraniteRMSNorm"}
 
 
 def rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -168,6 +168,10 @@ class LlamaRunner:
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.scale = self.layers[0].self_attn.scaling
+        # Granite scales the embeddings, each layer's updates of the residual stream and the logits (1: as Llama).
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)
+        self.residual_multiplier = getattr(config, "residual_multiplier", 1.0)
+        self.logits_scaling = getattr(config, "logits_scaling", 1.0)
         # Qwen3 normalises each head's query and key before the rotation.
         attentions = [layer.self_attn for layer in self.layers]
         self.qk_norms = [(a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None for a in attentions]
@@ -241,6 +245,7 @@ class LlamaRunner:
             not self.attention_kernel
             or any(self.qk_norms)
             or self.unrotated
+            or (self.embedding_multiplier, self.residual_multiplier, self.logits_scaling) != (1.0, 1.0, 1.0)
             or None in products
             or any(p.bias is not None for layer in products for p in layer)  # the chain adds no bias
             or any(rms_norm(norm) is norm for norm in norms)  # a norm the kernel does not compute
@@ -378,9 +383,13 @@ class LlamaRunner:
             out = torch.empty(q.shape[0], self.n_heads, self.head_dim, dtype=self.compute_dtype, device=self.device)
             attend(q, k_cache, v_cache, out)
             out = out.view(q.shape[0], self.n_heads * self.head_dim).to(self.dtype)
-            hidden, normed = mlp_norm(hidden, calls.o(out))
-            hidden, normed = next_norm(hidden, calls.mlp(normed))
+            hidden, normed = mlp_norm(hidden, self._update(calls.o(out)))
+            hidden, normed = next_norm(hidden, self._update(calls.mlp(normed)))
         return normed
+
+    def _update(self, delta: torch.Tensor) -> torch.Tensor:
+        """A layer's update of the residual stream, as the model scales it."""
+        return delta * self.residual_multiplier if self.residual_multiplier != 1.0 else delta
 
     @torch.inference_mode()
     def step(
@@ -417,6 +426,8 @@ class LlamaRunner:
         last_rows = torch.tensor(rows, device=device) if len(rows) < len(tokens) and not every_row else None
 
         hidden = self.embed(ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         normed = self.first_norm(hidden)
         if self.layer_chain:
             chunks = [(chunk.slot, chunk.start, len(chunk.tokens)) for chunk in prefills] if self.prompt_tiles else []
@@ -428,4 +439,5 @@ class LlamaRunner:
         """The final norm's output of the step's rows with logits (the embeddings of the prompts that end here)."""
         if self.pad_logit_rows:
             normed = normed[[*range(n_logits)] + [n_logits - 1] * (max(4, n_logits + n_logits % 2) - n_logits)]
-        return (self.logits or self.lm_head)(normed)[:n_logits]
+        logits = (self.logits or self.lm_head)(normed)[:n_logits]
+        return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits

@@ -149,7 +149,8 @@ class ResponsesRequest(BaseModel):
     previous_response_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
-    """As chat's: a named function or 'required' make the output the call (gateway.tool_calls); 'auto' is a 400."""
+    """As chat's: a named function or 'required' make the output the call (gateway.tool_calls); 'auto' hands back the
+    calls the output announces where the model has a tool-call parser, else is a 400."""
     reasoning: dict | None = None
     include: Annotated[list[Literal["message.output_text.logprobs"]], Field(max_length=1)] | None = None
     """The output's log probabilities (with `top_logprobs` alternatives a token), the one inclusion we have."""

@@ -95,6 +95,16 @@ class StepEvent:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
+def _chunk_ends(n_decode: int, prefilling: list[tuple[Sequence, PrefillChunk]], every_row: bool) -> list[int]:
+    """The row of each prompt chunk's last token in a step's logits and final hidden states: after the decoding
+    rows, one row a chunk, or with `every_row` one a token."""
+    ends, end = [], n_decode - 1
+    for _, chunk in prefilling:
+        end += len(chunk.tokens) if every_row else 1
+        ends.append(end)
+    return ends
+
+
 PASSED_OVER_MAX = 16
 """Later prompts may go first for at most this many times the steps a prompt's own prefill takes."""
 
@@ -257,11 +267,9 @@ class Scheduler:
         self, n_decode: int, prefilling: list[tuple[Sequence, PrefillChunk]], every_row: bool, computed: dict
     ) -> None:
         """The embeddings of the embed requests whose prompts end in this step: their last rows' final norm."""
-        row = n_decode
-        for seq, chunk in prefilling:
-            row += len(chunk.tokens) if every_row else 1
+        for (seq, _), row in zip(prefilling, _chunk_ends(n_decode, prefilling, every_row)):
             if seq.request.embed and seq.decoding:
-                hidden = self.runner.last_hidden[row - 1].float()
+                hidden = self.runner.last_hidden[row].float()
                 computed[seq.request.id].embedding = torch.nn.functional.normalize(hidden, dim=0).tolist()
 
     def _compute_each(
@@ -311,8 +319,8 @@ class Scheduler:
     ) -> torch.Tensor:
         """From a step's logits of every row: the log probabilities of the prompt tokens its chunks' rows predict,
         for the sequences that asked for them; returns the logits as a step without them gives (one row a chunk)."""
-        last_rows, first = list(range(n_decode)), n_decode
-        for seq, chunk in prefilling:
+        ends = _chunk_ends(n_decode, prefilling, every_row=True)
+        for (seq, chunk), end in zip(prefilling, ends):
             k = seq.request.sampling.prompt_logprobs
             if k is not None:
                 scored = computed[seq.request.id].prompt_logprobs
@@ -320,13 +328,12 @@ class Scheduler:
                     scored.append(self._token_logprob(seq.request, chunk.tokens[0], None))
                 # Row j predicts the token after it, while that is still the prompt's.
                 following = seq.prompt[chunk.start + 1 : chunk.start + len(chunk.tokens) + 1]
+                first = end + 1 - len(chunk.tokens)
                 rows = logits[first : first + len(following)]
                 scored_rows = token_logprobs(rows, following, [k] * len(following), ranked=True)
                 for token, chosen in zip(following, scored_rows):
                     scored.append(self._token_logprob(seq.request, token, chosen))
-            first += len(chunk.tokens)
-            last_rows.append(first - 1)
-        return logits[torch.tensor(last_rows, dtype=torch.long)]
+        return logits[torch.tensor([*range(n_decode), *ends], dtype=torch.long)]
 
     def _token_logprob(self, request: InferenceRequest, token: int, chosen: ChosenLogprob | None) -> TokenLogprob:
         """Ids as text too, each token decoded alone; `chosen` None for a prompt's first token."""

@@ -167,20 +167,8 @@ class BatchRun:
         if item.get("method", "POST") != "POST" or item.get("url") != self.state.meta.endpoint:
             endpoint = self.state.meta.endpoint
             raise LineError("invalid_url", f"Each line must be a POST to the batch's endpoint {endpoint}.")
-        asked = embedded = None
         try:
-            if self.state.meta.endpoint == "/v1/embeddings":
-                embedded = validated(EmbeddingRequest, item.get("body"))
-                requests = self.completions.build_embeddings(embedded)
-            else:
-                if self.state.meta.endpoint == "/v1/responses":
-                    asked = validated(ResponsesRequest, item.get("body"))
-                    if asked.previous_response_id:
-                        raise APIError(400, "A batch line cannot continue a stored response.", code="unsupported_value")
-                    body = responses.chat_request(asked, responses.conversation(asked, []))
-                else:
-                    _, body = parse_body(item.get("body"), self.kind)
-                requests = self.completions.build_all(self.kind, body)
+            requests, asked, embedded = self._requests(item.get("body"))
         except APIError as error:
             raise LineError(error.code or "invalid_request", error.message) from None
         # The line's index names its requests: the first `<batch>-<line>`, the later ones `-<place>` after it.
@@ -199,6 +187,24 @@ class BatchRun:
             for r in requests
         ]
         return Line(index, custom_id, self.kind, requests, asked, embedded)
+
+    def _requests(
+        self, body: object
+    ) -> tuple[list[InferenceRequest], ResponsesRequest | None, EmbeddingRequest | None]:
+        """A line's body as the requests it becomes, with the body itself in a batch of the Responses API or of
+        embeddings (their outputs are written from it); refused as the endpoint refuses it."""
+        endpoint = self.state.meta.endpoint
+        if endpoint == "/v1/embeddings":
+            embedded = validated(EmbeddingRequest, body)
+            return self.completions.build_embeddings(embedded), None, embedded
+        if endpoint == "/v1/responses":
+            asked = validated(ResponsesRequest, body)
+            if asked.previous_response_id:
+                raise APIError(400, "A batch line cannot continue a stored response.", code="unsupported_value")
+            chat = responses.chat_request(asked, responses.conversation(asked, []))
+            return self.completions.build_all(self.kind, chat), asked, None
+        _, parsed = parse_body(body, self.kind)
+        return self.completions.build_all(self.kind, parsed), None, None
 
     async def _dispatch(self, index: int, lines: list[str]) -> None:
         line = await self._prepare_or_record(index, lines[index])

@@ -121,7 +121,7 @@ class Jobs:
 
     async def get(self, job_id: str, owner: str | None) -> dict:
         record = await self._record(job_id, owner)
-        finals = [await self.completions.queue.result(r.id) for r in record.requests]
+        finals = await self.completions.queue.results([r.id for r in record.requests])
         if None not in finals:
             if time.time() > finals[0].finished + self.result_ttl_s:
                 return self._view(record, "expired", [])

@@ -209,8 +209,12 @@ class QueueClient:
                     yield delta
 
     async def result(self, request_id: str) -> FinalResult | None:
-        body = await self.redis.get(keys.result(request_id))
-        return None if body is None else FinalResult.model_validate_json(body)
+        return (await self.results([request_id]))[0]
+
+    async def results(self, request_ids: list[str]) -> list[FinalResult | None]:
+        """The final records of requests, in one round trip (None for those not ended)."""
+        bodies = await self.redis.mget([keys.result(request_id) for request_id in request_ids])
+        return [None if body is None else FinalResult.model_validate_json(body) for body in bodies]
 
     async def cancel(self, request_id: str) -> None:
         await self.redis.set(keys.cancel(request_id), "1", ex=CANCEL_TTL_S)

@@ -228,13 +228,10 @@ class BatchRun:
         """Records the lines whose every request has ended (those past their deadline end expired)."""
         queue = self.completions.queue
         lines = list(self.in_flight.values())
-        bodies = iter(await self.store.redis.mget([keys.result(r.id) for line in lines for r in line.requests]))
+        ended_so_far = iter(await queue.results([r.id for line in lines for r in line.requests]))
         finished = 0
         for line in lines:
-            finals: list[FinalResult | None] = [
-                None if body is None else FinalResult.model_validate_json(body)
-                for body in islice(bodies, len(line.requests))
-            ]
+            finals = list(islice(ended_so_far, len(line.requests)))
             if None in finals and time.time() <= line.requests[0].deadline + GRACE_AFTER_DEADLINE_S:
                 continue
             ended = [f or await queue.expire(r) for r, f in zip(line.requests, finals)]

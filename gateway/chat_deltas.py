@@ -1,6 +1,6 @@
 """The deltas of a streamed chat choice: its text as `content` as it comes, a reasoning model's thinking as
 `reasoning` (gateway.reasoning), and its tool calls whole when it ends (gateway.tool_calls): a named or required
-call's JSON held from the start, an announced call from its tag on."""
+call's JSON held from the start, an announced call from where it begins."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ class ChoiceDeltas:
     def __init__(self, request: InferenceRequest):
         self.request = request
         self.thinking = reasoning.Splitter(request.reasoning) if request.reasoning else None
-        self.announcing = tool_calls.Announcing() if request.tool_call == tool_calls.AUTO else None
-        self.whole = request.tool_call not in (None, tool_calls.AUTO)
+        form = tool_calls.announcing(request.tool_call)
+        self.announcing = tool_calls.Announcing(form) if form else None
+        self.whole = request.tool_call is not None and form is None
         """A call the grammar writes: nothing goes out before the choice ends."""
 
     def feed(self, text: str) -> dict | None:

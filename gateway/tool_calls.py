@@ -1,27 +1,24 @@
 """Tool calls (function calling). Where the request names the function or requires a call, the model's output is
 constrained to the call's JSON (a grammar, see gateway.structured_output), then handed back as OpenAI's tool_calls.
 tool_choice 'auto' needs a model whose chat template and training announce calls in free text, and a parser of that
-format (models.NAME.tool_call_parser, vLLM's --tool-call-parser): `hermes`, the <tool_call>{"name": ...,
-"arguments": {...}}</tool_call> blocks of Hermes, Qwen2.5 and Qwen3. Without one, 'auto' is refused, as vLLM refuses
-it without --enable-auto-tool-choice."""
+format (models.NAME.tool_call_parser, vLLM's --tool-call-parser; FORMATS). Without one, 'auto' is refused, as vLLM
+refuses it without --enable-auto-tool-choice."""
 
 from __future__ import annotations
 
 import json
-import re
 
 from gateway import reasoning
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest, NamedToolChoice
+from gateway.tool_call_formats import FORMATS, Calls, Format
 from shared.protocol import FinalResult, InferenceRequest
 
 ANY = "*"
 """InferenceRequest.tool_call for tool_choice 'required': one or more calls of any of the tools."""
-AUTO = "<auto>"
-"""InferenceRequest.tool_call for tool_choice 'auto' (no function is named so): the output is text that may announce
-calls, in the format of the model's tool-call parser."""
-OPEN = "<tool_call>"
-_ANNOUNCED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_AUTO = "<auto:"
+"""InferenceRequest.tool_call for tool_choice 'auto' begins so, the parser's name after it (no function is named so):
+the output is text that may announce calls in that parser's format."""
 
 
 def tool_call_mode(body: ChatCompletionRequest, parser: str | None) -> str | None:
@@ -33,7 +30,7 @@ def tool_call_mode(body: ChatCompletionRequest, parser: str | None) -> str | Non
                 400, "tool_choice 'auto' is not supported by this model: send 'required', 'none' or the function to "
                 "call.", param="tool_choice", code="unsupported_value",
             )  # fmt: skip
-        return AUTO
+        return f"{_AUTO}{parser}>"
     return ANY if body.tool_choice == "required" else None
 
 
@@ -59,23 +56,18 @@ def calls_schema(body: ChatCompletionRequest) -> dict:
     return {"type": "array", "items": {"anyOf": call}, **one_or_more}
 
 
-def announced(text: str) -> tuple[str | None, list[tuple[str, str]]] | None:
-    """A Hermes-format output's text before its first call, and its calls (name, arguments as JSON); None where it
-    announces none, or one that does not parse (it is then answered as text, as vLLM's hermes parser does)."""
-    start = text.find(OPEN)
-    if start < 0:
+def announcing(tool_call: str | None) -> Format | None:
+    """The format of the calls a request's output may announce: its parser's, for tool_choice 'auto'."""
+    return FORMATS[tool_call[len(_AUTO) : -1]] if tool_call and tool_call.startswith(_AUTO) else None
+
+
+def announced(form: Format, text: str) -> tuple[str | None, Calls] | None:
+    """An output's text before its first call, and its calls; None where it announces none, or one that does not
+    parse (it is then answered as text, as vLLM's parsers do)."""
+    try:
+        return form.read(text)
+    except (ValueError, KeyError, TypeError, AttributeError, SyntaxError, RecursionError):
         return None
-    calls = []
-    for found in _ANNOUNCED.findall(text, start):
-        try:
-            call = json.loads(found)
-            arguments = call.get("arguments", {})
-            calls.append(
-                (call["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False))
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-    return (text[:start].strip() or None, calls) if calls else None
 
 
 def message(request: InferenceRequest, final: FinalResult) -> tuple[dict, str]:
@@ -89,8 +81,8 @@ def message(request: InferenceRequest, final: FinalResult) -> tuple[dict, str]:
     if request.tool_call is None or final.finish_reason != "stop":
         return text, final.finish_reason
     reason = "tool_calls"
-    if request.tool_call == AUTO:
-        found = announced(text["content"] or "")
+    if form := announcing(request.tool_call):
+        found = announced(form, text["content"] or "")
         if found is None:
             return text, final.finish_reason
         content, calls = found
@@ -111,26 +103,33 @@ def message(request: InferenceRequest, final: FinalResult) -> tuple[dict, str]:
 
 
 class Announcing:
-    """A streamed 'auto' choice's answer: sent as it comes until a call's tag begins, then held for the end (a tag
-    cut between deltas held back until it shows which)."""
+    """A streamed 'auto' choice's answer: sent as it comes until a call begins, then held for the end (text that may
+    still begin one held back until it shows which)."""
 
-    def __init__(self):
-        self.held = ""
+    def __init__(self, form: Format):
+        self.form = form
+        self.text = ""
+        self.sent = 0
         self.calling = False
 
+    @property
+    def held(self) -> str:
+        return self.text[self.sent :]
+
     def feed(self, text: str) -> str:
-        self.held += text
+        self.text += text
         if self.calling:
             return ""
-        start = self.held.find(OPEN)
-        if start >= 0:
+        start = self.form.start(self.text)
+        if start is not None:
             self.calling = True
         else:
-            start = len(self.held) - reasoning.partial_tag(self.held, OPEN)
-        sent, self.held = self.held[:start], self.held[start:]
+            start = len(self.text) - self.form.undecided(self.text)
+        sent, self.sent = self.text[self.sent : start], start
         return sent
 
     def finish(self, text: str) -> str:
         """The last of the answer and all that was held, where no call came of it."""
-        sent, self.held = self.held + text, ""
+        sent = self.held + text
+        self.text, self.sent = "", 0
         return sent

@@ -88,8 +88,8 @@ class InferenceRequest(BaseModel):
     """What the response puts before the output: completions' prompt text, chat's continued assistant message."""
     tool_call: str | None = None
     """The output is a tool call (its grammar in sampling.grammar): the function's name, for a named tool_choice
-    (the output is its arguments), or "*" for tool_choice 'required' (a JSON list of {name, parameters}); see
-    gateway.tool_calls."""
+    (the output is its arguments), "*" for tool_choice 'required' (a JSON list of {name, parameters}), or
+    "<auto:PARSER>" for 'auto' (text that may announce calls in that parser's format); see gateway.tool_calls."""
     embed: bool = False
     """The request asks for its prompt's embedding (FinalResult.embedding) and ends with its prefill."""
     reasoning: Literal["open", "closed"] | None = None

@@ -31,7 +31,7 @@ class ModelSpec(BaseModel):
     """auto: the sampling settings of the model's generation_config.json (temperature, top_p, top_k, min_p,
     repetition_penalty) apply to requests that do not give them, as vLLM's --generation-config auto; none: the APIs'
     own defaults."""
-    tool_call_parser: Literal["hermes"] | None = None
+    tool_call_parser: Literal["hermes", "llama3_json", "pythonic", "mistral"] | None = None
     """vLLM's --tool-call-parser (with --enable-auto-tool-choice): tool_choice 'auto' is served, the calls the model
     announces in that format handed back as tool_calls (gateway.tool_calls). None: 'auto' is a 400."""
     quantization: Literal["gptq", "none"] = "gptq"

@@ -1,7 +1,7 @@
 """Tool calls where the request names the function or requires a call: the output is the call's JSON, handed back
 as OpenAI's tool_calls, whole or streamed, through the openai client; tool results go back in as messages. With a
 model's tool-call parser, tool_choice 'auto': the calls the output announces (here a regex makes the default model
-write one in Hermes' format)."""
+write one in each parser's format)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import re
 import openai
 import pytest
 
-from gateway import tool_calls
+from gateway import tool_call_formats, tool_calls
 from tests.conftest import MODEL
 from tests.test_validation import assert_openai_error, post
 
@@ -106,64 +106,98 @@ def test_a_call_cut_short_by_a_stop_string_comes_back_as_text(client):
     assert reply.choices[0].message.content == '[{"' and not reply.choices[0].message.tool_calls
 
 
-ANNOUNCED = (
-    r'Let me check\.<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,8}"\}\}\n</tool_call>'
-)
+ANNOUNCED = {
+    "hermes": (
+        r'Let me check\.<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,8}"\}\}\n'
+        r"</tool_call>",
+        "Let me check.",
+    ),
+    "llama3_json": (r'\{"name": "get_weather", "parameters": \{"city": "[A-Z][a-z]{2,8}"\}\}', None),
+    "pythonic": (r'\[get_weather\(city="[A-Z][a-z]{2,8}"\)\]', None),
+}
+"""Each parser's format, as a regex that makes the default model announce a call in it, and the text before it."""
 
 
-@pytest.fixture(scope="module")
-def hermes(fleet, model_dir) -> openai.OpenAI:
-    """A gateway that serves the default model (the shared worker's) with the hermes tool-call parser."""
-    models = json.dumps({MODEL: {"tool_call_parser": "hermes"}})
+@pytest.fixture(scope="module", params=sorted(ANNOUNCED))
+def parsing(request, fleet, model_dir) -> tuple[str, openai.OpenAI]:
+    """A gateway that serves the default model (the shared worker's) with a tool-call parser."""
+    models = json.dumps({MODEL: {"tool_call_parser": request.param}})
     url = fleet.gateway(LLMFLEET_MODELS=models, LLMFLEET_PROTECTION__AUTH="open").url
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return request.param, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def ask_auto(hermes: openai.OpenAI, max_tokens: int = 60, **extra):
-    return hermes.chat.completions.create(
+def ask_auto(client: openai.OpenAI, max_tokens: int = 60, **extra):
+    return client.chat.completions.create(
         model=MODEL, messages=ASK, max_tokens=max_tokens, temperature=0, tools=[WEATHER, TIME], tool_choice="auto",
         **extra,
     )  # fmt: skip
 
 
-def test_with_a_parser_auto_hands_back_the_calls_the_output_announces(hermes):
-    forced = {"structured_outputs": {"regex": ANNOUNCED}}
-    choice = ask_auto(hermes, extra_body=forced).choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+def test_with_a_parser_auto_hands_back_the_calls_the_output_announces(parsing):
+    parser, client = parsing
+    regex, before = ANNOUNCED[parser]
+    forced = {"structured_outputs": {"regex": regex}}
+    choice = ask_auto(client, extra_body=forced).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == before
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and re.fullmatch(
         r"[A-Z][a-z]{2,8}", json.loads(call.function.arguments)["city"]
     )
-    deltas = [c.choices[0] for c in ask_auto(hermes, extra_body=forced, stream=True) if c.choices]
-    assert "".join(d.delta.content or "" for d in deltas) == "Let me check."
+    deltas = [c.choices[0] for c in ask_auto(client, extra_body=forced, stream=True) if c.choices]
+    assert "".join(d.delta.content or "" for d in deltas) == (before or "")
     (streamed,) = [d.delta.tool_calls for d in deltas if d.delta.tool_calls]
     assert streamed[0].function.arguments == call.function.arguments and deltas[-1].finish_reason == "tool_calls"
 
 
-def test_with_a_parser_an_output_that_announces_no_call_is_its_answer(hermes):
-    choice = ask_auto(hermes, max_tokens=5).choices[0]
+def test_with_a_parser_an_output_that_announces_no_call_is_its_answer(parsing):
+    _, client = parsing
+    choice = ask_auto(client, max_tokens=5).choices[0]
     assert choice.finish_reason == "length" and choice.message.content and not choice.message.tool_calls
 
 
 @pytest.mark.parametrize(
-    "text, expected",
+    "parser, text, expected",
     [
-        ('<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>', (None, [("a", '{"x": 1}')])),
-        ('Sure.\n<tool_call>\n{"name": "a", "arguments": "{}"}\n</tool_call><tool_call>{"name": "b"}</tool_call>',
-         ("Sure.", [("a", "{}"), ("b", "{}")])),
-        ("<tool_call>{not json}</tool_call>", None),
-        ('<tool_call>{"arguments": {}}</tool_call>', None),
-        ("no call here", None),
+        ("hermes", '<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>', (None, [("a", '{"x": 1}')])),
+        ("hermes", 'Sure.\n<tool_call>\n{"name": "a", "arguments": "{}"}\n</tool_call><tool_call>{"name": "b"}'
+         "</tool_call>", ("Sure.", [("a", "{}"), ("b", "{}")])),
+        ("hermes", "<tool_call>{not json}</tool_call>", None),
+        ("hermes", '<tool_call>{"arguments": {}}</tool_call>', None),
+        ("hermes", "no call here", None),
+        ("llama3_json", '<|python_tag|>{"name": "a", "parameters": {"x": "é"}}', (None, [("a", '{"x": "é"}')])),
+        ("llama3_json", ' {"name": "a", "arguments": {}}; {"name": "b", "parameters": {"y": [1]}}\n',
+         (None, [("a", "{}"), ("b", '{"y": [1]}')])),
+        ("llama3_json", '{"name": "a", "parameters": {}} and then some', None),
+        ("llama3_json", '{"x": 1}', None),
+        ("llama3_json", 'The call is {"name": "a"}', None),
+        ("pythonic", '[a(x=1, y="z", on=true, off=None), b()]',
+         (None, [("a", '{"x": 1, "y": "z", "on": true, "off": null}'), ("b", "{}")])),
+        ("pythonic", "[a(1)]", None),
+        ("pythonic", "[a(x=f())]", None),
+        ("pythonic", "[a(**k)]", None),
+        ("pythonic", "[1] A list.", None),
+        ("pythonic", "[]", None),
+        ("mistral", '[TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}]', (None, [("a", '{"x": 1}')])),
+        ("mistral", '[{"name": "a", "arguments": {"x": 1}}, {"name": "b"}]', (None, [("a", '{"x": 1}'), ("b", "{}")])),
+        ("mistral", "[1] A list.", None),
     ],
 )  # fmt: skip
-def test_hermes_calls_are_read_from_the_text_or_it_stays_text(text, expected):
-    assert tool_calls.announced(text) == expected
+def test_announced_calls_are_read_from_the_text_or_it_stays_text(parser, text, expected):
+    assert tool_calls.announced(tool_call_formats.FORMATS[parser], text) == expected
 
 
-def test_a_streamed_answer_is_held_back_only_from_a_calls_tag_on():
-    announcing = tool_calls.Announcing()
-    sent = [announcing.feed(piece) for piece in ["Let me", " check <", "tool_", "call>{...}", "</tool_call>"]]
-    assert sent == ["Let me", " check ", "", "", ""] and announcing.held == "<tool_call>{...}</tool_call>"
-    assert tool_calls.Announcing().feed("a < b") == "a < b"
-    cut = tool_calls.Announcing()
+def sent(parser: str, pieces: list[str]) -> tuple[list[str], str]:
+    announcing = tool_calls.Announcing(tool_call_formats.FORMATS[parser])
+    return [announcing.feed(piece) for piece in pieces], announcing.held
+
+
+def test_a_streamed_answer_is_held_back_only_from_where_a_call_may_begin():
+    pieces = ["Let me", " check <", "tool_", "call>{...}", "</tool_call>"]
+    assert sent("hermes", pieces) == (["Let me", " check ", "", "", ""], "<tool_call>{...}</tool_call>")
+    assert sent("hermes", ["a < b"]) == (["a < b"], "")
+    cut = tool_calls.Announcing(tool_call_formats.FORMATS["hermes"])
     assert (cut.feed("see <tool"), cut.finish("s")) == ("see ", "<tools"), "no call came of it: all of it, at the end"
+    assert sent("llama3_json", [" ", '{"na', 'me"']) == (["", "", ""], ' {"name"')
+    assert sent("llama3_json", ["<|py", "thon_tag|>{"]) == (["", ""], "<|python_tag|>{")
+    assert sent("llama3_json", ["\n", "The {", "x}"]) == (["", "\nThe {", "x}"], "")
+    assert sent("pythonic", ["Paris", " [1]"]) == (["Paris", " [1]"], "")

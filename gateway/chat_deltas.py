@@ -1,6 +1,7 @@
 """The deltas of a streamed chat choice: its text as `content` as it comes, a reasoning model's thinking as
 `reasoning` (gateway.reasoning), and its tool calls whole when it ends (gateway.tool_calls): a named or required
-call's JSON held from the start, an announced call from where it begins."""
+call's JSON (and a reasoning model's thinking before it) held from the start, an announced call from where it
+begins."""
 
 from __future__ import annotations
 
@@ -29,10 +30,13 @@ class ChoiceDeltas:
     def finish(self, final: FinalResult) -> tuple[dict, str]:
         """The choice's last delta (its calls, or what was held back) and its finish reason."""
         message, reason = tool_calls.message(self.request, final)
-        if message.get("tool_calls"):
-            return {"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}, reason
-        if self.whole:  # a call cut short: its text at once
-            return {"content": message["content"]}, reason
+        calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or [])]
+        if self.whole:  # nothing went out before: a reasoning model's thinking, and the calls (cut short: the text)
+            text = None if calls else message["content"]
+            sent = {"reasoning": message.get("reasoning"), "tool_calls": calls, "content": text}
+            return {k: v for k, v in sent.items() if v}, reason
+        if calls:
+            return {"tool_calls": calls}, reason
         thought, answer = self.thinking.finish() if self.thinking else ("", "")
         if self.announcing:
             answer = self.announcing.finish(answer)

@@ -2,8 +2,9 @@
 response, the output's text between <think> and </think> is the message's `reasoning` (vLLM's field; it was
 `reasoning_content`), the rest its `content`. The thinking is open from the output's start where the prompt ends
 inside <think> (DeepSeek-R1's template, Qwen3.5's) and opens where the output starts with <think> (Qwen3's, whose
-model writes the tag itself). An output a grammar shapes (structured output, tool calls) is its answer from its
-first token: a thinking the prompt opened is not continued then."""
+model writes the tag itself). A grammar (structured output, a named or required tool call) shapes the answer after the
+thinking (gateway.structured_output.after_thinking); with models.NAME.structured_outputs_in_reasoning it shapes the
+output from its first token instead, and the output is its answer unless it opens with <think>."""
 
 from __future__ import annotations
 

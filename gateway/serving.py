@@ -45,7 +45,7 @@ from gateway.rate_limits import Admission, RateLimiter
 from gateway.response_store import ResponseStore
 from gateway.responses import ResponsesRequest
 from gateway.sanitize import DenyList
-from gateway.structured_output import output_grammar
+from gateway.structured_output import after_thinking, output_grammar
 from shared.protocol import FinalResult, InferenceRequest, SamplingParams, TokenDelta, TokenLogprob, new_request_id
 from shared.settings import ModelSpec, Settings
 
@@ -133,7 +133,10 @@ class Completions:
         grammar = output_grammar(body, tokenizer)
         thinking = None
         if spec.reasoning_parser and kind == "chat":
-            thinking = reasoning.opening(tokenizer.decode(ids[-8:]), constrained=grammar is not None)
+            from_start = grammar is not None and spec.structured_outputs_in_reasoning
+            thinking = reasoning.opening(tokenizer.decode(ids[-8:]), constrained=from_start)
+            if grammar is not None and not from_start:
+                grammar = after_thinking(grammar, thinking)
         now = time.time()
         return InferenceRequest(
             id=new_request_id(),

@@ -8,6 +8,7 @@ import json
 
 from llguidance import LLMatcher, grammar_from
 
+from gateway import reasoning
 from gateway.errors import APIError
 from gateway.prompts import PromptTokenizer
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat, StructuredOutputs
@@ -45,6 +46,24 @@ def output_grammar(body: ChatCompletionRequest | CompletionRequest, tokenizer: P
     if error:
         raise APIError(400, f"'{param}' does not compile: {error.strip()}", param=param, code="invalid_value")
     return grammar
+
+
+_THOUGHT = r"/{}(?s:.*)<\/think>[ \t\r\n]*/ & ~/(?s:.*<\/think>.*<\/think>.*)/"
+"""Any text up to the first </think> (after a <think> where given), and the whitespace after it."""
+
+
+def after_thinking(grammar: str, opened: reasoning.Opening) -> str:
+    """The grammar preceded by a reasoning model's free thinking: the rest of the thinking the prompt opened, or one
+    the output may open with <think> (a thinking the output does not open: the grammar from its first token)."""
+    try:
+        top = json.loads(grammar)
+    except ValueError:  # Lark text
+        top = {"grammars": [{"lark_grammar": grammar}]}
+    answer = top["grammars"][0]
+    answer["name"] = answer.get("name") or "answer"
+    thought = ("THOUGHT", "") if opened == "open" else ("THOUGHT?", "<think>")
+    lark = f"start: {thought[0]} @{answer['name']}\nTHOUGHT: {_THOUGHT.format(thought[1])}\n"
+    return json.dumps({**top, "grammars": [{"lark_grammar": lark}, *top["grammars"]]})
 
 
 def json_grammar(schema: dict | str) -> str:

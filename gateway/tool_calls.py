@@ -89,11 +89,12 @@ def message(request: InferenceRequest, final: FinalResult) -> tuple[dict, str]:
     elif request.tool_call == ANY:
         content = None
         try:
-            calls = [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(final.text)]
+            listed = json.loads(text["content"] or "")
+            calls = [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in listed]
         except ValueError:  # cut short by a stop string or stop token: the grammar's JSON unfinished
             return text, final.finish_reason
     else:
-        content, calls = None, [(request.tool_call, final.text)]
+        content, calls = None, [(request.tool_call, (text["content"] or "").strip())]
         reason = "stop"  # as OpenAI ends a call of the function the request named
     tool_calls = [
         {"id": f"call_{final.id}_{i}", "type": "function", "function": {"name": name, "arguments": arguments}}

@@ -27,6 +27,11 @@ class ModelSpec(BaseModel):
     reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = None
     """vLLM's --reasoning-parser: chat responses give the output's <think>...</think> as `reasoning` (both names
     split it so; gateway.reasoning)."""
+    structured_outputs_in_reasoning: bool = False
+    """With a reasoning parser, False: the model thinks freely first, and a grammar (structured output, a named or
+    required tool call) shapes the answer after its </think>, as vLLM does; True: the grammar shapes the output from
+    its first token (vLLM's structured outputs `enable_in_reasoning`), an output it shapes all answer unless it opens
+    with <think>."""
     generation_config: Literal["auto", "none"] = "auto"
     """auto: the sampling settings of the model's generation_config.json (temperature, top_p, top_k, min_p,
     repetition_penalty) apply to requests that do not give them, as vLLM's --generation-config auto; none: the APIs'

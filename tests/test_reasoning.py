@@ -1,6 +1,7 @@
 """A reasoning model's thinking apart from its answer (vLLM's --reasoning-parser): `reasoning` and `content` in chat
-and Responses, whole and streamed. The default model does not think, so a regex makes it write <think>...</think>
-first, and a chat template opens the thinking in the prompt, as DeepSeek-R1's does."""
+and Responses, whole and streamed; a grammar shapes the answer after the thinking. The default model does not think,
+so a regex makes it write <think>...</think> first (the grammar shaping the thinking too), or a chat template opens
+the thinking in the prompt, as DeepSeek-R1's does, and a logit bias makes it close it."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def thinking_url(fleet, model_dir) -> str:
-    """A gateway that serves the default model (the shared worker's) with a reasoning parser."""
-    models = json.dumps({MODEL: {"reasoning_parser": "deepseek_r1"}})
+    """A gateway that serves the default model (the shared worker's) with a reasoning parser, grammars shaping the
+    output from its first token."""
+    models = json.dumps({MODEL: {"reasoning_parser": "deepseek_r1", "structured_outputs_in_reasoning": True}})
     return fleet.gateway(LLMFLEET_MODELS=models, LLMFLEET_PROTECTION__AUTH="open").url
 
 
@@ -78,14 +80,48 @@ def test_a_stream_sends_the_same_thinking_and_answer_in_their_own_fields(thinkin
 def test_a_prompt_that_opens_the_thinking_makes_the_output_thinking(opening):
     reply = opening.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0).choices[0]
     assert reply.message.reasoning and reply.message.content is None
-    forced = opening.chat.completions.create(
-        model=MODEL,
-        messages=QUESTION,
-        max_tokens=20,
-        temperature=0,
-        extra_body={"structured_outputs": {"regex": ANSWER}},
-    ).choices[0]
-    assert re.fullmatch(ANSWER, forced.message.content), "an output a grammar shapes is all answer"
+
+
+CLOSING = {str(token): 100 for token in (9617, 17400, 46)}
+"""A logit bias that makes the default model write `</think>` ("</", "think", ">") while it thinks: none of them is
+in the answer's grammar then."""
+
+
+CITY = {"type": "json_schema", "json_schema": {"name": "city", "schema": {"enum": ["Paris", "Rome"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]},
+    },
+}
+
+
+def test_a_grammar_shapes_the_answer_after_the_thinking(opening):
+    ask = {"model": MODEL, "messages": QUESTION, "temperature": 0}
+    cut = opening.chat.completions.create(**ask, max_tokens=8, response_format=CITY).choices[0]
+    assert cut.finish_reason == "length" and cut.message.reasoning and cut.message.content is None
+    answer = opening.chat.completions.create(**ask, max_tokens=40, response_format=CITY, logit_bias=CLOSING).choices[0]
+    assert answer.finish_reason == "stop" and answer.message.reasoning
+    assert json.loads(answer.message.content) in ("Paris", "Rome")
+    deltas = [
+        c.choices[0].delta
+        for c in opening.chat.completions.create(
+            **ask, max_tokens=40, response_format=CITY, logit_bias=CLOSING, stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == answer.message.reasoning
+    assert "".join(d.content or "" for d in deltas) == answer.message.content
+    calling = {**ask, "max_tokens": 60, "tools": [WEATHER], "tool_choice": "required", "logit_bias": CLOSING}
+    called = opening.chat.completions.create(**calling).choices[0]
+    assert called.finish_reason == "tool_calls" and called.message.reasoning and called.message.content is None
+    (call,) = called.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    (last,) = [c.choices[0].delta for c in opening.chat.completions.create(**calling, stream=True) if c.choices][-2:-1]
+    assert (
+        last.reasoning == called.message.reasoning and last.tool_calls[0].function.arguments == call.function.arguments
+    )
 
 
 def test_a_response_sent_back_as_history_is_taken_with_its_thinking(thinking):

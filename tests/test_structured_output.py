@@ -8,9 +8,10 @@ import re
 import time
 
 import pytest
-from llguidance import LLMatcher
+from llguidance import LLMatcher, grammar_from
 
-from gateway.structured_output import json_grammar
+from gateway.prompts import PromptTokenizer
+from gateway.structured_output import after_thinking, json_grammar
 from shared.protocol import InferenceRequest, SamplingParams
 from tests.conftest import FRANCE_QUESTION, MODEL
 from tests.test_scheduler import scheduler_with
@@ -156,3 +157,28 @@ def test_odd_grammars_are_answered_never_with_a_500(http, extra):
     assert reply.status_code in (200, 400), reply.text
     if reply.status_code == 400:
         assert_openai_error(reply, 400)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir) -> PromptTokenizer:
+    return PromptTokenizer(model_dir)
+
+
+@pytest.mark.parametrize(
+    "grammar, opened, text, accepted",
+    [
+        (json_grammar({"enum": ["Paris"]}), "closed", '<think>{"no": 1} </thinking> hmm</think>\n\n"Paris"', True),
+        (json_grammar({"enum": ["Paris"]}), "closed", '"Paris"', True),
+        (json_grammar({"enum": ["Paris"]}), "closed", "<think>a</think></think>", False),
+        (json_grammar({"enum": ["Paris"]}), "open", 'still thinking</think>"Paris"', True),
+        (json_grammar({"enum": ["Paris"]}), "open", '"Paris"', False),
+        (grammar_from("regex", "[A-Z]+"), "closed", "<think>x</think> XY", True),
+        (grammar_from("choice", ["Yes", "No"]), "open", "x</think>No", True),
+        (grammar_from("grammar", 'start: "X" y\ny: "Z"'), "open", "x</think>XZ", True),
+        (grammar_from("grammar", 'start: "X" y\ny: "Z"'), "open", "x</think>Yes", False),
+    ],
+)
+def test_a_reasoning_models_grammar_shapes_what_follows_its_thinking(tokenizer, grammar, opened, text, accepted):
+    matcher = LLMatcher(tokenizer.grammar_tokenizer, after_thinking(grammar, opened), log_level=0)
+    followed = all(matcher.consume_token(t) for t in tokenizer.encode(text))
+    assert (followed and matcher.is_accepting()) == accepted

@@ -25,7 +25,7 @@ SHAPES = {
                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
 }  # fmt: skip
 GROUP = 128
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 
 
 def default_tokenizer_dir() -> Path:

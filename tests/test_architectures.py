@@ -21,10 +21,12 @@ from tests.conftest import MODEL
 from tests.fleet import create_api_key
 from worker import cpu_kernels, model_loader
 from worker.block_quant import BlockQuantLinear
+from worker.int4_calls import projection_groups
 from worker.llama_runner import LlamaRunner, ModelNotServable, PrefillChunk
 
 SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=64, vocab_size=1024, max_position_embeddings=4096)  # fmt: skip
+             num_key_value_heads=2, head_dim=64, vocab_size=1024, max_position_embeddings=4096,
+             pad_token_id=0)  # fmt: skip
 CPU = torch.device("cpu")
 SERVED = {
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
@@ -35,7 +37,8 @@ SERVED = {
     "qwen2-biases": ("qwen2", {}),
     "qwen3-qk-norms": ("qwen3", {}),
     "gemma": ("gemma", {}),
-    "smollm3-no-rope-layer": ("smollm3", {"no_rope_layers": [1, 0], "pad_token_id": 0}),
+    "smollm3-no-rope-layer": ("smollm3", {"no_rope_layers": [1, 0]}),
+    "phi3-fused-projections": ("phi3", {}),
     "granite-multipliers": ("granite", {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
                             "attention_multiplier": 0.0625, "logits_scaling": 8.0}),
 }  # fmt: skip
@@ -54,6 +57,8 @@ def tiny_model(model_type: str, vocab_size: int = SHAPE["vocab_size"], **extra) 
                 parameter.add_(torch.randn_like(parameter) * 0.3)
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 parameter.mul_(4)
+            if name.endswith("qkv_proj.weight"):  # Phi-3's: the queries' and keys' rows first
+                parameter[: (config.num_attention_heads + config.num_key_value_heads) * SHAPE["head_dim"]].mul_(4)
     return model
 
 
@@ -83,7 +88,7 @@ def test_the_runner_computes_each_served_model_type_as_its_forward_does(case, ke
     assert_runner_matches_forward(model, runner)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3"])
 def test_their_gptq_checkpoints_run_on_the_workers_kernel_as_gptqmodel_computes_them(
     model_type, settings, model_dir, tmp_path
 ):
@@ -93,16 +98,15 @@ def test_their_gptq_checkpoints_run_on_the_workers_kernel_as_gptqmodel_computes_
     theirs = model_loader.load(path, ModelSpec(path=path, quantization="gptq", cpu_kernel="aten"), CPU).model
     ours = model_loader.load(path, ModelSpec(path=path, quantization="gptq"), CPU).model
     if cpu_kernels.available():  # on the worker's block kernel, Qwen2's q/k/v with their biases too
-        layer = ours.model.layers[0]
-        assert all(isinstance(p, BlockQuantLinear) for p in (layer.mlp.down_proj, layer.self_attn.q_proj))
+        assert all(isinstance(p, BlockQuantLinear) for group in projection_groups(ours.model.layers[0]) for p in group)
     assert_runner_matches_forward(theirs, LlamaRunner(ours, slots=1, capacity=512))
 
 
 @pytest.mark.parametrize(
     "model_type, extra, capacity, reason",
     [
-        ("phi3", {"pad_token_id": 0}, 512, "model type 'phi3'"),
-        ("olmo2", {"pad_token_id": 0}, 512, "model type 'olmo2'"),
+        ("olmo2", {}, 512, "model type 'olmo2'"),
+        ("phi3", {"partial_rotary_factor": 0.75}, 512, "turns only part of each head"),
         ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, 512,
          "rope type 'dynamic'"),
         ("mistral", {"sliding_window": 256}, 512, "set its max_context to 256 at most"),
@@ -127,13 +131,13 @@ def save_tiny(model: torch.nn.Module, out, tokenizer_dir) -> str:
 
 def test_a_worker_given_a_model_it_cannot_serve_exits_saying_why(settings, model_dir, tmp_path):
     tokenizer_dir = settings.dense_model_dir(MODEL)
-    path = save_tiny(tiny_model("phi3", vocab_size=49152, pad_token_id=0), tmp_path / "phi3", tokenizer_dir)
-    env = {**os.environ, "LLMFLEET_MODELS": json.dumps({"tiny-phi3": {"path": path, "quantization": "none"}})}
-    worker = [sys.executable, "-m", "worker", "--model", "tiny-phi3"]
+    path = save_tiny(tiny_model("olmo2", vocab_size=49152), tmp_path / "olmo2", tokenizer_dir)
+    env = {**os.environ, "LLMFLEET_MODELS": json.dumps({"tiny-olmo2": {"path": path, "quantization": "none"}})}
+    worker = [sys.executable, "-m", "worker", "--model", "tiny-olmo2"]
     for command in (worker + ["--prepare-only"], worker):  # at build time already, and at start-up
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == os.EX_CONFIG  # what the supervisor (llmfleet up) takes as "do not restart"
-        assert "model type 'phi3' is not one the worker runs" in done.stdout + done.stderr
+        assert "model type 'olmo2' is not one the worker runs" in done.stdout + done.stderr
 
 
 def test_a_qwen3_checkpoint_is_served_through_the_gateway_with_its_sampling_defaults(

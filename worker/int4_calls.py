@@ -46,6 +46,15 @@ class Int4Call:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
 
 
+def projection_groups(layer: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    """A decoder layer's projections by the input they read: q/k/v, o, gate/up, down (Phi-3 has q/k/v and gate/up
+    fused already, in that order)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
+    gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+    return [qkv, [attn.o_proj], gate_up, [mlp.down_proj]]
+
+
 def _gated_activation(act: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """[tokens, gate | up] -> act(gate) * up: one kernel call for silu in bf16 where worker.cpu_kernels runs."""
     if type(act).__name__ in ("SiLU", "SiLUActivation") and dtype == torch.bfloat16 and cpu_kernels.available():
@@ -63,25 +72,24 @@ class LayerCalls:
     [tokens, in_features] x."""
 
     def __init__(self, layer: torch.nn.Module, dtype: torch.dtype, tile_rows: TileRows | None = None):
-        attn, mlp = layer.self_attn, layer.mlp
-        groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
+        groups = projection_groups(layer)
         self.products: list[BlockQuantLinear] | None = None
         """q/k/v, o, gate/up and down on the worker's own kernel (worker.llama_runner's layer chain reads them)."""
-        if isinstance(attn.q_proj, BlockQuantLinear):
+        if isinstance(groups[0][0], BlockQuantLinear):
             self.products = [BlockQuantLinear.concat(modules) for modules in groups]
             calls = [product.rows_call(tile_rows) for product in self.products]
         else:
             calls = [Int4Call(modules, dtype) for modules in groups]
         self.qkv, self.o, self.gate_up, self.down = calls
-        self.gated = _gated_activation(mlp.act_fn, dtype)
+        mlp = layer.mlp
+        self.gated = _gated_activation(getattr(mlp, "act_fn", None) or mlp.activation_fn, dtype)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gated(self.gate_up(x)))
 
     @staticmethod
     def usable(layer: torch.nn.Module) -> bool:
-        attn, mlp = layer.self_attn, layer.mlp
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        projections = [p for group in projection_groups(layer) for p in group]
         own = all(isinstance(p, BlockQuantLinear) for p in projections)
         return own or all(_plain_aten_int4(p) for p in projections)
 
@@ -90,9 +98,8 @@ class ModuleCalls:
     """LayerCalls' interface over the layer's own modules, whatever their kernel."""
 
     def __init__(self, layer: torch.nn.Module):
-        attn = layer.self_attn
-        self.qkv = lambda x: torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
-        self.o = attn.o_proj
+        qkv, (self.o,), _, _ = projection_groups(layer)
+        self.qkv = qkv[0] if len(qkv) == 1 else lambda x: torch.cat([p(x) for p in qkv], dim=-1)
         self.mlp = layer.mlp
 
 

@@ -74,12 +74,12 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and not native_bf16(device) else dtype
 
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3", "granite")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3", "granite", "phi3")
 """The model types whose layers the runner computes as transformers' forward does (tests/test_architectures.py): a
-norm before attention and before the MLP, a gated MLP, q/k/v projections (with biases: Qwen2), per-head norms of the
-queries and keys (Qwen3), layers without rotary embedding (SmolLM3's every fourth), the embeddings, residual updates
-and logits scaled (Granite's multipliers). Others differ in ways it would not notice (OLMo 2's norms after each
-block) or name their modules otherwise (Phi-3's fused q/k/v)."""
+norm before attention and before the MLP, a gated MLP, q/k/v projections (with biases: Qwen2; fused: Phi-3), per-head
+norms of the queries and keys (Qwen3), layers without rotary embedding (SmolLM3's every fourth), the embeddings,
+residual updates and logits scaled (Granite's multipliers). Others differ in ways it would not notice (OLMo 2's norms
+after each block, Gemma 2's soft-capped scores)."""
 
 
 class ModelNotServable(ValueError):
@@ -99,6 +99,8 @@ def check_runs(config, capacity: int) -> None:
         refusal = f"its model type {config.model_type!r} is not one the worker runs ({', '.join(MODEL_TYPES)})"
     elif "dynamic" in rope_type or rope_type == "longrope":
         refusal = f"its rope type {rope_type!r} changes the rotary angles with the sequence's length"
+    elif rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        refusal = "its rotary embedding turns only part of each head"
     elif capacity > positions:
         refusal = f"its positions go to {positions:g}: set its max_context to {positions:g} at most"
     elif sliding and window < capacity:
@@ -108,7 +110,7 @@ def check_runs(config, capacity: int) -> None:
 
 
 # The RMSNorm modules the rms_norm kernel computes as they do (float32 inside, the weight applied in the model's dtype).
-_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "GraniteRMSNorm"}
+_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "GraniteRMSNorm", "Phi3RMSNorm"}
 
 
 def rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

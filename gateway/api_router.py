@@ -73,6 +73,8 @@ def _model_card(request: Request, served: str) -> dict:
     name, spec = _completions(request).model_or_404(served)
     started = int(request.app.state.started)
     card = {"id": served, "object": "model", "created": started, "owned_by": "llmfleet", "root": name}
+    if served in spec.lora_modules:  # as vLLM lists an adapter: its directory, and the model it adapts
+        card = {**card, "root": str(spec.lora_modules[served]), "parent": name}
     return {**card, "max_model_len": spec.max_context}
 
 

@@ -25,7 +25,7 @@ def token_counts(prompt: int, completion: int) -> dict:
 
 def _ids(kind: Kind, request: InferenceRequest) -> dict:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
-    return {"id": f"{prefix}-{request.id}", "created": int(request.created), "model": request.model}
+    return {"id": f"{prefix}-{request.id}", "created": int(request.created), "model": request.adapter or request.model}
 
 
 def chunk(

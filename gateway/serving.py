@@ -84,11 +84,16 @@ class Completions:
         self.stored = ResponseStore(queue.redis, settings.stored_response_ttl_s)
 
     def model_or_404(self, model: str) -> tuple[str, ModelSpec]:
-        """The configured name and spec of the model a request names (by its name or an alias)."""
+        """The configured name and spec of the model a request names (by its name, an alias or an adapter's name)."""
         name = self.settings.served_names().get(model)
         if name is None:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
         return name, self.settings.models[name]
+
+    @staticmethod
+    def adapter(spec: ModelSpec, model: str) -> str | None:
+        """The LoRA adapter a request's `model` names, if it names one (models.NAME.lora_modules)."""
+        return model if model in spec.lora_modules else None
 
     def tokenize(self, body: TokenizeRequest) -> dict:
         name, spec = self.model_or_404(body.model)
@@ -170,6 +175,7 @@ class Completions:
             echo=echo,
             tool_call=tool_calls.tool_call_mode(body, spec.tool_call_parser) if kind == "chat" else None,
             reasoning=thinking,
+            adapter=self.adapter(spec, body.model),
         )
 
     def build_embeddings(
@@ -186,7 +192,7 @@ class Completions:
         return [
             InferenceRequest(
                 id=new_request_id(), model=name, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0),
-                stream=False, created=now, deadline=now + timeout_s, embed=True,
+                stream=False, created=now, deadline=now + timeout_s, embed=True, adapter=self.adapter(spec, body.model),
             )
             for ids in prompts
         ]  # fmt: skip

@@ -48,7 +48,8 @@ class GenerateParameters(_Strict):
     best_of: Literal[1] | None = None
     watermark: Literal[False] = False
     typical_p: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
-    adapter_id: None = None
+    adapter_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """One of the model's LoRA adapters (models.NAME.lora_modules)."""
 
 
 class GenerateRequest(_Strict):
@@ -96,7 +97,7 @@ def completion_request(body: GenerateRequest, model: str, stream: bool) -> Compl
     sampled = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
     scored = p.details or stream  # TGI's tokens come with their log probabilities
     fields = {
-        "model": model,
+        "model": p.adapter_id or model,
         "prompt": body.inputs,
         "truncate_prompt_tokens": p.truncate,
         "max_tokens": p.max_new_tokens,

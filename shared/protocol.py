@@ -90,6 +90,8 @@ class InferenceRequest(BaseModel):
     """The output is a tool call (its grammar in sampling.grammar): the function's name, for a named tool_choice
     (the output is its arguments), "*" for tool_choice 'required' (a JSON list of {name, parameters}), or
     "<auto:PARSER>" for 'auto' (text that may announce calls in that parser's format); see gateway.tool_calls."""
+    adapter: str | None = None
+    """The model's LoRA adapter the request names (models.NAME.lora_modules), or None for the model itself."""
     embed: bool = False
     """The request asks for its prompt's embedding (FinalResult.embedding) and ends with its prefill."""
     reasoning: Literal["open", "closed"] | None = None

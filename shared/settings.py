@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, PositiveInt
+from pydantic import BaseModel, Field, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -21,6 +21,10 @@ class ModelSpec(BaseModel):
     aliases: list[str] = Field(default_factory=list)
     """Other names requests may give it (vLLM's --served-model-name), e.g. the name an application was written
     against; responses name the model as configured."""
+    lora_modules: dict[str, Path] = Field(default_factory=dict)
+    """LoRA adapters served beside the model (vLLM's --lora-modules): name -> a PEFT adapter directory
+    (adapter_config.json, adapter_model.safetensors). A request that gives an adapter's name as its `model` gets the
+    model with that adapter (worker.lora); its workers load them all when they start."""
     chat_template: str | None = None
     """A chat template that replaces the model's own (vLLM's --chat-template): a Jinja file's path, or the template
     itself. The gateway renders chat prompts (and /tokenize's messages) with it."""
@@ -149,6 +153,10 @@ class _YamlSource(PydanticBaseSettingsSource):
         return yaml.safe_load(Path(path).read_text()) or {}
 
 
+def _names(name: str, spec: ModelSpec) -> list[str]:
+    return [name, *spec.aliases, *spec.lora_modules]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLMFLEET_", env_nested_delimiter="__", extra="ignore")
 
@@ -198,8 +206,16 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     def served_names(self) -> dict[str, str]:
-        """Every name a request may give a model (its own and its aliases) -> its configured name."""
-        return {alias: name for name, spec in self.models.items() for alias in [name, *spec.aliases]}
+        """Every name a request may give a model (its own, its aliases and its adapters') -> its configured name."""
+        return {given: name for name, spec in self.models.items() for given in _names(name, spec)}
+
+    @model_validator(mode="after")
+    def _names_name_one_model(self):
+        given = [n for name, spec in self.models.items() for n in _names(name, spec)]
+        twice = sorted({n for n in given if given.count(n) > 1})
+        if twice:
+            raise ValueError(f"these names are given twice among the models, aliases and lora_modules: {twice}")
+        return self
 
     def model_dir(self, name: str) -> Path:
         """Where the served form of model `name` lives, prepared or not (worker.model_store builds it)."""

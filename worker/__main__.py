@@ -16,7 +16,7 @@ from transformers import AutoConfig
 
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
-from worker import cpu_kernels, model_loader, model_store, step_cost
+from worker import cpu_kernels, lora, model_loader, model_store, step_cost
 from worker.http_server import WorkerHTTPServer
 from worker.llama_runner import LlamaRunner, ModelNotServable, check_runs
 from worker.scheduler import Scheduler
@@ -34,6 +34,7 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
     # With a prefix cache, as many extra slots as running ones park finished sequences for reuse.
     slots = batch.max_running * (2 if batch.prefix_cache_tokens else 1)
     runner = LlamaRunner(loaded.model, slots=slots, capacity=spec.max_context, batch_invariant=batch.batch_invariant)
+    adapters = {name: lora.load(name, path, loaded.model) for name, path in spec.lora_modules.items()}
     runner.prefault(min(batch.kv_prefault_tokens, spec.max_context))
     cost = step_cost.measure(runner)
     step_s = batch.prefill_step_ms / 1000
@@ -57,6 +58,7 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
         worker_id=worker_id,
         max_running=batch.max_running,
         prefix_cache_tokens=batch.prefix_cache_tokens,
+        adapters=adapters,
     )
 
 
@@ -66,7 +68,7 @@ def refusing(model: str):
     up) does not restart a worker that exits so."""
     try:
         yield
-    except ModelNotServable as error:
+    except (ModelNotServable, lora.AdapterNotServable) as error:
         log.error("worker.model_not_servable", model=model, reason=str(error))
         raise SystemExit(os.EX_CONFIG) from None
 

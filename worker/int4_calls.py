@@ -55,9 +55,10 @@ def projection_groups(layer: torch.nn.Module) -> list[list[torch.nn.Module]]:
     return [qkv, [attn.o_proj], gate_up, [mlp.down_proj]]
 
 
-def _gated_activation(act: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+def _gated_activation(mlp: torch.nn.Module, cpu_bf16: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """[tokens, gate | up] -> act(gate) * up: one kernel call for silu in bf16 where worker.cpu_kernels runs."""
-    if type(act).__name__ in ("SiLU", "SiLUActivation") and dtype == torch.bfloat16 and cpu_kernels.available():
+    act = getattr(mlp, "act_fn", None) or mlp.activation_fn  # Phi-3's name
+    if type(act).__name__ in ("SiLU", "SiLUActivation") and cpu_bf16 and cpu_kernels.available():
         return cpu_kernels.op("silu_mul")
 
     def gated(gate_up: torch.Tensor) -> torch.Tensor:
@@ -81,8 +82,7 @@ class LayerCalls:
         else:
             calls = [Int4Call(modules, dtype) for modules in groups]
         self.qkv, self.o, self.gate_up, self.down = calls
-        mlp = layer.mlp
-        self.gated = _gated_activation(getattr(mlp, "act_fn", None) or mlp.activation_fn, dtype)
+        self.gated = _gated_activation(layer.mlp, cpu_bf16=dtype == torch.bfloat16)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gated(self.gate_up(x)))
@@ -94,12 +94,17 @@ class LayerCalls:
         return own or all(_plain_aten_int4(p) for p in projections)
 
 
+def _side_by_side(modules: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    return modules[0] if len(modules) == 1 else lambda x: torch.cat([m(x) for m in modules], dim=-1)
+
+
 class ModuleCalls:
     """LayerCalls' interface over the layer's own modules, whatever their kernel."""
 
     def __init__(self, layer: torch.nn.Module):
-        qkv, (self.o,), _, _ = projection_groups(layer)
-        self.qkv = qkv[0] if len(qkv) == 1 else lambda x: torch.cat([p(x) for p in qkv], dim=-1)
+        qkv, (self.o,), gate_up, (self.down,) = projection_groups(layer)
+        self.qkv, self.gate_up = _side_by_side(qkv), _side_by_side(gate_up)
+        self.gated = _gated_activation(layer.mlp, cpu_bf16=False)  # the modules may be on a GPU
         self.mlp = layer.mlp
 
 

@@ -31,14 +31,19 @@ class KVSlots:
         self.cache_tokens = cache_tokens
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps the running ones dense
         self._parked: OrderedDict[int, list[int]] = OrderedDict()  # slot -> tokens in its KV, LRU first
+        self._adapters: dict[int, str | None] = {}  # parked slot -> the LoRA adapter its KV was computed with
         self.parked_tokens = 0
         self.evictions = 0
 
-    def longest_prefix(self, prompt: list[int], running: Iterable[tuple[int, list[int]]]) -> tuple[int | None, int]:
+    def longest_prefix(
+        self, prompt: list[int], running: Iterable[tuple[int, list[int]]], adapter: str | None = None
+    ) -> tuple[int | None, int]:
         """The slot whose KV holds the longest prefix of `prompt`, and that length (at most len(prompt) - 1, so the
-        last prompt token is always computed and yields the first output's logits)."""
+        last prompt token is always computed and yields the first output's logits). `running`: the slots of running
+        sequences of the same LoRA adapter (another one's KV is not this one's)."""
         best_slot, best = None, 0
-        for slot, tokens in [*self._parked.items(), *running]:
+        parked = [(slot, tokens) for slot, tokens in self._parked.items() if self._adapters[slot] == adapter]
+        for slot, tokens in [*parked, *running]:
             n = min(common_prefix_len(prompt, tokens), len(prompt) - 1)
             if n > best:
                 best_slot, best = slot, n
@@ -57,12 +62,13 @@ class KVSlots:
             self._evict_lru()
         return heapq.heappop(self._free)
 
-    def park(self, slot: int, tokens: list[int]) -> None:
+    def park(self, slot: int, tokens: list[int], adapter: str | None = None) -> None:
         """A sequence finished: keep its KV for reuse if the budget allows, else free the slot."""
         if len(tokens) < MIN_REUSE_TOKENS or len(tokens) > self.cache_tokens:
             heapq.heappush(self._free, slot)
             return
         self._parked[slot] = tokens
+        self._adapters[slot] = adapter
         self.parked_tokens += len(tokens)
         while self.parked_tokens > self.cache_tokens:
             self._evict_lru()
@@ -72,6 +78,7 @@ class KVSlots:
 
     def _unpark(self, slot: int) -> int:
         self.parked_tokens -= len(self._parked.pop(slot))
+        del self._adapters[slot]
         return slot
 
     def _evict_lru(self) -> None:

@@ -39,6 +39,7 @@ import torch
 from worker import cpu_kernels
 from worker.block_quant import DECODE_TILE_ROWS, BlockQuantLinear, TileRows
 from worker.int4_calls import layer_calls
+from worker.lora import Adapter, AdapterRows
 from worker.slot_attention import KEY_BLOCK, KernelAttention, MatmulAttention, padded
 
 
@@ -358,6 +359,7 @@ class LlamaRunner:
         slot_idx: torch.Tensor,
         pos: torch.Tensor,
         last_rows: torch.Tensor | None,
+        adapters: AdapterRows | None,
     ) -> torch.Tensor:
         """The step's layers, op by op: the final norm's rows that have logits (`last_rows`, where not all do)."""
         n_tokens = hidden.shape[0]
@@ -372,7 +374,10 @@ class LlamaRunner:
             )
         last_layer = len(self.calls) - 1
         for layer_no, (calls, (mlp_norm, next_norm)) in enumerate(zip(self.calls, self.residual_norms)):
-            qkv = calls.qkv(normed).view(n_tokens, -1, self.head_dim)
+            qkv = calls.qkv(normed)
+            if adapters:
+                qkv = adapters.add(qkv, normed, layer_no, 0)
+            qkv = qkv.view(n_tokens, -1, self.head_dim)
             if self.qk_norms[layer_no]:
                 q_norm, k_norm = self.qk_norms[layer_no]
                 q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
@@ -382,12 +387,22 @@ class LlamaRunner:
             q = (to_cache if self.rotated[layer_no] else unrotated)(qkv, k_cache, v_cache)
             if layer_no == last_layer and last_rows is not None:
                 q, hidden, attend = q[last_rows], hidden[last_rows], attend_last
+                adapters = adapters and adapters.subset(last_rows)
             out = torch.empty(q.shape[0], self.n_heads, self.head_dim, dtype=self.compute_dtype, device=self.device)
             attend(q, k_cache, v_cache, out)
             out = out.view(q.shape[0], self.n_heads * self.head_dim).to(self.dtype)
-            hidden, normed = mlp_norm(hidden, self._update(calls.o(out)))
-            hidden, normed = next_norm(hidden, self._update(calls.mlp(normed)))
+            if adapters:
+                hidden, normed = mlp_norm(hidden, self._update(adapters.add(calls.o(out), out, layer_no, 1)))
+                hidden, normed = next_norm(hidden, self._update(self._adapted_mlp(calls, normed, adapters, layer_no)))
+            else:
+                hidden, normed = mlp_norm(hidden, self._update(calls.o(out)))
+                hidden, normed = next_norm(hidden, self._update(calls.mlp(normed)))
         return normed
+
+    @staticmethod
+    def _adapted_mlp(calls, x: torch.Tensor, adapters: AdapterRows, layer_no: int) -> torch.Tensor:
+        gated = calls.gated(adapters.add(calls.gate_up(x), x, layer_no, 2))
+        return adapters.add(calls.down(gated), gated, layer_no, 3)
 
     def _update(self, delta: torch.Tensor) -> torch.Tensor:
         """A layer's update of the residual stream, as the model scales it."""
@@ -401,10 +416,12 @@ class LlamaRunner:
         decode_positions: list[int],
         prefills: list[PrefillChunk],
         every_row: bool = False,
+        adapters: list[Adapter | None] | None = None,
     ) -> torch.Tensor:
         """Run one step. Returns logits in the model's dtype: one row per decode sequence, then one row per prefill
         chunk (the logits after its last token; callers ignore the row of a chunk that does not finish its prompt);
-        with `every_row`, one per token of each chunk instead (prompt log probabilities).
+        with `every_row`, one per token of each chunk instead (prompt log probabilities). `adapters`: the LoRA adapter
+        of each decode sequence, then of each chunk (None: the base model's), where any has one.
         Not converted to float32 here: a greedy choice needs no copy (32 rows of a 49k vocabulary: ~0.8 ms)."""
         n_decode = len(decode_tokens)
         n_logits = n_decode + (sum(len(c.tokens) for c in prefills) if every_row else len(prefills))
@@ -431,12 +448,18 @@ class LlamaRunner:
         if self.embedding_multiplier != 1.0:
             hidden = hidden * self.embedding_multiplier
         normed = self.first_norm(hidden)
-        if self.layer_chain:
+        rows_adapters = None
+        if adapters and any(adapters):
+            counts = [1] * n_decode + [len(chunk.tokens) for chunk in prefills]
+            rows_adapters = AdapterRows([a for a, n in zip(adapters, counts) for _ in range(n)])
+        if self.layer_chain and rows_adapters is None:
             chunks = [(chunk.slot, chunk.start, len(chunk.tokens)) for chunk in prefills] if self.prompt_tiles else []
             tile_start = self.tile_rows.start
             _, normed = self.layer_chain(hidden, normed, slot_idx, pos, pos + 1, tile_start, last_rows, chunks)
         else:
-            normed = self._layers(hidden, normed, decode_slots, decode_positions, prefills, slot_idx, pos, last_rows)
+            normed = self._layers(
+                hidden, normed, decode_slots, decode_positions, prefills, slot_idx, pos, last_rows, rows_adapters
+            )
         self.last_hidden = normed
         """The final norm's output of the step's rows with logits (the embeddings of the prompts that end here)."""
         if self.pad_logit_rows:

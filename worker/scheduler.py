@@ -18,6 +18,7 @@ from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings
 from worker.grammar import OutputGrammars
 from worker.kv_slots import KVSlots
 from worker.llama_runner import LlamaRunner, PrefillChunk
+from worker.lora import Adapter
 from worker.sampling import ChosenLogprob, choose_tokens, new_generator, token_logprobs
 from worker.step_cost import PrefillBudget
 from worker.text_output import TextOutput
@@ -124,10 +125,12 @@ class Scheduler:
         worker_id: str,
         max_running: int | None = None,
         prefix_cache_tokens: int = 0,
+        adapters: dict[str, Adapter] | None = None,
     ):
         """max_running defaults to every runner slot; with a prefix cache, give the runner more slots than
-        max_running so finished sequences can stay parked for reuse."""
+        max_running so finished sequences can stay parked for reuse. `adapters`: the model's LoRA adapters by name."""
         self.runner = runner
+        self.adapters = adapters or {}
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         if not isinstance(prefill_budget, PrefillBudget):
@@ -236,6 +239,9 @@ class Scheduler:
             decode_positions=[len(s.prompt) + len(s.generated) - 1 for s in decoding],
             prefills=[chunk for _, chunk in prefilling],
             every_row=every_row,
+            adapters=[self.adapters.get(s.request.adapter) for s in decoding + [s for s, _ in prefilling]]
+            if self.adapters
+            else None,
         )
         computed = {s.request.id: Computed() for s in decoding + [s for s, _ in prefilling]}
         self._take_embeddings(len(decoding), prefilling, every_row, computed)
@@ -399,10 +405,14 @@ class Scheduler:
             sampling.include_stop_str_in_output,
         )  # fmt: skip
         generator = new_generator(sampling, self.runner.device)
+        if request.adapter is not None and request.adapter not in self.adapters:  # the gateway's settings differ
+            error = f"the worker has no LoRA adapter {request.adapter!r}: its models.{self.model_name}.lora_modules"
+            return StepEvent(request.id, final=self._final(request, "error", now, error=f"{error} do not name it"))
         matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar is not None else None
         source, reused = (None, 0)
         if self.slots.cache_tokens and sampling.prompt_logprobs is None:
-            source, reused = self.slots.longest_prefix(prompt, ((s.slot, s.kv_tokens()) for s in self.running.values()))
+            alike = ((s.slot, s.kv_tokens()) for s in self.running.values() if s.request.adapter == request.adapter)
+            source, reused = self.slots.longest_prefix(prompt, alike, request.adapter)
         seq = self.running[request.id] = Sequence(
             request=request,
             slot=self.slots.acquire(source),
@@ -514,7 +524,7 @@ class Scheduler:
         embedding: list[float] | None = None,
     ) -> StepEvent:
         del self.running[seq.request.id]
-        self.slots.park(seq.slot, seq.kv_tokens())
+        self.slots.park(seq.slot, seq.kv_tokens(), seq.request.adapter)
         delta += seq.output.finish()
         final = self._final(
             seq.request,

@@ -451,7 +451,7 @@ class LlamaRunner:
         rows_adapters = None
         if adapters and any(adapters):
             counts = [1] * n_decode + [len(chunk.tokens) for chunk in prefills]
-            rows_adapters = AdapterRows([a for a, n in zip(adapters, counts) for _ in range(n)])
+            rows_adapters = AdapterRows([a for a, n in zip(adapters, counts) for _ in range(n)], device)
         if self.layer_chain and rows_adapters is None:
             chunks = [(chunk.slot, chunk.start, len(chunk.tokens)) for chunk in prefills] if self.prompt_tiles else []
             tile_start = self.tile_rows.start

@@ -24,10 +24,11 @@ class AdapterNotServable(ValueError):
 
 @dataclass(frozen=True)
 class Update:
-    a: torch.Tensor
-    """[ranks, in_features]"""
-    b: torch.Tensor
-    """[out_features of the group, ranks], scaled"""
+    a_t: torch.Tensor
+    """A transposed: [in_features, ranks]"""
+    b_t: torch.Tensor
+    """B transposed, scaled: [ranks, out_features of the group]. Both float32: a CPU's bf16 matmul of a few rows
+    costs ~18 us a call against ~3.5 in float32 (a decode step's 120 updates 8 -> ~2 ms, Zen 4)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def load(name: str, path: Path, model: torch.nn.Module) -> Adapter:
         number, group, row = where[module]
         updates.setdefault((number, group), []).append((row, a, b, scale))
     layers: list[dict[int, Update]] = [{} for _ in model.model.layers]
-    dtype, device = model.dtype, model.device
+    device = model.device
     for (number, group), parts in updates.items():
         out_features = sum(m.out_features for m in projection_groups(model.model.layers[number])[group])
         ranks = sum(a.shape[0] for _, a, _, _ in parts)
@@ -95,34 +96,35 @@ def load(name: str, path: Path, model: torch.nn.Module) -> Adapter:
             stacked_b[row : row + b.shape[0], at : at + a.shape[0]] = b.float() * scale
             at += a.shape[0]
         stacked_a = torch.cat([a.float() for _, a, _, _ in parts])
-        layers[number][group] = Update(*(t.to(device=device, dtype=dtype) for t in (stacked_a, stacked_b)))
+        layers[number][group] = Update(*(t.t().contiguous().to(device) for t in (stacked_a, stacked_b)))
     return Adapter(name, layers)
 
 
 class AdapterRows:
-    """The rows of a step that take each adapter."""
+    """The rows of a step that take each adapter: each adapter's update computed for all of them and masked to its
+    own (fewer ops than gathering and scattering its rows; the ranks are small)."""
 
-    def __init__(self, adapters: list[Adapter | None]):
-        self.adapters = adapters
-        rows: dict[str, list[int]] = {}
-        named: dict[str, Adapter] = {}
-        for row, adapter in enumerate(adapters):
-            if adapter is not None:
-                rows.setdefault(adapter.name, []).append(row)
-                named[adapter.name] = adapter
-        self.groups = [(named[name], torch.tensor(taken)) for name, taken in rows.items()]
+    def __init__(self, adapters: list[Adapter | None], device: torch.device):
+        self.adapters, self.device = adapters, device
+        named = {a.name: a for a in adapters if a is not None}
+        self.groups = []
+        for name, adapter in named.items():
+            mine = [a is not None and a.name == name for a in adapters]
+            mask = None if all(mine) else torch.tensor(mine, dtype=torch.float32, device=device).unsqueeze(1)
+            self.groups.append((adapter, mask))
 
     def __bool__(self) -> bool:
         return bool(self.groups)
 
     def subset(self, rows: torch.Tensor) -> AdapterRows:
-        return AdapterRows([self.adapters[i] for i in rows.tolist()])
+        return AdapterRows([self.adapters[i] for i in rows.tolist()], self.device)
 
     def add(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: int) -> torch.Tensor:
         """`out`, a projection group's product of x, plus each row's adapter update."""
-        for adapter, rows in self.groups:
+        x = x.float()
+        for adapter, mask in self.groups:
             update = adapter.layers[layer].get(group)
             if update is not None:
-                rows = rows.to(x.device)
-                out = out.index_add(0, rows, (x.index_select(0, rows) @ update.a.t() @ update.b.t()).to(out.dtype))
+                low = x @ update.a_t
+                out = out + ((low if mask is None else low * mask) @ update.b_t).to(out.dtype)
         return out

@@ -150,6 +150,18 @@ STEP_FAILURES = Counter(
     ["model_name"],
     registry=WORKER,
 )
+SPEC_DRAFT_TOKENS = Counter(
+    "llmfleet:spec_decode_num_draft_tokens",
+    "Tokens guessed by prompt lookup (speculative decoding) and checked in a step (vLLM's name).",
+    ["model_name"],
+    registry=WORKER,
+)
+SPEC_ACCEPTED_TOKENS = Counter(
+    "llmfleet:spec_decode_num_accepted_tokens",
+    "Guessed tokens the model's own choices confirmed: each one a token without a step of its own.",
+    ["model_name"],
+    registry=WORKER,
+)
 
 FINISH_REASONS = ("stop", "length", "cancelled", "expired", "error")
 
@@ -176,12 +188,19 @@ class WorkerMetrics:
         self.prefix_bytes = PREFIX_CACHE_BYTES.labels(model_name)
         self.prefix_evictions = PREFIX_CACHE_EVICTIONS.labels(model_name)
         self.step_failures = STEP_FAILURES.labels(model_name)
+        self.draft_tokens = SPEC_DRAFT_TOKENS.labels(model_name)
+        self.accepted_tokens = SPEC_ACCEPTED_TOKENS.labels(model_name)
         self._evictions_seen = 0
 
     def step(self, sequences: int, prompt_tokens: int, generated: int) -> None:
         self.batch_size.observe(sequences)
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(generated)
+
+    def speculated(self, guessed: int, accepted: int) -> None:
+        self.draft_tokens.inc(guessed)
+        self.accepted_tokens.inc(accepted)
+        self.generation_tokens.inc(accepted)
 
     def prefix_lookup(self, prompt_tokens: int, reused: int) -> None:
         self.prefix_queries.inc(prompt_tokens)

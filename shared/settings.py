@@ -74,6 +74,19 @@ class ModelSpec(BaseModel):
     with 503 + Retry-After instead of queueing them."""
 
 
+class Speculation(BaseModel):
+    """Speculative decoding by prompt lookup (vLLM's speculative_config method `ngram`; worker.ngram_drafts)."""
+
+    num_speculative_tokens: int = Field(default=0, ge=0, le=16)
+    """Tokens guessed ahead of each greedy sequence a step; 0 turns speculation off."""
+    prompt_lookup_max: PositiveInt = 4
+    prompt_lookup_min: PositiveInt = 2
+    """The longest and shortest n-gram the sequence's text ends with that is looked up in it."""
+    max_batch: PositiveInt = 4
+    """Steps that decode more sequences than this guess nothing (vLLM's disable_by_batch_size): the rows of a full
+    batch already keep the cores busy."""
+
+
 class BatchLimits(BaseModel):
     max_running: PositiveInt = 32
     """Requests decoded together in one step."""
@@ -92,6 +105,7 @@ class BatchLimits(BaseModel):
     with fewer and more than 16. Elsewhere (AVX2, AVX512 without BF16) every step is batch invariant either way."""
     prefix_cache_tokens: int = Field(default=32768, ge=0)
     """Tokens of finished sequences' KV kept for prefix reuse (LRU); 0 turns the prefix cache off."""
+    speculation: Speculation = Field(default_factory=Speculation)
     kv_prefault_tokens: int = Field(default=256, ge=0)
     """The KV cache is mapped on demand (resident memory grows with the tokens held); the first this many
     positions of every slot are written at start-up instead, before the worker reports ready, so that a fresh

@@ -59,6 +59,7 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
         max_running=batch.max_running,
         prefix_cache_tokens=batch.prefix_cache_tokens,
         adapters=adapters,
+        speculation=batch.speculation,
     )
 
 

@@ -15,6 +15,8 @@ from llguidance import LLMatcher
 
 from shared.metrics import WorkerMetrics
 from shared.protocol import FinalResult, FinishReason, InferenceRequest, Timings, TokenLogprob
+from shared.settings import Speculation
+from worker import ngram_drafts
 from worker.grammar import OutputGrammars
 from worker.kv_slots import KVSlots
 from worker.llama_runner import LlamaRunner, PrefillChunk
@@ -49,6 +51,8 @@ class Sequence:
     last_token_at: float = 0.0
     matcher: LLMatcher | None = None
     """Where the output stands in its request's grammar (structured output), if it has one."""
+    pace: ngram_drafts.Pace = field(default_factory=ngram_drafts.Pace)
+    """How many tokens it guesses ahead (speculative decoding)."""
 
     @property
     def prompt(self) -> list[int]:
@@ -79,6 +83,9 @@ class Computed:
 
     token: int | None = None
     """None for a prompt chunk that does not end its prompt."""
+    guesses: list[int] = field(default_factory=list)
+    """The tokens guessed after it (speculative decoding), and the choices of their rows: `token` and those."""
+    chosen: list[int] = field(default_factory=list)
     logprob: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     embedding: list[float] | None = None
@@ -94,6 +101,15 @@ class StepEvent:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def _joined(first: StepEvent, then: StepEvent) -> StepEvent:
+    """A sequence's two events of one step (its tokens one after the other) as one."""
+    return StepEvent(
+        first.request_id, delta=first.delta + then.delta, completion_tokens=then.completion_tokens, final=then.final,
+        token_ids=first.token_ids + then.token_ids, logprobs=first.logprobs + then.logprobs,
+        prompt_logprobs=first.prompt_logprobs,
+    )  # fmt: skip
 
 
 def _chunk_ends(n_decode: int, prefilling: list[tuple[Sequence, PrefillChunk]], every_row: bool) -> list[int]:
@@ -126,11 +142,13 @@ class Scheduler:
         max_running: int | None = None,
         prefix_cache_tokens: int = 0,
         adapters: dict[str, Adapter] | None = None,
+        speculation: Speculation | None = None,
     ):
         """max_running defaults to every runner slot; with a prefix cache, give the runner more slots than
         max_running so finished sequences can stay parked for reuse. `adapters`: the model's LoRA adapters by name."""
         self.runner = runner
         self.adapters = adapters or {}
+        self.speculation = speculation or Speculation()
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         if not isinstance(prefill_budget, PrefillBudget):
@@ -211,8 +229,13 @@ class Scheduler:
             if seq.request.id in failed:
                 events.append(self._finish(seq, "error", now, error=failed[seq.request.id]))
                 continue
-            seq.kv_len = seq.kv_len + 1 if decoded else seq.prefilled
             result = computed[seq.request.id]
+            # The guesses accepted (their KV is in the slot), then the token after them.
+            tokens = ngram_drafts.accepted(result.guesses, result.chosen) if result.guesses else [result.token]
+            seq.kv_len = seq.kv_len + len(tokens) if decoded else seq.prefilled
+            if result.guesses:
+                self.metrics.speculated(len(result.guesses), len(tokens) - 1)
+                seq.pace.took(len(result.guesses), len(tokens) - 1, self.steps)
             seq.prompt_logprobs += result.prompt_logprobs
             if result.embedding is not None:
                 events.append(self._finish(seq, "stop", now, embedding=result.embedding))
@@ -223,6 +246,10 @@ class Scheduler:
                 event = self._advance(seq, result.token, now, result.logprob)
                 if event.completion_tokens == 1 and seq.request.sampling.prompt_logprobs is not None:
                     event.prompt_logprobs = seq.prompt_logprobs  # a streamed echo shows them before the output
+                for token in tokens[1:]:
+                    if event.final is not None:
+                        break
+                    event = _joined(event, self._advance(seq, token, now))
                 events.append(event)
             except Exception as error:
                 events.append(self._finish(seq, "error", now, error=self._failure(seq.request, error)))
@@ -233,23 +260,30 @@ class Scheduler:
     ) -> dict[str, Computed]:
         """The step's forward pass and token choices, by request id; changes no sequence (so it can be run again)."""
         every_row = any(s.request.sampling.prompt_logprobs is not None for s, _ in prefilling)
+        guesses = self._guesses(decoding)
+        # A sequence's guessed tokens are more decoding rows of its slot, at the positions after its last token.
+        decode_rows = [seq for seq, guessed in zip(decoding, guesses) for _ in range(1 + len(guessed))]
+        n_decode = len(decode_rows)
         logits = self.runner.step(
-            decode_slots=[s.slot for s in decoding],
-            decode_tokens=[s.generated[-1] for s in decoding],
-            decode_positions=[len(s.prompt) + len(s.generated) - 1 for s in decoding],
+            decode_slots=[s.slot for s in decode_rows],
+            decode_tokens=[token for s, guessed in zip(decoding, guesses) for token in [s.generated[-1], *guessed]],
+            decode_positions=[
+                len(s.prompt) + len(s.generated) - 1 + i for s, guessed in zip(decoding, guesses)
+                for i in range(1 + len(guessed))
+            ],
             prefills=[chunk for _, chunk in prefilling],
             every_row=every_row,
-            adapters=[self.adapters.get(s.request.adapter) for s in decoding + [s for s, _ in prefilling]]
+            adapters=[self.adapters.get(s.request.adapter) for s in decode_rows + [s for s, _ in prefilling]]
             if self.adapters
             else None,
-        )
+        )  # fmt: skip
         computed = {s.request.id: Computed() for s in decoding + [s for s, _ in prefilling]}
-        self._take_embeddings(len(decoding), prefilling, every_row, computed)
+        self._take_embeddings(n_decode, prefilling, every_row, computed)
         if every_row:
-            logits = self._take_prompt_logprobs(logits, len(decoding), prefilling, computed)
+            logits = self._take_prompt_logprobs(logits, n_decode, prefilling, computed)
         # Rows of chunks that do not finish their prompt carry no next token.
-        rows = list(range(len(decoding))) + [len(decoding) + i for i, (s, _) in enumerate(prefilling) if s.decoding]
-        sampled = decoding + [s for s, _ in prefilling if s.decoding]
+        rows = list(range(n_decode)) + [n_decode + i for i, (s, _) in enumerate(prefilling) if s.decoding]
+        sampled = decode_rows + [s for s, _ in prefilling if s.decoding]
         if rows != list(range(logits.shape[0])):
             logits = logits[torch.tensor(rows, dtype=torch.long)]
         constrained = [i for i, s in enumerate(sampled) if s.matcher is not None]
@@ -265,9 +299,27 @@ class Scheduler:
         )
         logprobs = self._logprobs(logits, sampled, tokens)
         for i, (seq, token) in enumerate(zip(sampled, tokens)):
-            computed[seq.request.id].token = token
-            computed[seq.request.id].logprob = logprobs.get(i)
+            result = computed[seq.request.id]
+            if result.token is None:
+                result.token, result.logprob = token, logprobs.get(i)
+            result.chosen.append(token)
+        for seq, guessed in zip(decoding, guesses):
+            computed[seq.request.id].guesses = guessed
         return computed
+
+    def _guesses(self, decoding: list[Sequence]) -> list[list[int]]:
+        """Each decoding sequence's guessed next tokens (worker.ngram_drafts), within its max_tokens and the slot."""
+        speculation = self.speculation
+        if not speculation.num_speculative_tokens or len(decoding) > speculation.max_batch:
+            return [[] for _ in decoding]
+        guesses = []
+        for seq in decoding:
+            sampling, made = seq.request.sampling, len(seq.generated)
+            room = min(sampling.max_tokens - made, self.runner.capacity - len(seq.prompt) - made) - 1
+            most = min(room, seq.pace.guesses(self.steps))
+            can = most > 0 and ngram_drafts.speculates(sampling, made, seq.matcher is not None)
+            guesses.append(ngram_drafts.draft(seq.prompt + seq.generated, speculation, most) if can else [])
+        return guesses
 
     def _take_embeddings(
         self, n_decode: int, prefilling: list[tuple[Sequence, PrefillChunk]], every_row: bool, computed: dict

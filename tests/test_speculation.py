@@ -33,22 +33,23 @@ def test_guesses_are_accepted_up_to_the_first_the_model_does_not_choose():
     assert ngram_drafts.accepted([7], [3, 7]) == [3]
 
 
-def test_only_plain_greedy_sequences_guess():
-    greedy = SamplingParams(max_tokens=8, temperature=0)
-    assert ngram_drafts.speculates(greedy, 0, grammar=False)
-    assert not ngram_drafts.speculates(greedy, 0, grammar=True)
-    assert not ngram_drafts.speculates(SamplingParams(max_tokens=8), 0, grammar=False)
-    assert not ngram_drafts.speculates(SamplingParams(max_tokens=8, temperature=0, logprobs=1), 0, grammar=False)
-    assert not ngram_drafts.speculates(SamplingParams(max_tokens=8, temperature=0, min_tokens=4), 2, grammar=False)
+def test_sequences_guess_unless_a_grammar_or_a_seed_holds_them_to_one_token_a_step():
+    assert ngram_drafts.speculates(SamplingParams(max_tokens=8, temperature=0), grammar=False)
+    assert ngram_drafts.speculates(SamplingParams(max_tokens=8, temperature=0, seed=3), grammar=False)
+    assert ngram_drafts.speculates(SamplingParams(max_tokens=8, temperature=0.7), grammar=False)
+    assert not ngram_drafts.speculates(SamplingParams(max_tokens=8, temperature=0.7, seed=3), grammar=False)
+    assert not ngram_drafts.speculates(SamplingParams(max_tokens=8, temperature=0), grammar=True)
 
 
-def run(loaded_model, speculation: Speculation, prompts: list[list[int]], max_tokens: int = 40):
+def run(loaded_model, speculation: Speculation, prompts: list[list[int]], max_tokens: int = 40, **sampling):
     runner = LlamaRunner(loaded_model.model, slots=4, capacity=512)
     scheduler = Scheduler(
         runner, loaded_model.tokenizer, loaded_model.eos_token_ids, 512, "m", "w", speculation=speculation
     )
     for i, prompt in enumerate(prompts):
-        scheduler.add(request(f"r{i}", max_tokens, prompt=prompt))
+        asked = request(f"r{i}", max_tokens, prompt=prompt)
+        asked.sampling = asked.sampling.model_copy(update=sampling)
+        scheduler.add(asked)
     finals, steps, streamed = {}, 0, {}
     while scheduler.has_work:
         steps += 1
@@ -71,6 +72,30 @@ def test_a_greedy_output_is_the_same_with_guesses_checked_in_fewer_steps(loaded_
     assert streamed["r0"] == guessed["r0"].text and guessed["r0"].completion_tokens == 40
     accepted = scheduler.metrics.accepted_tokens._value.get()
     assert accepted > 10 and steps < plain_steps, (accepted, steps, plain_steps)
+
+
+def copying_prompt(tok) -> list[int]:
+    invoice = "Invoice 4471 from Acme Tools Ltd, 12 Harbour Road, Leeds: 40 steel brackets at 2.50 each, total 100."
+    messages = [{"role": "user", "content": f"{invoice}\nList the seller, the address, the items and the total."}]
+    return tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))["input_ids"]
+
+
+def test_guessing_rows_take_penalties_and_give_log_probabilities_as_decoding_does(loaded_model):
+    sampling = {"frequency_penalty": 0.5, "repetition_penalty": 1.1, "min_tokens": 30, "logprobs": 2}
+    prompt = copying_prompt(loaded_model.tokenizer)
+    plain, plain_steps, _, _ = run(loaded_model, Speculation(), [prompt], **sampling)
+    guessed, steps, _, _ = run(loaded_model, ON, [prompt], **sampling)
+    assert guessed["r0"].text == plain["r0"].text and steps < plain_steps
+    assert [(p.token_id, round(p.logprob, 3)) for p in guessed["r0"].logprobs] == [
+        (p.token_id, round(p.logprob, 3)) for p in plain["r0"].logprobs
+    ]
+
+
+def test_a_sampled_sequence_guesses_too(loaded_model):
+    """Its tokens are its rows' own draws (speculative sampling with guesses of probability 1, which keeps the
+    distribution): here only that it guesses, and that its stream is its text."""
+    sampled, steps, streamed, _ = run(loaded_model, ON, [copying_prompt(loaded_model.tokenizer)], temperature=0.1)
+    assert sampled["r0"].completion_tokens == 40 and steps < 40 and streamed["r0"] == sampled["r0"].text
 
 
 def test_a_sequence_waits_longer_after_each_miss_and_guesses_more_as_guesses_hold():

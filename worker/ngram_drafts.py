@@ -4,10 +4,14 @@ its prompt or repeats itself: extraction, summaries, code edits). The step compu
 of the same slot at the next positions, so one forward pass checks them all; each row's choice that matches the
 guess after it accepts that guess, and the first that does not is the token after the accepted ones.
 
-Only for greedy sequences whose logits nothing adjusts: the rows then choose what decoding one token at a time
-chooses, so the output is the same, in fewer steps where the guesses hold. A guess that fails costs its rows (on two
-cores a decoding row ~1.4 ms against a one-row step's ~4.4, the default model), so each sequence paces its guesses
-(Pace): after a miss it waits, longer after each, and then guesses one token; it guesses more as guesses hold."""
+A guess's row chooses as the sequence would after the guesses before it (its penalties, minimum length and log
+probabilities computed so): a greedy sequence's output is the same, in fewer steps where the guesses hold. A sampled
+row draws from its own distribution and its guess counts only where the draw is that guess: speculative sampling with
+a guess of probability 1, whose tokens come from the distribution decoding one at a time samples them from.
+
+A guess that fails costs its rows (on two cores a decoding row ~1.4 ms against a one-row step's ~4.4, the default
+model), so each sequence paces its guesses (Pace): after a miss it waits, longer after each, and then guesses one
+token; it guesses more as guesses hold."""
 
 from __future__ import annotations
 
@@ -19,21 +23,11 @@ from shared.protocol import SamplingParams
 from shared.settings import Speculation
 
 
-def speculates(params: SamplingParams, generated: int, grammar: bool) -> bool:
-    """Whether a sequence's choices depend on nothing but its logits' argmax (no penalty, bias, mask, minimum length,
-    grammar or log probabilities), so that a guessed token's row chooses what its decoding would."""
-    return (
-        params.greedy
-        and not grammar
-        and params.logprobs is None
-        and params.repetition_penalty == 1.0
-        and params.presence_penalty == 0.0
-        and params.frequency_penalty == 0.0
-        and not params.logit_bias
-        and generated >= params.min_tokens
-        and params.allowed_token_ids is None
-        and not params.bad_words_token_ids
-    )
+def speculates(params: SamplingParams, grammar: bool) -> bool:
+    """Whether a sequence guesses: not under a grammar (its matcher follows one token at a time), and not where a
+    seed makes its sampled output repeatable (the rows of guesses that fail draw from its generator too, so its later
+    draws would depend on how many it guessed)."""
+    return not grammar and (params.greedy or params.seed is None)
 
 
 def draft(tokens: list[int], settings: Speculation, most: int) -> list[int]:

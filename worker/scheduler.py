@@ -84,8 +84,9 @@ class Computed:
     token: int | None = None
     """None for a prompt chunk that does not end its prompt."""
     guesses: list[int] = field(default_factory=list)
-    """The tokens guessed after it (speculative decoding), and the choices of their rows: `token` and those."""
+    """The tokens guessed after it (speculative decoding), and its row's and theirs' choices and log probabilities."""
     chosen: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
     logprob: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     embedding: list[float] | None = None
@@ -246,10 +247,10 @@ class Scheduler:
                 event = self._advance(seq, result.token, now, result.logprob)
                 if event.completion_tokens == 1 and seq.request.sampling.prompt_logprobs is not None:
                     event.prompt_logprobs = seq.prompt_logprobs  # a streamed echo shows them before the output
-                for token in tokens[1:]:
+                for token, logprob in zip(tokens[1:], result.logprobs[1:]):
                     if event.final is not None:
                         break
-                    event = _joined(event, self._advance(seq, token, now))
+                    event = _joined(event, self._advance(seq, token, now, logprob))
                 events.append(event)
             except Exception as error:
                 events.append(self._finish(seq, "error", now, error=self._failure(seq.request, error)))
@@ -289,12 +290,17 @@ class Scheduler:
         constrained = [i for i, s in enumerate(sampled) if s.matcher is not None]
         if constrained:
             logits = self.grammars.masked(logits, constrained, [sampled[i].matcher for i in constrained])
+        # A guess's row chooses as if the guesses before it were the sequence's (its penalties and minimum length).
+        generated = [
+            s.generated + guessed[:i] if i else s.generated
+            for s, guessed in zip(decoding, guesses) for i in range(1 + len(guessed))
+        ] + [s.generated for s, _ in prefilling if s.decoding]  # fmt: skip
         tokens = choose_tokens(
             logits,
             [s.request.sampling for s in sampled],
             [s.generator for s in sampled],
             [s.prompt for s in sampled],
-            [s.generated for s in sampled],
+            generated,
             self.eos_token_ids,
         )
         logprobs = self._logprobs(logits, sampled, tokens)
@@ -303,6 +309,7 @@ class Scheduler:
             if result.token is None:
                 result.token, result.logprob = token, logprobs.get(i)
             result.chosen.append(token)
+            result.logprobs.append(logprobs.get(i))
         for seq, guessed in zip(decoding, guesses):
             computed[seq.request.id].guesses = guessed
         return computed
@@ -317,7 +324,7 @@ class Scheduler:
             sampling, made = seq.request.sampling, len(seq.generated)
             room = min(sampling.max_tokens - made, self.runner.capacity - len(seq.prompt) - made) - 1
             most = min(room, seq.pace.guesses(self.steps))
-            can = most > 0 and ngram_drafts.speculates(sampling, made, seq.matcher is not None)
+            can = most > 0 and ngram_drafts.speculates(sampling, seq.matcher is not None)
             guesses.append(ngram_drafts.draft(seq.prompt + seq.generated, speculation, most) if can else [])
         return guesses
 

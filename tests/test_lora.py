@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -17,7 +20,7 @@ from safetensors.torch import save_file
 
 from shared.settings import Settings
 from tests.conftest import MODEL
-from tests.test_architectures import SHAPE, tiny_model
+from tests.test_architectures import SHAPE, save_tiny, tiny_model
 from worker import lora
 from worker.llama_runner import LlamaRunner, PrefillChunk
 
@@ -119,3 +122,21 @@ def test_an_adapter_is_served_by_its_name_beside_its_model(fleet, model_dir, loa
 def test_an_adapter_may_not_take_a_name_another_model_has():
     with pytest.raises(pydantic.ValidationError, match="given twice"):
         Settings(models={"base": {"aliases": ["tuned"], "lora_modules": {"tuned": "/adapters/tuned"}}})
+
+
+def test_a_worker_refuses_an_adapter_it_cannot_serve_when_it_prepares_the_model(settings, model_dir, tmp_path):
+    base = tiny_model("llama", vocab_size=49152)
+    path = save_tiny(base, tmp_path / "tiny", settings.dense_model_dir(MODEL))
+    write_adapter(base, tmp_path / "dora", use_dora=True, merge=False)
+    spec = {
+        "path": path,
+        "quantization": "none",
+        "max_context": 4096,
+        "lora_modules": {"tuned": str(tmp_path / "dora")},
+    }
+    env = {**os.environ, "LLMFLEET_MODELS": json.dumps({"tiny": spec})}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--model", "tiny", "--prepare-only"], env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == os.EX_CONFIG and "adapter 'tuned'" in done.stdout + done.stderr

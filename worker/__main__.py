@@ -12,7 +12,8 @@ import uuid
 
 import redis
 import structlog
-from transformers import AutoConfig
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
@@ -93,7 +94,13 @@ def main(argv: list[str] | None = None) -> None:
         model_loader.configure_torch(settings)
         path = model_store.prepare(settings, args.model)
         with refusing(args.model):  # at build time, not first at start-up
-            check_runs(AutoConfig.from_pretrained(path), settings.models[args.model].max_context)
+            config = AutoConfig.from_pretrained(path)
+            check_runs(config, settings.models[args.model].max_context)
+            if adapters := settings.models[args.model].lora_modules:
+                with torch.device("meta"):  # the layers' names and shapes, no weights
+                    skeleton = AutoModelForCausalLM.from_config(config)
+                for name, adapter in adapters.items():
+                    lora.load(name, adapter, skeleton)
         print(path)
         if model_loader.pick_device(settings.device).type == "cpu":
             cpu_kernels.block_quant_op()  # builds the kernels, and times the block kernel's variants once

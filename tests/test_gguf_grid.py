@@ -142,3 +142,29 @@ def test_a_timed_kernel_choice_is_kept_until_the_kernels_change(monkeypatch, tmp
     (tmp_path / "choice").write_text("first " + "0" * 16)  # timed on other sources
     seconds["other"] = 0.5
     assert choose() == "other" and len(timed) == 8
+
+
+def test_processes_that_choose_at_once_time_the_kernels_once(monkeypatch, tmp_path):
+    """Two timing at once would time each other's load: the second waits for the first's record."""
+    import threading
+    import time
+
+    import torch.utils.cpp_extension
+
+    if not cpu_kernels.available():  # (built where they are kept, before the build directory is patched)
+        pytest.skip("no kernels on this CPU")
+    monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda *args, **kwargs: str(tmp_path))
+    timed = []
+    monkeypatch.setattr(
+        cpu_kernels, "_block_quant_seconds", lambda name, calls: timed.append(name) or time.sleep(0.05) or 1.0
+    )
+    chosen = []
+    choosers = [
+        threading.Thread(target=lambda: chosen.append(cpu_kernels._timed_choice("choice", ["first", "other"], ())))
+        for _ in range(2)
+    ]
+    for thread in choosers:
+        thread.start()
+    for thread in choosers:
+        thread.join()
+    assert chosen == ["first", "first"] and len(timed) == 4

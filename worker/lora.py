@@ -62,41 +62,43 @@ def load(name: str, path: Path, model: torch.nn.Module) -> Adapter:
     if config.get("bias", "none") != "none":
         raise refuse("it trains biases")
     names = {module: module_name for module_name, module in model.named_modules()}
-    where = {}  # module name -> (layer, group, first output row)
+    where = {}  # module name -> (layer, group, first output row, module)
+    widths = {}  # (layer, group) -> the group's output features
     for number, layer in enumerate(model.model.layers):
         for group, modules in enumerate(projection_groups(layer)):
             row = 0
             for module in modules:
-                where[names[module]] = (number, group, row)
+                where[names[module]] = (number, group, row, module)
                 row += module.out_features
-    updates: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+            widths[number, group] = row
+    patterns = config.get("alpha_pattern") or {}
+    updates: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for key in tensors:
-        if not key.endswith(".lora_A.weight"):
-            if not key.endswith(".lora_B.weight"):
-                raise refuse(f"it holds {key}, not a LoRA projection update")
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise refuse(f"it holds {key}, not a LoRA projection update")
+        if key.endswith(".lora_B.weight"):
             continue
-        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-        if module not in where:
-            raise refuse(f"it updates {module}, which is not one of the layers' projections")
-        a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
+        name_of = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        if name_of not in where:
+            raise refuse(f"it updates {name_of}, which is not one of the layers' projections")
+        number, group, row, module = where[name_of]
+        a, b = tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B."))
         rank = a.shape[0]
-        patterns = config.get("alpha_pattern") or {}
-        alpha = next((v for k, v in patterns.items() if module.endswith(k)), config["lora_alpha"])
+        if b is None or a.shape[1] != module.in_features or tuple(b.shape) != (module.out_features, rank):
+            shape = f"{module.in_features} -> {module.out_features}"
+            raise refuse(f"its update of {name_of} does not fit the model's projection ({shape})")
+        alpha = next((v for k, v in patterns.items() if name_of.endswith(k)), config["lora_alpha"])
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        number, group, row = where[module]
-        updates.setdefault((number, group), []).append((row, a, b, scale))
+        updates.setdefault((number, group), []).append((row, a.float(), b.float() * scale))
     layers: list[dict[int, Update]] = [{} for _ in model.model.layers]
-    device = model.device
     for (number, group), parts in updates.items():
-        out_features = sum(m.out_features for m in projection_groups(model.model.layers[number])[group])
-        ranks = sum(a.shape[0] for _, a, _, _ in parts)
-        stacked_b = torch.zeros(out_features, ranks)
+        stacked_b = torch.zeros(widths[number, group], sum(a.shape[0] for _, a, _ in parts))
         at = 0
-        for row, a, b, scale in parts:
-            stacked_b[row : row + b.shape[0], at : at + a.shape[0]] = b.float() * scale
+        for row, a, b in parts:
+            stacked_b[row : row + b.shape[0], at : at + a.shape[0]] = b
             at += a.shape[0]
-        stacked_a = torch.cat([a.float() for _, a, _, _ in parts])
-        layers[number][group] = Update(*(t.t().contiguous().to(device) for t in (stacked_a, stacked_b)))
+        stacked_a = torch.cat([a for _, a, _ in parts])
+        layers[number][group] = Update(*(t.t().contiguous().to(model.device) for t in (stacked_a, stacked_b)))
     return Adapter(name, layers)
 
 

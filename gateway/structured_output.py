@@ -61,8 +61,8 @@ def after_thinking(grammar: str, opened: reasoning.Opening) -> str:
         top = {"grammars": [{"lark_grammar": grammar}]}
     answer = top["grammars"][0]
     answer["name"] = answer.get("name") or "answer"
-    thought = ("THOUGHT", "") if opened == "open" else ("THOUGHT?", "<think>")
-    lark = f"start: {thought[0]} @{answer['name']}\nTHOUGHT: {_THOUGHT.format(thought[1])}\n"
+    optional, opener = ("", "") if opened == "open" else ("?", "<think>")
+    lark = f"start: THOUGHT{optional} @{answer['name']}\nTHOUGHT: {_THOUGHT.format(opener)}\n"
     return json.dumps({**top, "grammars": [{"lark_grammar": lark}, *top["grammars"]]})
 
 

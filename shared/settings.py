@@ -78,7 +78,7 @@ class Speculation(BaseModel):
     """Speculative decoding by prompt lookup (vLLM's speculative_config method `ngram`; worker.ngram_drafts)."""
 
     num_speculative_tokens: int = Field(default=0, ge=0, le=16)
-    """Tokens guessed ahead of each greedy sequence a step; 0 turns speculation off."""
+    """Tokens guessed ahead of each sequence a step; 0 turns speculation off."""
     prompt_lookup_max: PositiveInt = 4
     prompt_lookup_min: PositiveInt = 2
     """The longest and shortest n-gram the sequence's text ends with that is looked up in it."""

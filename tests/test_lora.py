@@ -100,14 +100,15 @@ def test_an_adapter_is_served_by_its_name_beside_its_model(fleet, model_dir, loa
         assert card.model_extra["parent"] == "based" and card.model_extra["root"] == str(tmp_path / "tuned")
         question = [{"role": "user", "content": "Name three rivers of France and say where each of them ends."}]
 
-        def answer(on: openai.OpenAI, model: str):
-            reply = on.chat.completions.create(model=model, messages=question, max_tokens=12, temperature=0)
-            return reply.model, reply.choices[0].message.content
+        def ask(on: openai.OpenAI, model: str):
+            return on.chat.completions.create(model=model, messages=question, max_tokens=12, temperature=0)
 
-        tuned = answer(served, "tuned")
-        assert answer(served, "based") == ("based", answer(client, MODEL)[1])
-        assert tuned[0] == "tuned" and tuned[1] != answer(client, MODEL)[1]
-        assert answer(served, "tuned") == tuned
+        tuned = ask(served, "tuned")
+        based, shared = ask(served, "based"), ask(client, MODEL)
+        assert (based.model, based.choices[0].message.content) == ("based", shared.choices[0].message.content)
+        assert tuned.model == "tuned" and tuned.choices[0].message.content != shared.choices[0].message.content
+        # Its own KV, though: the prompt's, from the first answer.
+        assert ask(served, "tuned").usage.prompt_tokens_details.cached_tokens == tuned.usage.prompt_tokens - 1
         generated = httpx.post(
             f"{gateway.url}/generate",
             json={"inputs": "The Loire", "parameters": {"max_new_tokens": 4, "adapter_id": "tuned"}},

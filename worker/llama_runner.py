@@ -391,16 +391,17 @@ class LlamaRunner:
             out = torch.empty(q.shape[0], self.n_heads, self.head_dim, dtype=self.compute_dtype, device=self.device)
             attend(q, k_cache, v_cache, out)
             out = out.view(q.shape[0], self.n_heads * self.head_dim).to(self.dtype)
+            attended = calls.o(out)
             if adapters:
-                hidden, normed = mlp_norm(hidden, self._update(adapters.add(calls.o(out), out, layer_no, 1)))
-                hidden, normed = next_norm(hidden, self._update(self._adapted_mlp(calls, normed, adapters, layer_no)))
-            else:
-                hidden, normed = mlp_norm(hidden, self._update(calls.o(out)))
-                hidden, normed = next_norm(hidden, self._update(calls.mlp(normed)))
+                attended = adapters.add(attended, out, layer_no, 1)
+            hidden, normed = mlp_norm(hidden, self._update(attended))
+            mlp = self._adapted_mlp(calls, normed, adapters, layer_no) if adapters else calls.mlp(normed)
+            hidden, normed = next_norm(hidden, self._update(mlp))
         return normed
 
     @staticmethod
     def _adapted_mlp(calls, x: torch.Tensor, adapters: AdapterRows, layer_no: int) -> torch.Tensor:
+        """The MLP with each row's adapter updates of gate/up and down."""
         gated = calls.gated(adapters.add(calls.gate_up(x), x, layer_no, 2))
         return adapters.add(calls.down(gated), gated, layer_no, 3)
 

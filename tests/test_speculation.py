@@ -138,3 +138,31 @@ def test_a_worker_that_guesses_streams_what_one_that_does_not_streams(fleet, mod
     finally:
         worker.stop()
         gateway.stop()
+
+
+def test_an_adapters_sequence_guesses_through_its_adapter(loaded_model, tmp_path):
+    """Guess rows of a LoRA adapter's sequence take its updates too: the same output as without guessing."""
+    from tests.test_lora import write_adapter
+    from worker import lora
+
+    write_adapter(loaded_model.model, tmp_path, rank=2, alpha=1.0, merge=False)
+    adapter = lora.load("tuned", tmp_path, loaded_model.model)
+    prompt = copying_prompt(loaded_model.tokenizer)
+
+    def tuned(speculation: Speculation):
+        runner = LlamaRunner(loaded_model.model, slots=2, capacity=512)
+        scheduler = Scheduler(
+            runner, loaded_model.tokenizer, loaded_model.eos_token_ids, 512, "m", "w",
+            adapters={"tuned": adapter}, speculation=speculation,
+        )  # fmt: skip
+        asked = request("r", 40, prompt=prompt)
+        asked.adapter = "tuned"
+        scheduler.add(asked)
+        steps, final = 0, None
+        while scheduler.has_work:
+            steps += 1
+            final = next((e.final for e in scheduler.step() if e.final), final)
+        return final.text, steps
+
+    (plain, plain_steps), (guessed, steps) = tuned(Speculation()), tuned(ON)
+    assert guessed == plain and steps < plain_steps

@@ -20,7 +20,7 @@ def test_the_longest_cached_prefix_is_found_and_capped_below_the_prompt_length()
 
 def test_running_sequences_are_prefix_sources_too():
     slots = KVSlots(4, cache_tokens=1000)
-    assert slots.longest_prefix(B + [1], running=[(3, B)]) == (3, len(B))
+    assert slots.longest_prefix(B + [1], running=[(3, B, None)]) == (3, len(B))
 
 
 def test_short_prefixes_are_not_reused():
@@ -46,5 +46,5 @@ def test_when_no_slot_is_free_a_lone_parked_source_is_handed_over_without_copy()
     running = slots.acquire(None)
     parked = slots.acquire(None)
     slots.park(parked, A)
-    source, _ = slots.longest_prefix(A + [1], running=[(running, B)])
+    source, _ = slots.longest_prefix(A + [1], running=[(running, B, None)])
     assert slots.acquire(source) == parked

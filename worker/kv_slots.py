@@ -36,14 +36,16 @@ class KVSlots:
         self.evictions = 0
 
     def longest_prefix(
-        self, prompt: list[int], running: Iterable[tuple[int, list[int]]], adapter: str | None = None
+        self, prompt: list[int], running: Iterable[tuple[int, list[int], str | None]], adapter: str | None = None
     ) -> tuple[int | None, int]:
-        """The slot whose KV holds the longest prefix of `prompt`, and that length (at most len(prompt) - 1, so the
-        last prompt token is always computed and yields the first output's logits). `running`: the slots of running
-        sequences of the same LoRA adapter (another one's KV is not this one's)."""
+        """The slot whose KV holds the longest prefix of `prompt` computed with the same LoRA adapter (another one's
+        KV is not this one's), and that length (at most len(prompt) - 1, so the last prompt token is always computed
+        and yields the first output's logits). `running`: the running sequences' slots, tokens and adapters."""
         best_slot, best = None, 0
-        parked = [(slot, tokens) for slot, tokens in self._parked.items() if self._adapters[slot] == adapter]
-        for slot, tokens in [*parked, *running]:
+        parked = ((slot, tokens, self._adapters[slot]) for slot, tokens in self._parked.items())
+        for slot, tokens, computed_with in [*parked, *running]:
+            if computed_with != adapter:
+                continue
             n = min(common_prefix_len(prompt, tokens), len(prompt) - 1)
             if n > best:
                 best_slot, best = slot, n

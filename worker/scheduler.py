@@ -262,23 +262,29 @@ class Scheduler:
         """The step's forward pass and token choices, by request id; changes no sequence (so it can be run again)."""
         every_row = any(s.request.sampling.prompt_logprobs is not None for s, _ in prefilling)
         guesses = self._guesses(decoding)
-        # A sequence's guessed tokens are more decoding rows of its slot, at the positions after its last token.
-        decode_rows = [seq for seq, guessed in zip(decoding, guesses) for _ in range(1 + len(guessed))]
+        # A sequence's guessed tokens are more decoding rows of its slot, at the positions after its last token; each
+        # row chooses as if the guesses before it were the sequence's (its penalties and minimum length).
+        decode_rows, tokens_in, positions, generated = [], [], [], []
+        for seq, guessed in zip(decoding, guesses):
+            last = len(seq.prompt) + len(seq.generated) - 1
+            for i, token in enumerate([seq.generated[-1], *guessed]):
+                decode_rows.append(seq)
+                tokens_in.append(token)
+                positions.append(last + i)
+                generated.append(seq.generated + guessed[:i] if i else seq.generated)
         n_decode = len(decode_rows)
         logits = self.runner.step(
             decode_slots=[s.slot for s in decode_rows],
-            decode_tokens=[token for s, guessed in zip(decoding, guesses) for token in [s.generated[-1], *guessed]],
-            decode_positions=[
-                len(s.prompt) + len(s.generated) - 1 + i for s, guessed in zip(decoding, guesses)
-                for i in range(1 + len(guessed))
-            ],
+            decode_tokens=tokens_in,
+            decode_positions=positions,
             prefills=[chunk for _, chunk in prefilling],
             every_row=every_row,
             adapters=[self.adapters.get(s.request.adapter) for s in decode_rows + [s for s, _ in prefilling]]
             if self.adapters
             else None,
         )  # fmt: skip
-        computed = {s.request.id: Computed() for s in decoding + [s for s, _ in prefilling]}
+        computed = {s.request.id: Computed(guesses=guessed) for s, guessed in zip(decoding, guesses)}
+        computed.update((s.request.id, Computed()) for s, _ in prefilling)
         self._take_embeddings(n_decode, prefilling, every_row, computed)
         if every_row:
             logits = self._take_prompt_logprobs(logits, n_decode, prefilling, computed)
@@ -290,17 +296,12 @@ class Scheduler:
         constrained = [i for i, s in enumerate(sampled) if s.matcher is not None]
         if constrained:
             logits = self.grammars.masked(logits, constrained, [sampled[i].matcher for i in constrained])
-        # A guess's row chooses as if the guesses before it were the sequence's (its penalties and minimum length).
-        generated = [
-            s.generated + guessed[:i] if i else s.generated
-            for s, guessed in zip(decoding, guesses) for i in range(1 + len(guessed))
-        ] + [s.generated for s, _ in prefilling if s.decoding]  # fmt: skip
         tokens = choose_tokens(
             logits,
             [s.request.sampling for s in sampled],
             [s.generator for s in sampled],
             [s.prompt for s in sampled],
-            generated,
+            generated + [s.generated for s, _ in prefilling if s.decoding],
             self.eos_token_ids,
         )
         logprobs = self._logprobs(logits, sampled, tokens)
@@ -310,8 +311,6 @@ class Scheduler:
                 result.token, result.logprob = token, logprobs.get(i)
             result.chosen.append(token)
             result.logprobs.append(logprobs.get(i))
-        for seq, guessed in zip(decoding, guesses):
-            computed[seq.request.id].guesses = guessed
         return computed
 
     def _guesses(self, decoding: list[Sequence]) -> list[list[int]]:
@@ -470,8 +469,8 @@ class Scheduler:
         matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar is not None else None
         source, reused = (None, 0)
         if self.slots.cache_tokens and sampling.prompt_logprobs is None:
-            alike = ((s.slot, s.kv_tokens()) for s in self.running.values() if s.request.adapter == request.adapter)
-            source, reused = self.slots.longest_prefix(prompt, alike, request.adapter)
+            running = ((s.slot, s.kv_tokens(), s.request.adapter) for s in self.running.values())
+            source, reused = self.slots.longest_prefix(prompt, running, request.adapter)
         seq = self.running[request.id] = Sequence(
             request=request,
             slot=self.slots.acquire(source),

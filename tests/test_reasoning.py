@@ -153,7 +153,7 @@ def test_the_responses_api_gives_the_thinking_as_a_reasoning_item(opening):
     # The reasoning item goes back with the conversation, as the API asks of clients.
     history = [*QUESTION, *(item.model_dump(exclude_none=True) for item in response.output)]
     again = opening.responses.create(
-        model=MODEL, input=[*history, {"role": "user", "content": "Why?"}], max_output_tokens=4
+        model=MODEL, input=[*history, {"role": "user", "content": "Why?"}], max_output_tokens=4, temperature=0
     )
     assert again.status == "incomplete"
 

@@ -50,14 +50,14 @@ def run(loaded_model, speculation: Speculation, prompts: list[list[int]], max_to
         asked = request(f"r{i}", max_tokens, prompt=prompt)
         asked.sampling = asked.sampling.model_copy(update=sampling)
         scheduler.add(asked)
-    finals, steps, streamed = {}, 0, {}
+    finals, ended, streamed = {}, {}, {}
     while scheduler.has_work:
-        steps += 1
         for event in scheduler.step():
             streamed[event.request_id] = streamed.get(event.request_id, "") + event.delta
             if event.final:
                 finals[event.request_id] = event.final
-    return finals, steps, streamed, scheduler
+                ended[event.request_id] = scheduler.steps
+    return finals, ended, streamed, scheduler
 
 
 def test_a_greedy_output_is_the_same_with_guesses_checked_in_fewer_steps(loaded_model):
@@ -66,12 +66,13 @@ def test_a_greedy_output_is_the_same_with_guesses_checked_in_fewer_steps(loaded_
     messages = [{"role": "user", "content": f"Repeat this sentence three times: {quote}"}]
     copying = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))["input_ids"]
     other = tok("Write a short story about a robot who learns", add_special_tokens=False)["input_ids"]
-    plain, plain_steps, _, _ = run(loaded_model, Speculation(), [copying, other])
-    guessed, steps, streamed, scheduler = run(loaded_model, ON, [copying, other])
+    plain, plain_ended, _, _ = run(loaded_model, Speculation(), [copying, other])
+    guessed, ended, streamed, scheduler = run(loaded_model, ON, [copying, other])
     assert {r: f.text for r, f in guessed.items()} == {r: f.text for r, f in plain.items()}
     assert streamed["r0"] == guessed["r0"].text and guessed["r0"].completion_tokens == 40
     accepted = scheduler.metrics.accepted_tokens._value.get()
-    assert accepted > 10 and steps < plain_steps, (accepted, steps, plain_steps)
+    # The copying request ends sooner; the story beside it may guess nothing (as on AMX's kernels).
+    assert accepted > 10 and ended["r0"] < plain_ended["r0"], (accepted, ended, plain_ended)
 
 
 def copying_prompt(tok) -> list[int]:
@@ -83,9 +84,9 @@ def copying_prompt(tok) -> list[int]:
 def test_guessing_rows_take_penalties_and_give_log_probabilities_as_decoding_does(loaded_model):
     sampling = {"frequency_penalty": 0.5, "repetition_penalty": 1.1, "min_tokens": 30, "logprobs": 2}
     prompt = copying_prompt(loaded_model.tokenizer)
-    plain, plain_steps, _, _ = run(loaded_model, Speculation(), [prompt], **sampling)
-    guessed, steps, _, _ = run(loaded_model, ON, [prompt], **sampling)
-    assert guessed["r0"].text == plain["r0"].text and steps < plain_steps
+    plain, plain_ended, _, _ = run(loaded_model, Speculation(), [prompt], **sampling)
+    guessed, ended, _, _ = run(loaded_model, ON, [prompt], **sampling)
+    assert guessed["r0"].text == plain["r0"].text and ended["r0"] < plain_ended["r0"]
     assert [(p.token_id, round(p.logprob, 3)) for p in guessed["r0"].logprobs] == [
         (p.token_id, round(p.logprob, 3)) for p in plain["r0"].logprobs
     ]
@@ -94,8 +95,8 @@ def test_guessing_rows_take_penalties_and_give_log_probabilities_as_decoding_doe
 def test_a_sampled_sequence_guesses_too(loaded_model):
     """Its tokens are its rows' own draws (speculative sampling with guesses of probability 1, which keeps the
     distribution): here only that it guesses, and that its stream is its text."""
-    sampled, steps, streamed, _ = run(loaded_model, ON, [copying_prompt(loaded_model.tokenizer)], temperature=0.1)
-    assert sampled["r0"].completion_tokens == 40 and steps < 40 and streamed["r0"] == sampled["r0"].text
+    sampled, ended, streamed, _ = run(loaded_model, ON, [copying_prompt(loaded_model.tokenizer)], temperature=0.1)
+    assert sampled["r0"].completion_tokens == 40 and ended["r0"] < 40 and streamed["r0"] == sampled["r0"].text
 
 
 def test_a_sequence_waits_longer_after_each_miss_and_guesses_more_as_guesses_hold():

@@ -6,13 +6,14 @@ import importlib.metadata
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import metrics, tgi
 from gateway.batches import UPLOAD_PATH
 from gateway.embeddings import EmbeddingRequest
 from gateway.errors import APIError
+from gateway.lora_adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from gateway.protocol import (
     BatchCreateRequest,
     ChatCompletionRequest,
@@ -21,6 +22,7 @@ from gateway.protocol import (
     TokenizeRequest,
 )
 from gateway.responses import ResponsesRequest
+from gateway.serving import Served
 
 router = APIRouter()
 VERSION = importlib.metadata.version("llmfleet")
@@ -67,26 +69,27 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-def _model_card(request: Request, served: str) -> dict:
+def _model_card(request: Request, model: str, served: Served) -> dict:
     """OpenAI's model object for a name a request may give (an alias's `root` the configured name), with vLLM's
     `max_model_len` (clients size their prompts by it)."""
-    name, spec = _completions(request).model_or_404(served)
     started = int(request.app.state.started)
-    card = {"id": served, "object": "model", "created": started, "owned_by": "llmfleet", "root": name}
-    if served in spec.lora_modules:  # as vLLM lists an adapter: its directory, and the model it adapts
-        card = {**card, "root": str(spec.lora_modules[served]), "parent": name}
-    return {**card, "max_model_len": spec.max_context}
+    card = {"id": model, "object": "model", "created": started, "owned_by": "llmfleet", "root": served.name}
+    if served.adapter is not None:  # as vLLM lists an adapter: its directory, and the model it adapts
+        root = served.source.path if served.source else str(served.spec.lora_modules[served.adapter])
+        card = {**card, "root": root, "parent": served.name}
+    return {**card, "max_model_len": served.spec.max_context}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    names = request.app.state.settings.served_names()
-    return {"object": "list", "data": [_model_card(request, served) for served in names]}
+    completions = _completions(request)
+    names = [*request.app.state.settings.served_names(), *await completions.runtime_adapters.listed()]
+    return {"object": "list", "data": [_model_card(request, name, await completions.served(name)) for name in names]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict:
-    return _model_card(request, model)
+    return _model_card(request, model, await _completions(request).served(model))
 
 
 @router.post("/v1/chat/completions")
@@ -153,13 +156,24 @@ async def sagemaker_invocations(request: Request, body: Any = Body(...)):
 @router.post("/tokenize")
 @router.post("/v1/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    return _completions(request).tokenize(body)
+    return await _completions(request).tokenize(body)
 
 
 @router.post("/detokenize")
 @router.post("/v1/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
-    return _completions(request).detokenize(body)
+    return await _completions(request).detokenize(body)
+
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> str:
+    """vLLM's, as it serves it with VLLM_ALLOW_RUNTIME_LORA_UPDATING (gateway.lora_adapters)."""
+    return await _completions(request).runtime_adapters.load(body)
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> str:
+    return await _completions(request).runtime_adapters.unload(body)
 
 
 def _owner(request: Request) -> str | None:

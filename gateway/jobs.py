@@ -81,7 +81,7 @@ class Jobs:
         """The new job's view; with an idempotency key already used by this owner, the earlier job's view."""
         owner = key.id if key else None
         kind, parsed = parse_body(body)
-        requests = self.completions.build_all(kind, parsed, headers)
+        requests = await self.completions.build_all(kind, parsed, headers)
         # Jobs stream deltas internally so that a running job is visible as running.
         request, *others = [r.model_copy(update={"stream": True}) for r in requests]
         if idempotency_key is not None:

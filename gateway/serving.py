@@ -23,6 +23,7 @@ from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
 from gateway.errors import APIError, failure, first_failure, invalid_body
 from gateway.logprobs import LogprobsFormat
+from gateway.lora_adapters import RuntimeAdapters
 from gateway.prompts import (
     SAMPLING_DEFAULTS,
     Tokenizers,
@@ -46,7 +47,15 @@ from gateway.response_store import ResponseStore
 from gateway.responses import ResponsesRequest
 from gateway.sanitize import DenyList
 from gateway.structured_output import after_thinking, output_grammar
-from shared.protocol import FinalResult, InferenceRequest, SamplingParams, TokenDelta, TokenLogprob, new_request_id
+from shared.protocol import (
+    AdapterSource,
+    FinalResult,
+    InferenceRequest,
+    SamplingParams,
+    TokenDelta,
+    TokenLogprob,
+    new_request_id,
+)
 from shared.settings import ModelSpec, Settings
 
 log = structlog.get_logger(__name__)
@@ -71,6 +80,17 @@ def requested_timeout_s(value: str | None, limit_s: float) -> float:
     return min(seconds, limit_s)
 
 
+@dataclass(frozen=True)
+class Served:
+    """What a request's `model` names: a configured model, and the LoRA adapter with it if it names one."""
+
+    name: str
+    spec: ModelSpec
+    adapter: str | None = None
+    source: AdapterSource | None = None
+    """A runtime adapter's (gateway.lora_adapters); None for a configured one."""
+
+
 class Completions:
     def __init__(
         self, settings: Settings, queue: QueueClient, tokenizers: Tokenizers, limiter: RateLimiter | None = None
@@ -82,40 +102,43 @@ class Completions:
         self.limiter = limiter
         self.deny_list = DenyList(settings.protection.deny_patterns)
         self.stored = ResponseStore(queue.redis, settings.stored_response_ttl_s)
+        self.runtime_adapters = RuntimeAdapters(settings, queue)
 
-    def model_or_404(self, model: str) -> tuple[str, ModelSpec]:
-        """The configured name and spec of the model a request names (by its name, an alias or an adapter's name)."""
+    async def served(self, model: str) -> Served:
+        """What a request's `model` names: a model's name or alias, or an adapter's name (configured or loaded)."""
         name = self.settings.served_names().get(model)
-        if name is None:
+        if name is not None:
+            spec = self.settings.models[name]
+            return Served(name, spec, model if model in spec.lora_modules else None)
+        source = await self.runtime_adapters.source(model)
+        if source is None:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
-        return name, self.settings.models[name]
+        return Served(source.model, self.settings.models[source.model], model, source)
 
-    @staticmethod
-    def adapter(spec: ModelSpec, model: str) -> str | None:
-        """The LoRA adapter a request's `model` names, if it names one (models.NAME.lora_modules)."""
-        return model if model in spec.lora_modules else None
-
-    def tokenize(self, body: TokenizeRequest) -> dict:
-        name, spec = self.model_or_404(body.model)
-        tokenizer = self.tokenizers.get(name)
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        served = await self.served(body.model)
+        tokenizer = self.tokenizers.get(served.name)
         if body.messages is not None:
             ids = chat_token_ids(tokenizer, body)
         else:
             ids = tokenizer.encode(body.prompt, special_tokens=body.add_special_tokens)
-        return {"count": len(ids), "max_model_len": spec.max_context, "tokens": ids}
+        return {"count": len(ids), "max_model_len": served.spec.max_context, "tokens": ids}
 
-    def detokenize(self, body: DetokenizeRequest) -> dict:
-        name, _ = self.model_or_404(body.model)
-        tokenizer = self.tokenizers.get(name)
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        tokenizer = self.tokenizers.get((await self.served(body.model)).name)
         check_token_ids(tokenizer, body.tokens, "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
     def build(
-        self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str] | None = None
+        self,
+        kind: Kind,
+        body: ChatCompletionRequest | CompletionRequest,
+        served: Served,
+        headers: Mapping[str, str] | None = None,
     ) -> InferenceRequest:
         """`headers` may carry the conversation id and a timeout shorter than the configured one (TIMEOUT_HEADER)."""
         headers = headers or {}
-        name, spec = self.model_or_404(body.model)
+        name, spec = served.name, served.spec
         tokenizer = self.tokenizers.get(name)
         given = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
         for param in ("logit_bias", "stop_token_ids", "allowed_token_ids"):
@@ -175,35 +198,38 @@ class Completions:
             echo=echo,
             tool_call=tool_calls.tool_call_mode(body, spec.tool_call_parser) if kind == "chat" else None,
             reasoning=thinking,
-            adapter=self.adapter(spec, body.model),
+            adapter=served.adapter,
+            adapter_source=served.source,
         )
 
-    def build_embeddings(
+    async def build_embeddings(
         self, body: embeddings.EmbeddingRequest, headers: Mapping[str, str] | None = None
     ) -> list[InferenceRequest]:
         """One request an input (`headers` may carry a timeout shorter than the configured one)."""
-        name, spec = self.model_or_404(body.model)
-        tokenizer = self.tokenizers.get(name)
-        prompts = embeddings.prompt_ids(tokenizer, body, spec.max_context)
+        served = await self.served(body.model)
+        tokenizer = self.tokenizers.get(served.name)
+        prompts = embeddings.prompt_ids(tokenizer, body, served.spec.max_context)
         if self.deny_list.patterns:
             self.deny_list.check([tokenizer.decode(ids) for ids in prompts])
         now = time.time()
         timeout_s = requested_timeout_s((headers or {}).get(TIMEOUT_HEADER), self.settings.request_timeout_s)
         return [
             InferenceRequest(
-                id=new_request_id(), model=name, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0),
-                stream=False, created=now, deadline=now + timeout_s, embed=True, adapter=self.adapter(spec, body.model),
+                id=new_request_id(), model=served.name, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0),
+                stream=False, created=now, deadline=now + timeout_s, embed=True, adapter=served.adapter,
+                adapter_source=served.source,
             )
             for ids in prompts
         ]  # fmt: skip
 
-    def build_all(
+    async def build_all(
         self, kind: Kind, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str] | None = None
     ) -> list[InferenceRequest]:
         """One request a prompt (completions take several) and choice, each prompt's first, in the order of the
         response's choices."""
+        served = await self.served(body.model)
         bodies = body.one_per_prompt() if isinstance(body, CompletionRequest) else [body]
-        prompts = [self.build(kind, each, headers) for each in bodies]
+        prompts = [self.build(kind, each, served, headers) for each in bodies]
         return [r for p in prompts for r in [p, *(_another_choice(p, i) for i in range(1, body.n))]]
 
     async def enqueue(
@@ -248,7 +274,7 @@ class Completions:
 
     async def embed(self, body: embeddings.EmbeddingRequest, http: Request):
         """POST /v1/embeddings: one request an input, each ending with its prefill."""
-        requests = self.build_embeddings(body, http.headers)
+        requests = await self.build_embeddings(body, http.headers)
         admission, headers = await self._admit(requests, http, body.user)
         finals = await self._finals(requests, http, admission)
         return JSONResponse(embeddings.response(body.model, finals, body.encoding_format), headers=headers)
@@ -319,7 +345,7 @@ class Completions:
     ) -> tuple[InferenceRequest, list[InferenceRequest], Admission | None, dict[str, str]]:
         """Build, admit and queue a request (one a prompt, and their other choices): the first, them all, the
         admission, the response's headers."""
-        requests = self.build_all(kind, body, http.headers)
+        requests = await self.build_all(kind, body, http.headers)
         admission, headers = await self._admit(requests, http, body.user or getattr(body, "safety_identifier", None))
         return requests[0], requests, admission, headers
 

@@ -144,14 +144,14 @@ class BatchRun:
 
     async def _prepare_or_record(self, index: int, raw: str) -> Line | None:
         try:
-            return self._prepare(index, raw)
+            return await self._prepare(index, raw)
         except LineError as error:
             custom_id = _custom_id(raw)
             line = output_line(self.id, index, custom_id, None, _error(error.code, error.message))
             await self.store.record_line(self.id, index, line)
             return None
 
-    def _prepare(self, index: int, raw: str) -> Line:
+    async def _prepare(self, index: int, raw: str) -> Line:
         try:
             item = json.loads(raw)
         except ValueError:
@@ -168,7 +168,7 @@ class BatchRun:
             endpoint = self.state.meta.endpoint
             raise LineError("invalid_url", f"Each line must be a POST to the batch's endpoint {endpoint}.")
         try:
-            requests, asked, embedded = self._requests(item.get("body"))
+            requests, asked, embedded = await self._requests(item.get("body"))
         except APIError as error:
             raise LineError(error.code or "invalid_request", error.message) from None
         # The line's index names its requests: the first `<batch>-<line>`, the later ones `-<place>` after it.
@@ -188,7 +188,7 @@ class BatchRun:
         ]
         return Line(index, custom_id, self.kind, requests, asked, embedded)
 
-    def _requests(
+    async def _requests(
         self, body: object
     ) -> tuple[list[InferenceRequest], ResponsesRequest | None, EmbeddingRequest | None]:
         """A line's body as the requests it becomes, with the body itself in a batch of the Responses API or of
@@ -196,15 +196,15 @@ class BatchRun:
         endpoint = self.state.meta.endpoint
         if endpoint == "/v1/embeddings":
             embedded = validated(EmbeddingRequest, body)
-            return self.completions.build_embeddings(embedded), None, embedded
+            return await self.completions.build_embeddings(embedded), None, embedded
         if endpoint == "/v1/responses":
             asked = validated(ResponsesRequest, body)
             if asked.previous_response_id:
                 raise APIError(400, "A batch line cannot continue a stored response.", code="unsupported_value")
             chat = responses.chat_request(asked, responses.conversation(asked, []))
-            return self.completions.build_all(self.kind, chat), asked, None
+            return await self.completions.build_all(self.kind, chat), asked, None
         _, parsed = parse_body(body, self.kind)
-        return self.completions.build_all(self.kind, parsed), None, None
+        return await self.completions.build_all(self.kind, parsed), None, None
 
     async def _dispatch(self, index: int, lines: list[str]) -> None:
         line = await self._prepare_or_record(index, lines[index])

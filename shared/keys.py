@@ -27,6 +27,8 @@ finished   Counter per model and FINISHED_BUCKET_S-long time bucket: requests it
            a TTL). Gateways read the recent drain rate from it to estimate how long a new request would queue.
 dead       Dead-letter stream per model: requests delivered more than `delivery.max_deliveries` times (field
            "r" the request entry as it was, "reason", "deliveries"); each also ends `failed` in its result.
+lora_adapters  Hash: name -> JSON `AdapterSource` of each LoRA adapter loaded at runtime (POST /v1/load_lora_adapter).
+           Requests carry the entry; workers load it on first use and drop what is no longer in the hash.
 api_key    Hash per API key id: name, limits, salt, salted hash of the secret, created, revoked. The secret
            itself is never stored. api_keys is the set of every id, for `llmfleet keys list`.
 rpm        Sorted set per key id: one member per request admitted in the last minute (score: its time).
@@ -133,6 +135,10 @@ def batch_lease(batch_id: str) -> str:
 
 def dead_letters(model: str) -> str:
     return f"{PREFIX}:dead:{model}"
+
+
+def lora_adapters() -> str:
+    return f"{PREFIX}:lora-adapters"
 
 
 def api_key(key_id: str) -> str:

@@ -163,6 +163,14 @@ SPEC_ACCEPTED_TOKENS = Counter(
     registry=WORKER,
 )
 
+LORA_REQUESTS_INFO = Gauge(
+    "llmfleet:lora_requests_info",
+    "vLLM's vllm:lora_requests_info: the LoRA adapters of the running and the waiting requests (comma-separated "
+    "labels) and how many adapters the worker holds at most; the value is when they were last seen so.",
+    ["model_name", "max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+    registry=WORKER,
+)
+
 FINISH_REASONS = ("stop", "length", "cancelled", "expired", "error")
 
 
@@ -190,7 +198,9 @@ class WorkerMetrics:
         self.step_failures = STEP_FAILURES.labels(model_name)
         self.draft_tokens = SPEC_DRAFT_TOKENS.labels(model_name)
         self.accepted_tokens = SPEC_ACCEPTED_TOKENS.labels(model_name)
+        self.model_name = model_name
         self._evictions_seen = 0
+        self._adapter_labels: tuple[str, ...] | None = None
 
     def step(self, sequences: int, prompt_tokens: int, generated: int) -> None:
         self.batch_size.observe(sequences)
@@ -217,6 +227,15 @@ class WorkerMetrics:
         if evictions > self._evictions_seen:
             self.prefix_evictions.inc(evictions - self._evictions_seen)
             self._evictions_seen = evictions
+
+    def adapters(self, running: set[str], waiting: set[str], max_lora: int) -> None:
+        """One series at a time (vLLM's adds one for every change and keeps them all)."""
+        labels = (self.model_name, str(max_lora), ",".join(sorted(waiting)), ",".join(sorted(running)))
+        if labels != self._adapter_labels:
+            if self._adapter_labels is not None:
+                LORA_REQUESTS_INFO.remove(*self._adapter_labels)
+            self._adapter_labels = labels
+        LORA_REQUESTS_INFO.labels(*labels).set_to_current_time()
 
     def final(self, final: FinalResult) -> None:
         self.finished[final.finish_reason].inc()

@@ -72,6 +72,15 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0 or self.top_k == 1
 
 
+class AdapterSource(BaseModel):
+    """A LoRA adapter loaded while the fleet runs (gateway.lora_adapters): the model it adapts, its directory as the
+    workers see it, and the load's revision (a name loaded again in place is another adapter, its KV kept apart)."""
+
+    model: str
+    path: str
+    revision: str
+
+
 class InferenceRequest(BaseModel):
     id: str
     model: str
@@ -91,7 +100,10 @@ class InferenceRequest(BaseModel):
     (the output is its arguments), "*" for tool_choice 'required' (a JSON list of {name, parameters}), or
     "<auto:PARSER>" for 'auto' (text that may announce calls in that parser's format); see gateway.tool_calls."""
     adapter: str | None = None
-    """The model's LoRA adapter the request names (models.NAME.lora_modules), or None for the model itself."""
+    """The model's LoRA adapter the request names (models.NAME.lora_modules, or one loaded at runtime), or None for
+    the model itself."""
+    adapter_source: AdapterSource | None = None
+    """Where a runtime adapter lies, for the worker to load it on first use; None for a configured one."""
     embed: bool = False
     """The request asks for its prompt's embedding (FinalResult.embedding) and ends with its prefill."""
     reasoning: Literal["open", "closed"] | None = None

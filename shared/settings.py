@@ -25,6 +25,13 @@ class ModelSpec(BaseModel):
     """LoRA adapters served beside the model (vLLM's --lora-modules): name -> a PEFT adapter directory
     (adapter_config.json, adapter_model.safetensors). A request that gives an adapter's name as its `model` gets the
     model with that adapter (worker.lora); its workers load them all when they start."""
+    runtime_lora_dir: Path | None = None
+    """Where LoRA adapters loaded while the fleet runs lie (POST /v1/load_lora_adapter and /v1/unload_lora_adapter,
+    which vLLM serves with VLLM_ALLOW_RUNTIME_LORA_UPDATING): a lora_path must lie under it (a relative one is taken
+    under it), as the workers see it. None: the model takes no adapter at runtime."""
+    max_loaded_loras: PositiveInt = 8
+    """Runtime adapters one worker keeps loaded (vLLM's --max-cpu-loras): beyond it, the least recently used is
+    dropped, and loaded again when a request names it."""
     chat_template: str | None = None
     """A chat template that replaces the model's own (vLLM's --chat-template): a Jinja file's path, or the template
     itself. The gateway renders chat prompts (and /tokenize's messages) with it."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from shared.protocol import AdapterSource
 from shared.settings import Settings
 from tests.conftest import MODEL
 from tests.test_architectures import SHAPE, save_tiny, tiny_model
@@ -141,3 +142,88 @@ def test_a_worker_refuses_an_adapter_it_cannot_serve_when_it_prepares_the_model(
         text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == os.EX_CONFIG and "adapter 'tuned'" in done.stdout + done.stderr
+
+
+def test_a_runtime_adapter_is_loaded_once_the_most_recent_kept_the_unloaded_dropped(tmp_path):
+    base = tiny_model("llama")
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for path in (root / "a", root / "b", outside):
+        write_adapter(base, path, merge=False)
+    (root / "sneaky").symlink_to(outside)
+    adapters = lora.Adapters("m", base, runtime_dir=root, max_loaded=1)
+
+    def source(directory: str, revision: str) -> AdapterSource:
+        return AdapterSource(model="m", path=str(root / directory), revision=revision)
+
+    first = adapters.get("a", source("a", "1"))
+    assert adapters.get("a", source("a", "1")) is first and first.key == "a@1"
+    assert adapters.get("a", source("a", "2")) is not first, "loaded again in place: another adapter"
+    adapters.get("b", source("b", "3"))
+    assert list(adapters.loaded) == ["3"], "one kept: the most recently used"
+    adapters.keep({"1", "2"})
+    assert not adapters.loaded, "unloaded since"
+    with pytest.raises(lora.AdapterNotServable, match="does not lie under"):
+        adapters.get("c", source("sneaky", "4"))
+    with pytest.raises(lora.AdapterNotServable, match="no LoRA adapter 'd'"):
+        adapters.get("d", None)
+
+
+def test_an_adapter_loaded_at_runtime_is_served_until_it_is_unloaded(fleet, model_dir, loaded_model, tmp_path):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, for a model that sets runtime_lora_dir (named
+    "based" here, so that only this worker serves it). A load is answered once the worker has served through the
+    adapter: one it cannot serve is refused saying why. Loaded again in place, its KV is apart from the first one's."""
+    root = tmp_path / "adapters"
+    write_adapter(loaded_model.model, root / "tuned", merge=False)
+    write_adapter(loaded_model.model, root / "retrained", rank=8, alpha=32.0, merge=False)
+    write_adapter(loaded_model.model, root / "dora", merge=False, use_dora=True)
+    models = json.dumps({"based": {"path": str(model_dir), "runtime_lora_dir": str(root)}})
+    worker = fleet.worker("based", LLMFLEET_MODELS=models)
+    gateway = fleet.gateway(LLMFLEET_MODELS=models, LLMFLEET_PROTECTION__AUTH="open")
+    try:
+        served = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        question = [{"role": "user", "content": "Name three rivers of France and say where each of them ends."}]
+
+        def post(path: str, **body) -> httpx.Response:
+            return httpx.post(f"{gateway.url}/v1/{path}", json=body, timeout=120)
+
+        def ask(model: str):
+            return served.chat.completions.create(model=model, messages=question, max_tokens=12, temperature=0)
+
+        loaded = post("load_lora_adapter", lora_name="tuned", lora_path="tuned")
+        assert (loaded.status_code, loaded.text) == (200, "Success: LoRA adapter 'tuned' added successfully.")
+        again = post("load_lora_adapter", lora_name="tuned", lora_path=str(root / "tuned"))
+        assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+        refused = post("load_lora_adapter", lora_name="dora", lora_path="dora")
+        assert refused.status_code == 400 and "DoRA" in refused.json()["error"]["message"]
+        outside = post("load_lora_adapter", lora_name="far", lora_path="../elsewhere")
+        assert outside.status_code == 400 and outside.json()["error"]["param"] == "lora_path"
+        assert [m.id for m in served.models.list()] == ["based", "tuned"]
+        card = served.models.retrieve("tuned")
+        assert (card.model_extra["parent"], card.model_extra["root"]) == ("based", str(root / "tuned"))
+
+        tuned, based = ask("tuned"), ask("based")
+        assert tuned.model == "tuned" and tuned.choices[0].message.content != based.choices[0].message.content
+        assert ask("tuned").usage.prompt_tokens_details.cached_tokens == tuned.usage.prompt_tokens - 1
+        info = [line for line in httpx.get(f"{worker.url}/metrics").text.splitlines() if "lora_requests_info{" in line]
+        assert info and 'max_lora="8"' in info[0]
+
+        replaced = post("load_lora_adapter", lora_name="tuned", lora_path="retrained", load_inplace=True)
+        assert replaced.status_code == 200
+        retrained = ask("tuned")
+        assert retrained.usage.prompt_tokens_details.cached_tokens == 0, "none of the first adapter's KV"
+        assert retrained.choices[0].message.content != tuned.choices[0].message.content
+
+        unloaded = post("unload_lora_adapter", lora_name="tuned")
+        assert (unloaded.status_code, unloaded.text) == (200, "Success: LoRA adapter 'tuned' removed successfully.")
+        with pytest.raises(openai.NotFoundError):
+            ask("tuned")
+        assert post("unload_lora_adapter", lora_name="tuned").status_code == 404
+    finally:
+        worker.stop()
+        gateway.stop()
+
+
+def test_loading_an_adapter_where_no_model_takes_one_at_runtime_is_a_404(gateway_url, api_key):
+    body, auth = {"lora_name": "x", "lora_path": "/x"}, {"Authorization": f"Bearer {api_key}"}
+    loaded = httpx.post(f"{gateway_url}/v1/load_lora_adapter", json=body, headers=auth, timeout=30)
+    assert loaded.status_code == 404 and "runtime_lora_dir" in loaded.json()["error"]["message"]

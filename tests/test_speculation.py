@@ -154,7 +154,7 @@ def test_an_adapters_sequence_guesses_through_its_adapter(loaded_model, tmp_path
         runner = LlamaRunner(loaded_model.model, slots=2, capacity=512)
         scheduler = Scheduler(
             runner, loaded_model.tokenizer, loaded_model.eos_token_ids, 512, "m", "w",
-            adapters={"tuned": adapter}, speculation=speculation,
+            adapters=lora.Adapters("m", configured={"tuned": adapter}), speculation=speculation,
         )  # fmt: skip
         asked = request("r", 40, prompt=prompt)
         asked.adapter = "tuned"

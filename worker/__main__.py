@@ -35,7 +35,8 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
     # With a prefix cache, as many extra slots as running ones park finished sequences for reuse.
     slots = batch.max_running * (2 if batch.prefix_cache_tokens else 1)
     runner = LlamaRunner(loaded.model, slots=slots, capacity=spec.max_context, batch_invariant=batch.batch_invariant)
-    adapters = {name: lora.load(name, path, loaded.model) for name, path in spec.lora_modules.items()}
+    configured = {name: lora.load(name, path, loaded.model) for name, path in spec.lora_modules.items()}
+    adapters = lora.Adapters(model, loaded.model, configured, spec.runtime_lora_dir, spec.max_loaded_loras)
     runner.prefault(min(batch.kv_prefault_tokens, spec.max_context))
     cost = step_cost.measure(runner)
     step_s = batch.prefill_step_ms / 1000

@@ -20,7 +20,7 @@ from worker import ngram_drafts
 from worker.grammar import OutputGrammars
 from worker.kv_slots import KVSlots
 from worker.llama_runner import LlamaRunner, PrefillChunk
-from worker.lora import Adapter
+from worker.lora import Adapter, AdapterNotServable, Adapters
 from worker.sampling import ChosenLogprob, choose_tokens, new_generator, token_logprobs
 from worker.step_cost import PrefillBudget
 from worker.text_output import TextOutput
@@ -53,6 +53,13 @@ class Sequence:
     """Where the output stands in its request's grammar (structured output), if it has one."""
     pace: ngram_drafts.Pace = field(default_factory=ngram_drafts.Pace)
     """How many tokens it guesses ahead (speculative decoding)."""
+    adapter: Adapter | None = None
+    """The LoRA adapter its request names."""
+
+    @property
+    def adapter_key(self) -> str | None:
+        """What its KV is computed with, beside the model: the prefix cache keeps adapters' KV apart."""
+        return self.adapter.key if self.adapter else None
 
     @property
     def prompt(self) -> list[int]:
@@ -142,13 +149,13 @@ class Scheduler:
         worker_id: str,
         max_running: int | None = None,
         prefix_cache_tokens: int = 0,
-        adapters: dict[str, Adapter] | None = None,
+        adapters: Adapters | None = None,
         speculation: Speculation | None = None,
     ):
         """max_running defaults to every runner slot; with a prefix cache, give the runner more slots than
-        max_running so finished sequences can stay parked for reuse. `adapters`: the model's LoRA adapters by name."""
+        max_running so finished sequences can stay parked for reuse. `adapters`: the model's LoRA adapters."""
         self.runner = runner
-        self.adapters = adapters or {}
+        self.adapters = adapters or Adapters(model_name)
         self.speculation = speculation or Speculation()
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -201,6 +208,10 @@ class Scheduler:
         self.metrics.occupancy(len(self.running), len(self.waiting), held, self.runner.slots * self.runner.capacity)
         self.metrics.prefix_cache(self.slots.parked_tokens, self.runner.kv_bytes_per_token, self.slots.evictions)
         self.metrics.prefill_budget.set(self.prefill_budget.tokens)
+        if self.adapters.served:
+            running = {s.request.adapter for s in self.running.values() if s.request.adapter}
+            waiting = {r.adapter for r in self.waiting if r.adapter}
+            self.metrics.adapters(running, waiting, self.adapters.most)
         return events
 
     def _step(self) -> list[StepEvent]:
@@ -279,9 +290,7 @@ class Scheduler:
             decode_positions=positions,
             prefills=[chunk for _, chunk in prefilling],
             every_row=every_row,
-            adapters=[self.adapters.get(s.request.adapter) for s in decode_rows + [s for s, _ in prefilling]]
-            if self.adapters
-            else None,
+            adapters=[s.adapter for s in decode_rows + [s for s, _ in prefilling]],
         )  # fmt: skip
         computed = {s.request.id: Computed(guesses=guessed) for s, guessed in zip(decoding, guesses)}
         computed.update((s.request.id, Computed()) for s, _ in prefilling)
@@ -463,14 +472,16 @@ class Scheduler:
             sampling.include_stop_str_in_output,
         )  # fmt: skip
         generator = new_generator(sampling, self.runner.device)
-        if request.adapter is not None and request.adapter not in self.adapters:  # the gateway's settings differ
-            error = f"the worker has no LoRA adapter {request.adapter!r}: its models.{self.model_name}.lora_modules"
-            return StepEvent(request.id, final=self._final(request, "error", now, error=f"{error} do not name it"))
+        try:
+            adapter = self.adapters.get(request.adapter, request.adapter_source) if request.adapter else None
+        except AdapterNotServable as error:
+            return StepEvent(request.id, final=self._final(request, "error", now, error=str(error)))
+        key = adapter.key if adapter else None
         matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar is not None else None
         source, reused = (None, 0)
         if self.slots.cache_tokens and sampling.prompt_logprobs is None:
-            running = ((s.slot, s.kv_tokens(), s.request.adapter) for s in self.running.values())
-            source, reused = self.slots.longest_prefix(prompt, running, request.adapter)
+            running = ((s.slot, s.kv_tokens(), s.adapter_key) for s in self.running.values())
+            source, reused = self.slots.longest_prefix(prompt, running, key)
         seq = self.running[request.id] = Sequence(
             request=request,
             slot=self.slots.acquire(source),
@@ -482,6 +493,7 @@ class Scheduler:
             reused=reused,
             kv_len=reused,
             matcher=matcher,
+            adapter=adapter,
         )
         if reused and seq.slot != source:
             self.runner.copy_prefix(source, seq.slot, reused)
@@ -582,7 +594,7 @@ class Scheduler:
         embedding: list[float] | None = None,
     ) -> StepEvent:
         del self.running[seq.request.id]
-        self.slots.park(seq.slot, seq.kv_tokens(), seq.request.adapter)
+        self.slots.park(seq.slot, seq.kv_tokens(), seq.adapter_key)
         delta += seq.output.finish()
         final = self._final(
             seq.request,

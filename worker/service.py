@@ -26,6 +26,7 @@ from shared.protocol import (
     FINISHED_BUCKET_S,
     FINISHED_WINDOW_BUCKETS,
     HEARTBEAT_INTERVAL_S,
+    AdapterSource,
     FinalResult,
     InferenceRequest,
     TokenDelta,
@@ -69,6 +70,8 @@ class Replies:
     owned: set[str] = field(default_factory=set)
     claimed: dict[str, list] = field(default_factory=dict)
     new: list = field(default_factory=list)
+    adapters: set[str] | None = None
+    """The revisions of the runtime LoRA adapters still loaded (keys.lora_adapters), when the heartbeat read them."""
 
 
 class WorkerService:
@@ -182,6 +185,8 @@ class WorkerService:
             self._held.pop(request_id, None)
         if heartbeat:
             self._last_heartbeat = time.time()
+        if replies.adapters is not None:
+            self.scheduler.adapters.keep(replies.adapters)
         for request_id, flag in zip(replies.watched, replies.cancel):
             if flag is not None:
                 self.scheduler.cancel(request_id)
@@ -247,6 +252,8 @@ class WorkerService:
                 add(f"owned:{stream}", lambda s=stream, ids=entry_ids: self._own_or_report_lost(
                     keys=[s], args=[keys.WORKER_GROUP, self.worker_id, *ids], client=pipe
                 ))  # fmt: skip
+            if self.scheduler.adapters.loaded:  # to drop the runtime adapters unloaded since
+                add("adapters", lambda: pipe.hgetall(keys.lora_adapters()))
             if capacity > 0:
                 idle_ms = int(self.settings.delivery.reclaim_idle_s * 1000)
                 for stream in (self.stream, self.batch_stream):
@@ -273,6 +280,9 @@ class WorkerService:
                 result.claimed[stream] = replies[slots[f"claimed:{stream}"]][1]
         if "new" in slots:
             result.new = replies[slots["new"]] or []
+        if "adapters" in slots:
+            loaded = replies[slots["adapters"]].values()
+            result.adapters = {AdapterSource.model_validate_json(entry).revision for entry in loaded}
         return result
 
     def _write_delta(self, pipe, event: StepEvent) -> None:

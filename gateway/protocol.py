@@ -234,6 +234,9 @@ class _SamplingFields(BaseModel):
     """Affinity hint (also accepted as the X-Conversation-Id header): turns of one conversation reuse one cache."""
     prompt_cache_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     """OpenAI's name for the same hint."""
+    cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """vLLM's: the prompt's KV is reused only from requests with the same salt, so tenants that each send their own
+    (random, unguessable) salt cannot learn from cached_tokens or timings what others' prompts begin with."""
 
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     """Choices: each runs as a request of its own (its own id and seed; the later ones copy the first one's prompt KV

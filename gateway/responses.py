@@ -143,6 +143,8 @@ class ResponsesRequest(BaseModel):
     safety_identifier: Annotated[Text, Field(max_length=256)] | None = None
     prompt_cache_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     """Turns sent with the same key go to the worker that holds the conversation's cache (conversation affinity)."""
+    cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """vLLM's, as in chat (gateway.protocol)."""
     parallel_tool_calls: bool | None = None
     service_tier: Literal["auto", "default"] | None = None
     stream_options: dict | None = None
@@ -240,6 +242,7 @@ def chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletion
         "stream": body.stream,
         "user": body.user or body.safety_identifier,
         "prompt_cache_key": body.prompt_cache_key,
+        "cache_salt": body.cache_salt,
         "response_format": _response_format(body.text.format) if body.text and body.text.format else None,
         "logprobs": body.logprobs or None,
         "top_logprobs": (body.top_logprobs or 0) if body.logprobs else None,

@@ -200,6 +200,7 @@ class Completions:
             reasoning=thinking,
             adapter=served.adapter,
             adapter_source=served.source,
+            cache_salt=body.cache_salt,
         )
 
     async def build_embeddings(

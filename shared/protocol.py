@@ -104,6 +104,8 @@ class InferenceRequest(BaseModel):
     the model itself."""
     adapter_source: AdapterSource | None = None
     """Where a runtime adapter lies, for the worker to load it on first use; None for a configured one."""
+    cache_salt: str | None = None
+    """vLLM's: the prefix cache reuses only KV computed for requests with the same salt (none: only without one)."""
     embed: bool = False
     """The request asks for its prompt's embedding (FinalResult.embedding) and ends with its prefill."""
     reasoning: Literal["open", "closed"] | None = None

@@ -48,3 +48,12 @@ def test_when_no_slot_is_free_a_lone_parked_source_is_handed_over_without_copy()
     slots.park(parked, A)
     source, _ = slots.longest_prefix(A + [1], running=[(running, B, None)])
     assert slots.acquire(source) == parked
+
+
+def test_a_prefix_is_reused_only_where_it_was_computed_the_same_way():
+    slots = KVSlots(4, 1000)
+    prompt = list(range(40))
+    slots.park(slots.acquire(None), prompt, ("tuned", None))
+    assert slots.longest_prefix(prompt + [7], [], None) == (None, 0)
+    assert slots.longest_prefix(prompt + [7], [], ("tuned", "salt")) == (None, 0)
+    assert slots.longest_prefix(prompt + [7], [], ("tuned", None))[1] == 40

@@ -172,3 +172,19 @@ def test_an_alias_names_the_model_as_vllms_served_model_name(strict_gateway, aut
         f"{strict_gateway}/tokenize", json={"model": ALIAS, "prompt": PROMPT}, headers=auth_headers, timeout=10
     )
     assert counted.json()["count"] == 5
+
+
+def test_a_cache_salt_shares_a_prompts_kv_only_with_requests_that_give_the_same_salt(client):
+    messages = [{"role": "user", "content": "Salted: list four colours of the rainbow and one fruit of each colour."}]
+
+    def reused(**extra) -> tuple[int, int]:
+        reply = client.chat.completions.create(messages=messages, max_tokens=1, extra_body=extra, **GREEDY)
+        return reply.usage.prompt_tokens_details.cached_tokens or 0, reply.usage.prompt_tokens
+
+    assert reused(cache_salt="tenant-a")[0] == 0
+    assert reused(cache_salt="tenant-b")[0] == 0, "another salt's KV is not shared"
+    cached, prompt = reused()
+    assert cached < prompt - 1, "nor is it without one (the system prompt others sent may be)"
+    assert reused(cache_salt="tenant-a") == (prompt - 1, prompt), "the same salt's is"
+    with pytest.raises(openai.BadRequestError):
+        reused(cache_salt="")

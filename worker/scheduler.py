@@ -28,6 +28,12 @@ from worker.text_output import TextOutput
 log = structlog.get_logger(__name__)
 
 
+def kv_computed_with(adapter: Adapter | None, request: InferenceRequest) -> tuple[str | None, str | None] | None:
+    if adapter is None and request.cache_salt is None:
+        return None
+    return adapter.key if adapter else None, request.cache_salt
+
+
 @dataclass
 class Sequence:
     request: InferenceRequest
@@ -57,9 +63,9 @@ class Sequence:
     """The LoRA adapter its request names."""
 
     @property
-    def adapter_key(self) -> str | None:
-        """What its KV is computed with, beside the model: the prefix cache keeps adapters' KV apart."""
-        return self.adapter.key if self.adapter else None
+    def computed_with(self) -> tuple[str | None, str | None] | None:
+        """How its KV is computed, for the prefix cache (KVSlots): its adapter, and its request's cache salt."""
+        return kv_computed_with(self.adapter, self.request)
 
     @property
     def prompt(self) -> list[int]:
@@ -476,12 +482,11 @@ class Scheduler:
             adapter = self.adapters.get(request.adapter, request.adapter_source) if request.adapter else None
         except AdapterNotServable as error:
             return StepEvent(request.id, final=self._final(request, "error", now, error=str(error)))
-        key = adapter.key if adapter else None
         matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar is not None else None
         source, reused = (None, 0)
         if self.slots.cache_tokens and sampling.prompt_logprobs is None:
-            running = ((s.slot, s.kv_tokens(), s.adapter_key) for s in self.running.values())
-            source, reused = self.slots.longest_prefix(prompt, running, key)
+            running = ((s.slot, s.kv_tokens(), s.computed_with) for s in self.running.values())
+            source, reused = self.slots.longest_prefix(prompt, running, kv_computed_with(adapter, request))
         seq = self.running[request.id] = Sequence(
             request=request,
             slot=self.slots.acquire(source),
@@ -594,7 +599,7 @@ class Scheduler:
         embedding: list[float] | None = None,
     ) -> StepEvent:
         del self.running[seq.request.id]
-        self.slots.park(seq.slot, seq.kv_tokens(), seq.adapter_key)
+        self.slots.park(seq.slot, seq.kv_tokens(), seq.computed_with)
         delta += seq.output.finish()
         final = self._final(
             seq.request,

@@ -25,10 +25,14 @@ from gateway.rate_limits import RateLimiter
 from gateway.serving import Completions
 from jobs.enqueue import arq_pool
 from jobs.store import BatchStore
+from shared import tracing
 from shared.logging import configure as configure_logging
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+_UNTRACED = frozenset({"/health", "/ready", "/ping", "/metrics", "/version"})
+"""Probes and scrapes: no spans."""
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -51,8 +55,12 @@ def create_app(settings: Settings) -> FastAPI:
             await arq.aclose()
             await client.aclose()
 
+    traces = tracing.provider(settings, "llmfleet-gateway")
+    # FastAPI's own span of each request (HTTP metrics and logs are Prometheus' and structlog's here).
+    telemetry = {"tracing": traces is not None, "tracer_provider": traces, "metrics": False, "logs": False,
+                 "operation_spans": False, "exclude": lambda scope: scope.get("path") in _UNTRACED}  # fmt: skip
     # No /docs: the security headers forbid the scripts it needs. The schema stays at /openapi.json.
-    app = FastAPI(title="llmfleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="llmfleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None, telemetry=telemetry)
     app.state.settings = settings
     app.state.started = time.time()
     errors.install(app)

@@ -25,7 +25,7 @@ class ChoiceDeltas:
         thought, answer = self.thinking.feed(text) if self.thinking else ("", text)
         if self.announcing:
             answer = self.announcing.feed(answer)
-        return reasoning.delta(thought, answer)
+        return self._delta(thought, answer)
 
     def finish(self, final: FinalResult) -> tuple[dict, str]:
         """The choice's last delta (its calls, or what was held back) and its finish reason."""
@@ -40,4 +40,7 @@ class ChoiceDeltas:
         thought, answer = self.thinking.finish() if self.thinking else ("", "")
         if self.announcing:
             answer = self.announcing.finish(answer)
-        return reasoning.delta(thought, answer), reason
+        return self._delta(thought, answer), reason
+
+    def _delta(self, thought: str, answer: str) -> dict:
+        return reasoning.delta(thought if self.request.include_reasoning else "", answer)

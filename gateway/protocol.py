@@ -353,6 +353,8 @@ class ChatCompletionRequest(_SamplingFields, TemplateOptions):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     """False: tool_choice 'required' makes exactly one call."""
+    include_reasoning: bool = True
+    """vLLM's: False leaves a reasoning model's thinking out of the response (the answer is still the text after it)."""
     # OpenAI's parameters that leave the output as it is, as SDKs and agent frameworks send them.
     store: bool | None = None
     """Stored chat completions: only false (nothing is stored; the Responses API stores responses)."""

@@ -47,6 +47,7 @@ from gateway.response_store import ResponseStore
 from gateway.responses import ResponsesRequest
 from gateway.sanitize import DenyList
 from gateway.structured_output import after_thinking, output_grammar
+from shared import tracing
 from shared.protocol import (
     AdapterSource,
     FinalResult,
@@ -198,9 +199,11 @@ class Completions:
             echo=echo,
             tool_call=tool_calls.tool_call_mode(body, spec.tool_call_parser) if kind == "chat" else None,
             reasoning=thinking,
+            include_reasoning=getattr(body, "include_reasoning", True),
             adapter=served.adapter,
             adapter_source=served.source,
             cache_salt=body.cache_salt,
+            trace_headers=tracing.current_headers(),
         )
 
     async def build_embeddings(
@@ -218,7 +221,7 @@ class Completions:
             InferenceRequest(
                 id=new_request_id(), model=served.name, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0),
                 stream=False, created=now, deadline=now + timeout_s, embed=True, adapter=served.adapter,
-                adapter_source=served.source,
+                adapter_source=served.source, trace_headers=tracing.current_headers(),
             )
             for ids in prompts
         ]  # fmt: skip

@@ -77,7 +77,8 @@ def message(request: InferenceRequest, final: FinalResult) -> tuple[dict, str]:
     text = {"role": "assistant", "content": final.text}
     if request.reasoning is not None:
         thinking, text["content"] = reasoning.split(request.reasoning, final.text)
-        text["reasoning"] = thinking
+        if request.include_reasoning:
+            text["reasoning"] = thinking
     if request.tool_call is None or final.finish_reason != "stop":
         return text, final.finish_reason
     reason = "tool_calls"

@@ -105,12 +105,16 @@ class InferenceRequest(BaseModel):
     adapter_source: AdapterSource | None = None
     """Where a runtime adapter lies, for the worker to load it on first use; None for a configured one."""
     cache_salt: str | None = None
+    trace_headers: dict[str, str] | None = None
+    """The W3C trace context (traceparent, tracestate) of the gateway's span that queued it (shared.tracing)."""
     """vLLM's: the prefix cache reuses only KV computed for requests with the same salt (none: only without one)."""
     embed: bool = False
     """The request asks for its prompt's embedding (FinalResult.embedding) and ends with its prefill."""
     reasoning: Literal["open", "closed"] | None = None
     """A chat request to a model with a reasoning parser: whether its output starts inside the thinking ("open") or
     may open it ("closed"); see gateway.reasoning. None: the output is all answer."""
+    include_reasoning: bool = True
+    """False: the response leaves the thinking out (gateway.reasoning still splits it from the answer)."""
     choice_of: str | None = None
     """Set on the later choices of a request for several (n): the first choice's id, whose prompt they share."""
     batch: bool = False

@@ -136,6 +136,12 @@ class JobLimits(BaseModel):
     """Batch slots a worker keeps free for interactive requests."""
 
 
+class Tracing(BaseModel):
+    otlp_traces_endpoint: str | None = None
+    """vLLM's --otlp-traces-endpoint: where the gateway and the workers send their OpenTelemetry spans, over OTLP/HTTP
+    (e.g. http://collector:4318/v1/traces). None: no tracing (shared.tracing)."""
+
+
 class DeliverySettings(BaseModel):
     """What keeps an accepted request alive through worker crashes, restarts and deploys (README: Delivery
     guarantees)."""
@@ -209,6 +215,7 @@ class Settings(BaseSettings):
     redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
     """AOF fsync policy of the Redis that `llmfleet up` starts (README: Delivery guarantees)."""
     protection: Protection = Field(default_factory=Protection)
+    tracing: Tracing = Field(default_factory=Tracing)
     torch_threads: int = 0
     """0: one per core."""
 

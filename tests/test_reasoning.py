@@ -77,6 +77,17 @@ def test_a_stream_sends_the_same_thinking_and_answer_in_their_own_fields(thinkin
     assert not any("<think>" in (d.content or "") + (getattr(d, "reasoning", None) or "") for d in deltas)
 
 
+def test_include_reasoning_false_leaves_the_thinking_out_whole_and_streamed(thinking):
+    asked = {"model": MODEL, "messages": QUESTION, "max_tokens": 80, "temperature": 0}
+    hidden = {**FORCED, "include_reasoning": False}
+    whole = thinking.chat.completions.create(**asked, extra_body=FORCED).choices[0]
+    reply = thinking.chat.completions.create(**asked, extra_body=hidden).choices[0]
+    assert reply.message.content == whole.message.content and getattr(reply.message, "reasoning", None) is None
+    deltas = [c.choices[0].delta for c in thinking.chat.completions.create(**asked, extra_body=hidden, stream=True)]
+    assert "".join(d.content or "" for d in deltas) == whole.message.content
+    assert not any(getattr(d, "reasoning", None) for d in deltas)
+
+
 def test_a_prompt_that_opens_the_thinking_makes_the_output_thinking(opening):
     reply = opening.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0).choices[0]
     assert reply.message.reasoning and reply.message.content is None

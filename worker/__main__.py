@@ -15,6 +15,7 @@ import structlog
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from shared import tracing
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
 from worker import cpu_kernels, lora, model_loader, model_store, step_cost
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     client = redis.Redis.from_url(
         settings.redis_url, decode_responses=True, socket_timeout=30, health_check_interval=30
     )
-    http.service = WorkerService(settings, args.model, scheduler, client, worker_id)
+    traces = tracing.provider(settings, "llmfleet-worker")
+    tracer = traces.get_tracer("llmfleet.worker") if traces is not None else None
+    http.service = WorkerService(settings, args.model, scheduler, client, worker_id, tracer)
     try:
         http.service.run(stop)
     finally:

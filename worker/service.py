@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 import redis
 import structlog
+from opentelemetry.trace import Tracer
 from pydantic import ValidationError
 
-from shared import keys
+from shared import keys, tracing
 from shared.protocol import (
     FINISHED_BUCKET_S,
     FINISHED_WINDOW_BUCKETS,
@@ -60,6 +61,7 @@ class Held:
     stream: str
     entry_id: str
     streams: bool
+    request: InferenceRequest | None = None
 
 
 @dataclass
@@ -75,8 +77,12 @@ class Replies:
 
 
 class WorkerService:
-    def __init__(self, settings: Settings, model: str, scheduler: Scheduler, client: redis.Redis, worker_id: str):
+    def __init__(
+        self, settings: Settings, model: str, scheduler: Scheduler, client: redis.Redis, worker_id: str,
+        tracer: Tracer | None = None,
+    ):  # fmt: skip
         self.settings = settings
+        self.tracer = tracer
         self.model = model
         self.stream = keys.requests(model)
         self.batch_stream = keys.batch_requests(model)
@@ -181,8 +187,9 @@ class WorkerService:
         heartbeat = time.time() - self._last_heartbeat >= HEARTBEAT_INTERVAL_S
         # Built again on every attempt (a failed pipeline is reset) and state changes only once it went through.
         replies = self._with_retry(lambda: self._round_trip(events, finished, heartbeat, accept_new))
-        for request_id in finished:
-            self._held.pop(request_id, None)
+        for event in events:
+            if event.final is not None:
+                self._ended(event.final, self._held.pop(event.request_id, None))
         if heartbeat:
             self._last_heartbeat = time.time()
         if replies.adapters is not None:
@@ -308,7 +315,12 @@ class WorkerService:
         pipe.expire(finished, FINISHED_BUCKET_S * (FINISHED_WINDOW_BUCKETS + 2))
         if final.conversation and self.settings.affinity:
             pipe.set(keys.affinity(self.model, final.conversation), self.worker_id, ex=self.settings.affinity_ttl_s)
+
+    def _ended(self, final: FinalResult, held: Held | None) -> None:
+        """A request's final record went out (once, whatever retries its writing took)."""
         self.scheduler.metrics.final(final)
+        if self.tracer is not None and held is not None and held.request is not None and held.request.trace_headers:
+            tracing.request_span(self.tracer, held.request, final)
         log.info(
             "request.finished",
             request_id=final.id,
@@ -333,6 +345,7 @@ class WorkerService:
 
         self._with_retry(write)
         self._held.pop(final.id, None)
+        self._ended(final, held)
 
     # -- intake ----------------------------------------------------------------------------------------------
     def _parse(self, stream: str, entry_id: str, fields: dict | None) -> InferenceRequest | None:
@@ -349,7 +362,7 @@ class WorkerService:
         request = self._parse(stream, entry_id, fields)
         if request is None:
             return None
-        held = self._held[request.id] = Held(stream, entry_id, request.stream)
+        held = self._held[request.id] = Held(stream, entry_id, request.stream, request)
         needed = len(request.prompt_token_ids) + request.sampling.max_tokens
         capacity = self.scheduler.runner.capacity
         if needed > capacity:
@@ -430,7 +443,7 @@ class WorkerService:
         record = {"r": fields["r"], "entry_id": entry_id, "reason": reason, "deliveries": deliveries}
         self._end_now(
             self._failed(request, reason),
-            Held(stream, entry_id, request.stream),
+            Held(stream, entry_id, request.stream, request),
             lambda pipe: pipe.xadd(keys.dead_letters(self.model), record),
         )
 

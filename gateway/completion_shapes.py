@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from gateway import tool_calls
@@ -28,6 +29,25 @@ def _ids(kind: Kind, request: InferenceRequest) -> dict:
     return {"id": f"{prefix}-{request.id}", "created": int(request.created), "model": request.adapter or request.model}
 
 
+@dataclass
+class TokenIds:
+    """vLLM's return_token_ids, for one choice's chunk or whole response."""
+
+    output: list[int]
+    prompt: list[int] | None = None
+    """The prompt's ids, given once."""
+
+
+def _with_token_ids(kind: Kind, body: dict, choice: dict, ids: TokenIds | None) -> dict:
+    """vLLM's return_token_ids: the output's ids in the choice, the prompt's in the choice (completions) or the body
+    (chat)."""
+    if ids is not None:
+        choice["token_ids"] = ids.output
+        if ids.prompt is not None:
+            (body if kind == "chat" else choice)["prompt_token_ids"] = ids.prompt
+    return body
+
+
 def chunk(
     kind: Kind,
     request: InferenceRequest,
@@ -38,6 +58,7 @@ def chunk(
     index: int = 0,
     delta: dict | None = None,
     stop_reason: str | int | None = None,
+    ids: TokenIds | None = None,
 ) -> dict:
     """One choice's chunk; the one that ends it also carries vLLM's `stop_reason`."""
     ended = {"stop_reason": stop_reason} if finish_reason is not None else {}
@@ -45,9 +66,11 @@ def chunk(
         if delta is None:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **ended}
-        return {**_ids(kind, request), "object": "chat.completion.chunk", "choices": [choice]}
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **ended}
-    return {**_ids(kind, request), "object": "text_completion", "choices": [choice]}
+        body = {**_ids(kind, request), "object": "chat.completion.chunk", "choices": [choice]}
+    else:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **ended}
+        body = {**_ids(kind, request), "object": "text_completion", "choices": [choice]}
+    return _with_token_ids(kind, body, choice, ids)
 
 
 def usage_chunk(kind: Kind, requests: list[InferenceRequest], finals: list[FinalResult]) -> dict:
@@ -79,6 +102,9 @@ def whole_response(kind: Kind, requests: list[InferenceRequest], finals: list[Fi
         choices.append({**choice, "logprobs": logprobs, "finish_reason": reason, "stop_reason": final.stop_reason})
     obj = "chat.completion" if kind == "chat" else "text_completion"
     response = {**_ids(kind, requests[0]), "object": obj, "choices": choices, "usage": usage(requests, finals)}
+    if requests[0].return_token_ids:
+        for choice, request, final in zip(choices, requests, finals):
+            _with_token_ids(kind, response, choice, TokenIds(final.token_ids or [], request.prompt_token_ids))
     if kind == "chat" and scored is not None:
         response["prompt_logprobs"] = prompt_entries(scored)
     return response

@@ -221,6 +221,9 @@ class _SamplingFields(BaseModel):
     """vLLM's: each prompt token's log probability and rank, with this many most likely tokens at its position."""
     return_tokens_as_token_ids: bool = False
     """vLLM's: log probabilities name their tokens as 'token_id:<id>' (for tokens that are not whole text)."""
+    return_token_ids: bool = False
+    """vLLM's: the response gives the prompt's token ids and each choice's output token ids (streamed: the prompt's
+    in the first chunk, and each chunk the ids of its own tokens)."""
     min_tokens: Annotated[int, Field(ge=0, le=2**31)] = 0
     """vLLM's: no end-of-sequence token, stop token or stop string ends the output before this many tokens."""
     stream: bool = False

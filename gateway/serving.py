@@ -18,7 +18,7 @@ from sse_starlette import EventSourceResponse
 from gateway import embeddings, reasoning, responses, tgi, tool_calls
 from gateway.api_keys import ApiKey
 from gateway.chat_deltas import ChoiceDeltas
-from gateway.completion_shapes import Kind, chunk, token_counts, usage_chunk, whole_response
+from gateway.completion_shapes import Kind, TokenIds, chunk, token_counts, usage_chunk, whole_response
 from gateway.conversations import HEADER as CONVERSATION_HEADER
 from gateway.conversations import conversation_key
 from gateway.errors import APIError, failure, first_failure, invalid_body
@@ -199,7 +199,8 @@ class Completions:
             echo=echo,
             tool_call=tool_calls.tool_call_mode(body, spec.tool_call_parser) if kind == "chat" else None,
             reasoning=thinking,
-            include_reasoning=getattr(body, "include_reasoning", True),
+            include_reasoning=body.include_reasoning if kind == "chat" else True,
+            return_token_ids=body.return_token_ids,
             adapter=served.adapter,
             adapter_source=served.source,
             cache_salt=body.cache_salt,
@@ -461,6 +462,18 @@ class Completions:
         logprobs = [LogprobsFormat(kind) for _ in requests] if request.sampling.logprobs is not None else None
         prompt_tokens = sum(len(r.prompt_token_ids) for r in requests if r.choice_of is None)
         choices = [ChoiceDeltas(r) for r in requests] if kind == "chat" else None
+        held_ids: list[list[int]] | None = [[] for _ in requests] if request.return_token_ids else None
+        prompt_ids_sent: set[int] = set()
+
+        def ids(index: int) -> TokenIds | None:
+            """vLLM's return_token_ids: a chunk's output ids (held since the last chunk), the prompt's in the first."""
+            if held_ids is None:
+                return None
+            taken, held_ids[index] = held_ids[index], []
+            prompt = None if index in prompt_ids_sent else requests[index].prompt_token_ids
+            prompt_ids_sent.add(index)
+            return TokenIds(taken, prompt)
+
         async with _Relay(self, requests, admission) as relay:
 
             def data(body: dict) -> dict:
@@ -473,18 +486,22 @@ class Completions:
             events = _echo_first(requests, relay.events()) if scored_echo else relay.events()
             for index, each in enumerate(requests):
                 if not scored_echo:
-                    yield data(chunk(kind, request, each.echo or "", None, first=True, index=index))
+                    yield data(chunk(kind, request, each.echo or "", None, first=True, index=index, ids=ids(index)))
             async for index, event in events:
                 if isinstance(event, ScoredPrompt):
                     shown = logprobs[index].format(event.logprobs)
-                    yield data(chunk(kind, request, requests[index].echo, None, logprobs=shown, index=index))
+                    echo = requests[index].echo
+                    yield data(chunk(kind, request, echo, None, logprobs=shown, index=index, ids=ids(index)))
                     continue
                 if isinstance(event, TokenDelta):
+                    if held_ids is not None:
+                        held_ids[index] += event.token_ids
                     delta = choices[index].feed(event.text) if choices else None
                     if (event.text or event.logprobs) and (choices is None or delta is not None):
                         shown = logprobs[index].format(event.logprobs) if logprobs else None
                         if delta != {} or shown:
-                            yield data(chunk(kind, request, event.text, None, logprobs=shown, index=index, delta=delta))
+                            shape = {"logprobs": shown, "index": index, "delta": delta, "ids": ids(index)}
+                            yield data(chunk(kind, request, event.text, None, **shape))
                     continue
                 ended[index] = event
                 if not event.completed:
@@ -497,8 +514,11 @@ class Completions:
                     whole = logprobs and choices[index].whole
                     shown = logprobs[index].format(event.logprobs or []) if whole else None
                     if delta or shown:
-                        yield data(chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta))
-                yield data(chunk(kind, request, "", finish_reason, index=index, stop_reason=event.stop_reason))
+                        yield data(
+                            chunk(kind, request, "", None, logprobs=shown, index=index, delta=delta, ids=ids(index))
+                        )
+                ending = {"index": index, "stop_reason": event.stop_reason, "ids": ids(index)}
+                yield data(chunk(kind, request, "", finish_reason, **ending))
             if options.include_usage:
                 yield {"data": json.dumps(usage_chunk(kind, requests, [ended[i] for i in range(len(requests))]))}
             yield {"data": "[DONE]"}

@@ -113,6 +113,8 @@ class InferenceRequest(BaseModel):
     reasoning: Literal["open", "closed"] | None = None
     """A chat request to a model with a reasoning parser: whether its output starts inside the thinking ("open") or
     may open it ("closed"); see gateway.reasoning. None: the output is all answer."""
+    return_token_ids: bool = False
+    """The final record carries the output's token ids (FinalResult.token_ids); the response gives them."""
     include_reasoning: bool = True
     """False: the response leaves the thinking out (gateway.reasoning still splits it from the answer)."""
     choice_of: str | None = None
@@ -177,6 +179,8 @@ class FinalResult(BaseModel):
     reclaimed request's holds those its last worker generated: the tokens it resumed from came with no logits."""
     prompt_logprobs: list[TokenLogprob] | None = None
     """Every prompt token's, when the request asked for them."""
+    token_ids: list[int] | None = None
+    """The output's token ids, when the request asked for them (InferenceRequest.return_token_ids)."""
     embedding: list[float] | None = None
     """An `embed` request's: the final norm's output at the prompt's last token, L2-normalised."""
     timings: Timings = Field(default_factory=Timings)

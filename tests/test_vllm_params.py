@@ -188,3 +188,21 @@ def test_a_cache_salt_shares_a_prompts_kv_only_with_requests_that_give_the_same_
     assert reused(cache_salt="tenant-a") == (prompt - 1, prompt), "the same salt's is"
     with pytest.raises(openai.BadRequestError):
         reused(cache_salt="")
+
+
+def test_return_token_ids_gives_the_prompts_and_the_outputs_ids_whole_and_streamed(client, model_dir):
+    tokenizer = PromptTokenizer(model_dir)
+    asked = {"messages": [{"role": "user", "content": "Count from one to ten."}], "max_tokens": 12, **GREEDY}
+    whole = client.chat.completions.create(**asked, extra_body={"return_token_ids": True})
+    prompt, output = whole.model_extra["prompt_token_ids"], whole.choices[0].model_extra["token_ids"]
+    assert (len(prompt), len(output)) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    assert tokenizer.decode(output) == whole.choices[0].message.content, "12 tokens, no end of sequence"
+    chunks = list(client.chat.completions.create(**asked, stream=True, extra_body={"return_token_ids": True}))
+    assert chunks[0].model_extra["prompt_token_ids"] == prompt
+    assert [i for c in chunks if c.choices for i in c.choices[0].model_extra["token_ids"]] == output
+    assert "token_ids" not in client.chat.completions.create(**asked).choices[0].model_extra
+
+    prompts = [PROMPT, "Once upon a time"]
+    text = client.completions.create(prompt=prompts, max_tokens=4, extra_body={"return_token_ids": True}, **GREEDY)
+    assert [c.model_extra["prompt_token_ids"] for c in text.choices] == [tokenizer.encode(p) for p in prompts]
+    assert [tokenizer.decode(c.model_extra["token_ids"]) for c in text.choices] == [c.text for c in text.choices]

@@ -618,6 +618,8 @@ class Scheduler:
             final.logprobs = seq.logprobs
         if seq.request.sampling.prompt_logprobs is not None:
             final.prompt_logprobs = seq.prompt_logprobs
+        if seq.request.return_token_ids:
+            final.token_ids = list(seq.generated)
         return StepEvent(
             seq.request.id,
             delta=delta,

@@ -186,10 +186,12 @@ class WorkerService:
         finished = {e.request_id for e in events if e.final is not None}
         heartbeat = time.time() - self._last_heartbeat >= HEARTBEAT_INTERVAL_S
         # Built again on every attempt (a failed pipeline is reset) and state changes only once it went through.
-        replies = self._with_retry(lambda: self._round_trip(events, finished, heartbeat, accept_new))
         for event in events:
             if event.final is not None:
-                self._ended(event.final, self._held.pop(event.request_id, None))
+                self._ended(event.final, self._held.get(event.request_id))
+        replies = self._with_retry(lambda: self._round_trip(events, finished, heartbeat, accept_new))
+        for request_id in finished:
+            self._held.pop(request_id, None)
         if heartbeat:
             self._last_heartbeat = time.time()
         if replies.adapters is not None:
@@ -317,7 +319,8 @@ class WorkerService:
             pipe.set(keys.affinity(self.model, final.conversation), self.worker_id, ex=self.settings.affinity_ttl_s)
 
     def _ended(self, final: FinalResult, held: Held | None) -> None:
-        """A request's final record went out (once, whatever retries its writing took)."""
+        """A request ended here: counted, logged and traced once, before its final record is written (whatever
+        retries that takes), so that no reader of the record finds it not yet counted."""
         self.scheduler.metrics.final(final)
         if self.tracer is not None and held is not None and held.request is not None and held.request.trace_headers:
             tracing.request_span(self.tracer, held.request, final)
@@ -343,9 +346,9 @@ class WorkerService:
             self._write_final(pipe, final, held)
             pipe.execute()
 
+        self._ended(final, held)
         self._with_retry(write)
         self._held.pop(final.id, None)
-        self._ended(final, held)
 
     # -- intake ----------------------------------------------------------------------------------------------
     def _parse(self, stream: str, entry_id: str, fields: dict | None) -> InferenceRequest | None:

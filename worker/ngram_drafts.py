@@ -1,8 +1,10 @@
 """Speculative decoding with prompt lookup (vLLM's `ngram` method): a sequence's next tokens guessed from its own
 text, where the n-gram its text ends with came before, as the tokens that followed it there (an answer that quotes
-its prompt or repeats itself: extraction, summaries, code edits). The step computes the guesses as more decoding rows
-of the same slot at the next positions, so one forward pass checks them all; each row's choice that matches the
-guess after it accepts that guess, and the first that does not is the token after the accepted ones.
+its prompt or repeats itself: extraction, summaries, code edits, structured output that copies a document's fields).
+The step computes the guesses as more decoding rows of the same slot at the next positions, so one forward pass
+checks them all; each row's choice that matches the guess after it accepts that guess, and the first that does not is
+the token after the accepted ones. Under a grammar, only the guesses it allows, each row masked as the grammar stands
+after the guesses before it.
 
 A guess's row chooses as the sequence would after the guesses before it (its penalties, minimum length and log
 probabilities computed so): a greedy sequence's output is the same, in fewer steps where the guesses hold. A sampled
@@ -23,11 +25,10 @@ from shared.protocol import SamplingParams
 from shared.settings import Speculation
 
 
-def speculates(params: SamplingParams, grammar: bool) -> bool:
-    """Whether a sequence guesses: not under a grammar (its matcher follows one token at a time), and not where a
-    seed makes its sampled output repeatable (the rows of guesses that fail draw from its generator too, so its later
-    draws would depend on how many it guessed)."""
-    return not grammar and (params.greedy or params.seed is None)
+def speculates(params: SamplingParams) -> bool:
+    """Whether a sequence guesses: not where a seed makes its sampled output repeatable (the rows of guesses that
+    fail draw from its generator too, so its later draws would depend on how many it guessed)."""
+    return params.greedy or params.seed is None
 
 
 def draft(tokens: list[int], settings: Speculation, most: int) -> list[int]:

@@ -308,9 +308,13 @@ class Scheduler:
         sampled = decode_rows + [s for s, _ in prefilling if s.decoding]
         if rows != list(range(logits.shape[0])):
             logits = logits[torch.tensor(rows, dtype=torch.long)]
-        constrained = [i for i, s in enumerate(sampled) if s.matcher is not None]
+        constrained, seen = [], set()  # each sequence's first row, with its guesses (whose rows follow it)
+        for i, s in enumerate(sampled):
+            if s.matcher is not None and s.request.id not in seen:
+                seen.add(s.request.id)
+                constrained.append((i, s.matcher, computed[s.request.id].guesses))
         if constrained:
-            logits = self.grammars.masked(logits, constrained, [sampled[i].matcher for i in constrained])
+            logits = self.grammars.masked(logits, constrained)
         tokens = choose_tokens(
             logits,
             [s.request.sampling for s in sampled],
@@ -338,8 +342,11 @@ class Scheduler:
             sampling, made = seq.request.sampling, len(seq.generated)
             room = min(sampling.max_tokens - made, self.runner.capacity - len(seq.prompt) - made) - 1
             most = min(room, seq.pace.guesses(self.steps))
-            can = most > 0 and ngram_drafts.speculates(sampling, seq.matcher is not None)
-            guesses.append(ngram_drafts.draft(seq.prompt + seq.generated, speculation, most) if can else [])
+            can = most > 0 and ngram_drafts.speculates(sampling)
+            guessed = ngram_drafts.draft(seq.prompt + seq.generated, speculation, most) if can else []
+            if guessed and seq.matcher is not None:  # only what its grammar allows
+                guessed = guessed[: seq.matcher.validate_tokens(guessed)]
+            guesses.append(guessed)
         return guesses
 
     def _take_embeddings(

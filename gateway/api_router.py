@@ -82,9 +82,11 @@ def _model_card(request: Request, model: str, served: Served) -> dict:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    completions = _completions(request)
-    names = [*request.app.state.settings.served_names(), *await completions.runtime_adapters.listed()]
-    return {"object": "list", "data": [_model_card(request, name, await completions.served(name)) for name in names]}
+    completions, settings = _completions(request), request.app.state.settings
+    cards = [_model_card(request, name, await completions.served(name)) for name in settings.served_names()]
+    loaded = await completions.runtime_adapters.listed()
+    cards += [_model_card(request, name, Served.runtime(settings, name, source)) for name, source in loaded.items()]
+    return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/{model:path}")

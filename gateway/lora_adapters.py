@@ -55,11 +55,18 @@ class RuntimeAdapters:
     async def source(self, name: str) -> AdapterSource | None:
         """The runtime adapter of that name, if one is loaded."""
         entry = await self.queue.redis.hget(keys.lora_adapters(), name) if self.enabled else None
-        return None if entry is None else AdapterSource.model_validate_json(entry)
+        return self._taken(entry) if entry is not None else None
 
     async def listed(self) -> dict[str, AdapterSource]:
         entries = await self.queue.redis.hgetall(keys.lora_adapters()) if self.enabled else {}
-        return {name: AdapterSource.model_validate_json(entry) for name, entry in sorted(entries.items())}
+        taken = {name: self._taken(entry) for name, entry in sorted(entries.items())}
+        return {name: source for name, source in taken.items() if source is not None}
+
+    def _taken(self, entry: str) -> AdapterSource | None:
+        """A registry entry, unless its model no longer takes runtime adapters (the settings changed since)."""
+        source = AdapterSource.model_validate_json(entry)
+        spec = self.settings.models.get(source.model)
+        return source if spec is not None and spec.runtime_lora_dir is not None else None
 
     async def load(self, body: LoadLoRAAdapterRequest) -> str:
         model = self._model(body.model)

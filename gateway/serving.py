@@ -91,6 +91,10 @@ class Served:
     source: AdapterSource | None = None
     """A runtime adapter's (gateway.lora_adapters); None for a configured one."""
 
+    @classmethod
+    def runtime(cls, settings: Settings, name: str, source: AdapterSource) -> Served:
+        return cls(source.model, settings.models[source.model], name, source)
+
 
 class Completions:
     def __init__(
@@ -114,7 +118,7 @@ class Completions:
         source = await self.runtime_adapters.source(model)
         if source is None:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
-        return Served(source.model, self.settings.models[source.model], model, source)
+        return Served.runtime(self.settings, model, source)
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
         served = await self.served(body.model)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from shared import keys
 from shared.protocol import AdapterSource
 from shared.settings import Settings
 from tests.conftest import MODEL
@@ -168,7 +169,9 @@ def test_a_runtime_adapter_is_loaded_once_the_most_recent_kept_the_unloaded_drop
         adapters.get("d", None)
 
 
-def test_an_adapter_loaded_at_runtime_is_served_until_it_is_unloaded(fleet, model_dir, loaded_model, tmp_path):
+def test_an_adapter_loaded_at_runtime_is_served_until_it_is_unloaded(
+    fleet, redis_server, model_dir, loaded_model, tmp_path
+):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, for a model that sets runtime_lora_dir (named
     "based" here, so that only this worker serves it). A load is answered once the worker has served through the
     adapter: one it cannot serve is refused saying why. Loaded again in place, its KV is apart from the first one's."""
@@ -197,6 +200,11 @@ def test_an_adapter_loaded_at_runtime_is_served_until_it_is_unloaded(fleet, mode
         assert refused.status_code == 400 and "DoRA" in refused.json()["error"]["message"]
         outside = post("load_lora_adapter", lora_name="far", lora_path="../elsewhere")
         assert outside.status_code == 400 and outside.json()["error"]["param"] == "lora_path"
+        # An entry of a model that takes no runtime adapters (since the settings changed) is not served.
+        stale = AdapterSource(model=MODEL, path=str(root / "tuned"), revision="0").model_dump_json()
+        redis_server.client().hset(keys.lora_adapters(), "stale", stale)
+        with pytest.raises(openai.NotFoundError):
+            ask("stale")
         assert [m.id for m in served.models.list()] == ["based", "tuned"]
         card = served.models.retrieve("tuned")
         assert (card.model_extra["parent"], card.model_extra["root"]) == ("based", str(root / "tuned"))

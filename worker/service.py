@@ -322,8 +322,9 @@ class WorkerService:
         """A request ended here: counted, logged and traced once, before its final record is written (whatever
         retries that takes), so that no reader of the record finds it not yet counted."""
         self.scheduler.metrics.final(final)
-        if self.tracer is not None and held is not None and held.request is not None and held.request.trace_headers:
-            tracing.request_span(self.tracer, held.request, final)
+        request = held.request if held is not None else None
+        if self.tracer is not None and request is not None and request.trace_headers:
+            tracing.request_span(self.tracer, request, final)
         log.info(
             "request.finished",
             request_id=final.id,

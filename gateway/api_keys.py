@@ -28,6 +28,8 @@ class ApiKey(BaseModel):
     tpm: int = Field(ge=1)
     """Tokens per minute: prompt tokens at admission, output tokens as they are generated."""
     max_concurrency: int = Field(ge=1)
+    admin: bool = False
+    """May load and unload LoRA adapters while the fleet runs (gateway.lora_adapters)."""
     created: float
     revoked: float | None = None
 
@@ -48,11 +50,14 @@ class ApiKeys:
     def __init__(self, client: aioredis.Redis):
         self.redis = client
 
-    async def create(self, name: str, rpm: int, tpm: int, max_concurrency: int) -> tuple[ApiKey, str]:
+    async def create(
+        self, name: str, rpm: int, tpm: int, max_concurrency: int, admin: bool = False
+    ) -> tuple[ApiKey, str]:
         """The new key's record and its full secret form, which nothing stores."""
         key = ApiKey(
-            id=secrets.token_hex(6), name=name, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency, created=time.time()
-        )
+            id=secrets.token_hex(6), name=name, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency, admin=admin,
+            created=time.time(),
+        )  # fmt: skip
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_hex(16)
         fields = {**key.model_dump(exclude={"revoked"}), "salt": salt, "hash": _digest(salt, secret)}

@@ -170,12 +170,22 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> str:
     """vLLM's, as it serves it with VLLM_ALLOW_RUNTIME_LORA_UPDATING (gateway.lora_adapters)."""
+    _admin_only(request)
     return await _completions(request).runtime_adapters.load(body)
 
 
 @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> str:
+    _admin_only(request)
     return await _completions(request).runtime_adapters.unload(body)
+
+
+def _admin_only(request: Request) -> None:
+    """Only an admin key changes what the fleet serves (anyone, in open mode)."""
+    key = getattr(request.state, "api_key", None)
+    if key is not None and not key.admin:
+        message = "Only an admin API key (`llmfleet keys create --admin`) may load or unload LoRA adapters."
+        raise APIError(403, message, code="permission_denied")
 
 
 def _owner(request: Request) -> str | None:

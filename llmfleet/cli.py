@@ -28,7 +28,7 @@ def _keys(args: argparse.Namespace) -> int:
         try:
             store = ApiKeys(client)
             if args.action == "create":
-                key, secret = await store.create(args.name, args.rpm, args.tpm, args.max_concurrency)
+                key, secret = await store.create(args.name, args.rpm, args.tpm, args.max_concurrency, args.admin)
                 if args.json:
                     print(json.dumps({**key.model_dump(), "key": secret}))
                 else:
@@ -41,7 +41,8 @@ def _keys(args: argparse.Namespace) -> int:
                 for key in [] if args.json else found:
                     state = f"revoked {_when(key.revoked)}" if key.revoked else "active"
                     print(f"{key.id}  {key.name:<20} rpm={key.rpm} tpm={key.tpm} "
-                          f"concurrency={key.max_concurrency}  created {_when(key.created)}  {state}")  # fmt: skip
+                          f"concurrency={key.max_concurrency}{'  admin' if key.admin else ''}  "
+                          f"created {_when(key.created)}  {state}")  # fmt: skip
                 return 0
             revoked = await store.revoke(args.id)
             if revoked is None:
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--rpm", type=int, default=60, help="requests per minute")
     create.add_argument("--tpm", type=int, default=100_000, help="tokens (prompt + output) per minute")
     create.add_argument("--max-concurrency", type=int, default=8, help="requests in flight at once")
+    create.add_argument("--admin", action="store_true", help="may load and unload LoRA adapters at runtime")
     create.add_argument("--json", action="store_true")
     listing = actions.add_parser("list", help="every key, without secrets")
     listing.add_argument("--json", action="store_true")

@@ -161,10 +161,11 @@ class Fleet:
 
 
 def create_api_key(redis_server: RedisServer, name: str = "tests", rpm: int = 1_000_000, tpm: int = 1_000_000_000,
-                   max_concurrency: int = 1000) -> str:  # fmt: skip
+                   max_concurrency: int = 1000, admin: bool = False) -> str:  # fmt: skip
     """A new API key, made the way an operator makes one: `llmfleet keys create`."""
     argv = [sys.executable, "-m", "llmfleet.cli", "keys", "create", "--name", name, "--rpm", str(rpm),
             "--tpm", str(tpm), "--max-concurrency", str(max_concurrency), "--json"]  # fmt: skip
+    argv += ["--admin"] if admin else []
     env = {**os.environ, "LLMFLEET_REDIS_URL": redis_server.url}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, timeout=60)
     return json.loads(done.stdout)["key"]

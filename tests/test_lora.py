@@ -22,6 +22,7 @@ from shared import keys
 from shared.protocol import AdapterSource
 from shared.settings import Settings
 from tests.conftest import MODEL
+from tests.fleet import create_api_key
 from tests.test_architectures import SHAPE, save_tiny, tiny_model
 from worker import lora
 from worker.llama_runner import LlamaRunner, PrefillChunk
@@ -231,7 +232,16 @@ def test_an_adapter_loaded_at_runtime_is_served_until_it_is_unloaded(
         gateway.stop()
 
 
-def test_loading_an_adapter_where_no_model_takes_one_at_runtime_is_a_404(gateway_url, api_key):
-    body, auth = {"lora_name": "x", "lora_path": "/x"}, {"Authorization": f"Bearer {api_key}"}
-    loaded = httpx.post(f"{gateway_url}/v1/load_lora_adapter", json=body, headers=auth, timeout=30)
+def test_only_an_admin_key_loads_adapters_and_where_no_model_takes_one_at_runtime_it_is_a_404(
+    fleet, gateway_url, api_key
+):
+    body = {"lora_name": "x", "lora_path": "/x"}
+
+    def load(key: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.post(f"{gateway_url}/v1/load_lora_adapter", json=body, headers=headers, timeout=30)
+
+    refused = load(api_key)
+    assert refused.status_code == 403 and "--admin" in refused.json()["error"]["message"]
+    loaded = load(create_api_key(fleet.redis_server, name="operator", admin=True))
     assert loaded.status_code == 404 and "runtime_lora_dir" in loaded.json()["error"]["message"]

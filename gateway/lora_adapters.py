@@ -50,7 +50,9 @@ def _invalid(message: str, param: str) -> APIError:
 class RuntimeAdapters:
     def __init__(self, settings: Settings, queue: QueueClient):
         self.settings, self.queue = settings, queue
-        self.enabled = any(spec.runtime_lora_dir is not None for spec in settings.models.values())
+        self.taking = [name for name, spec in settings.models.items() if spec.runtime_lora_dir is not None]
+        """The models that take adapters at runtime."""
+        self.enabled = bool(self.taking)
 
     async def source(self, name: str) -> AdapterSource | None:
         """The runtime adapter of that name, if one is loaded."""
@@ -65,8 +67,7 @@ class RuntimeAdapters:
     def _taken(self, entry: str) -> AdapterSource | None:
         """A registry entry, unless its model no longer takes runtime adapters (the settings changed since)."""
         source = AdapterSource.model_validate_json(entry)
-        spec = self.settings.models.get(source.model)
-        return source if spec is not None and spec.runtime_lora_dir is not None else None
+        return source if source.model in self.taking else None
 
     async def load(self, body: LoadLoRAAdapterRequest) -> str:
         model = self._model(body.model)
@@ -106,17 +107,16 @@ class RuntimeAdapters:
 
     def _model(self, named: str | None) -> str:
         """The configured model a load names, or the only one that takes adapters at runtime."""
-        taking = [name for name, spec in self.settings.models.items() if spec.runtime_lora_dir is not None]
-        if not taking:
+        if not self.enabled:
             raise _off()
         if named is None:
-            if len(taking) > 1:
-                raise _invalid(f"Name the model the adapter adapts: {', '.join(taking)} take adapters.", "model")
-            return taking[0]
+            if len(self.taking) > 1:
+                raise _invalid(f"Name the model the adapter adapts: {', '.join(self.taking)} take adapters.", "model")
+            return self.taking[0]
         model = self.settings.served_names().get(named)
         if model is None or named in self.settings.models[model].lora_modules:
             raise APIError(404, f"The model '{named}' does not exist.", param="model", code="model_not_found")
-        if model not in taking:
+        if model not in self.taking:
             raise _invalid(f"The model '{named}' takes no adapters at runtime: it sets no runtime_lora_dir.", "model")
         return model
 

@@ -50,6 +50,11 @@ class ModelSpec(BaseModel):
     tool_call_parser: Literal["hermes", "llama3_json", "pythonic", "mistral"] | None = None
     """vLLM's --tool-call-parser (with --enable-auto-tool-choice): tool_choice 'auto' is served, the calls the model
     announces in that format handed back as tool_calls (gateway.tool_calls). None: 'auto' is a 400."""
+    implementation: Literal["auto", "llmfleet", "transformers"] = "auto"
+    """What steps the model (vLLM's --model-impl). llmfleet: the worker's own layers and kernels (worker.llama_runner:
+    Llama, Mistral, Qwen 2 and 3, Gemma, SmolLM3, Granite, Phi-3); transformers: the model's own transformers forward
+    with the worker's slot attention (worker.transformers_runner: Gemma 2 and 3, OLMo 2, Mixtral, DeepSeek V3, GPT-2,
+    ..., slower); auto: llmfleet where it computes the model, else transformers."""
     quantization: Literal["gptq", "none"] = "gptq"
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     grid: Literal["gguf", "gptq"] = "gguf"

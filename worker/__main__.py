@@ -18,9 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from shared import tracing
 from shared.logging import configure as configure_logging
 from shared.settings import DEFAULT_MODEL, Settings
-from worker import cpu_kernels, lora, model_loader, model_store, step_cost
+from worker import cpu_kernels, lora, model_loader, model_store, runner_choice, step_cost
 from worker.http_server import WorkerHTTPServer
-from worker.llama_runner import LlamaRunner, ModelNotServable, check_runs
+from worker.llama_runner import ModelNotServable
 from worker.scheduler import Scheduler
 from worker.service import WorkerService
 
@@ -35,7 +35,7 @@ def build_scheduler(settings: Settings, model: str, worker_id: str) -> Scheduler
     batch = settings.batch
     # With a prefix cache, as many extra slots as running ones park finished sequences for reuse.
     slots = batch.max_running * (2 if batch.prefix_cache_tokens else 1)
-    runner = LlamaRunner(loaded.model, slots=slots, capacity=spec.max_context, batch_invariant=batch.batch_invariant)
+    runner = runner_choice.build(loaded.model, spec, slots, batch.batch_invariant)
     configured = {name: lora.load(name, path, loaded.model) for name, path in spec.lora_modules.items()}
     adapters = lora.Adapters(model, loaded.model, configured, spec.runtime_lora_dir, spec.max_loaded_loras)
     runner.prefault(min(batch.kv_prefault_tokens, spec.max_context))
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         path = model_store.prepare(settings, args.model)
         with refusing(args.model):  # at build time, not first at start-up
             config = AutoConfig.from_pretrained(path)
-            check_runs(config, settings.models[args.model].max_context)
+            runner_choice.choose(config, settings.models[args.model])
             if adapters := settings.models[args.model].lora_modules:
                 with torch.device("meta"):  # the layers' names and shapes, no weights
                     skeleton = AutoModelForCausalLM.from_config(config)

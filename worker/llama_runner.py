@@ -43,7 +43,7 @@ from worker.lora import Adapter, AdapterRows
 from worker.slot_attention import KEY_BLOCK, KernelAttention, MatmulAttention, padded
 
 
-def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
@@ -80,34 +80,43 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3", "granit
 norm before attention and before the MLP, a gated MLP, q/k/v projections (with biases: Qwen2; fused: Phi-3), per-head
 norms of the queries and keys (Qwen3), layers without rotary embedding (SmolLM3's every fourth), the embeddings,
 residual updates and logits scaled (Granite's multipliers). Others differ in ways it would not notice (OLMo 2's norms
-after each block, Gemma 2's soft-capped scores)."""
+after each block, Gemma 2's soft-capped scores): worker.transformers_runner steps those."""
 
 
 class ModelNotServable(ValueError):
     pass
 
 
-def check_runs(config, capacity: int) -> None:
-    """Refuse a model the runner would compute otherwise than transformers, saying why, before it serves a request."""
-    refusal = None
+def positions_refusal(config, capacity: int) -> str | None:
+    """Why neither runner gives a sequence's positions the angles and reach its own forward gives them, or None."""
+    config = config.get_text_config()
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
     # Linear and YaRN scaling stretch the positions it was trained on; a llama3 rope's config names the stretched ones.
     positions = config.max_position_embeddings * (rope.get("factor", 1) if rope_type in ("linear", "yarn") else 1)
+    # Llama 4's chunked attention: its layers' masks are the model's own, which the slot attention does not make.
+    chunk = getattr(config, "attention_chunk_size", None)
+    if "dynamic" in rope_type or rope_type == "longrope":
+        return f"its rope type {rope_type!r} changes the rotary angles with the sequence's length"
+    if capacity > positions:
+        return f"its positions go to {positions:g}: set its max_context to {positions:g} at most"
+    if chunk and chunk < capacity:
+        return f"its layers attend within chunks of {chunk} positions: set its max_context to {chunk} at most"
+    return None
+
+
+def own_refusal(config, capacity: int) -> str | None:
+    """Why LlamaRunner would compute the model otherwise than transformers, or None."""
     window = getattr(config, "sliding_window", None)
     sliding = "sliding_attention" in layer_types if (layer_types := getattr(config, "layer_types", None)) else window
+    rope = getattr(config, "rope_parameters", None) or {}
     if config.model_type not in MODEL_TYPES:
-        refusal = f"its model type {config.model_type!r} is not one the worker runs ({', '.join(MODEL_TYPES)})"
-    elif "dynamic" in rope_type or rope_type == "longrope":
-        refusal = f"its rope type {rope_type!r} changes the rotary angles with the sequence's length"
-    elif rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
-        refusal = "its rotary embedding turns only part of each head"
-    elif capacity > positions:
-        refusal = f"its positions go to {positions:g}: set its max_context to {positions:g} at most"
-    elif sliding and window < capacity:
-        refusal = f"its layers attend to the last {window} positions only: set its max_context to {window} at most"
-    if refusal:
-        raise ModelNotServable(f"the worker cannot serve this model: {refusal}")
+        return f"its model type {config.model_type!r} is not one the own runner computes ({', '.join(MODEL_TYPES)})"
+    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        return "its rotary embedding turns only part of each head"
+    if sliding and window < capacity:
+        return f"its layers attend to the last {window} positions only"
+    return positions_refusal(config, capacity)
 
 
 # The RMSNorm modules the rms_norm kernel computes as they do (float32 inside, the weight applied in the model's dtype).
@@ -162,7 +171,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaRunner:
     def __init__(self, model: torch.nn.Module, slots: int, capacity: int, batch_invariant: bool = False):
         config = model.config
-        check_runs(config, capacity)
+        if refusal := own_refusal(config, capacity):
+            raise ModelNotServable(f"the worker's own runner cannot serve this model: {refusal}")
         self.model = model
         self.layers = model.model.layers
         self.embed = model.model.embed_tokens
@@ -219,8 +229,8 @@ class LlamaRunner:
         element = torch.tensor([], dtype=self.compute_dtype).element_size()
         self.kv_bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * element
         check_kv_fits(self.kv_bytes_per_token * capacity, slots, self.device)
-        self.k_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
-        self.v_cache = [_zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
+        self.k_cache = [zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
+        self.v_cache = [zeros_on_demand(shape, self.compute_dtype, self.device) for _ in self.layers]
 
         # Every position's angles from the model's own kind of rotary embedding (scaled as its rope type scales
         # them), built anew: a model cast to bf16 carries its frequencies in bf16.

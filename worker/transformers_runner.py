@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.cache_utils import DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -116,9 +115,6 @@ def slot_attention(
     return out[None], None
 
 
-AttentionInterface.register(ATTENTION, slot_attention)
-
-
 def structure_refusal(config) -> str | None:
     """Why the model's layers are not ones this runner steps, as far as its config tells, or None."""
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
@@ -138,6 +134,10 @@ class TransformersRunner:
     def __init__(self, model: torch.nn.Module, slots: int, capacity: int):
         if refusal := structure_refusal(model.config):
             raise ModelNotServable(f"the worker cannot serve this model: {refusal}")
+        # Imported here: transformers' modeling code prints torch's notes at import, before the worker's logs are JSON.
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION, slot_attention)
         self.model = model
         self.slots = slots
         self.capacity = capacity

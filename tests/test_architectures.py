@@ -28,6 +28,12 @@ SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_at
              num_key_value_heads=2, head_dim=64, vocab_size=1024, max_position_embeddings=4096,
              pad_token_id=0)  # fmt: skip
 CPU = torch.device("cpu")
+LONGROPE_PHI3 = {"hidden_size": 256, "original_max_position_embeddings": 1024,
+                 "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                     "original_max_position_embeddings": 1024, "long_factor": [4.0] * 32,
+                                     "short_factor": [1 + i / 32 for i in range(32)]}}  # fmt: skip
+"""Phi-3-mini-128k's kind: short factors within its original 1,024 positions, long ones past them (hidden_size 256:
+transformers counts the factors by hidden_size / heads, the rotation by head_dim 64)."""
 SERVED = {
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
@@ -41,6 +47,9 @@ SERVED = {
     "phi3-fused-projections": ("phi3", {}),
     "granite-multipliers": ("granite", {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
                             "attention_multiplier": 0.0625, "logits_scaling": 8.0}),
+    "phi3-longrope-within-its-original-positions": ("phi3", LONGROPE_PHI3),
+    "dynamic-rope-within-its-positions": ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0,
+                                          "factor": 2.0}}),
 }  # fmt: skip
 
 
@@ -107,8 +116,7 @@ def test_their_gptq_checkpoints_run_on_the_workers_kernel_as_gptqmodel_computes_
     [
         ("olmo2", {}, 512, "model type 'olmo2'"),
         ("phi3", {"partial_rotary_factor": 0.75}, 512, "turns only part of each head"),
-        ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, 512,
-         "rope type 'dynamic'"),
+        ("phi3", LONGROPE_PHI3, 2048, "longrope angles change past 1024 positions"),
         ("mistral", {"sliding_window": 256}, 512, "attend to the last 256 positions only"),
         ("llama", {}, 8192, "its positions go to 4096: set its max_context to 4096 at most"),
     ],

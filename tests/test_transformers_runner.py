@@ -14,7 +14,7 @@ import torch
 from shared.settings import ModelSpec
 from tests.conftest import FRANCE_QUESTION, MODEL
 from tests.fleet import create_api_key
-from tests.test_architectures import SHAPE, save_tiny, tiny_model
+from tests.test_architectures import LONGROPE_PHI3, SHAPE, save_tiny, tiny_model
 from worker import runner_choice
 from worker.llama_runner import LlamaRunner, ModelNotServable, PrefillChunk
 from worker.transformers_runner import TransformersRunner
@@ -105,8 +105,7 @@ def test_a_sliding_window_shorter_than_the_context_goes_to_the_transformers_runn
     [
         ("olmo2", {}, {"implementation": "llmfleet"}, "own runner cannot serve this model: its model type 'olmo2'"),
         ("olmo2", {}, {"lora_modules": {"tuned": "/adapters/tuned"}}, "LoRA adapters are served by the worker's own"),
-        ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, {},
-         "rope type 'dynamic'"),
+        ("phi3", LONGROPE_PHI3, {"max_context": 2048}, "longrope angles change past 1024"),
         ("llama", {}, {"max_context": 8192}, "its positions go to 4096"),
     ],
 )  # fmt: skip

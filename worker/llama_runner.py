@@ -96,8 +96,11 @@ def positions_refusal(config, capacity: int) -> str | None:
     positions = config.max_position_embeddings * (rope.get("factor", 1) if rope_type in ("linear", "yarn") else 1)
     # Llama 4's chunked attention: its layers' masks are the model's own, which the slot attention does not make.
     chunk = getattr(config, "attention_chunk_size", None)
-    if "dynamic" in rope_type or rope_type == "longrope":
-        return f"its rope type {rope_type!r} changes the rotary angles with the sequence's length"
+    # LongRoPE turns every position by other angles once a forward's sequence passes its original positions (Phi-3-mini-
+    # 128k's 4,096), whatever shares the step; dynamic NTK once past max_position_embeddings (`positions`).
+    original = rope.get("original_max_position_embeddings", positions)
+    if rope_type == "longrope" and capacity > original:
+        return f"its longrope angles change past {original:g} positions: set its max_context to {original:g} at most"
     if capacity > positions:
         return f"its positions go to {positions:g}: set its max_context to {positions:g} at most"
     if chunk and chunk < capacity:
@@ -189,6 +192,7 @@ class LlamaRunner:
         attentions = [layer.self_attn for layer in self.layers]
         self.qk_norms = [(a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None for a in attentions]
         self.slots = slots
+        served = capacity
         self.capacity = capacity = padded(capacity)
         self.dtype = model.dtype
         self.device = model.device
@@ -236,9 +240,10 @@ class LlamaRunner:
         # them), built anew: a model cast to bf16 carries its frequencies in bf16.
         positions = torch.arange(capacity, device=self.device)
         rotary = type(model.model.rotary_emb)(config).to(self.device)
-        cos, sin = rotary(torch.empty(0, device=self.device), positions[None])
-        self.cos = cos[0].to(self.compute_dtype)
-        self.sin = sin[0].to(self.compute_dtype)
+        # Only the served positions: a longer forward of a dynamic or LongRoPE model would turn them all otherwise.
+        cos, sin = rotary(torch.empty(0, device=self.device), positions[None, :served])
+        self.cos = torch.nn.functional.pad(cos[0], (0, 0, 0, capacity - served)).to(self.compute_dtype)
+        self.sin = torch.nn.functional.pad(sin[0], (0, 0, 0, capacity - served)).to(self.compute_dtype)
         # SmolLM3 leaves some layers' queries and keys unrotated (no_rope_layers 0): a rotation by no angle.
         self.rotated = [bool(r) for r in getattr(config, "no_rope_layers", None) or [1] * len(self.layers)]
         self.unrotated = (torch.ones_like(self.cos), torch.zeros_like(self.sin)) if not all(self.rotated) else None

@@ -12,6 +12,7 @@ from gateway.errors import APIError
 from gateway.protocol import BatchCreateRequest
 from jobs.enqueue import enqueue_batch_run
 from jobs.store import BatchMeta, BatchStore, new_id
+from shared import tracing
 from shared.settings import Settings
 
 PURPOSES = ("batch",)
@@ -79,6 +80,7 @@ class Batches:
             expires_at=now + self.settings.jobs.batch_window_s,
             owner=owner,
             metadata=body.metadata,
+            trace_headers=tracing.current_headers(),
         )
         ttl_s = self.settings.jobs.batch_window_s + self.settings.result_ttl_s + self.settings.jobs.expired_visible_s
         state = await self.store.create_batch(meta, ttl_s)

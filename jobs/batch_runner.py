@@ -182,6 +182,7 @@ class BatchRun:
                     "stream": False,
                     "deadline": deadline,
                     "batch": True,
+                    "trace_headers": self.state.meta.trace_headers,
                 }
             )  # fmt: skip
             for r in requests

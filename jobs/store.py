@@ -82,6 +82,8 @@ class BatchMeta(BaseModel):
     expires_at: int
     owner: str | None = None
     metadata: dict[str, str] | None = None
+    trace_headers: dict[str, str] | None = None
+    """The trace context of the request that created the batch: each line's spans are children of its span."""
 
 
 class BatchState(BaseModel):

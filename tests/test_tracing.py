@@ -5,6 +5,7 @@ gateway's, across Redis."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import threading
 import time
@@ -13,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import openai
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tests.fleet import wait_until
 
 
 class Collector:
@@ -86,3 +89,38 @@ def test_a_requests_spans_continue_the_clients_trace_through_the_gateway_and_the
     assert attributes["gen_ai.latency.time_to_first_token"].double_value > 0
     assert inference.start_time_unix_nano >= http.start_time_unix_nano
     assert inference.end_time_unix_nano <= http.end_time_unix_nano
+
+
+def test_a_batchs_lines_are_traced_under_the_request_that_created_it(fleet, model_dir, collector):
+    """The batch's lines run later, in the job layer: their worker spans still join the trace of POST /v1/batches."""
+    models = json.dumps({"traced": {"path": str(model_dir)}})
+    traced = {"LLMFLEET_MODELS": models, "LLMFLEET_TRACING__OTLP_TRACES_ENDPOINT": collector.endpoint}
+    worker = fleet.worker("traced", **traced)
+    gateway = fleet.gateway(LLMFLEET_PROTECTION__AUTH="open", **traced)
+    jobs = fleet.jobs_worker(**traced)
+    try:
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        lines = [
+            json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
+                        "body": {"model": "traced", "prompt": f"{i},", "max_tokens": 2}})
+            for i in range(2)
+        ]  # fmt: skip
+        upload = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+        trace_id = "5cf92f3577b34da6a3ce929d0e0e4737"
+        batch = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
+            extra_headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b8-01"},
+        )  # fmt: skip
+        wait_until(lambda: client.batches.retrieve(batch.id).status == "completed", 120, "the batch completed", 0.3)
+
+        def ours() -> list[tuple[str, object]]:
+            return [(service, s) for service, s in collector.spans if s.trace_id.hex() == trace_id]
+
+        wait_until(lambda: len(ours()) >= 3, 30, "the batch's spans")
+    finally:
+        jobs.stop()
+        worker.stop()
+        gateway.stop()
+    (created,) = [s for service, s in ours() if s.name == "POST /v1/batches" and service == "llmfleet-gateway"]
+    inferences = [s for service, s in ours() if s.name == "llm_request" and service == "llmfleet-worker"]
+    assert len(inferences) == 2 and all(s.parent_span_id == created.span_id for s in inferences)

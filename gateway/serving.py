@@ -164,6 +164,7 @@ class Completions:
             for f in SAMPLING_DEFAULTS
         }
         grammar = output_grammar(body, tokenizer)
+        tool_call = tool_calls.tool_call_mode(body, spec.tool_call_parser) if kind == "chat" else None
         thinking = None
         if spec.reasoning_parser and kind == "chat":
             from_start = grammar is not None and spec.structured_outputs_in_reasoning
@@ -190,7 +191,8 @@ class Completions:
                 bad_words_token_ids=bad_words_token_ids(tokenizer, body.bad_words or []),
                 min_tokens=body.min_tokens,
                 ignore_eos=body.ignore_eos,
-                skip_special_tokens=body.skip_special_tokens,
+                # As vLLM's mistral parser: the calls of its v11 tokenizer are special tokens and names.
+                skip_special_tokens=body.skip_special_tokens and not tool_calls.keeps_special_tokens(tool_call),
                 logprobs=body.logprobs_count,
                 prompt_logprobs=prompt_logprobs,
                 return_tokens_as_token_ids=body.return_tokens_as_token_ids,
@@ -201,7 +203,7 @@ class Completions:
             deadline=now + requested_timeout_s(headers.get(TIMEOUT_HEADER), self.settings.request_timeout_s),
             conversation=conversation_key(body, headers.get(CONVERSATION_HEADER)),
             echo=echo,
-            tool_call=tool_calls.tool_call_mode(body, spec.tool_call_parser) if kind == "chat" else None,
+            tool_call=tool_call,
             reasoning=thinking,
             include_reasoning=body.include_reasoning if kind == "chat" else True,
             return_token_ids=body.return_token_ids,

@@ -49,12 +49,15 @@ class Tagged:
 
 @dataclass(frozen=True)
 class Leading:
-    """Calls that are the whole output, from its start: llama3_json (Llama 3.1-3.3), pythonic (Llama 3.2, 4), mistral
-    (before its v11 tokenizer). The special token before them (`marker`) is mostly skipped with the others."""
+    """Calls that are the whole output, from its start: llama3_json (Llama 3.1-3.3), pythonic (Llama 3.2, 4), mistral.
+    The special token before them (`marker`) is mostly skipped with the others, unless the format needs the special
+    tokens kept in the text (`special_tokens`: Mistral's v11 tokenizer and later, whose calls are special tokens and
+    names, `[TOOL_CALLS]name[ARGS]{...}`)."""
 
     opener: str
     calls: Callable[[str], Calls]
     marker: str | None = None
+    special_tokens: bool = False
 
     def _openers(self) -> tuple[str, ...]:
         return (self.opener, self.marker) if self.marker else (self.opener,)
@@ -107,12 +110,25 @@ def _python_calls(text: str) -> Calls:
     return calls
 
 
-def _json_list(text: str) -> Calls:
-    """mistral: [{"name": ..., "arguments": {...}}, ...]."""
-    listed = json.loads(text)
-    if not isinstance(listed, list):
-        raise ValueError(text)
-    return [_call(c["name"], c.get("arguments", {})) for c in listed]
+_MISTRAL_CALL = re.compile(r"\s*([A-Za-z_][\w.-]*)(?:\[CALL_ID\]\w+)?(?:\[ARGS\])?\s*(\{.*\})\s*", re.S)
+"""A call of Mistral's v11 tokenizer and later: its name, its id (v13), its arguments' JSON object."""
+
+
+def _mistral_calls(text: str) -> Calls:
+    """mistral: [{"name": ..., "arguments": {...}}, ...] before its v11 tokenizer; from v11 on, name[ARGS]{...} for
+    each call, each after a [TOOL_CALLS] (the first one's taken off already)."""
+    if text.startswith("["):
+        listed = json.loads(text)
+        if not isinstance(listed, list):
+            raise ValueError(text)
+        return [_call(c["name"], c.get("arguments", {})) for c in listed]
+    calls = []
+    for piece in text.split("[TOOL_CALLS]"):
+        found = _MISTRAL_CALL.fullmatch(piece)
+        if found is None:
+            raise ValueError(text)
+        calls.append(_call(found[1], json.loads(found[2])))
+    return calls
 
 
 Format = Tagged | Leading
@@ -120,5 +136,5 @@ FORMATS: dict[str, Format] = {
     "hermes": Tagged(),
     "llama3_json": Leading("{", _json_objects, marker="<|python_tag|>"),
     "pythonic": Leading("[", _python_calls),
-    "mistral": Leading("[", _json_list, marker="[TOOL_CALLS]"),
+    "mistral": Leading("[", _mistral_calls, marker="[TOOL_CALLS]", special_tokens=True),
 }

@@ -11,7 +11,7 @@ import json
 from gateway import reasoning
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest, NamedToolChoice
-from gateway.tool_call_formats import FORMATS, Calls, Format
+from gateway.tool_call_formats import FORMATS, Calls, Format, Leading
 from shared.protocol import FinalResult, InferenceRequest
 
 ANY = "*"
@@ -54,6 +54,12 @@ def calls_schema(body: ChatCompletionRequest) -> dict:
     ]
     one_or_more = {"minItems": 1, **({"maxItems": 1} if body.parallel_tool_calls is False else {})}
     return {"type": "array", "items": {"anyOf": call}, **one_or_more}
+
+
+def keeps_special_tokens(tool_call: str | None) -> bool:
+    """Whether the output's special tokens stay in its text, as the format of the calls it may announce needs."""
+    form = announcing(tool_call)
+    return isinstance(form, Leading) and form.special_tokens
 
 
 def announcing(tool_call: str | None) -> Format | None:

@@ -114,6 +114,8 @@ ANNOUNCED = {
     ),
     "llama3_json": (r'\{"name": "get_weather", "parameters": \{"city": "[A-Z][a-z]{2,8}"\}\}', None),
     "pythonic": (r'\[get_weather\(city="[A-Z][a-z]{2,8}"\)\]', None),
+    # Mistral's v11 form (its markers plain text to this model's tokenizer, special tokens to Mistral's).
+    "mistral": (r'\[TOOL_CALLS\]get_weather\[ARGS\]\{"city": "[A-Z][a-z]{2,8}"\}', None),
 }
 """Each parser's format, as a regex that makes the default model announce a call in it, and the text before it."""
 
@@ -180,6 +182,12 @@ def test_with_a_parser_an_output_that_announces_no_call_is_its_answer(parsing):
         ("mistral", '[TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}]', (None, [("a", '{"x": 1}')])),
         ("mistral", '[{"name": "a", "arguments": {"x": 1}}, {"name": "b"}]', (None, [("a", '{"x": 1}'), ("b", "{}")])),
         ("mistral", "[1] A list.", None),
+        ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', (None, [("get_weather", '{"city": "Paris"}')])),
+        ("mistral", '[TOOL_CALLS]a[ARGS]{"x": 1}[TOOL_CALLS]b[CALL_ID]abc123XYZ[ARGS]{}',
+         (None, [("a", '{"x": 1}'), ("b", "{}")])),
+        ("mistral", '[TOOL_CALLS]a{"x": [1]}', (None, [("a", '{"x": [1]}')])),
+        ("mistral", "[TOOL_CALLS]a[ARGS]not json", None),
+        ("mistral", "[TOOL_CALLS]The answer.", None),
     ],
 )  # fmt: skip
 def test_announced_calls_are_read_from_the_text_or_it_stays_text(parser, text, expected):

@@ -157,6 +157,13 @@ def test_with_a_parser_an_output_that_announces_no_call_is_its_answer(parsing):
     assert choice.finish_reason == "length" and choice.message.content and not choice.message.tool_calls
 
 
+def test_only_the_mistral_parser_keeps_the_outputs_special_tokens_in_its_text(parsing):
+    """Its v11 calls are special tokens and names; the other formats' markers are dropped with the special tokens."""
+    parser, client = parsing
+    content = ask_auto(client, max_tokens=2, logit_bias={1: 100}).choices[0].message.content  # 1: <|im_start|>
+    assert content == ("<|im_start|><|im_start|>" if parser == "mistral" else "")
+
+
 @pytest.mark.parametrize(
     "parser, text, expected",
     [

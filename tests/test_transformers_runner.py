@@ -36,25 +36,28 @@ STEPPED = {
 
 @pytest.mark.parametrize("case", STEPPED)
 def test_each_model_steps_as_its_own_forward_computes_it(case):
-    """One step mixes what the scheduler mixes: a decoding row, a sequence's token with two guesses after it, and a
-    new prompt's chunk, after two earlier steps prefilled the sequences in chunks; every row's logits against the
-    model's own forward over each whole sequence (its own attention). The prompts run past the windows."""
+    """One step mixes what the scheduler mixes: two decoding rows (their keys a view of the slots between them, or
+    gathered from slots far apart), a sequence's token with two guesses after it, and a new prompt's chunk, after
+    steps that prefilled the sequences in chunks; every row's logits against the model's own forward over each whole
+    sequence (its own attention). The prompts run past the windows."""
     model_type, extra = STEPPED[case]
     model = tiny_model(model_type, **extra)
     generator = torch.Generator().manual_seed(1)
-    a, b, c = (torch.randint(0, SHAPE["vocab_size"], (n,), generator=generator).tolist() for n in (40, 30, 25))
+    a, b, c, d = (torch.randint(0, SHAPE["vocab_size"], (n,), generator=generator).tolist() for n in (40, 30, 25, 20))
     with torch.no_grad():
-        expected = [model(torch.tensor([s]), use_cache=False).logits[0].float() for s in (a, b, c)]
-    runner = TransformersRunner(model, slots=4, capacity=128)
-    runner.step([], [], [], [PrefillChunk(0, a[:20], 0), PrefillChunk(1, b[:26], 0)])
-    runner.step([], [], [], [PrefillChunk(0, a[20:38], 20)])
-    logits = runner.step(
-        [0, 1, 1, 1], [a[38], b[26], b[27], b[28]], [38, 26, 27, 28], [PrefillChunk(2, c, 0)], every_row=True
-    ).float()
-    wanted = torch.cat([expected[0][38:39], expected[1][26:29], expected[2]])
-    assert (logits - wanted).abs().max() < 0.05
-    assert (logits.argmax(-1) == wanted.argmax(-1)).float().mean() > 0.95
-    assert runner.last_hidden.shape == (len(wanted), model.config.hidden_size)
+        expected = [model(torch.tensor([s]), use_cache=False).logits[0].float() for s in (a, b, c, d)]
+    runner = TransformersRunner(model, slots=8, capacity=128)
+    for far in (3, 7):  # d's slot: the single rows' span (0-3) a view, or 0 and 7 gathered
+        runner.step([], [], [], [PrefillChunk(0, a[:20], 0), PrefillChunk(1, b[:26], 0), PrefillChunk(far, d[:19], 0)])
+        runner.step([], [], [], [PrefillChunk(0, a[20:38], 20)])
+        logits = runner.step(
+            [0, far, 1, 1, 1], [a[38], d[19], b[26], b[27], b[28]], [38, 19, 26, 27, 28], [PrefillChunk(2, c, 0)],
+            every_row=True,
+        ).float()  # fmt: skip
+        wanted = torch.cat([expected[0][38:39], expected[3][19:20], expected[1][26:29], expected[2]])
+        assert (logits - wanted).abs().max() < 0.05
+        assert (logits.argmax(-1) == wanted.argmax(-1)).float().mean() > 0.95
+        assert runner.last_hidden.shape == (len(wanted), model.config.hidden_size)
 
 
 def test_a_copied_prefix_continues_as_the_sequence_it_came_from():

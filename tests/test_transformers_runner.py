@@ -6,19 +6,23 @@ the gateway."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
 import torch
 
+from loadtest import random_model
 from shared.settings import ModelSpec
 from tests.conftest import FRANCE_QUESTION, MODEL
 from tests.fleet import create_api_key
 from tests.test_architectures import LONGROPE_PHI3, SHAPE, save_tiny, tiny_model
-from worker import runner_choice
+from worker import cpu_kernels, model_loader, runner_choice
+from worker.block_quant import BlockQuantLinear
 from worker.llama_runner import LlamaRunner, ModelNotServable, PrefillChunk
 from worker.transformers_runner import TransformersRunner
 
+CPU = torch.device("cpu")
 WINDOW = 16
 STEPPED = {
     "gemma2-windows-softcaps": ("gemma2", {"sliding_window": WINDOW}),
@@ -58,6 +62,29 @@ def test_each_model_steps_as_its_own_forward_computes_it(case):
         assert (logits - wanted).abs().max() < 0.05
         assert (logits.argmax(-1) == wanted.argmax(-1)).float().mean() > 0.95
         assert runner.last_hidden.shape == (len(wanted), model.config.hidden_size)
+
+
+@pytest.mark.parametrize("model_type, extra", [("gemma2", {"sliding_window": WINDOW}), ("olmo2", {})])
+def test_their_gptq_checkpoints_step_on_the_workers_kernel_as_gptqmodel_computes_them(
+    model_type, extra, settings, model_dir, tmp_path
+):
+    """A GPTQ checkpoint of a type only this runner steps: its 4-bit layers on the worker's block kernel, against
+    the forward of the same checkpoint on gptqmodel's kernel."""
+    dense = tiny_model(model_type, **extra)
+    path = Path(save_tiny(dense, tmp_path, settings.dense_model_dir(MODEL)))
+    random_model.write_gptq(dense, path)  # each weight rounded to its group's 4-bit grid
+    theirs = model_loader.load(path, ModelSpec(path=path, quantization="gptq", cpu_kernel="aten"), CPU).model
+    ours = model_loader.load(path, ModelSpec(path=path, quantization="gptq"), CPU).model
+    if cpu_kernels.available():
+        assert any(isinstance(module, BlockQuantLinear) for module in ours.modules())
+    prompt = torch.randint(0, SHAPE["vocab_size"], (60,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        expected = theirs(torch.tensor([prompt]), use_cache=False).logits[0].float()
+    runner = TransformersRunner(ours, slots=1, capacity=128)
+    chunks = [PrefillChunk(0, prompt[start : start + 20], start) for start in range(0, 60, 20)]
+    logits = torch.cat([runner.step([], [], [], [chunk], every_row=True).float() for chunk in chunks])
+    assert (logits - expected).abs().max() < 0.05
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
 
 
 def test_a_copied_prefix_continues_as_the_sequence_it_came_from():

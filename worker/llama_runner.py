@@ -166,6 +166,21 @@ class PrefillChunk:
     """Position of tokens[0] in the sequence (tokens before it are already in the cache)."""
 
 
+def flat_rows(
+    decode_slots: list[int], decode_tokens: list[int], decode_positions: list[int], prefills: list[PrefillChunk]
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """A step's rows as one flat batch, the decoding ones first, then each chunk's: their tokens, slots and positions,
+    and the rows with logits (the decoding ones, then each chunk's last)."""
+    tokens, slots, positions = list(decode_tokens), list(decode_slots), list(decode_positions)
+    rows = list(range(len(tokens)))
+    for chunk in prefills:
+        tokens.extend(chunk.tokens)
+        slots.extend([chunk.slot] * len(chunk.tokens))
+        positions.extend(range(chunk.start, chunk.start + len(chunk.tokens)))
+        rows.append(len(tokens) - 1)
+    return tokens, slots, positions, rows
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -443,17 +458,9 @@ class LlamaRunner:
         n_logits = n_decode + (sum(len(c.tokens) for c in prefills) if every_row else len(prefills))
         self.tile_rows.start = self._tile_start(n_decode, n_decode + sum(len(chunk.tokens) for chunk in prefills))
         self.logit_rows.start = 0 if self._many(n_logits) else n_logits
-        tokens = list(decode_tokens)
-        slots = list(decode_slots)
-        positions = list(decode_positions)
-        # Rows with logits: the decoding ones, then each chunk's last. In the last layer only they go on past the
-        # keys and values (a prompt's other rows there would feed nothing: ~3% of a prefill's work).
-        rows = list(range(n_decode))
-        for chunk in prefills:
-            tokens.extend(chunk.tokens)
-            slots.extend([chunk.slot] * len(chunk.tokens))
-            positions.extend(range(chunk.start, chunk.start + len(chunk.tokens)))
-            rows.append(len(tokens) - 1)
+        # In the last layer only the rows with logits go on past the keys and values (a prompt's other rows there
+        # would feed nothing: ~3% of a prefill's work).
+        tokens, slots, positions, rows = flat_rows(decode_slots, decode_tokens, decode_positions, prefills)
         device = self.device
         ids = torch.tensor(tokens, device=device)
         pos = torch.tensor(positions, device=device)

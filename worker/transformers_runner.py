@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from worker.llama_runner import ModelNotServable, PrefillChunk, check_kv_fits, zeros_on_demand
+from worker.llama_runner import ModelNotServable, PrefillChunk, check_kv_fits, flat_rows, zeros_on_demand
 
 ATTENTION = "llmfleet_slots"
 _ATTENTION_CACHES = (DynamicLayer, DynamicSlidingWindowLayer, DummyLayer)
@@ -217,13 +217,7 @@ class TransformersRunner:
         """As LlamaRunner.step, without adapters."""
         if adapters and any(adapters):
             raise ValueError("LoRA adapters are served by the worker's own runner only")
-        tokens, slots, positions = list(decode_tokens), list(decode_slots), list(decode_positions)
-        rows = list(range(len(tokens)))
-        for chunk in prefills:
-            tokens.extend(chunk.tokens)
-            slots.extend([chunk.slot] * len(chunk.tokens))
-            positions.extend(range(chunk.start, chunk.start + len(chunk.tokens)))
-            rows.append(len(tokens) - 1)
+        tokens, slots, positions, rows = flat_rows(decode_slots, decode_tokens, decode_positions, prefills)
         if every_row:
             rows = list(range(len(tokens)))
         step = _Step(self, torch.tensor(slots, device=self.device), torch.tensor(positions, device=self.device),

@@ -15,8 +15,8 @@ Runner = LlamaRunner | TransformersRunner
 
 
 def choose(config, spec: ModelSpec) -> str:
-    """ "llmfleet" or "transformers", or ModelNotServable saying why neither serves the model (what can be told from
-    its config: the transformers runner's own checks need its weights)."""
+    """The runner that steps the model, "llmfleet" or "transformers", or ModelNotServable saying why neither does (as
+    far as its config tells: the transformers runner checks its weights' step when it is made)."""
     refusal = own_refusal(config, spec.max_context)
     if spec.implementation == "llmfleet" or (spec.implementation == "auto" and refusal is None):
         if refusal:

@@ -226,10 +226,10 @@ class TransformersRunner:
         try:
             keep = torch.tensor(rows, device=self.device)
             ids = torch.tensor([tokens], device=self.device)
-            logits = self.model(input_ids=ids, position_ids=step.positions[None], use_cache=False, logits_to_keep=keep)
+            output = self.model(input_ids=ids, position_ids=step.positions[None], use_cache=False, logits_to_keep=keep)
         finally:
             _STEP.reset(token)
-        return logits.logits[0]
+        return output.logits[0]
 
 
 def _groups(slots: list[int], positions: list[int], device: torch.device) -> list[_Rows]:

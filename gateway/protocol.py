@@ -170,8 +170,9 @@ _NULL_IS_DEFAULT = frozenset(
 
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
-    default_only: ClassVar[dict[str, object]] = {"best_of": 1}
-    """Parameters accepted only at their default: name -> the only value we accept."""
+    default_only: ClassVar[dict[str, object]] = {"best_of": 1, "priority": 0}
+    """Parameters accepted only at their default: name -> the only value we accept (vLLM's `priority` is 0 unless its
+    scheduling policy is priority, which this fleet's queue does not have)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -250,6 +251,7 @@ class _SamplingFields(BaseModel):
     """Structured output (see gateway.structured_output): at most one of the two, other than response_format text."""
 
     best_of: int | None = None
+    priority: int | None = None
     echo: bool | None = None
     """Completions: the prompt's text (and with logprobs, its tokens' log probabilities) before the output. Chat
     (vLLM's): a final assistant message that is continued (continue_final_message) before the output."""
@@ -347,7 +349,7 @@ class TemplateOptions(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields, TemplateOptions):
-    default_only: ClassVar[dict[str, object]] = {"best_of": 1, "store": False}
+    default_only: ClassVar[dict[str, object]] = {"best_of": 1, "priority": 0, "store": False}
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
     logprobs: bool = False

@@ -55,7 +55,7 @@ def test_prompt_longer_than_the_context_is_400(http, settings):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("functions", []), ("best_of", 2), ("no_such_field", 1)],
+    [("functions", []), ("best_of", 2), ("priority", -1), ("no_such_field", 1)],
 )
 def test_unsupported_parameter_is_400_naming_it(http, field, value):
     error = assert_openai_error(post(http, {"model": MODEL, "messages": HI, field: value}), 400, field)
@@ -68,7 +68,8 @@ def test_nulls_and_defaults_that_clients_send_explicitly_are_accepted(http):
         ["temperature", "top_p", "stream", "max_tokens", "stop", "seed", "n", "logprobs", "top_logprobs"]
         + ["presence_penalty", "frequency_penalty", "logit_bias"]
     )
-    body = {"model": MODEL, "messages": HI, "max_completion_tokens": 2, "response_format": {"type": "text"}, **nulls}
+    body = {"model": MODEL, "messages": HI, "max_completion_tokens": 2, "response_format": {"type": "text"}, **nulls,
+            "priority": 0}  # fmt: skip
     reply = post(http, body)
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] <= 2

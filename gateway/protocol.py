@@ -349,7 +349,7 @@ class TemplateOptions(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields, TemplateOptions):
-    default_only: ClassVar[dict[str, object]] = {"best_of": 1, "priority": 0, "store": False}
+    default_only: ClassVar[dict[str, object]] = {**_SamplingFields.default_only, "store": False}
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
     logprobs: bool = False

@@ -170,9 +170,8 @@ _NULL_IS_DEFAULT = frozenset(
 
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
-    default_only: ClassVar[dict[str, object]] = {"best_of": 1, "priority": 0}
-    """Parameters accepted only at their default: name -> the only value we accept (vLLM's `priority` is 0 unless its
-    scheduling policy is priority, which this fleet's queue does not have)."""
+    default_only: ClassVar[dict[str, object]] = {"best_of": 1}
+    """Parameters accepted only at their default: name -> the only value we accept."""
 
     @model_validator(mode="before")
     @classmethod
@@ -251,7 +250,8 @@ class _SamplingFields(BaseModel):
     """Structured output (see gateway.structured_output): at most one of the two, other than response_format text."""
 
     best_of: int | None = None
-    priority: int | None = None
+    priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] | None = None
+    """vLLM's: lower goes first, where settings.scheduling_policy is "priority" (elsewhere only 0)."""
     echo: bool | None = None
     """Completions: the prompt's text (and with logprobs, its tokens' log probabilities) before the output. Chat
     (vLLM's): a final assistant message that is continued (continue_final_message) before the output."""

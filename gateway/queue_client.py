@@ -50,35 +50,53 @@ def connect(redis_url: str) -> aioredis.Redis:
 
 
 QUEUE_FULL_RETRY_AFTER_S = 10
+MAX_LANES = 16
+"""The most priority values other than 0 whose lanes a model's queue keeps (scheduling_policy "priority")."""
 
 SUBMIT = """
 -- The admission checks and the XADD in one round trip.
--- KEYS: the model's shared stream, live_workers, load, the conversation's affinity key ('' for none), then the
---       finished-count buckets of the recent past
+-- KEYS: the request's lane (its priority's stream), live_workers, load, the conversation's affinity key ('' for
+--       none), the model's lanes registry, its 0 lane, then the finished-count buckets of the recent past
 -- ARGV: oldest live heartbeat, require a live worker (1/0), queue bound, seconds to the deadline, bucket seconds,
---       the workers' group, a worker's own stream less its id, max_running, the request JSON
--- Returns {outcome, figure}: 'refused_no_worker' | 'refused_full' | 'refused_late' (figure: the estimated wait,
--- seconds) | 'shared' (no conversation) | 'unknown' (no holder known) | 'hit' (to the holder's own
+--       the workers' group, a worker's own stream less its id, max_running, the request JSON, its priority,
+--       the most lanes besides the 0 one
+-- Returns {outcome, figure}: 'refused_no_worker' | 'refused_full' | 'refused_lanes' | 'refused_late' (figure: the
+-- estimated wait, seconds) | 'shared' (no conversation) | 'unknown' (no holder known) | 'hit' (to the holder's own
 -- stream) | 'unavailable' (holder dead or full: shared stream).
-local stream = KEYS[1]
+local lane, priority = KEYS[1], tonumber(ARGV[10])
 if ARGV[2] == '1' and redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf') == 0 then
     return {'refused_no_worker', '0'}
 end
--- Workers XDEL what they finish, so the length is what is queued or running.
-local depth = redis.call('XLEN', stream)
+local lanes = {KEYS[6], 0}
+local registered = redis.call('ZRANGE', KEYS[5], 0, -1, 'WITHSCORES')
+for i = 1, #registered do
+    lanes[#lanes + 1] = registered[i]
+end
+-- Workers XDEL what they finish, so a lane's length is what is queued or running. What waits ahead of this
+-- request: the entries not yet delivered in the lanes of its priority and more urgent ones.
+local depth, waiting, known = 0, 0, false
+for i = 1, #lanes, 2 do
+    local length = redis.call('XLEN', lanes[i])
+    depth = depth + length
+    known = known or lanes[i] == lane
+    if tonumber(lanes[i + 1]) <= priority then
+        waiting = waiting + length
+        local pending = redis.pcall('XPENDING', lanes[i], ARGV[6])
+        if type(pending) == 'table' and not pending.err then
+            waiting = waiting - pending[1]
+        end
+    end
+end
 if depth >= tonumber(ARGV[3]) then
     return {'refused_full', '0'}
 end
--- Without the group (nothing was ever read) the whole stream waits.
-local waiting = depth
-local pending = redis.pcall('XPENDING', stream, ARGV[6])
-if type(pending) == 'table' and not pending.err then
-    waiting = depth - pending[1]
+if not known and #registered / 2 >= tonumber(ARGV[11]) then
+    return {'refused_lanes', '0'}
 end
 -- The wait ahead, at the fastest drain rate of the recent buckets (optimistic, so that a fleet that has just
 -- started, or just sped up, is not refused).
 local best = 0
-for i = 5, #KEYS do
+for i = 7, #KEYS do
     best = math.max(best, tonumber(redis.call('GET', KEYS[i]) or '0'))
 end
 if waiting > 0 and best > 0 then
@@ -87,15 +105,20 @@ if waiting > 0 and best > 0 then
         return {'refused_late', tostring(wait_s)}
     end
 end
+if not known then
+    -- A new lane, with its group from the start (id 0: what is added before a worker reads it is served).
+    redis.call('ZADD', KEYS[5], priority, lane)
+    redis.pcall('XGROUP', 'CREATE', lane, ARGV[6], '0', 'MKSTREAM')
+end
 if KEYS[4] == '' then
-    redis.call('XADD', stream, '*', 'r', ARGV[9])
+    redis.call('XADD', lane, '*', 'r', ARGV[9])
     return {'shared', '0'}
 end
 -- The worker that served this conversation's last turn holds its prefix in its KV cache: its own stream, if it
--- is live and has a free slot, else the shared stream.
+-- is live and has a free slot, else the lane.
 local worker = redis.call('GET', KEYS[4])
 if not worker then
-    redis.call('XADD', stream, '*', 'r', ARGV[9])
+    redis.call('XADD', lane, '*', 'r', ARGV[9])
     return {'unknown', '0'}
 end
 local seen = redis.call('ZSCORE', KEYS[2], worker)
@@ -104,7 +127,7 @@ if seen and tonumber(seen) >= tonumber(ARGV[1]) and load < tonumber(ARGV[8]) the
     redis.call('XADD', ARGV[7] .. worker, '*', 'r', ARGV[9])
     return {'hit', '0'}
 end
-redis.call('XADD', stream, '*', 'r', ARGV[9])
+redis.call('XADD', lane, '*', 'r', ARGV[9])
 return {'unavailable', '0'}
 """
 
@@ -119,8 +142,15 @@ class QueueClient:
         return await self.redis.zcount(keys.live_workers(model), time.time() - LIVE_WINDOW_S, "+inf")
 
     async def stream_stats(self, model: str) -> tuple[int, int, int]:
-        """(entries in the model's stream, pending in group `workers`, not yet delivered) — see shared.metrics."""
-        stream = keys.requests(model)
+        """(entries in the model's lanes, pending in group `workers`, not yet delivered) — see shared.metrics."""
+        registered = await self.redis.zrange(keys.lanes(model), 0, -1, withscores=True)
+        totals = [0, 0, 0]
+        for lane in keys.ordered_lanes(model, registered):
+            for i, figure in enumerate(await self._lane_stats(lane)):
+                totals[i] += figure
+        return totals[0], totals[1], totals[2]
+
+    async def _lane_stats(self, stream: str) -> tuple[int, int, int]:
         try:
             groups = await self.redis.xinfo_groups(stream)
         except aioredis.ResponseError:  # no such stream yet: nothing was ever queued
@@ -135,20 +165,22 @@ class QueueClient:
         return depth, pending, lag if lag is not None else max(depth - pending, 0)
 
     async def submit(self, request: InferenceRequest) -> None:
-        """Queue `request`, unless no worker serves its model, its queue is at its bound, or the wait ahead of
-        it would outlast its deadline: each refused at once with 503 + Retry-After. One round trip (SUBMIT)."""
+        """Queue `request` in its priority's lane, unless no worker serves its model, its queue is at its bound, or
+        the wait ahead of it would outlast its deadline: each refused at once with 503 + Retry-After (a new lane past
+        MAX_LANES with 400). One round trip (SUBMIT)."""
         model = request.model
         now = time.time()
         bucket = int(now // FINISHED_BUCKET_S)
         routed = self.settings.affinity and request.conversation
         outcome, figure = await self._submit(
-            keys=[keys.requests(model), keys.live_workers(model), keys.load(model),
-                  keys.affinity(model, request.conversation) if routed else "",
+            keys=[keys.requests(model, request.priority), keys.live_workers(model), keys.load(model),
+                  keys.affinity(model, request.conversation) if routed else "", keys.lanes(model),
+                  keys.requests(model),
                   *(keys.finished(model, bucket - i) for i in range(1, FINISHED_WINDOW_BUCKETS + 1))],
             args=[now - LIVE_WINDOW_S, int(self.settings.require_live_worker),
                   self.settings.models[model].max_queue_depth, request.deadline - now, FINISHED_BUCKET_S,
                   keys.WORKER_GROUP, keys.worker_requests(model, ""), self.settings.batch.max_running,
-                  request.model_dump_json()],
+                  request.model_dump_json(), request.priority, MAX_LANES],
         )  # fmt: skip
         if outcome == "refused_no_worker":
             raise APIError(
@@ -163,6 +195,14 @@ class QueueClient:
                 f"The queue for model '{model}' is full. Please try again later.",
                 code="queue_full",
                 headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+            )
+        if outcome == "refused_lanes":
+            raise APIError(
+                400,
+                f"The queue for model '{model}' keeps at most {MAX_LANES} priority values besides 0, all in use; "
+                f"send one of them.",
+                param="priority",
+                code="unsupported_value",
             )
         if outcome == "refused_late":
             wait_s = float(figure)

@@ -145,6 +145,8 @@ class ResponsesRequest(BaseModel):
     """Turns sent with the same key go to the worker that holds the conversation's cache (conversation affinity)."""
     cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """vLLM's, as in chat (gateway.protocol)."""
+    priority: int | None = None
+    """vLLM's, as in chat."""
     parallel_tool_calls: bool | None = None
     service_tier: Literal["auto", "default"] | None = None
     stream_options: dict | None = None
@@ -243,6 +245,7 @@ def chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletion
         "user": body.user or body.safety_identifier,
         "prompt_cache_key": body.prompt_cache_key,
         "cache_salt": body.cache_salt,
+        "priority": body.priority,
         "response_format": _response_format(body.text.format) if body.text and body.text.format else None,
         "logprobs": body.logprobs or None,
         "top_logprobs": (body.top_logprobs or 0) if body.logprobs else None,

@@ -144,6 +144,14 @@ class Completions:
         """`headers` may carry the conversation id and a timeout shorter than the configured one (TIMEOUT_HEADER)."""
         headers = headers or {}
         name, spec = served.name, served.spec
+        if body.priority and self.settings.scheduling_policy != "priority":
+            raise APIError(
+                400,
+                f"'priority' {body.priority} needs scheduling_policy 'priority'; this fleet's is "
+                f"'{self.settings.scheduling_policy}' (send 0 or leave it out).",
+                param="priority",
+                code="unsupported_value",
+            )
         tokenizer = self.tokenizers.get(name)
         given = chat_token_ids(tokenizer, body) if kind == "chat" else completion_token_ids(tokenizer, body)
         for param in ("logit_bias", "stop_token_ids", "allowed_token_ids"):
@@ -211,6 +219,7 @@ class Completions:
             adapter_source=served.source,
             cache_salt=body.cache_salt,
             trace_headers=tracing.current_headers(),
+            priority=body.priority or 0,
         )
 
     async def build_embeddings(

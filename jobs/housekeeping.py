@@ -42,10 +42,11 @@ async def trim_streams(ctx: dict) -> int:
     now = time.time()
     trimmed = 0
     for model in settings.models:
-        for stream, max_age_s in (
-            (keys.requests(model), settings.request_timeout_s),
+        lanes = keys.ordered_lanes(model, await client.zrange(keys.lanes(model), 0, -1, withscores=True))
+        for stream, max_age_s in [
+            *((lane, settings.request_timeout_s) for lane in lanes),
             (keys.batch_requests(model), settings.jobs.batch_window_s),
-        ):
+        ]:
             min_id = int((now - max_age_s - STREAM_TRIM_MARGIN_S) * 1000)
             trimmed += await client.xtrim(stream, minid=min_id, approximate=True)
     if trimmed:

@@ -1,7 +1,10 @@
 """Every Redis key and stream llmfleet uses, in one place, so the protocol reads on one screen.
 
 requests   XADD by a gateway, XREADGROUP by the workers of one model (group WORKER_GROUP).
-           Entry field "r": a JSON `InferenceRequest`.
+           Entry field "r": a JSON `InferenceRequest`. With scheduling_policy "priority", one stream (lane) per
+           priority value a request gave: the 0 lane is the stream every policy uses, the others are in `lanes`.
+lanes      Sorted set per model: the stream of each priority lane other than 0 -> its priority (ZADD by the
+           gateway's SUBMIT, which also makes the lane's group). Workers read the lanes in priority order.
 worker_requests  The same, for one worker only: where the gateway routes a conversation's next turn when the
            worker that holds its prefix in cache is live and not full (affinity is a hint, never a trap).
 affinity   Conversation key -> the worker that served its last turn (TTL), written by that worker.
@@ -42,8 +45,19 @@ ACTIVE_BATCHES = f"{PREFIX}:batches:active"
 WORKER_GROUP = "workers"
 
 
-def requests(model: str) -> str:
-    return f"{PREFIX}:requests:{model}"
+def requests(model: str, priority: int = 0) -> str:
+    base = f"{PREFIX}:requests:{model}"
+    return base if priority == 0 else f"{base}:priority:{priority}"
+
+
+def lanes(model: str) -> str:
+    return f"{PREFIX}:lanes:{model}"
+
+
+def ordered_lanes(model: str, registered: list[tuple[str, float]]) -> list[str]:
+    """Every request stream of `model` (the 0 lane and the `lanes` ZRANGE ... WITHSCORES reply), most urgent
+    first: the lowest priority value, as vLLM orders them."""
+    return [stream for stream, _ in sorted([(requests(model), 0.0), *registered], key=lambda lane: lane[1])]
 
 
 def worker_requests(model: str, worker_id: str) -> str:

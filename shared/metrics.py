@@ -38,8 +38,8 @@ RATE_LIMIT_REJECTIONS = Counter(
 )
 # Read from Redis at scrape time: every gateway replica reports the same value (use max() across them).
 QUEUE_DEPTH = Gauge(
-    "llmfleet:queue_depth", "Entries in the model's request stream (waiting + running).", ["model_name"],
-    registry=GATEWAY,
+    "llmfleet:queue_depth", "Entries in the model's request streams, every priority lane (waiting + running).",
+    ["model_name"], registry=GATEWAY,
 )  # fmt: skip
 QUEUE_PENDING = Gauge(
     "llmfleet:queue_pending",

@@ -105,9 +105,11 @@ class InferenceRequest(BaseModel):
     adapter_source: AdapterSource | None = None
     """Where a runtime adapter lies, for the worker to load it on first use; None for a configured one."""
     cache_salt: str | None = None
+    """vLLM's: the prefix cache reuses only KV computed for requests with the same salt (none: only without one)."""
     trace_headers: dict[str, str] | None = None
     """The W3C trace context (traceparent, tracestate) of the gateway's span that queued it (shared.tracing)."""
-    """vLLM's: the prefix cache reuses only KV computed for requests with the same salt (none: only without one)."""
+    priority: int = 0
+    """Lower goes first (settings.scheduling_policy "priority"; always 0 under "fcfs")."""
     embed: bool = False
     """The request asks for its prompt's embedding (FinalResult.embedding) and ends with its prefill."""
     reasoning: Literal["open", "closed"] | None = None

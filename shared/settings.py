@@ -212,6 +212,10 @@ class Settings(BaseSettings):
     """How long /v1/responses keeps a response (`store`, its default) for `previous_response_id` and GET."""
 
     batch: BatchLimits = Field(default_factory=BatchLimits)
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    """vLLM's --scheduling-policy. "priority": a request's `priority` (any integer, lower first; 0 by default) picks
+    its lane in the queue, and workers take the lanes in that order and start their waiting requests and prompt
+    chunks by it; a running request keeps its slot (no preemption). "fcfs": `priority` is refused unless 0."""
     affinity: bool = True
     """Route a conversation's next turn to the worker that holds its prefix (when live and not full)."""
     affinity_ttl_s: PositiveInt = 600

@@ -25,7 +25,9 @@ def scheduler(loaded_model):
     return scheduler_with(loaded_model, 16)
 
 
-def request(rid: str, max_tokens: int, prompt=PROMPT, deadline_in: float = 60, batch: bool = False) -> InferenceRequest:
+def request(
+    rid: str, max_tokens: int, prompt=PROMPT, deadline_in: float = 60, batch: bool = False, priority: int = 0
+) -> InferenceRequest:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return InferenceRequest(
         id=rid,
@@ -34,6 +36,7 @@ def request(rid: str, max_tokens: int, prompt=PROMPT, deadline_in: float = 60, b
         sampling=sampling,
         deadline=time.time() + deadline_in,
         batch=batch,
+        priority=priority,
     )
 
 
@@ -102,6 +105,21 @@ def test_an_interactive_prompt_is_prefilled_before_a_batch_line_that_came_first(
     scheduler.add(request("chat", 2, prompt=PROMPT * 2))
     assert ids(scheduler.step()) == {"chat"}
     assert ids(scheduler.step()) == {"chat", "line"}
+
+
+def test_waiting_requests_start_most_urgent_priority_first_then_in_arrival_order(scheduler):
+    for rid, priority in [("a", 0), ("low", 5), ("urgent", -5), ("b", 0), ("lower", 9), ("urgent-too", -5)]:
+        scheduler.add(request(rid, 2, priority=priority))
+    assert [r.id for r in scheduler.waiting] == ["urgent", "urgent-too", "a", "b", "low", "lower"]
+    scheduler.step()  # four slots
+    assert set(scheduler.running) == {"urgent", "urgent-too", "a", "b"}
+
+
+def test_the_more_urgent_prompt_is_prefilled_first_whatever_its_length(scheduler):
+    scheduler.add(request("short", 2, priority=1))
+    scheduler.add(request("long", 2, prompt=PROMPT * 2, priority=0))  # 12 tokens, the budget 16 a step
+    assert ids(scheduler.step()) == {"long"}
+    assert ids(scheduler.step()) == {"long", "short"}
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,11 @@ class Scheduler:
 
     # -- intake ------------------------------------------------------------------------------------------------
     def add(self, request: InferenceRequest) -> None:
-        self.waiting.append(request)
+        """Queue `request` behind every waiting request of its priority or a more urgent one."""
+        at = len(self.waiting)
+        while at and self.waiting[at - 1].priority > request.priority:
+            at -= 1
+        self.waiting.insert(at, request)
 
     def cancel(self, request_id: str) -> None:
         self._cancelled.add(request_id)
@@ -539,10 +543,11 @@ class Scheduler:
 
     def _plan_prefills(self, decoding: int) -> list[tuple[Sequence, PrefillChunk]]:
         """Prompt chunks for this step within the prefill token budget, of at most PrefillBudget.prompts_per_step
-        prompts: the prompts with the fewest tokens left first (a conversation's next turn, its history cached, does
-        not wait behind another request's long prompt), ties oldest first, batch lines after interactive prompts
-        (BATCH_DEFERRED_STEPS). Aged, so that a stream of short prompts never starves a long one: each step since a
-        prompt got its slot counts as 1 / PASSED_OVER_MAX of a step's budget of tokens fewer."""
+        prompts: the most urgent priority's first (settings.scheduling_policy), then those with the fewest tokens left
+        (a conversation's next turn, its history cached, does not wait behind another request's long prompt), ties
+        oldest first, batch lines after interactive prompts (BATCH_DEFERRED_STEPS). Aged within a priority, so that a
+        stream of short prompts never starves a long one: each step since a prompt got its slot counts as
+        1 / PASSED_OVER_MAX of a step's budget of tokens fewer."""
         budget = self.prefill_budget.tokens
         planned = []
         prompts = [seq for seq in self.running.values() if not seq.decoding]
@@ -550,9 +555,9 @@ class Scheduler:
         left = {seq.request.id: seq.prefill_length - seq.prefilled for seq in prompts}
         take = self.prefill_budget.prompts_per_step(list(left.values()), decoding)
 
-        def key(seq: Sequence) -> float:
+        def key(seq: Sequence) -> tuple[int, float]:
             deferred = BATCH_DEFERRED_STEPS if seq.request.batch else 0
-            return left[seq.request.id] + age_tokens * (seq.admitted_step + deferred)
+            return seq.request.priority, left[seq.request.id] + age_tokens * (seq.admitted_step + deferred)
 
         for seq in sorted(prompts, key=key)[:take]:
             if budget <= 0:

@@ -5,7 +5,8 @@ cancellation checks, the heartbeat (with the refresh of the entries this worker 
 workers' entries) and the read of new work (which blocks only while the worker is idle).
 
 Streams read, in priority order: this worker's own stream (conversation turns whose prefix it holds in cache,
-see worker.own_stream), the model's shared stream, and batch lines only in slots that interactive traffic leaves.
+see worker.own_stream), the model's shared stream (its lanes, most urgent first: worker.lanes), and batch lines only
+in slots that interactive traffic leaves.
 
 Redis going away is waited out with backoff; SIGTERM drains: no new work, what is running finishes within
 `delivery.drain_grace_s`, the rest is handed back for other workers to resume, then the worker deregisters."""
@@ -33,7 +34,7 @@ from shared.protocol import (
     TokenDelta,
 )
 from shared.settings import Settings
-from worker import own_stream
+from worker import lanes, own_stream
 from worker.reclaim import OWN_OR_REPORT_LOST, resume_point
 from worker.scheduler import Scheduler, StepEvent
 
@@ -85,6 +86,8 @@ class WorkerService:
         self.tracer = tracer
         self.model = model
         self.stream = keys.requests(model)
+        self.lanes = [self.stream]
+        """The model's lanes, most urgent first, as the last READ found them."""
         self.batch_stream = keys.batch_requests(model)
         self.own = keys.worker_requests(model, worker_id)
         self.scheduler = scheduler
@@ -98,6 +101,9 @@ class WorkerService:
         self._last_adoption = 0.0
         self._stop = threading.Event()
         self._own_or_report_lost = client.register_script(OWN_OR_REPORT_LOST)
+        self._read_lanes = client.register_script(lanes.READ)
+        self._found_nothing = False
+        """The last read found nothing in any stream in order (worker.lanes.READ): the next idle one blocks."""
         self.serving = False
         """True from the first read of the streams until the drain ends (worker.http_server's /ready)."""
 
@@ -149,7 +155,7 @@ class WorkerService:
         log.info("worker.stopped", worker=self.worker_id)
 
     def _ensure_groups(self) -> None:
-        for stream in (self.stream, self.own, self.batch_stream):
+        for stream in (*self.lanes, self.own, self.batch_stream):
             ensure_group(self.redis, stream)
 
     def _leave_fleet(self) -> None:
@@ -175,10 +181,11 @@ class WorkerService:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             except redis.ResponseError as error:
-                if "NOGROUP" not in str(error):
+                if "NOGROUP" not in str(error) and "UNBLOCKED" not in str(error):
                     raise
-                # Redis came back without our data (no AOF, or a fresh instance): recreate the groups.
-                log.warning("worker.group_missing", stream=self.stream)
+                # Redis came back without our data (no AOF, or a fresh instance), or a stream was deleted under
+                # the blocked read: recreate the groups.
+                log.warning("worker.group_missing", error=str(error))
                 self._ensure_groups()
 
     # -- one exchange per step -------------------------------------------------------------------------------
@@ -201,19 +208,22 @@ class WorkerService:
                 self.scheduler.cancel(request_id)
         if replies.lost:
             self._release_lost(replies.owned, finished)
-        fresh, handed_back = [], []
+        fresh, taken_over = [], {}
         for stream, entries in replies.new:
             if stream == self.batch_stream:
                 self._batch_backlog.extend(entries)
                 continue
             for entry_id, fields in entries:
                 # Entries another worker handed back may have streamed part of their answer: resume those.
-                (handed_back if own_stream.HANDED_BACK in fields else fresh).append((stream, entry_id, fields))
+                if own_stream.HANDED_BACK in fields:
+                    taken_over.setdefault(stream, []).append((entry_id, fields))
+                else:
+                    fresh.append((stream, entry_id, fields))
+        for stream, entries in replies.claimed.items():
+            taken_over.setdefault(stream, []).extend(entries)
         accepted = [self._accept(*entry) for entry in fresh]
-        accepted += self._take_over(
-            self.stream, [(e, f) for _, e, f in handed_back] + replies.claimed.get(self.stream, [])
-        )
-        accepted += self._take_over(self.batch_stream, replies.claimed.get(self.batch_stream, []))
+        for stream, entries in taken_over.items():
+            accepted += self._take_over(stream, entries)
         accepted = [r for r in accepted if r is not None]
         reserve = self.settings.jobs.interactive_reserve if accept_new else 0
         spare = self.scheduler.free_capacity - len(accepted) - reserve
@@ -265,16 +275,28 @@ class WorkerService:
                 add("adapters", lambda: pipe.hgetall(keys.lora_adapters()))
             if capacity > 0:
                 idle_ms = int(self.settings.delivery.reclaim_idle_s * 1000)
-                for stream in (self.stream, self.batch_stream):
+                for stream in (*self.lanes, self.batch_stream):
                     add(f"claimed:{stream}", lambda s=stream: pipe.xautoclaim(
                         s, keys.WORKER_GROUP, self.worker_id, idle_ms, start_id="0-0", count=capacity
                     ))  # fmt: skip
         if capacity > 0:
-            block = None if self.scheduler.has_work or self._batch_backlog else IDLE_BLOCK_MS
-            streams = {self.own: ">", self.stream: ">"}
-            if not self._batch_backlog and capacity > self.settings.jobs.interactive_reserve:
-                streams[self.batch_stream] = ">"
-            add("new", lambda: pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, streams, count=capacity, block=block))
+            batch = {} if self._batch_backlog or capacity <= self.settings.jobs.interactive_reserve else {
+                self.batch_stream: ">"
+            }  # fmt: skip
+            # Idle, and the last read in order found nothing: block on every stream until something comes.
+            blocking = self._found_nothing and not self.scheduler.has_work and not self._batch_backlog
+            if blocking:
+                streams = {self.own: ">", **dict.fromkeys(self.lanes, ">"), **batch}
+                add("new", lambda: pipe.xreadgroup(
+                    keys.WORKER_GROUP, self.worker_id, streams, count=capacity, block=IDLE_BLOCK_MS
+                ))  # fmt: skip
+            else:
+                add("lanes", lambda: self._read_lanes(
+                    keys=[self.own, self.stream, keys.lanes(self.model)],
+                    args=[keys.WORKER_GROUP, self.worker_id, capacity], client=pipe,
+                ))  # fmt: skip
+                if batch:
+                    add("new", lambda: pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, batch, count=capacity))
         elif not self.scheduler.has_work and not self._batch_backlog:
             time.sleep(IDLE_BLOCK_MS / 1000)
         replies = pipe.execute()
@@ -284,11 +306,16 @@ class WorkerService:
         for stream in held_streams:
             result.lost = True
             result.owned.update(replies[slots[f"owned:{stream}"]])
-        for stream in (self.stream, self.batch_stream):
+        for stream in (*self.lanes, self.batch_stream):
             if f"claimed:{stream}" in slots:
                 result.claimed[stream] = replies[slots[f"claimed:{stream}"]][1]
+        if "lanes" in slots:
+            self.lanes, read = replies[slots["lanes"]]
+            result.new = lanes.entries_by_stream(read)
         if "new" in slots:
-            result.new = replies[slots["new"]] or []
+            result.new += replies[slots["new"]] or []
+        if capacity > 0:
+            self._found_nothing = "lanes" in slots and not result.new
         if "adapters" in slots:
             loaded = replies[slots["adapters"]].values()
             result.adapters = {AdapterSource.model_validate_json(entry).revision for entry in loaded}

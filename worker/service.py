@@ -100,8 +100,11 @@ class WorkerService:
         self._last_heartbeat = 0.0
         self._last_adoption = 0.0
         self._stop = threading.Event()
-        self._own_or_report_lost = client.register_script(OWN_OR_REPORT_LOST)
-        self._read_lanes = client.register_script(lanes.READ)
+        # Called in the step's pipeline by sha (evalsha): a registered Script there costs a round trip more
+        # (SCRIPT EXISTS) every time. Loaded at start, and again should Redis come back without them.
+        self._scripts = {name: client.register_script(body) for name, body in [
+            ("own_or_report_lost", OWN_OR_REPORT_LOST), ("read_lanes", lanes.READ),
+        ]}  # fmt: skip
         self._found_nothing = False
         """The last read found nothing in any stream in order (worker.lanes.READ): the next idle one blocks."""
         self.serving = False
@@ -128,7 +131,7 @@ class WorkerService:
 
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
-        self._with_retry(self._ensure_groups)
+        self._with_retry(self._set_up_redis)
         self.serving = True
         log.info("worker.serving", model=self.model, worker=self.worker_id)
         drain_until = None
@@ -154,9 +157,15 @@ class WorkerService:
         self.serving = False
         log.info("worker.stopped", worker=self.worker_id)
 
-    def _ensure_groups(self) -> None:
+    def _set_up_redis(self) -> None:
+        """The groups of the streams this worker reads, and its scripts."""
         for stream in (*self.lanes, self.own, self.batch_stream):
             ensure_group(self.redis, stream)
+        for script in self._scripts.values():
+            self.redis.script_load(script.script)
+
+    def _script(self, pipe, name: str, keys: list[str], args: list) -> None:
+        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
 
     def _leave_fleet(self) -> None:
         """Stop being routed to, and give what waits unread in the own stream back to the shared one."""
@@ -181,12 +190,13 @@ class WorkerService:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             except redis.ResponseError as error:
-                if "NOGROUP" not in str(error) and "UNBLOCKED" not in str(error):
+                lost = isinstance(error, redis.exceptions.NoScriptError)
+                if not lost and "NOGROUP" not in str(error) and "UNBLOCKED" not in str(error):
                     raise
                 # Redis came back without our data (no AOF, or a fresh instance), or a stream was deleted under
-                # the blocked read: recreate the groups.
+                # the blocked read: recreate the groups (and the scripts).
                 log.warning("worker.group_missing", error=str(error))
-                self._ensure_groups()
+                self._set_up_redis()
 
     # -- one exchange per step -------------------------------------------------------------------------------
     def _exchange(self, events: list[StepEvent], accept_new: bool) -> None:
@@ -268,8 +278,8 @@ class WorkerService:
                 if rid not in finished:
                     held_streams.setdefault(h.stream, []).append(h.entry_id)
             for stream, entry_ids in held_streams.items():
-                add(f"owned:{stream}", lambda s=stream, ids=entry_ids: self._own_or_report_lost(
-                    keys=[s], args=[keys.WORKER_GROUP, self.worker_id, *ids], client=pipe
+                add(f"owned:{stream}", lambda s=stream, ids=entry_ids: self._script(
+                    pipe, "own_or_report_lost", [s], [keys.WORKER_GROUP, self.worker_id, *ids]
                 ))  # fmt: skip
             if self.scheduler.adapters.loaded:  # to drop the runtime adapters unloaded since
                 add("adapters", lambda: pipe.hgetall(keys.lora_adapters()))
@@ -291,9 +301,9 @@ class WorkerService:
                     keys.WORKER_GROUP, self.worker_id, streams, count=capacity, block=IDLE_BLOCK_MS
                 ))  # fmt: skip
             else:
-                add("lanes", lambda: self._read_lanes(
-                    keys=[self.own, self.stream, keys.lanes(self.model)],
-                    args=[keys.WORKER_GROUP, self.worker_id, capacity], client=pipe,
+                add("lanes", lambda: self._script(
+                    pipe, "read_lanes", [self.own, self.stream, keys.lanes(self.model)],
+                    [keys.WORKER_GROUP, self.worker_id, capacity],
                 ))  # fmt: skip
                 if batch:
                     add("new", lambda: pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, batch, count=capacity))

@@ -171,7 +171,8 @@ class QueueClient:
         model = request.model
         now = time.time()
         bucket = int(now // FINISHED_BUCKET_S)
-        routed = self.settings.affinity and request.conversation
+        # Only priority 0's go to a worker's own stream, which it reads in the 0 lane's place (worker.lanes).
+        routed = self.settings.affinity and request.conversation and request.priority == 0
         outcome, figure = await self._submit(
             keys=[keys.requests(model, request.priority), keys.live_workers(model), keys.load(model),
                   keys.affinity(model, request.conversation) if routed else "", keys.lanes(model),

@@ -6,9 +6,10 @@ runs the same workload on it, so the report carries llmfleet/peer ratios.
     python -m loadtest long --start --peer transformers-serve
     python -m loadtest multiturn --start --workers 2 --variants cache-on affinity-off
     python -m loadtest mixed --start --peer transformers-serve   # chat alone, then next to a batch (/v1/batches)
+    python -m loadtest priority --start --variants default priority   # urgent requests beside a queue, per policy
     python -m loadtest overhead --start          # TTFT through the gateway minus TTFT in-process, c=1
     python -m loadtest relay                     # streamed tokens/s one gateway relays (synthetic worker)
-    python -m loadtest report --start --peer transformers-serve   # all of the above, one report
+    python -m loadtest report --start --peer transformers-serve   # all of the above but priority, one report
 
 Every run writes JSON, Markdown and PNG plots to loadtest/out/.
 """
@@ -31,6 +32,7 @@ from loadtest import servers
 from loadtest.long_prompts import run_long
 from loadtest.memory import PeakRss
 from loadtest.mixed import run_mixed
+from loadtest.priority_mix import run_priority
 from loadtest.report import write_report
 from loadtest.servers import Server
 from loadtest.stats import Summary, error_lines, table
@@ -50,6 +52,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     # The GGUF's grid through gptqmodel's ATen int4 kernel and a bf16 embedding instead of worker.block_quant's
     # kernel (on a CPU where worker.cpu_kernels builds: AVX512 or AVX2).
     "aten": {"LLMFLEET_MODELS": json.dumps({DEFAULT_MODEL: {"cpu_kernel": "aten"}})},
+    "priority": {"LLMFLEET_SCHEDULING_POLICY": "priority"},
 }
 
 
@@ -80,12 +83,21 @@ def _mixed(server: Server, args: argparse.Namespace) -> list[Summary]:
     return asyncio.run(run)
 
 
+def _priority(server: Server, args: argparse.Namespace) -> list[Summary]:
+    run = run_priority(server, args.background_concurrency, args.urgent_requests, args.max_tokens, args.seed)
+    return asyncio.run(run)
+
+
 WORKLOADS: dict[str, Callable[[Server, argparse.Namespace], list[Summary]]] = {
     "chat": _chat,
     "long": _long,
     "multiturn": _multiturn,
     "mixed": _mixed,
+    "priority": _priority,
 }
+REPORTED = ["chat", "long", "multiturn", "mixed"]
+"""The workloads `report` runs (priority compares scheduling policies: `priority --start --variants default
+priority`)."""
 
 
 def _servers(args: argparse.Namespace, with_peers: bool = True) -> list[Callable]:
@@ -168,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     add("--batch", "--batch-lines", type=int, default=32, help="mixed: batch requests all in flight at once")
     add("--batch-max-tokens", type=int, default=128)
     add("--batch-timeout", type=float, default=600, help="mixed: batch requests not done by then count as errors")
+    add("--background-concurrency", type=int, default=64, help="priority: background streams (slots: 32)")
+    add("--urgent-requests", type=int, default=16, help="priority: urgent requests, one at a time")
     add("--overhead-requests", type=int, default=48)
     add("--relay-concurrency", type=int, nargs="+", default=[8, 32, 128])
     add("--relay-max-tokens", type=int, default=256)
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in WORKLOADS:
         summaries = run_workloads(args, [args.command])
     if args.command == "report":
-        summaries = run_workloads(args, list(WORKLOADS))
+        summaries = run_workloads(args, REPORTED)
     if args.command in ("chat", "report") and args.baseline == "generate":
         from loadtest.generate_baseline import run_generate
 

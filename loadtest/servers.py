@@ -46,6 +46,8 @@ class Server:
     """Whether it has llmfleet's /v1/batches (the peer has not: batch load goes as plain non-streaming requests)."""
     serving_processes: Callable[[], list[psutil.Process]] = field(default=lambda: [])
     """The processes holding the model, whose RSS is recorded (none for a server we did not start)."""
+    priorities: bool = False
+    """Whether requests may carry `priority` (llmfleet with scheduling_policy "priority")."""
 
 
 @contextmanager
@@ -57,7 +59,8 @@ def running(url: str, model: str) -> Iterator[Server]:
 def llmfleet(variant: str, workers: int, env: dict[str, str], model: str, log: Path | None = None) -> Iterator[Server]:
     with local_fleet(workers, env, log) as (url, process):
         label = f"llmfleet {variant}" + (f" x{workers}" if workers > 1 else "")
-        yield Server(label, url, model, serving_processes=lambda: _workers_of(process.pid))
+        priorities = env.get("LLMFLEET_SCHEDULING_POLICY") == "priority"
+        yield Server(label, url, model, serving_processes=lambda: _workers_of(process.pid), priorities=priorities)
 
 
 def _workers_of(pid: int) -> list[psutil.Process]:

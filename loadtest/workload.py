@@ -46,12 +46,18 @@ def _note_content(trace: RequestTrace, now: float, content: str | None) -> None:
 
 
 async def stream_one(
-    client: openai.AsyncOpenAI, server: Server, messages: list[dict], max_tokens: int, force: bool
+    client: openai.AsyncOpenAI,
+    server: Server,
+    messages: list[dict],
+    max_tokens: int,
+    force: bool,
+    extra: dict | None = None,
 ) -> RequestTrace:
+    """`extra`: more of the server's own fields (vLLM's `priority`)."""
     trace = RequestTrace(started=time.perf_counter())
     fields, forced = _request_fields(server, messages, max_tokens, force)
     try:
-        stream = await client.chat.completions.create(**fields, extra_body=forced)
+        stream = await client.chat.completions.create(**fields, extra_body={**forced, **(extra or {})})
         async for chunk in stream:
             _note_content(trace, time.perf_counter(), chunk.choices[0].delta.content if chunk.choices else None)
             if chunk.usage:

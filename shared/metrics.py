@@ -144,6 +144,12 @@ PREFIX_CACHE_EVICTIONS = Counter(
     "llmfleet:prefix_cache_evictions", "Parked sequences evicted (LRU) to make room.", ["model_name"], registry=WORKER
 )
 
+PREEMPTIONS = Counter(
+    "llmfleet:preemptions",
+    "Running sequences sent back to waiting to give their slot to a more urgent request (scheduling_policy priority).",
+    ["model_name"],
+    registry=WORKER,
+)
 STEP_FAILURES = Counter(
     "llmfleet:step_failures",
     "Steps that raised and were run again one sequence at a time (the sequences that failed alone end failed).",
@@ -196,6 +202,7 @@ class WorkerMetrics:
         self.prefix_bytes = PREFIX_CACHE_BYTES.labels(model_name)
         self.prefix_evictions = PREFIX_CACHE_EVICTIONS.labels(model_name)
         self.step_failures = STEP_FAILURES.labels(model_name)
+        self.preemptions = PREEMPTIONS.labels(model_name)
         self.draft_tokens = SPEC_DRAFT_TOKENS.labels(model_name)
         self.accepted_tokens = SPEC_ACCEPTED_TOKENS.labels(model_name)
         self.model_name = model_name

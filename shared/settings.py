@@ -214,8 +214,8 @@ class Settings(BaseSettings):
     batch: BatchLimits = Field(default_factory=BatchLimits)
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     """vLLM's --scheduling-policy. "priority": a request's `priority` (any integer, lower first; 0 by default) picks
-    its lane in the queue, and workers take the lanes in that order and start their waiting requests and prompt
-    chunks by it; a running request keeps its slot (no preemption). "fcfs": `priority` is refused unless 0."""
+    its lane in the queue; workers take the lanes in that order, start their waiting requests and prompt chunks by it,
+    and preempt a running request for a more urgent one. "fcfs": `priority` is refused unless 0."""
     affinity: bool = True
     """Route a conversation's next turn to the worker that holds its prefix (when live and not full)."""
     affinity_ttl_s: PositiveInt = 600

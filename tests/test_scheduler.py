@@ -122,6 +122,51 @@ def test_the_more_urgent_prompt_is_prefilled_first_whatever_its_length(scheduler
     assert ids(scheduler.step()) == {"long", "short"}
 
 
+@pytest.mark.parametrize("cache_tokens", [0, 4096], ids=["recomputed", "from-the-prefix-cache"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampling"])
+def test_a_more_urgent_request_preempts_the_least_urgent_running_one_which_resumes_unchanged(
+    loaded_model, cache_tokens, sampled
+):
+    def run(urgent: bool) -> tuple[list[str], dict[str, tuple]]:
+        """(the order requests ended in, each one's streamed token ids, final text and log probabilities' ids)."""
+        runner = LlamaRunner(loaded_model.model, slots=6, capacity=512)
+        scheduler = Scheduler(
+            runner, loaded_model.tokenizer, loaded_model.eos_token_ids, 64, "m", "w", max_running=4,
+            prefix_cache_tokens=cache_tokens,
+        )  # fmt: skip
+        for i in range(4):  # bg1 and bg3 at priority 1, bg3 the latest started
+            r = request(f"bg{i}", 24, prompt=PROMPT * (i + 1), priority=i % 2)
+            if sampled:
+                r.sampling = r.sampling.model_copy(update={"temperature": 0.8, "seed": 7 + i, "logprobs": 0})
+            scheduler.add(r)
+        streamed, order, ended = {}, [], {}
+        for step in range(10_000):
+            if step == 6 and urgent:
+                scheduler.add(request("urgent", 3, priority=-1))
+            if not scheduler.has_work:
+                break
+            for event in scheduler.step():
+                streamed.setdefault(event.request_id, []).extend(event.token_ids)
+                if event.final:
+                    order.append(event.request_id)
+                    ended[event.request_id] = (event.final.text, [t.token_id for t in event.final.logprobs or []])
+        return order, {rid: (streamed[rid], *ended[rid]) for rid in ended}
+
+    before = WORKER.get_sample_value("llmfleet:preemptions_total", {"model_name": "m"}) or 0
+    order, preempted = run(urgent=True)
+    assert order[0] == "urgent"
+    assert WORKER.get_sample_value("llmfleet:preemptions_total", {"model_name": "m"}) == before + 1
+    _, alone = run(urgent=False)
+    if not sampled:  # (a sampled token can change with the step's other rows: the logits move in the last bits)
+        others = ("bg0", "bg1", "bg2")
+        assert {r: preempted[r] for r in others} == {r: alone[r] for r in others}
+    # bg3 went on from where it stopped: each token streamed once, its text theirs, its log probabilities carried
+    # over (its KV computed again in a prompt chunk: greedy near ties may go another way than in decode steps).
+    tokens, text, logprob_ids = preempted["bg3"]
+    assert len(tokens) == 24 and text == loaded_model.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert logprob_ids == (tokens if sampled else [])
+
+
 @pytest.mark.parametrize(
     ("fixed_tokens", "batch"), [(None, False), (1, False), (1, True)], ids=["budget-only", "one-prompt-a-step", "batch"]
 )

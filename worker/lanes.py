@@ -1,10 +1,12 @@
 """The model's request lanes, read in priority order (settings.scheduling_policy; shared.keys `requests`, `lanes`).
 
-A worker with work in hand takes its new requests with READ: its own stream's first, then each lane's, most urgent
-first, until its free slots are filled, so that a waiting request never starts after a less urgent one queued
-beside it. An idle worker whose last READ found nothing blocks on all of them at once (Redis has no blocking read
-in a script; what arrives then is ordered by the scheduler's waiting queue), and reads with READ again after: a lane
-that is new since then is found within the block's 500 ms."""
+A worker with work in hand takes its new requests with READ: each lane's, most urgent first (its own stream's, which
+hold priority 0's only, just before the 0 lane's), until its free slots are filled, so that a waiting request never
+starts after a less urgent one queued beside it. A full worker, under scheduling_policy "priority", reads one
+request more urgent than one it runs, for whose slot the scheduler preempts that one (Scheduler._preempt_for). An
+idle worker whose last READ found nothing blocks on all the streams at once (Redis has no blocking read in a script;
+what arrives then is ordered by the scheduler's waiting queue), and reads with READ again after: a lane that is new
+since then is found within the block's 500 ms."""
 
 from __future__ import annotations
 
@@ -14,22 +16,39 @@ from shared import keys
 
 READ = """
 -- KEYS: the worker's own stream, the model's 0 lane, its lanes registry
--- ARGV: the workers' group, this worker's id, how many entries at most
+-- ARGV: the workers' group, this worker's id, how many entries at most, and optionally a priority: then only the
+--       streams more urgent than it are read (a full worker looking for a request to preempt for)
 -- Returns {the lanes most urgent first, the entries read: {stream, id, {field, value, ...}}, ...}
-local lanes, placed = {}, false
-local registered = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
-for i = 1, #registered, 2 do
-    if not placed and tonumber(registered[i + 1]) > 0 then
-        lanes[#lanes + 1] = KEYS[2]
+-- The own stream holds priority 0's requests only (SUBMIT routes no other there): it is read just before the 0 lane.
+local bound = tonumber(ARGV[4])
+local lanes, streams, placed = {}, {}, false
+local function read_if_urgent(stream, priority)
+    if not bound or priority < bound then
+        streams[#streams + 1] = stream
+    end
+end
+local function lane(stream, priority)
+    if not placed and priority >= 0 then
+        read_if_urgent(KEYS[1], 0)
         placed = true
     end
-    lanes[#lanes + 1] = registered[i]
+    lanes[#lanes + 1] = stream
+    read_if_urgent(stream, priority)
 end
-if not placed then
-    lanes[#lanes + 1] = KEYS[2]
+local registered = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+local zero = false
+for i = 1, #registered, 2 do
+    local priority = tonumber(registered[i + 1])
+    if not zero and priority > 0 then
+        lane(KEYS[2], 0)
+        zero = true
+    end
+    lane(registered[i], priority)
+end
+if not zero then
+    lane(KEYS[2], 0)
 end
 local left, read = tonumber(ARGV[3]), {}
-local streams = {KEYS[1], unpack(lanes)}
 for _, stream in ipairs(streams) do
     if left <= 0 then
         break

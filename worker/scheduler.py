@@ -91,6 +91,18 @@ class Sequence:
 
 
 @dataclass
+class Preempted:
+    """What a preempted sequence's next run takes over, so that its output and final record go on as if it had
+    never stopped (its tokens are replayed as a reclaimed request's are)."""
+
+    started: float
+    first_token_at: float | None
+    reused: int
+    generator: torch.Generator | None
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
 class Computed:
     """What a step's forward pass gave one sequence, before the sequence takes it."""
 
@@ -176,6 +188,7 @@ class Scheduler:
         self.slots = KVSlots(runner.slots, prefix_cache_tokens)
         self.grammars = OutputGrammars(tokenizer, eos_token_ids)
         self._cancelled: set[str] = set()
+        self._preempted: dict[str, Preempted] = {}
         self.prompt_tokens_total = 0
         self.reused_tokens_total = 0
         self.metrics = WorkerMetrics(model_name)
@@ -196,6 +209,7 @@ class Scheduler:
     def release(self, request_id: str) -> None:
         """Forget a request without an end of our own (another worker now owns it) and free its slot."""
         self.waiting = deque(r for r in self.waiting if r.id != request_id)
+        self._preempted.pop(request_id, None)
         seq = self.running.pop(request_id, None)
         if seq is not None:
             self.slots.release(seq.slot)
@@ -203,6 +217,14 @@ class Scheduler:
     @property
     def free_capacity(self) -> int:
         return self.max_running - len(self.running) - len(self.waiting)
+
+    def preemptible_priority(self) -> int | None:
+        """The priority a request must be more urgent than to take a running sequence's slot (Scheduler._preempt_for):
+        the least urgent running one's. None where none runs, or one waiting here is that urgent already."""
+        if not self.running:
+            return None
+        least = max(seq.request.priority for seq in self.running.values())
+        return None if self.waiting and self.waiting[0].priority < least else least
 
     @property
     def has_work(self) -> bool:
@@ -444,6 +466,7 @@ class Scheduler:
             if reason:
                 self.waiting.remove(request)
                 self._cancelled.discard(request.id)
+                self._preempted.pop(request.id, None)
                 events.append(StepEvent(request.id, final=self._final(request, reason, now)))
         for seq in list(self.running.values()):
             reason = self._end_reason(seq.request, now)
@@ -462,7 +485,7 @@ class Scheduler:
     def _admit(self, now: float) -> list[StepEvent]:
         events = []
         deferred = []
-        while self.waiting and len(self.running) < self.max_running:
+        while self.waiting and (len(self.running) < self.max_running or self._preempt_for(self.waiting[0])):
             request = self.waiting.popleft()
             if self._first_choice_prefilling(request):
                 deferred.append(request)
@@ -481,6 +504,28 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         return events
 
+    def _preempt_for(self, request: InferenceRequest) -> bool:
+        """vLLM's preemption under priority scheduling: no slot is free for `request`, so the least urgent running
+        sequence less urgent than it (the last admitted of those) goes back to waiting, its KV parked in the prefix
+        cache for its next run to resume from. False where none is less urgent (always, under fcfs: every priority
+        is 0); a request that scores its prompt (embeddings, prompt_logprobs) is never preempted."""
+        less_urgent = [
+            seq for seq in self.running.values()
+            if seq.request.priority > request.priority and not seq.request.embed
+            and seq.request.sampling.prompt_logprobs is None
+        ]  # fmt: skip
+        if not less_urgent:
+            return False
+        seq = max(reversed(less_urgent), key=lambda s: s.request.priority)  # of equals, the last admitted
+        del self.running[seq.request.id]
+        self.slots.park(seq.slot, seq.kv_tokens(), seq.computed_with)
+        self._preempted[seq.request.id] = Preempted(
+            seq.started, seq.first_token_at, seq.reused, seq.generator, seq.logprobs
+        )
+        self.add(seq.request.model_copy(update={"resume_token_ids": list(seq.generated)}))
+        self.metrics.preemptions.inc()
+        return True
+
     def _start(self, request: InferenceRequest, now: float) -> StepEvent | None:
         """Give a request its slot (with what the prefix cache holds of its prompt); an event if it ends at once."""
         prompt, sampling = request.prompt_token_ids + request.resume_token_ids, request.sampling
@@ -488,7 +533,8 @@ class Scheduler:
             self.tokenizer, sampling.stop, sampling.min_tokens, sampling.skip_special_tokens,
             sampling.include_stop_str_in_output,
         )  # fmt: skip
-        generator = new_generator(sampling, self.runner.device)
+        carried = self._preempted.pop(request.id, None)
+        generator = carried.generator if carried else new_generator(sampling, self.runner.device)
         try:
             adapter = self.adapters.get(request.adapter, request.adapter_source) if request.adapter else None
         except AdapterNotServable as error:
@@ -513,6 +559,10 @@ class Scheduler:
         )
         if reused and seq.slot != source:
             self.runner.copy_prefix(source, seq.slot, reused)
+        if carried:
+            seq.started, seq.first_token_at, seq.reused, seq.logprobs = (
+                carried.started, carried.first_token_at, carried.reused, carried.logprobs
+            )  # fmt: skip
         self.prompt_tokens_total += len(prompt)
         self.reused_tokens_total += reused
         self.metrics.prefix_lookup(len(prompt), reused)
@@ -534,7 +584,7 @@ class Scheduler:
             seq.output.add(token)
             if seq.matcher is not None:
                 seq.matcher.consume_token(token)
-        seq.first_token_at = now
+        seq.first_token_at = seq.first_token_at or now
         if seq.output.stopped:
             return self._finish(seq, "stop", now, stop_reason=seq.output.stop_string)
         if len(seq.generated) >= seq.request.sampling.max_tokens:

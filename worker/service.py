@@ -4,9 +4,9 @@ One Redis round trip per step carries everything: the step's token deltas and fi
 cancellation checks, the heartbeat (with the refresh of the entries this worker holds and the reclaim of dead
 workers' entries) and the read of new work (which blocks only while the worker is idle).
 
-Streams read, in priority order: this worker's own stream (conversation turns whose prefix it holds in cache,
-see worker.own_stream), the model's shared stream (its lanes, most urgent first: worker.lanes), and batch lines only
-in slots that interactive traffic leaves.
+Streams read, in priority order: the model's shared stream (its lanes, most urgent first: worker.lanes), this
+worker's own stream just before the 0 lane (conversation turns whose prefix it holds in cache, see
+worker.own_stream), and batch lines only in slots that interactive traffic leaves.
 
 Redis going away is waited out with backoff; SIGTERM drains: no new work, what is running finishes within
 `delivery.drain_grace_s`, the rest is handed back for other workers to resume, then the worker deregisters."""
@@ -307,6 +307,11 @@ class WorkerService:
                 ))  # fmt: skip
                 if batch:
                     add("new", lambda: pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, batch, count=capacity))
+        elif (bound := self._preemption_bound(accept_new)) is not None:
+            add("lanes", lambda: self._script(
+                pipe, "read_lanes", [self.own, self.stream, keys.lanes(self.model)],
+                [keys.WORKER_GROUP, self.worker_id, 1, bound],
+            ))  # fmt: skip
         elif not self.scheduler.has_work and not self._batch_backlog:
             time.sleep(IDLE_BLOCK_MS / 1000)
         replies = pipe.execute()
@@ -330,6 +335,13 @@ class WorkerService:
             loaded = replies[slots["adapters"]].values()
             result.adapters = {AdapterSource.model_validate_json(entry).revision for entry in loaded}
         return result
+
+    def _preemption_bound(self, accept_new: bool) -> int | None:
+        """Full, under scheduling_policy "priority": the priority a queued request must be more urgent than to be
+        read now and take a running sequence's slot; None where none is looked for."""
+        if not accept_new or self.settings.scheduling_policy != "priority":
+            return None
+        return self.scheduler.preemptible_priority()
 
     def _write_delta(self, pipe, event: StepEvent) -> None:
         out = keys.output(event.request_id)
@@ -410,7 +422,8 @@ class WorkerService:
             message = f"prompt plus max_tokens ({needed}) exceeds this worker's context ({capacity})"
             self._end_now(self._failed(request, message), held)
             return None
-        log.info("request.started", request_id=request.id, prompt_tokens=len(request.prompt_token_ids))
+        prompt_tokens = len(request.prompt_token_ids)
+        log.info("request.started", request_id=request.id, prompt_tokens=prompt_tokens, priority=request.priority)
         return request
 
     def _failed(self, request: InferenceRequest, reason: str) -> FinalResult:

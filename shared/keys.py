@@ -5,8 +5,9 @@ requests   XADD by a gateway, XREADGROUP by the workers of one model (group WORK
            priority value a request gave: the 0 lane is the stream every policy uses, the others are in `lanes`.
 lanes      Sorted set per model: the stream of each priority lane other than 0 -> its priority (ZADD by the
            gateway's SUBMIT, which also makes the lane's group). Workers read the lanes in priority order.
-worker_requests  The same, for one worker only: where the gateway routes a conversation's next turn when the
-           worker that holds its prefix in cache is live and not full (affinity is a hint, never a trap).
+worker_requests  The same, for one worker only: where the gateway routes a conversation's next turn (priority 0's
+           only) when the worker that holds its prefix in cache is live and not full (affinity is a hint, never a
+           trap).
 affinity   Conversation key -> the worker that served its last turn (TTL), written by that worker.
 load       Hash per model: worker id -> requests it is running or holding, written with its heartbeat.
 batch_requests  The same, for batch lines (XADD by the arq batch runner): workers drain `requests` first and

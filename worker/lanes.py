@@ -10,10 +10,6 @@ since then is found within the block's 500 ms."""
 
 from __future__ import annotations
 
-import json
-
-from shared import keys
-
 READ = """
 -- KEYS: the worker's own stream, the model's 0 lane, its lanes registry
 -- ARGV: the workers' group, this worker's id, how many entries at most, and optionally a priority: then only the
@@ -77,12 +73,3 @@ def entries_by_stream(read: list) -> list[tuple[str, list[tuple[str, dict]]]]:
     for stream, entry_id, flat in read:
         grouped.setdefault(stream, []).append((entry_id, dict(zip(flat[::2], flat[1::2]))))
     return list(grouped.items())
-
-
-def lane_of(model: str, fields: dict) -> str:
-    """The lane a stream entry's request belongs in (the 0 lane for one that cannot be read: its reader drops it)."""
-    try:
-        priority = json.loads(fields.get("r", "")).get("priority", 0)
-    except (ValueError, AttributeError):
-        priority = 0
-    return keys.requests(model, priority if isinstance(priority, int) else 0)

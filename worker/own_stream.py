@@ -12,7 +12,6 @@ import structlog
 
 from shared import keys
 from shared.protocol import LIVE_WINDOW_S
-from worker import lanes
 
 log = structlog.get_logger(__name__)
 
@@ -23,14 +22,15 @@ output stream (it may have streamed part of its answer) and counts the hand-back
 
 
 def move_to_shared(client: redis.Redis, model: str, worker_id: str, keep: frozenset[str] = frozenset()) -> int:
-    """Re-queue the entries of `worker_id`'s own stream on the shared stream (their priority's lane), except those
-    in `keep` (requests the worker is still finishing). Returns how many moved."""
+    """Re-queue the entries of `worker_id`'s own stream on the shared stream (the 0 lane: an own stream holds
+    priority 0's requests only), except those in `keep` (requests the worker is still finishing). Returns how many
+    moved."""
     own = keys.worker_requests(model, worker_id)
     moving = [(entry_id, fields) for entry_id, fields in client.xrange(own) if entry_id not in keep]
     if moving:
         pipe = client.pipeline(transaction=True)
         for entry_id, fields in moving:
-            pipe.xadd(lanes.lane_of(model, fields), {**fields, HANDED_BACK: str(int(fields.get(HANDED_BACK, 0)) + 1)})
+            pipe.xadd(keys.requests(model), {**fields, HANDED_BACK: str(int(fields.get(HANDED_BACK, 0)) + 1)})
             pipe.xdel(own, entry_id)
         pipe.execute()
     return len(moving)

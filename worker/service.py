@@ -289,6 +289,13 @@ class WorkerService:
                     add(f"claimed:{stream}", lambda s=stream: pipe.xautoclaim(
                         s, keys.WORKER_GROUP, self.worker_id, idle_ms, start_id="0-0", count=capacity
                     ))  # fmt: skip
+
+        def read_in_order(*args) -> None:  # worker.lanes.READ: how many, and the priority to beat if any
+            add("lanes", lambda: self._script(
+                pipe, "read_lanes", [self.own, self.stream, keys.lanes(self.model)],
+                [keys.WORKER_GROUP, self.worker_id, *args],
+            ))  # fmt: skip
+
         if capacity > 0:
             batch = {} if self._batch_backlog or capacity <= self.settings.jobs.interactive_reserve else {
                 self.batch_stream: ">"
@@ -301,17 +308,11 @@ class WorkerService:
                     keys.WORKER_GROUP, self.worker_id, streams, count=capacity, block=IDLE_BLOCK_MS
                 ))  # fmt: skip
             else:
-                add("lanes", lambda: self._script(
-                    pipe, "read_lanes", [self.own, self.stream, keys.lanes(self.model)],
-                    [keys.WORKER_GROUP, self.worker_id, capacity],
-                ))  # fmt: skip
+                read_in_order(capacity)
                 if batch:
                     add("new", lambda: pipe.xreadgroup(keys.WORKER_GROUP, self.worker_id, batch, count=capacity))
         elif (bound := self._preemption_bound(accept_new)) is not None:
-            add("lanes", lambda: self._script(
-                pipe, "read_lanes", [self.own, self.stream, keys.lanes(self.model)],
-                [keys.WORKER_GROUP, self.worker_id, 1, bound],
-            ))  # fmt: skip
+            read_in_order(1, bound)
         elif not self.scheduler.has_work and not self._batch_backlog:
             time.sleep(IDLE_BLOCK_MS / 1000)
         replies = pipe.execute()

@@ -90,6 +90,12 @@ class Sequence:
         return (self.prompt + self.generated)[: self.kv_len]
 
 
+def _preemptible(request: InferenceRequest) -> bool:
+    """Whether a running request may give its slot up: not one that scores its prompt (embeddings, prompt_logprobs),
+    whose scores a resumed run would not compute again."""
+    return not request.embed and request.sampling.prompt_logprobs is None
+
+
 @dataclass
 class Preempted:
     """What a preempted sequence's next run takes over, so that its output and final record go on as if it had
@@ -220,10 +226,11 @@ class Scheduler:
 
     def preemptible_priority(self) -> int | None:
         """The priority a request must be more urgent than to take a running sequence's slot (Scheduler._preempt_for):
-        the least urgent running one's. None where none runs, or one waiting here is that urgent already."""
-        if not self.running:
+        the least urgent preemptible one's. None where none is, or one waiting here is that urgent already."""
+        priorities = [seq.request.priority for seq in self.running.values() if _preemptible(seq.request)]
+        if not priorities:
             return None
-        least = max(seq.request.priority for seq in self.running.values())
+        least = max(priorities)
         return None if self.waiting and self.waiting[0].priority < least else least
 
     @property
@@ -508,12 +515,12 @@ class Scheduler:
         """vLLM's preemption under priority scheduling: no slot is free for `request`, so the least urgent running
         sequence less urgent than it (the last admitted of those) goes back to waiting, its KV parked in the prefix
         cache for its next run to resume from. False where none is less urgent (always, under fcfs: every priority
-        is 0); a request that scores its prompt (embeddings, prompt_logprobs) is never preempted."""
+        is 0); see _preemptible."""
         less_urgent = [
-            seq for seq in self.running.values()
-            if seq.request.priority > request.priority and not seq.request.embed
-            and seq.request.sampling.prompt_logprobs is None
-        ]  # fmt: skip
+            seq
+            for seq in self.running.values()
+            if seq.request.priority > request.priority and _preemptible(seq.request)
+        ]
         if not less_urgent:
             return False
         seq = max(reversed(less_urgent), key=lambda s: s.request.priority)  # of equals, the last admitted
